@@ -1,0 +1,103 @@
+"""The model configuration: one typed dataclass, validated on construction, the source of truth for a model."""
+
+import dataclasses
+import re
+from dataclasses import dataclass
+
+ROUTERS = ("dense", "promoe", "promoe_ec", "tc", "ec", "diffmoe", "classifier", "kmeans")
+_EXPERT_STRING = re.compile(r"E(\d+)A(\d+)S(\d+)U(\d+)")
+
+
+@dataclass(frozen=True)
+class ExpertSpec:
+    """The paper's expert string: E14A1S1U1 = 14 experts in all, 1 activated among the routed ones (top-1),
+    1 shared, 1 unconditional; the routed experts are the rest (12)."""
+
+    total: int
+    activated: int
+    shared: int
+    uncond: int
+
+    @property
+    def routed(self) -> int:
+        return self.total - self.shared - self.uncond
+
+    @classmethod
+    def parse(cls, text: str) -> "ExpertSpec":
+        match = _EXPERT_STRING.fullmatch(text)
+        if match is None:
+            raise ValueError(f"bad expert string {text!r}: expected the form E<total>A<activated>S<shared>U<uncond>, "
+                             "e.g. 'E14A1S1U1'")
+        spec = cls(*map(int, match.groups()))
+        if spec.routed < 1:
+            raise ValueError(f"expert string {text!r} leaves {spec.routed} routed experts (E - S - U must be >= 1)")
+        if not 1 <= spec.activated <= spec.routed:
+            raise ValueError(f"expert string {text!r}: A={spec.activated} must lie in 1..{spec.routed} (routed)")
+        if spec.uncond > 1:
+            raise ValueError(f"expert string {text!r}: at most one unconditional expert (U0 or U1) is supported, "
+                             "as in the official implementation")
+        return spec
+
+
+@dataclass
+class ModelConfig:
+    # DiT backbone
+    input_size: int = 32
+    patch_size: int = 2
+    in_channels: int = 4
+    hidden_size: int = 1152
+    depth: int = 28
+    num_heads: int = 16
+    mlp_ratio: float = 4.0
+    num_classes: int = 1000
+    class_dropout_prob: float = 0.1
+    learn_sigma: bool = True
+    qk_norm: bool = False
+    # MoE layers (router "dense" = Dense-DiT)
+    router: str = "dense"
+    experts: str = "E14A1S1U1"
+    expert_hidden_ratio: float = 2.0  # expert width / hidden size
+    interleave: bool = True  # MoE in odd blocks, dense MLP in even blocks; False = MoE in every block
+    activation: str = "identity"  # prototypical routing: identity | sigmoid | softmax
+    router_scale: float = 1.0  # alpha in alpha * cos(x, p)
+    rcl_weight: float = 0.0
+    rcl_temperature: float = 0.07
+    lb_weight: float = 0.0
+    capacity_factor: float | None = None  # expert choice: None = the A of the expert string
+    superclasses: list[int] | str | None = None  # classifier routing: class -> superclass list, or a file
+    kmeans_decay: float = 0.0  # k-means routing: 0 replaces a centroid by its tokens' mean, as the paper
+    dispatch: str | None = None  # loop | torch; None = the device's default
+
+    def __post_init__(self):
+        from promoe.moe.dispatch import check_backend
+        from promoe.moe.routers import check_activation
+
+        if self.router not in ROUTERS:
+            raise ValueError(f"unknown router {self.router!r}; choose one of {ROUTERS}")
+        if self.input_size % self.patch_size:
+            raise ValueError(f"input_size={self.input_size} is not a multiple of patch_size={self.patch_size}")
+        if self.hidden_size % self.num_heads:
+            raise ValueError(f"hidden_size={self.hidden_size} is not divisible by num_heads={self.num_heads}")
+        check_activation(self.activation)
+        if self.dispatch is not None:
+            check_backend(self.dispatch)
+        if self.router != "dense":
+            self.expert_spec  # parses and validates the expert string
+        if self.router == "classifier" and self.superclasses is None:
+            raise ValueError("router 'classifier' needs `superclasses`: a list mapping each class to its superclass, "
+                             "or the path of a file holding one")
+
+    @property
+    def expert_spec(self) -> ExpertSpec:
+        return ExpertSpec.parse(self.experts)
+
+    @property
+    def expert_hidden(self) -> int:
+        return int(self.hidden_size * self.expert_hidden_ratio)
+
+    def replace(self, **overrides) -> "ModelConfig":
+        known = {f.name for f in dataclasses.fields(self)}
+        unknown = sorted(set(overrides) - known)
+        if unknown:
+            raise ValueError(f"unknown model config key(s) {unknown}; known keys: {sorted(known)}")
+        return dataclasses.replace(self, **overrides)

@@ -1,0 +1,131 @@
+"""The DiT backbone (Peebles & Xie) with adaLN-Zero blocks whose MLP is dense or a MoE layer."""
+
+import torch
+import torch.nn as nn
+
+from promoe.dit.attention import Attention
+from promoe.dit.embed import LabelEmbedder, PatchEmbed, TimestepEmbedder, sincos_2d_pos_embed
+from promoe.moe.layer import MoELayer
+
+
+def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    return x * (1 + scale.unsqueeze(1)) + shift.unsqueeze(1)
+
+
+class DiTBlock(nn.Module):
+    def __init__(self, dim: int, num_heads: int, mlp: nn.Module, qk_norm: bool = False):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
+        self.attn = Attention(dim, num_heads, qk_norm)
+        self.norm2 = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
+        self.mlp = mlp
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(dim, 6 * dim))
+
+    @property
+    def is_moe(self) -> bool:
+        return isinstance(self.mlp, MoELayer)
+
+    def forward(self, x, c, cond_B):
+        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.adaLN_modulation(c).chunk(6, dim=1)
+        x = x + gate_msa.unsqueeze(1) * self.attn(modulate(self.norm1(x), shift_msa, scale_msa))
+        h = modulate(self.norm2(x), shift_mlp, scale_mlp)
+        h, aux = self.mlp(h, cond_B) if self.is_moe else (self.mlp(h), {})
+        return x + gate_mlp.unsqueeze(1) * h, aux
+
+
+class FinalLayer(nn.Module):
+    def __init__(self, dim: int, patch_size: int, out_channels: int):
+        super().__init__()
+        self.norm_final = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
+        self.linear = nn.Linear(dim, patch_size * patch_size * out_channels)
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(dim, 2 * dim))
+
+    def forward(self, x, c):
+        shift, scale = self.adaLN_modulation(c).chunk(2, dim=1)
+        return self.linear(modulate(self.norm_final(x), shift, scale))
+
+
+class DiT(nn.Module):
+    """model(x, t, y) -> prediction [B, C_out, H, W]; with return_aux=True also the auxiliary losses.
+
+    x: latents or pixels [B, C, H, W]; t: the timestep as the official code feeds it (sigma * 1000 for
+    rectified flow, the step index for DDPM); y: labels, `num_classes` meaning the null class.
+    In training the labels are dropped to the null class with p = class_dropout_prob, and the dropped labels
+    are the ones every MoE layer routes by.
+    """
+
+    def __init__(self, config, mlp_factory):
+        super().__init__()
+        self.config = config
+        dim = config.hidden_size
+        self.in_channels = config.in_channels
+        self.out_channels = config.in_channels * (2 if config.learn_sigma else 1)
+        self.patch_size = config.patch_size
+        self.num_classes = config.num_classes
+        self.x_embedder = PatchEmbed(config.input_size, config.patch_size, config.in_channels, dim)
+        self.t_embedder = TimestepEmbedder(dim)
+        self.y_embedder = LabelEmbedder(config.num_classes, dim, config.class_dropout_prob)
+        # Fixed, so a buffer (no optimiser or EMA state); not saved, it is rebuilt from the config.
+        self.register_buffer("pos_embed", torch.zeros(1, self.x_embedder.num_patches, dim), persistent=False)
+        self.blocks = nn.ModuleList(
+            DiTBlock(dim, config.num_heads, mlp_factory(i), config.qk_norm) for i in range(config.depth)
+        )
+        self.final_layer = FinalLayer(dim, config.patch_size, self.out_channels)
+        self.initialize_weights()
+
+    @torch.no_grad()
+    def initialize_weights(self) -> None:
+        # Every linear layer: xavier-uniform weights, zero biases.
+        for module in self.modules():
+            if isinstance(module, nn.Linear):
+                nn.init.xavier_uniform_(module.weight)
+                if module.bias is not None:
+                    nn.init.zeros_(module.bias)
+        # MoE parts with their own rule (experts as nn.Linear, prototypes N(0, 0.02), ...).
+        for module in self.modules():
+            if module is not self and hasattr(module, "init_weights"):
+                module.init_weights()
+        # Fixed 2-D sin-cos positions.
+        grid = self.config.input_size // self.patch_size
+        self.pos_embed.copy_(sincos_2d_pos_embed(self.pos_embed.shape[-1], grid)[None])
+        # Patch embedding like an nn.Linear over the flattened patch.
+        weight = self.x_embedder.proj.weight
+        nn.init.xavier_uniform_(weight.view(weight.shape[0], -1))
+        nn.init.zeros_(self.x_embedder.proj.bias)
+        # Label table and timestep MLP: N(0, 0.02).
+        nn.init.normal_(self.y_embedder.embedding_table.weight, std=0.02)
+        nn.init.normal_(self.t_embedder.mlp[0].weight, std=0.02)
+        nn.init.normal_(self.t_embedder.mlp[2].weight, std=0.02)
+        # Zero-out adaLN modulation, so every block starts as the identity.
+        for block in self.blocks:
+            nn.init.zeros_(block.adaLN_modulation[-1].weight)
+            nn.init.zeros_(block.adaLN_modulation[-1].bias)
+        # Zero-out the output layer.
+        nn.init.zeros_(self.final_layer.adaLN_modulation[-1].weight)
+        nn.init.zeros_(self.final_layer.adaLN_modulation[-1].bias)
+        nn.init.zeros_(self.final_layer.linear.weight)
+        nn.init.zeros_(self.final_layer.linear.bias)
+
+    def unpatchify(self, x_BTP: torch.Tensor) -> torch.Tensor:
+        """[B, T, p * p * C] -> [B, C, H, W]."""
+        p, c = self.patch_size, self.out_channels
+        h = w = self.config.input_size // p
+        x = x_BTP.reshape(x_BTP.shape[0], h, w, p, p, c)
+        return torch.einsum("nhwpqc->nchpwq", x).reshape(x_BTP.shape[0], c, h * p, w * p)
+
+    def forward(self, x, t, y, return_aux: bool = False):
+        if y.dim() != 1 or t.dim() != 1 or not (x.shape[0] == t.shape[0] == y.shape[0]):
+            raise ValueError(f"expected x [B, C, H, W], t [B], y [B]; got {list(x.shape)}, {list(t.shape)}, "
+                             f"{list(y.shape)}")
+        if self.training:
+            y = self.y_embedder.drop_labels(y)
+        cond_B = y != self.num_classes  # the MoE layers route null-label samples to the unconditional expert
+        x = self.x_embedder(x) + self.pos_embed  # (B, T, D), T = H * W / patch_size ** 2
+        c = self.t_embedder(t) + self.y_embedder(y)  # (B, D)
+        aux: dict[str, torch.Tensor] = {}
+        for block in self.blocks:
+            x, block_aux = block(x, c, cond_B)
+            for name, value in block_aux.items():
+                aux[name] = aux[name] + value if name in aux else value
+        x = self.unpatchify(self.final_layer(x, c))  # (B, C_out, H, W)
+        return (x, aux) if return_aux else x

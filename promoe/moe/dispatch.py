@@ -1,0 +1,88 @@
+"""Dispatch: run the experts of a RoutingPlan and combine their outputs, one function, several backends.
+
+- `loop`: the paper's Algorithm 1, a boolean mask per expert. The readable spec and the benchmark
+  baseline; it synchronises with the host once per expert (boolean-mask indexing).
+- `torch`: gather rows in expert order, two `torch.nn.functional.grouped_mm` calls over the plan's
+  offsets, gate-weighted scatter back. No host synchronisation, no data-dependent shapes.
+"""
+
+import contextlib
+from collections.abc import Iterator
+
+import torch
+
+from promoe.moe.experts import ExpertBank, gelu_tanh, grouped_mm
+from promoe.moe.plan import RoutingPlan
+
+BACKENDS = ("loop", "torch")
+_backend_override: list[str] = []
+
+
+@contextlib.contextmanager
+def dispatch_backend(name: str) -> Iterator[None]:
+    """Use backend `name` for every MoE layer run inside the block, whatever the config says."""
+    check_backend(name)
+    _backend_override.append(name)
+    try:
+        yield
+    finally:
+        _backend_override.pop()
+
+
+def check_backend(name: str) -> None:
+    if name not in BACKENDS:
+        raise ValueError(f"unknown dispatch backend {name!r}; choose one of {BACKENDS}")
+
+
+def resolve_backend(configured: str | None) -> str:
+    """The context manager wins over the config, which wins over the default."""
+    if _backend_override:
+        return _backend_override[-1]
+    # TODO(kernels issue): the default on CUDA becomes `triton` once that backend exists.
+    return configured or "torch"
+
+
+def dispatch(x_ND: torch.Tensor, plan: RoutingPlan, experts: ExpertBank, backend: str | None = None) -> torch.Tensor:
+    """y[n] = sum over the slots s of token n of gates[s] * expert[s](x[n])."""
+    name = resolve_backend(backend)
+    check_backend(name)
+    run = _loop_dispatch if name == "loop" else _torch_dispatch
+    return run(x_ND, plan, experts)
+
+
+def _loop_dispatch(x_ND: torch.Tensor, plan: RoutingPlan, experts: ExpertBank) -> torch.Tensor:
+    y_ND = x_ND.new_zeros(x_ND.shape, dtype=torch.float32)
+    for expert in range(experts.num_experts):
+        mask_S = plan.expert_index_S == expert
+        tokens = plan.token_index_S[mask_S]
+        out = experts.expert_forward(expert, x_ND[tokens]) * plan.gates_S[mask_S, None]
+        y_ND = y_ND.index_add(0, tokens, out.float())
+    return y_ND.to(x_ND.dtype)
+
+
+def _torch_dispatch(x_ND: torch.Tensor, plan: RoutingPlan, experts: ExpertBank) -> torch.Tensor:
+    ends_E = plan.offsets_E1[1:].to(torch.int32)
+    # Dropped slots (past the last offset) borrow the last expert's biases; their rows are zeroed below.
+    expert_S = plan.expert_index_S.clamp(max=experts.num_experts - 1)
+    keep = _dropped_slot_masker(plan)
+
+    x_SD = keep(x_ND[plan.token_index_S])
+    h_SH = keep(grouped_mm(x_SD, experts.w_up_EDH, ends_E) + experts.b_up_EH[expert_S])
+    out_SD = keep(grouped_mm(gelu_tanh(h_SH), experts.w_down_EHD, ends_E) + experts.b_down_ED[expert_S])
+    out_SD = out_SD * plan.gates_S[:, None].to(out_SD.dtype)
+
+    # Accumulate the K copies of a token in fp32, so bf16 sums do not depend on the slot order.
+    y_ND = x_ND.new_zeros(x_ND.shape, dtype=torch.float32)
+    return y_ND.index_add(0, plan.token_index_S, out_SD.float()).to(x_ND.dtype)
+
+
+def _dropped_slot_masker(plan: RoutingPlan):
+    """Zero the rows of dropped slots, forward and backward.
+
+    grouped_mm leaves rows past the last offset uninitialised (NaN seen), in its output and in its input
+    gradient; every tensor that crosses a grouped_mm is masked so that garbage never reaches a sum.
+    """
+    if not plan.has_dropped_slots:
+        return lambda t: t
+    valid_S1 = plan.valid_slots_S()[:, None]
+    return lambda t: torch.where(valid_S1, t, torch.zeros((), dtype=t.dtype, device=t.device))

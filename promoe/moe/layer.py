@@ -1,0 +1,39 @@
+"""The MoE layer: a router, a bank of routed (+ unconditional) experts, and optional shared experts."""
+
+import torch
+import torch.nn as nn
+
+from promoe.moe.dispatch import dispatch
+from promoe.moe.experts import FFN, ExpertBank
+
+
+class MoELayer(nn.Module):
+    """y = shared(x) + sum over the token's slots of gate * expert(x), for tokens x [B, L, D].
+
+    `activated_routed` is how many bank experts one token runs on average (top-K for token choice, the
+    capacity factor for expert choice); it only serves parameter counting.
+    """
+
+    def __init__(self, router: nn.Module, num_bank_experts: int, dim: int, expert_hidden: int, shared_hidden: int,
+                 activated_routed: int, backend: str | None = None):
+        super().__init__()
+        self.router = router
+        self.experts = ExpertBank(num_bank_experts, dim, expert_hidden)
+        # S shared experts of width H are one FFN of width S*H: the sum of their outputs is the same function.
+        self.shared = FFN(dim, shared_hidden) if shared_hidden > 0 else None
+        self.activated_routed = activated_routed
+        self.backend = backend
+
+    def inactive_param_count(self) -> int:
+        """Parameters of the bank experts that a token does not run (counted in total, not in activated)."""
+        return (self.experts.num_experts - self.activated_routed) * self.experts.params_per_expert
+
+    def forward(self, x_BLD: torch.Tensor, cond_B: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        num_samples, tokens_per_image, dim = x_BLD.shape
+        x_ND = x_BLD.reshape(-1, dim)
+        cond_N = cond_B.repeat_interleave(tokens_per_image)
+        plan, aux = self.router(x_ND, cond_N, num_samples)
+        y_ND = dispatch(x_ND, plan, self.experts, self.backend)
+        if self.shared is not None:
+            y_ND = y_ND + self.shared(x_ND)
+        return y_ND.view_as(x_BLD), aux

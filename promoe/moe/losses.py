@@ -1,0 +1,53 @@
+"""Auxiliary losses of the MoE layers. Each returns an unweighted scalar; the layer applies the weight."""
+
+import torch
+import torch.nn.functional as F
+
+# exp(-1e4 - 15) is 0 in fp32, so this masks like -inf without the NaN that -inf gives in the backward
+# of a row with no active column.
+_MASKED_LOGIT = -1e4
+
+
+def routing_contrastive_loss(prototypes_ED: torch.Tensor, centroids_GED: torch.Tensor, active_GE: torch.Tensor,
+                             temperature: float) -> torch.Tensor:
+    """One-directional InfoNCE of each prototype against the centroids of the tokens its expert received.
+
+    For every group g (the batch for token choice, an image for expert choice) and every active expert i:
+    -log( exp(sim(p_i, m_gi)/t) / sum_{j active} exp(sim(p_i, m_gj)/t) ), averaged over the active rows of the
+    groups with at least two active experts; 0 when no group has two.
+    """
+    protos_ED = F.normalize(prototypes_ED.float(), dim=-1)
+    centroids_GED = F.normalize(centroids_GED.float(), dim=-1)
+    logits_GEE = torch.einsum("id,gjd->gij", protos_ED, centroids_GED) / temperature
+    logits_GEE = logits_GEE.masked_fill(~active_GE[:, None, :], _MASKED_LOGIT)
+    log_prob_GE = logits_GEE.log_softmax(dim=-1).diagonal(dim1=-2, dim2=-1)
+    counted_GE = active_GE & (active_GE.sum(-1, keepdim=True) >= 2)
+    total = torch.where(counted_GE, -log_prob_GE, 0.0).sum()
+    return total / counted_GE.sum().clamp(min=1)
+
+
+def token_centroids(x_ND: torch.Tensor, expert_ids_NK: torch.Tensor, weight_N: torch.Tensor, num_experts: int):
+    """Mean of the tokens that chose each expert (any of their K choices), over tokens with weight 1.
+
+    Returns centroids [1, E, D] and the mask of experts that received at least one token [1, E].
+    """
+    onehot_NE = F.one_hot(expert_ids_NK.clamp(max=num_experts), num_experts + 1).amax(dim=1)[:, :num_experts]
+    assign_NE = onehot_NE.to(torch.float32) * weight_N[:, None]
+    counts_E = assign_NE.sum(0)
+    centroids_ED = (assign_NE.t() @ x_ND.float()) / counts_E.clamp(min=1)[:, None]
+    return centroids_ED[None], (counts_E > 0)[None]
+
+
+def load_balance_loss(probs_NE: torch.Tensor, expert_ids_NK: torch.Tensor, weight_N: torch.Tensor) -> torch.Tensor:
+    """Switch-Transformer balance loss E * sum_e f_e * P_e over the tokens with weight 1.
+
+    f_e is the fraction of the routed choices that went to expert e, P_e the mean router probability.
+    Ids past the last expert (dropped slots) count for no expert.
+    """
+    num_experts = probs_NE.shape[-1]
+    top_k = expert_ids_NK.shape[-1]
+    choices_NE = F.one_hot(expert_ids_NK.clamp(max=num_experts), num_experts + 1).sum(1)[:, :num_experts]
+    num_weighted = weight_N.sum().clamp(min=1)
+    fraction_E = (choices_NE.float() * weight_N[:, None]).sum(0) / (num_weighted * top_k)
+    mean_prob_E = (probs_NE.float() * weight_N[:, None]).sum(0) / num_weighted
+    return num_experts * (fraction_E * mean_prob_E).sum()

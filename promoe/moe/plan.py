@@ -1,0 +1,91 @@
+"""The RoutingPlan: the one object that passes from a router to the dispatch backends.
+
+A plan lists *slots*. A slot is one (token, expert, gate) assignment; slots are sorted by expert, so
+the slots of expert e are `offsets_E1[e]:offsets_E1[e + 1]`. Slots at or past `offsets_E1[-1]` are
+dropped (no expert computes them). The number of slots is fixed by the shapes of the batch, never by
+the data, so building and consuming a plan needs no host synchronisation:
+
+- token choice (ProMoE, TC-DiT): N*K slots, token n owns slots n*K .. n*K+K-1 before sorting;
+- expert choice (EC-DiT, ProMoE-EC, DiffMoE): E*C slots, already in expert order;
+- a slot that must not run (the K-1 spare slots of an unconditional token, a DiffMoE token below an
+  expert's threshold) carries the expert id E, which sorts it past the last offset.
+"""
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class RoutingPlan:
+    token_index_S: torch.Tensor  # [S] long: the token row each slot reads and writes back to
+    expert_index_S: torch.Tensor  # [S] long: expert of each slot, non-decreasing; E for a dropped slot
+    gates_S: torch.Tensor  # [S]: the weight of the slot's expert output in the combine
+    offsets_E1: torch.Tensor  # [E+1] long: exclusive prefix sum of the per-expert slot counts
+    num_tokens: int
+    has_dropped_slots: bool  # static: whether some slots may lie past offsets_E1[-1]
+
+    @property
+    def num_experts(self) -> int:
+        return self.offsets_E1.numel() - 1
+
+    @property
+    def counts_E(self) -> torch.Tensor:
+        return self.offsets_E1.diff()
+
+    def valid_slots_S(self) -> torch.Tensor:
+        """Mask of the slots that an expert computes (all of them when none can be dropped)."""
+        slot_S = torch.arange(self.token_index_S.numel(), device=self.offsets_E1.device)
+        return slot_S < self.offsets_E1[-1]
+
+
+def offsets_from_ids(expert_index_S: torch.Tensor, num_experts: int) -> torch.Tensor:
+    """Exclusive prefix sum of the per-expert counts; ids equal to num_experts (dropped) are not counted.
+
+    A scatter_add into a fixed-size histogram keeps the output shape independent of the data
+    (`torch.bincount` would size its output by the largest id, a host sync on CUDA).
+    """
+    counts_E1 = torch.zeros(num_experts + 1, dtype=torch.long, device=expert_index_S.device)
+    counts_E1.scatter_add_(0, expert_index_S, torch.ones_like(expert_index_S))
+    offsets_E1 = torch.zeros_like(counts_E1)
+    offsets_E1[1:] = counts_E1[:-1].cumsum(0)
+    return offsets_E1
+
+
+def token_choice_plan(expert_ids_NK: torch.Tensor, gates_NK: torch.Tensor, num_experts: int,
+                      has_dropped_slots: bool = False) -> RoutingPlan:
+    """Plan for routers where every token picks K experts (ids == num_experts mark dropped slots)."""
+    num_tokens, top_k = expert_ids_NK.shape
+    slot_token_S = torch.arange(num_tokens * top_k, device=expert_ids_NK.device) // top_k
+    return sort_slots(slot_token_S, expert_ids_NK.reshape(-1), gates_NK.reshape(-1), num_experts,
+                      num_tokens, has_dropped_slots)
+
+
+def expert_choice_plan(token_index_EC: torch.Tensor, gates_EC: torch.Tensor, num_tokens: int) -> RoutingPlan:
+    """Plan for routers where every expert picks C tokens (row e of the inputs belongs to expert e)."""
+    num_experts, capacity = token_index_EC.shape
+    device = token_index_EC.device
+    expert_index_S = torch.arange(num_experts, device=device).repeat_interleave(capacity)
+    return RoutingPlan(
+        token_index_S=token_index_EC.reshape(-1),
+        expert_index_S=expert_index_S,
+        gates_S=gates_EC.reshape(-1),
+        offsets_E1=torch.arange(num_experts + 1, device=device) * capacity,
+        num_tokens=num_tokens,
+        has_dropped_slots=False,
+    )
+
+
+def sort_slots(token_index_S: torch.Tensor, expert_index_S: torch.Tensor, gates_S: torch.Tensor,
+               num_experts: int, num_tokens: int, has_dropped_slots: bool = True) -> RoutingPlan:
+    """Plan from unsorted slots of any origin (ids == num_experts mark dropped slots)."""
+    # A stable sort keeps the tokens of one expert in slot order, so every backend sees the same rows.
+    sorted_ids_S, order_S = torch.sort(expert_index_S, stable=True)
+    return RoutingPlan(
+        token_index_S=token_index_S[order_S],
+        expert_index_S=sorted_ids_S,
+        gates_S=gates_S[order_S],
+        offsets_E1=offsets_from_ids(expert_index_S, num_experts),
+        num_tokens=num_tokens,
+        has_dropped_slots=has_dropped_slots,
+    )

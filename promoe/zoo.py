@@ -1,0 +1,107 @@
+"""The model zoo: every model of the paper by name, built from one ModelConfig."""
+
+import re
+
+import torch
+import torch.nn as nn
+
+from promoe.config import ModelConfig
+from promoe.dit.model import DiT
+from promoe.moe.experts import FFN
+from promoe.moe.layer import MoELayer
+from promoe.moe.routers import ExpertChoiceRouter, LinearScorer, PrototypeScorer, TokenChoiceRouter
+
+SIZES = {
+    "S": dict(depth=12, hidden_size=384, num_heads=6),
+    "B": dict(depth=12, hidden_size=768, num_heads=12),
+    "L": dict(depth=24, hidden_size=1024, num_heads=16),
+    "XL": dict(depth=28, hidden_size=1152, num_heads=16),
+}
+
+FAMILIES = {
+    "DiT": dict(router="dense"),
+    "ProMoE": dict(router="promoe", experts="E14A1S1U1", expert_hidden_ratio=2.0, rcl_weight=1.0),
+    "ProMoE-EC": dict(router="promoe_ec", experts="E14A1S1U1", expert_hidden_ratio=2.0, rcl_weight=1.0),
+    # DiT-MoE: linear softmax router, full-width experts, load-balance loss.
+    "TC-DiT": dict(router="tc", experts="E8A1S0U0", expert_hidden_ratio=4.0, lb_weight=0.01),
+    "EC-DiT": dict(router="ec", experts="E8A1S0U0", expert_hidden_ratio=4.0),
+    "DiffMoE": dict(router="diffmoe", experts="E8A1S0U0", expert_hidden_ratio=4.0),
+}
+
+# The models of the paper's tables; any family and size combination builds.
+PAPER_MODELS = (
+    *(f"DiT-{s}" for s in SIZES), *(f"ProMoE-{s}" for s in SIZES), "ProMoE-EC-L", "TC-DiT-L-E8", "EC-DiT-L-E8",
+    *(f"DiffMoE-{s}-E8" for s in ("B", "L", "XL")), "DiffMoE-L-E16",
+)
+
+_NAME = re.compile(r"(?P<family>DiT|ProMoE-EC|ProMoE|TC-DiT|EC-DiT|DiffMoE)-(?P<size>S|B|L|XL)(?:-E(?P<experts>\d+))?")
+
+
+def model_config(name: str, **overrides) -> ModelConfig:
+    """The config of a named model; any field can be overridden by keyword (unknown keys are errors)."""
+    match = _NAME.fullmatch(name)
+    if match is None:
+        raise ValueError(f"unknown model {name!r}; models of the paper: {', '.join(PAPER_MODELS)} "
+                         "(any family-size pair works, e.g. 'ProMoE-EC-S')")
+    fields = dict(SIZES[match["size"]], **FAMILIES[match["family"]])
+    if match["experts"]:
+        if match["family"] in ("DiT", "ProMoE", "ProMoE-EC"):
+            raise ValueError(f"model {name!r}: give ProMoE's expert string as experts='E..A..S..U..', not a suffix")
+        fields["experts"] = f"E{match['experts']}A1S0U0"
+    return ModelConfig().replace(**fields).replace(**overrides)
+
+
+def build_model(name: str, device: torch.device | str | None = None, dtype: torch.dtype | None = None,
+                **overrides) -> DiT:
+    """Build a model of the zoo, e.g. build_model("ProMoE-S", experts="E14A3S1U1", input_size=16).
+
+    On device="meta" nothing is allocated, so parameter counts of the largest models are instant.
+    """
+    config = model_config(name, **overrides)
+    with torch.device(device or "cpu"):
+        model = DiT(config, mlp_factory=lambda index: build_mlp(config, index))
+    return model.to(dtype) if dtype is not None else model
+
+
+def build_mlp(config: ModelConfig, block_index: int) -> nn.Module:
+    """The MLP of one block: MoE in odd blocks when interleaved, else in all; dense for Dense-DiT."""
+    dim = config.hidden_size
+    if config.router == "dense" or (config.interleave and block_index % 2 == 0):
+        return FFN(dim, int(dim * config.mlp_ratio))
+    spec = config.expert_spec
+    return MoELayer(
+        build_router(config),
+        num_bank_experts=spec.routed + spec.uncond,
+        dim=dim,
+        expert_hidden=config.expert_hidden,
+        shared_hidden=spec.shared * config.expert_hidden,
+        activated_routed=spec.activated,
+        backend=config.dispatch,
+    )
+
+
+def build_router(config: ModelConfig) -> nn.Module:
+    spec = config.expert_spec
+    dim, routed, conditional = config.hidden_size, spec.routed, spec.uncond == 1
+    capacity_factor = config.capacity_factor if config.capacity_factor is not None else spec.activated
+    losses = dict(rcl_weight=config.rcl_weight, rcl_temperature=config.rcl_temperature)
+    if config.router in ("promoe", "promoe_ec"):
+        scorer = PrototypeScorer(dim, routed, config.router_scale, config.activation)
+    else:
+        scorer = LinearScorer(dim, routed)
+    if config.router in ("promoe", "tc"):
+        return TokenChoiceRouter(scorer, routed, spec.activated, conditional, lb_weight=config.lb_weight, **losses)
+    if config.router in ("promoe_ec", "ec"):
+        return ExpertChoiceRouter(scorer, routed, capacity_factor, conditional, **losses)
+    raise NotImplementedError(config.router)
+
+
+def count_params(model: DiT) -> tuple[int, int]:
+    """(activated, total) parameters, as the paper's Table 2 counts them.
+
+    Total counts every parameter plus the fixed position embedding; activated leaves out the experts of the
+    bank that one token does not run (the unconditional expert included: a conditional token never runs it).
+    """
+    total = sum(p.numel() for p in model.parameters()) + model.pos_embed.numel()
+    inactive = sum(m.inactive_param_count() for m in model.modules() if isinstance(m, MoELayer))
+    return total - inactive, total

@@ -1,0 +1,21 @@
+from setuptools import find_packages, setup
+
+# `kernels/` is a top-level folder of the repository but installs as `promoe.kernels`: a top-level import
+# package named `kernels` belongs to another project on PyPI.
+packages = find_packages(include=["promoe", "promoe.*"]) + ["promoe.kernels"]
+
+setup(
+    name="promoe",
+    version="0.1.0",
+    description="ProMoE and baseline Mixture-of-Experts Diffusion Transformers in PyTorch",
+    python_requires=">=3.10",
+    packages=packages,
+    package_dir={"promoe.kernels": "kernels"},
+    # No torch pin that a CPU build fails: install torch first (e.g. `pip install torch==2.13.0`).
+    install_requires=["torch>=2.9", "triton", "numpy", "pyyaml", "safetensors", "tqdm", "diffusers"],
+    extras_require={
+        "dev": ["pytest", "pytest-benchmark", "hypothesis", "ruff", "scikit-learn"],
+        "gpu": ["flash-attn", "megablocks"],
+    },
+    entry_points={"console_scripts": ["promoe-convert=promoe.convert:main"]},
+)
