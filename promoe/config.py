@@ -82,7 +82,7 @@ class ModelConfig:
         if self.dispatch is not None:
             check_backend(self.dispatch)
         if self.router != "dense":
-            self.expert_spec  # parses and validates the expert string
+            ExpertSpec.parse(self.experts)  # raises on a bad expert string
         if self.router == "classifier" and self.superclasses is None:
             raise ValueError("router 'classifier' needs `superclasses`: a list mapping each class to its superclass, "
                              "or the path of a file holding one")

@@ -1,0 +1,288 @@
+"""Every router and MoE layer against a float64 reference written from the paper's equations."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import promoe
+from promoe.moe import layer as layer_module
+from promoe.zoo import build_mlp
+from tests.helpers import TINY, randomize_
+
+BATCH, TOKENS, DIM = 4, 16, TINY["hidden_size"]
+
+
+def make_layer(name, seed=0, **overrides):
+    config = promoe.model_config(name, **{**TINY, **overrides})
+    return randomize_(build_mlp(config, block_index=1), seed), config
+
+
+def ffn64(x, w1, b1, w2, b2):
+    return F.gelu(x @ w1 + b1, approximate="tanh") @ w2 + b2
+
+
+class Reference:
+    """The layer's parameters in float64 with gradients, and the paper's maths on them."""
+
+    def __init__(self, layer):
+        self.params = {k: v.detach().double().requires_grad_() for k, v in layer.named_parameters()}
+
+    def expert(self, e, x):
+        p = self.params
+        return ffn64(x, p["experts.w_up_EDH"][e], p["experts.b_up_EH"][e], p["experts.w_down_EHD"][e],
+                     p["experts.b_down_ED"][e])
+
+    def shared(self, x):
+        if "shared.fc1.weight" not in self.params:
+            return torch.zeros_like(x)
+        p = self.params
+        return ffn64(x, p["shared.fc1.weight"].t(), p["shared.fc1.bias"], p["shared.fc2.weight"].t(),
+                     p["shared.fc2.bias"])
+
+    def cosine(self, x_ND, alpha=1.0):
+        protos = self.params["router.scorer.prototypes"]
+        return alpha * (x_ND / x_ND.norm(dim=-1, keepdim=True)) @ (protos / protos.norm(dim=-1, keepdim=True)).t()
+
+    def rcl(self, centroid_lists, temperature=0.07):
+        """Eq. (6) as the official code computes it: InfoNCE over the experts that received tokens."""
+        protos = self.params["router.scorer.prototypes"]
+        losses = []
+        for valid, means in centroid_lists:
+            if len(valid) < 2:
+                continue
+            sim = F.normalize(protos[valid], dim=1) @ F.normalize(torch.stack(means), dim=1).t()
+            losses.append(F.cross_entropy(sim / temperature, torch.arange(len(valid)), reduction="none"))
+        return torch.cat(losses).mean() if losses else torch.zeros((), dtype=torch.float64)
+
+
+def check_layer(layer, reference, x_BLD, cond_B, reference_fn, backend):
+    """Our layer in fp32 against reference_fn(x in float64) -> (out, aux): output, aux losses, every gradient."""
+    layer.zero_grad()
+    x = x_BLD.clone().requires_grad_()
+    with promoe.dispatch_backend(backend):
+        out, aux = layer(x, cond_B)
+    upstream = torch.randn(out.shape, generator=torch.Generator().manual_seed(3))
+    ((out * upstream).sum() + sum(aux.values(), torch.zeros(()))).backward()
+
+    x64 = x_BLD.double().requires_grad_()
+    out64, aux64 = reference_fn(x64)
+    ((out64 * upstream.double()).sum() + sum(aux64.values(), torch.zeros((), dtype=torch.float64))).backward()
+
+    # fp32 against float64: relative 1e-4 covers the fp32 GEMMs and cosines over these short dims.
+    torch.testing.assert_close(out.double(), out64.detach(), rtol=1e-4, atol=1e-5)
+    assert sorted(aux) == sorted(aux64)
+    for name in aux:
+        torch.testing.assert_close(aux[name].double(), aux64[name].detach(), rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(x.grad.double(), x64.grad, rtol=1e-4, atol=1e-5)
+    for name, param in layer.named_parameters():
+        ref_grad = reference.params[name].grad
+        ref_grad = torch.zeros_like(reference.params[name]) if ref_grad is None else ref_grad
+        got = torch.zeros_like(param) if param.grad is None else param.grad
+        torch.testing.assert_close(got.double(), ref_grad, rtol=1e-4, atol=1e-5, msg=f"gradient of {name}")
+
+
+def promoe_tc_reference(reference, x_BLD, cond_B, top_k, activation, training, rcl_weight=1.0):
+    num_routed = reference.params["router.scorer.prototypes"].shape[0]
+    x_ND = x_BLD.reshape(-1, DIM)
+    cond_N = cond_B.repeat_interleave(TOKENS)
+    scores = {"identity": lambda z: z, "sigmoid": torch.sigmoid, "softmax": lambda z: z.softmax(-1)}[activation](
+        reference.cosine(x_ND))
+    rows, assigned = [], [[] for _ in range(num_routed)]
+    for n in range(x_ND.shape[0]):
+        if cond_N[n]:
+            gates, ids = scores[n].topk(top_k)
+            rows.append(sum(g * reference.expert(e, x_ND[n]) for g, e in zip(gates, ids.tolist())))
+            for e in ids.tolist():
+                assigned[e].append(x_ND[n])
+        else:
+            rows.append(reference.expert(num_routed, x_ND[n]))  # the unconditional expert, gate 1
+    out = torch.stack(rows) + reference.shared(x_ND)
+    aux = {}
+    if training:
+        valid = [e for e in range(num_routed) if assigned[e]]
+        aux["rcl"] = rcl_weight * reference.rcl([(valid, [torch.stack(assigned[e]).mean(0) for e in valid])])
+    return out.view_as(x_BLD), aux
+
+
+@pytest.mark.parametrize("backend", ["loop", "torch"])
+@pytest.mark.parametrize("top_k", [1, 2, 3])
+@pytest.mark.parametrize("activation", ["identity", "sigmoid", "softmax"])
+@pytest.mark.parametrize("training", [True, False])
+def test_promoe_token_choice_layer_matches_reference(backend, top_k, activation, training, rng):
+    layer, _ = make_layer("ProMoE-S", experts=f"E6A{top_k}S1U1", activation=activation)
+    layer.train(training)
+    reference = Reference(layer)
+    x = torch.randn(BATCH, TOKENS, DIM, generator=rng)
+    cond = torch.tensor([True, False, True, True])
+    check_layer(layer, reference, x, cond,
+                lambda x64: promoe_tc_reference(reference, x64, cond, top_k, activation, training), backend)
+    assert reference.params["router.scorer.prototypes"].grad.abs().sum() > 0  # gates and RCL reach them
+
+
+def test_routing_contrastive_loss_is_zero_with_fewer_than_two_active_experts(rng):
+    layer, _ = make_layer("ProMoE-S", experts="E6A1S1U1")
+    with torch.no_grad():  # every token closest to prototype 2
+        layer.router.scorer.prototypes.copy_(torch.randn(4, DIM, generator=rng) * 1e-3)
+        layer.router.scorer.prototypes[2] = 1.0
+    x = torch.rand(BATCH, TOKENS, DIM, generator=rng) + 0.5
+    _, aux = layer(x, torch.ones(BATCH, dtype=torch.bool))
+    assert aux["rcl"].item() == 0.0
+    _, aux = layer(x, torch.zeros(BATCH, dtype=torch.bool))  # all-null batch: no routed token at all
+    assert aux["rcl"].item() == 0.0
+
+
+def promoe_ec_reference(reference, x_BLD, cond_B, capacity, training):
+    num_routed = reference.params["router.scorer.prototypes"].shape[0]
+    out = reference.shared(x_BLD.reshape(-1, DIM)).view_as(x_BLD).clone()
+    rows = [torch.zeros(TOKENS, DIM, dtype=torch.float64) for _ in range(BATCH)]
+    centroid_lists = []
+    for b in range(BATCH):
+        if not cond_B[b]:
+            rows[b] = rows[b] + reference.expert(num_routed, x_BLD[b])
+            continue
+        scores = reference.cosine(x_BLD[b])  # [L, E]
+        means = []
+        for e in range(num_routed):
+            gates, tokens = scores[:, e].topk(capacity)
+            contribution = torch.zeros(TOKENS, DIM, dtype=torch.float64)
+            contribution = contribution.index_add(0, tokens, gates[:, None] * reference.expert(e, x_BLD[b, tokens]))
+            rows[b] = rows[b] + contribution
+            means.append(x_BLD[b, tokens].mean(0))
+        centroid_lists.append((list(range(num_routed)), means))
+    out = out + torch.stack(rows)
+    aux = {"rcl": reference.rcl(centroid_lists)} if training else {}
+    return out, aux
+
+
+@pytest.mark.parametrize("backend", ["loop", "torch"])
+@pytest.mark.parametrize("top_k", [1, 2])
+def test_promoe_expert_choice_layer_matches_reference(backend, top_k, rng):
+    layer, _ = make_layer("ProMoE-EC-S", experts=f"E6A{top_k}S1U1")
+    layer.train()
+    reference = Reference(layer)
+    capacity = max(1, int(TOKENS / 4 * top_k))
+    x = torch.randn(BATCH, TOKENS, DIM, generator=rng)
+    cond = torch.tensor([True, False, True, True])
+    check_layer(layer, reference, x, cond, lambda x64: promoe_ec_reference(reference, x64, cond, capacity, True),
+                backend)
+
+
+def tc_dit_reference(reference, x_BLD, top_k, lb_weight):
+    x_ND = x_BLD.reshape(-1, DIM)
+    probs = (x_ND @ reference.params["router.scorer.gate.weight"].t()).softmax(-1)
+    num_experts = probs.shape[1]
+    rows, chosen = [], torch.zeros(num_experts, dtype=torch.float64)
+    for n in range(x_ND.shape[0]):
+        gates, ids = probs[n].topk(top_k)
+        rows.append(sum(g * reference.expert(e, x_ND[n]) for g, e in zip(gates, ids.tolist())))
+        chosen[ids] += 1
+    fraction = chosen / (x_ND.shape[0] * top_k)
+    aux = {"load_balance": lb_weight * num_experts * (fraction * probs.mean(0)).sum()}
+    return torch.stack(rows).view_as(x_BLD), aux
+
+
+@pytest.mark.parametrize("backend", ["loop", "torch"])
+@pytest.mark.parametrize("top_k", [1, 2])
+def test_tc_dit_layer_with_load_balance_loss_matches_reference(backend, top_k, rng):
+    layer, _ = make_layer("TC-DiT-S", experts=f"E4A{top_k}S0U0")
+    layer.train()
+    reference = Reference(layer)
+    x = torch.randn(BATCH, TOKENS, DIM, generator=rng)
+    cond = torch.ones(BATCH, dtype=torch.bool)
+    check_layer(layer, reference, x, cond, lambda x64: tc_dit_reference(reference, x64, top_k, 0.01), backend)
+
+
+def test_ec_dit_layer_matches_reference(rng):
+    layer, _ = make_layer("EC-DiT-S", experts="E4A1S0U0")
+    reference = Reference(layer)
+    x = torch.randn(BATCH, TOKENS, DIM, generator=rng)
+    probs = (x.double() @ reference.params["router.scorer.gate.weight"].t()).softmax(-1)  # [B, L, E]
+    expected = torch.zeros(BATCH, TOKENS, DIM, dtype=torch.float64)
+    for b in range(BATCH):
+        for e in range(4):
+            gates, tokens = probs[b, :, e].topk(TOKENS // 4)
+            expected[b] = expected[b].index_add(0, tokens, gates[:, None] * reference.expert(e, x[b, tokens].double()))
+    for backend in ("loop", "torch"):
+        with promoe.dispatch_backend(backend):
+            out, aux = layer(x, torch.ones(BATCH, dtype=torch.bool))
+        torch.testing.assert_close(out.double(), expected.detach(), rtol=1e-4, atol=1e-5)
+        assert aux == {}
+
+
+def record_plans(monkeypatch):
+    plans = []
+    original = layer_module.dispatch
+
+    def recording(x, plan, experts, backend=None):
+        plans.append(plan)
+        return original(x, plan, experts, backend)
+
+    monkeypatch.setattr(layer_module, "dispatch", recording)
+    return plans
+
+
+def tokens_of_uncond_expert(plan, uncond_expert):
+    valid = plan.valid_slots_S()
+    return plan.token_index_S[valid & (plan.expert_index_S == uncond_expert)]
+
+
+@pytest.mark.parametrize("name", ["ProMoE-S", "ProMoE-EC-S"])
+def test_inference_routes_only_null_label_tokens_to_the_unconditional_expert(name, monkeypatch, rng):
+    model = promoe.build_model(name, **TINY, experts="E6A2S1U1").eval()
+    plans = record_plans(monkeypatch)
+    x, t = torch.randn(4, 4, 8, 8, generator=rng), torch.rand(4, generator=rng) * 1000
+    labels = torch.tensor([1, 5, 7, 2])
+    model(x, t, labels)  # no guidance: every label is a real class
+    assert len(plans) == 1 and tokens_of_uncond_expert(plans[0], 4).numel() == 0
+    plans.clear()
+    model(torch.cat([x, x]), torch.cat([t, t]), torch.cat([labels, torch.full_like(labels, 10)]))  # with guidance
+    tokens = tokens_of_uncond_expert(plans[0], 4)
+    assert sorted(tokens.tolist()) == list(range(4 * TOKENS, 8 * TOKENS))
+
+
+def test_label_dropout_happens_in_training_only_and_reaches_the_moe_layers(monkeypatch):
+    torch.manual_seed(0)
+    model = promoe.build_model("ProMoE-S", **{**TINY, "input_size": 4})
+    plans = record_plans(monkeypatch)
+    embedded = []
+    model.y_embedder.register_forward_hook(lambda module, args, out: embedded.append(args[0]))
+    labels = torch.randint(0, 10, (4000,))
+    x, t = torch.randn(4000, 4, 4, 4), torch.rand(4000) * 1000
+    model.train()
+    model(x, t, labels)
+    dropped = embedded[0] == 10
+    assert 0.08 < dropped.float().mean().item() < 0.12  # p = 0.1; 4000 draws give a std of 0.005
+    tokens_per_image = 4
+    routed_to_uncond = tokens_of_uncond_expert(plans[0], 12)
+    assert torch.equal(routed_to_uncond, dropped.nonzero()[:, 0].repeat_interleave(tokens_per_image) * tokens_per_image
+                       + torch.arange(tokens_per_image).repeat(int(dropped.sum())))
+    model.eval()
+    embedded.clear()
+    model(x, t, labels)
+    assert torch.equal(embedded[0], labels)
+
+
+def test_gates_are_raw_cosines_not_renormalised(monkeypatch, rng):
+    layer, _ = make_layer("ProMoE-S", experts="E6A2S1U1")
+    plans = record_plans(monkeypatch)
+    x = torch.randn(BATCH, TOKENS, DIM, generator=rng)
+    layer(x, torch.ones(BATCH, dtype=torch.bool))
+    cos = F.normalize(x.reshape(-1, DIM), dim=-1) @ F.normalize(layer.router.scorer.prototypes.detach(), dim=-1).t()
+    plan = plans[0]
+    expected = cos[plan.token_index_S, plan.expert_index_S]
+    torch.testing.assert_close(plan.gates_S.detach(), expected)
+    assert (plan.gates_S.view(-1).detach() < 1).all()  # two top cosines never sum to exactly 1 by design
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(experts="E14X1S1U1"), "bad expert string"),
+    (dict(experts="E3A1S1U2"), "routed experts"),
+    (dict(experts="E6A5S1U1"), "must lie in"),
+    (dict(activation="relu"), "unknown router activation"),
+    (dict(router="magic"), "unknown router"),
+    (dict(dispatch="cuda"), "unknown dispatch backend"),
+    (dict(no_such_key=1), "unknown model config key"),
+])
+def test_bad_config_values_raise_clear_errors(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        promoe.build_model("ProMoE-S", device="meta", **kwargs)
