@@ -65,6 +65,7 @@ class ModelConfig:
     lb_weight: float = 0.0
     capacity_factor: float | None = None  # expert choice: None = the A of the expert string
     superclasses: list[int] | str | None = None  # classifier routing: class -> superclass list, or a file
+    classifier_loss_weight: float = 1.0  # classifier routing: weight of its cross-entropy
     kmeans_decay: float = 0.0  # k-means routing: 0 replaces a centroid by its tokens' mean, as the paper
     dispatch: str | None = None  # loop | torch; None = the device's default
 

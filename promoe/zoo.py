@@ -1,6 +1,8 @@
 """The model zoo: every model of the paper by name, built from one ModelConfig."""
 
+import json
 import re
+from pathlib import Path
 
 import torch
 import torch.nn as nn
@@ -9,7 +11,14 @@ from promoe.config import ModelConfig
 from promoe.dit.model import DiT
 from promoe.moe.experts import FFN
 from promoe.moe.layer import MoELayer
-from promoe.moe.routers import ExpertChoiceRouter, LinearScorer, PrototypeScorer, TokenChoiceRouter
+from promoe.moe.routers import (
+    ClassifierRouter,
+    ExpertChoiceRouter,
+    KMeansRouter,
+    LinearScorer,
+    PrototypeScorer,
+    TokenChoiceRouter,
+)
 
 SIZES = {
     "S": dict(depth=12, hidden_size=384, num_heads=6),
@@ -76,6 +85,7 @@ def build_mlp(config: ModelConfig, block_index: int) -> nn.Module:
         expert_hidden=config.expert_hidden,
         shared_hidden=spec.shared * config.expert_hidden,
         activated_routed=spec.activated,
+        null_label=config.num_classes,
         backend=config.dispatch,
     )
 
@@ -93,7 +103,28 @@ def build_router(config: ModelConfig) -> nn.Module:
         return TokenChoiceRouter(scorer, routed, spec.activated, conditional, lb_weight=config.lb_weight, **losses)
     if config.router in ("promoe_ec", "ec"):
         return ExpertChoiceRouter(scorer, routed, capacity_factor, conditional, **losses)
+    if config.router == "kmeans":
+        return KMeansRouter(dim, routed, spec.activated, conditional, config.kmeans_decay)
+    if config.router == "classifier":
+        superclass_of_class = load_superclasses(config.superclasses, config.num_classes)
+        if max(superclass_of_class) + 1 != routed:
+            raise ValueError(f"classifier routing: {max(superclass_of_class) + 1} superclasses need as many routed "
+                             f"experts, the expert string {config.experts!r} has {routed}")
+        return ClassifierRouter(dim, superclass_of_class, spec.activated, conditional, config.classifier_loss_weight)
     raise NotImplementedError(config.router)
+
+
+def load_superclasses(source: list[int] | str, num_classes: int) -> list[int]:
+    """The class -> superclass map, given inline or as a file (a JSON list, or one integer per line)."""
+    if isinstance(source, (str, Path)):
+        text = Path(source).read_text()
+        mapping = json.loads(text) if text.lstrip().startswith("[") else [int(v) for v in text.split()]
+    else:
+        mapping = list(source)
+    if len(mapping) != num_classes or any(not isinstance(v, int) or v < 0 for v in mapping):
+        raise ValueError(f"superclasses must map each of the {num_classes} classes to an integer >= 0; "
+                         f"got {len(mapping)} entries from {source if isinstance(source, str) else 'the config'}")
+    return mapping
 
 
 def count_params(model: DiT) -> tuple[int, int]:

@@ -55,12 +55,17 @@ class Reference:
         return torch.cat(losses).mean() if losses else torch.zeros((), dtype=torch.float64)
 
 
+def labels_of(cond_B):
+    """Labels whose null entries (class num_classes) are where cond_B is False."""
+    return torch.where(cond_B, 3, TINY["num_classes"])
+
+
 def check_layer(layer, reference, x_BLD, cond_B, reference_fn, backend):
     """Our layer in fp32 against reference_fn(x in float64) -> (out, aux): output, aux losses, every gradient."""
     layer.zero_grad()
     x = x_BLD.clone().requires_grad_()
     with promoe.dispatch_backend(backend):
-        out, aux = layer(x, cond_B)
+        out, aux = layer(x, labels_of(cond_B))
     upstream = torch.randn(out.shape, generator=torch.Generator().manual_seed(3))
     ((out * upstream).sum() + sum(aux.values(), torch.zeros(()))).backward()
 
@@ -125,9 +130,9 @@ def test_routing_contrastive_loss_is_zero_with_fewer_than_two_active_experts(rng
         layer.router.scorer.prototypes.copy_(torch.randn(4, DIM, generator=rng) * 1e-3)
         layer.router.scorer.prototypes[2] = 1.0
     x = torch.rand(BATCH, TOKENS, DIM, generator=rng) + 0.5
-    _, aux = layer(x, torch.ones(BATCH, dtype=torch.bool))
+    _, aux = layer(x, labels_of(torch.ones(BATCH, dtype=torch.bool)))
     assert aux["rcl"].item() == 0.0
-    _, aux = layer(x, torch.zeros(BATCH, dtype=torch.bool))  # all-null batch: no routed token at all
+    _, aux = layer(x, labels_of(torch.zeros(BATCH, dtype=torch.bool)))  # all-null batch: no routed token at all
     assert aux["rcl"].item() == 0.0
 
 
@@ -204,7 +209,7 @@ def test_ec_dit_layer_matches_reference(rng):
             expected[b] = expected[b].index_add(0, tokens, gates[:, None] * reference.expert(e, x[b, tokens].double()))
     for backend in ("loop", "torch"):
         with promoe.dispatch_backend(backend):
-            out, aux = layer(x, torch.ones(BATCH, dtype=torch.bool))
+            out, aux = layer(x, labels_of(torch.ones(BATCH, dtype=torch.bool)))
         torch.testing.assert_close(out.double(), expected.detach(), rtol=1e-4, atol=1e-5)
         assert aux == {}
 
@@ -266,7 +271,7 @@ def test_gates_are_raw_cosines_not_renormalised(monkeypatch, rng):
     layer, _ = make_layer("ProMoE-S", experts="E6A2S1U1")
     plans = record_plans(monkeypatch)
     x = torch.randn(BATCH, TOKENS, DIM, generator=rng)
-    layer(x, torch.ones(BATCH, dtype=torch.bool))
+    layer(x, labels_of(torch.ones(BATCH, dtype=torch.bool)))
     cos = F.normalize(x.reshape(-1, DIM), dim=-1) @ F.normalize(layer.router.scorer.prototypes.detach(), dim=-1).t()
     plan = plans[0]
     expected = cos[plan.token_index_S, plan.expert_index_S]
@@ -286,3 +291,84 @@ def test_gates_are_raw_cosines_not_renormalised(monkeypatch, rng):
 def test_bad_config_values_raise_clear_errors(kwargs, message):
     with pytest.raises(ValueError, match=message):
         promoe.build_model("ProMoE-S", device="meta", **kwargs)
+
+
+SUPERCLASSES = [0, 0, 1, 1, 2, 2, 3, 3, 0, 1]  # 10 classes -> 4 superclasses
+
+
+def test_classifier_routing_sends_each_image_to_its_predicted_superclass_expert(rng):
+    layer, _ = make_layer("ProMoE-S", router="classifier", superclasses=SUPERCLASSES, experts="E6A1S1U1")
+    layer.train()
+    reference = Reference(layer)
+    x = torch.randn(BATCH, TOKENS, DIM, generator=rng)
+    labels = torch.tensor([2, 10, 9, 4])
+
+    def classifier_reference(x64):
+        p = reference.params
+        logits = x64.mean(1) @ p["router.classifier.weight"].t() + p["router.classifier.bias"]
+        rows = []
+        for b in range(BATCH):
+            expert = 4 if labels[b] == 10 else int(logits[b].argmax())
+            rows.append(reference.expert(expert, x64[b]))
+        out = torch.stack(rows) + reference.shared(x64.reshape(-1, DIM)).view_as(x64)
+        cond = labels != 10
+        targets = torch.tensor(SUPERCLASSES)[labels[cond]]
+        return out, {"router_cls": F.cross_entropy(logits[cond], targets)}
+
+    layer.zero_grad()
+    x32 = x.clone().requires_grad_()
+    out, aux = layer(x32, labels)
+    (out.sum() + aux["router_cls"]).backward()
+    x64 = x.double().requires_grad_()
+    out64, aux64 = classifier_reference(x64)
+    (out64.sum() + aux64["router_cls"]).backward()
+    torch.testing.assert_close(out.double(), out64.detach(), rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(aux["router_cls"].double(), aux64["router_cls"].detach(), rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(layer.router.classifier.weight.grad.double(),
+                               reference.params["router.classifier.weight"].grad, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("superclasses, message", [(None, "needs `superclasses`"), ([0, 1], "each of the 10 classes"),
+                                                   ([0] * 10, "superclasses need as many routed experts")])
+def test_classifier_routing_rejects_a_missing_or_wrong_superclass_map(superclasses, message):
+    with pytest.raises(ValueError, match=message):
+        promoe.build_model("ProMoE-S", device="meta", **TINY, router="classifier", superclasses=superclasses)
+
+
+def test_classifier_routing_reads_the_superclass_map_from_a_file(tmp_path):
+    path = tmp_path / "superclasses.txt"
+    path.write_text("\n".join(map(str, SUPERCLASSES)))
+    model = promoe.build_model("ProMoE-S", **TINY, router="classifier", superclasses=str(path), experts="E6A1S1U1")
+    assert model.blocks[1].mlp.router.superclass_of_label.tolist() == [*SUPERCLASSES, -100]
+
+
+def test_kmeans_routing_assigns_nearest_centroid_and_moves_centroids_to_their_tokens_mean(monkeypatch, rng):
+    layer, _ = make_layer("ProMoE-S", router="kmeans", experts="E6A1S1U1")
+    router = layer.router
+    plans = record_plans(monkeypatch)
+    x = torch.randn(BATCH, TOKENS, DIM, generator=rng)
+    labels = torch.tensor([1, 10, 2, 3])
+    layer.train()
+    layer(x, labels)
+    assert router.initialized.item()
+    x_ND = x.reshape(-1, DIM)
+    # After the first step each centroid that received tokens is their mean; the others are sampled tokens.
+    expert_of_token = torch.full((x_ND.shape[0],), -1)
+    valid = plans[0].valid_slots_S()
+    expert_of_token[plans[0].token_index_S[valid]] = plans[0].expert_index_S[valid]
+    cond_N = (labels != 10).repeat_interleave(TOKENS)
+    assert (expert_of_token[~cond_N] == 4).all()  # null-label tokens: unconditional expert
+    for e in range(4):
+        mine = x_ND[cond_N & (expert_of_token == e)]
+        if len(mine):
+            torch.testing.assert_close(router.centroids_ED[e], mine.mean(0))
+        else:
+            assert (torch.cdist(router.centroids_ED[e:e + 1], x_ND).min() < 1e-5)
+    # Routing is by nearest centroid (before the update, so re-run in eval with frozen centroids).
+    layer.eval()
+    plans.clear()
+    layer(x, labels)
+    nearest = torch.cdist(x_ND, router.centroids_ED).argmin(1)
+    plan = plans[0]
+    routed = plan.expert_index_S < 4
+    assert torch.equal(plan.expert_index_S[routed], nearest[plan.token_index_S[routed]])

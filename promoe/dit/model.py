@@ -25,11 +25,11 @@ class DiTBlock(nn.Module):
     def is_moe(self) -> bool:
         return isinstance(self.mlp, MoELayer)
 
-    def forward(self, x, c, cond_B):
+    def forward(self, x, c, labels_B):
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.adaLN_modulation(c).chunk(6, dim=1)
         x = x + gate_msa.unsqueeze(1) * self.attn(modulate(self.norm1(x), shift_msa, scale_msa))
         h = modulate(self.norm2(x), shift_mlp, scale_mlp)
-        h, aux = self.mlp(h, cond_B) if self.is_moe else (self.mlp(h), {})
+        h, aux = self.mlp(h, labels_B) if self.is_moe else (self.mlp(h), {})
         return x + gate_mlp.unsqueeze(1) * h, aux
 
 
@@ -119,12 +119,11 @@ class DiT(nn.Module):
                              f"{list(y.shape)}")
         if self.training:
             y = self.y_embedder.drop_labels(y)
-        cond_B = y != self.num_classes  # the MoE layers route null-label samples to the unconditional expert
         x = self.x_embedder(x) + self.pos_embed  # (B, T, D), T = H * W / patch_size ** 2
         c = self.t_embedder(t) + self.y_embedder(y)  # (B, D)
         aux: dict[str, torch.Tensor] = {}
         for block in self.blocks:
-            x, block_aux = block(x, c, cond_B)
+            x, block_aux = block(x, c, y)  # MoE layers route by the dropped labels
             for name, value in block_aux.items():
                 aux[name] = aux[name] + value if name in aux else value
         x = self.unpatchify(self.final_layer(x, c))  # (B, C_out, H, W)

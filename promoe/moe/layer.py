@@ -15,8 +15,9 @@ class MoELayer(nn.Module):
     """
 
     def __init__(self, router: nn.Module, num_bank_experts: int, dim: int, expert_hidden: int, shared_hidden: int,
-                 activated_routed: int, backend: str | None = None):
+                 activated_routed: int, null_label: int, backend: str | None = None):
         super().__init__()
+        self.null_label = null_label
         self.router = router
         self.experts = ExpertBank(num_bank_experts, dim, expert_hidden)
         # S shared experts of width H are one FFN of width S*H: the sum of their outputs is the same function.
@@ -28,11 +29,12 @@ class MoELayer(nn.Module):
         """Parameters of the bank experts that a token does not run (counted in total, not in activated)."""
         return (self.experts.num_experts - self.activated_routed) * self.experts.params_per_expert
 
-    def forward(self, x_BLD: torch.Tensor, cond_B: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    def forward(self, x_BLD: torch.Tensor, labels_B: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """labels_B: the labels after dropout; the tokens of null-label samples are the unconditional ones."""
         num_samples, tokens_per_image, dim = x_BLD.shape
         x_ND = x_BLD.reshape(-1, dim)
-        cond_N = cond_B.repeat_interleave(tokens_per_image)
-        plan, aux = self.router(x_ND, cond_N, num_samples)
+        cond_N = (labels_B != self.null_label).repeat_interleave(tokens_per_image)
+        plan, aux = self.router(x_ND, cond_N, num_samples, labels_B)
         y_ND = dispatch(x_ND, plan, self.experts, self.backend)
         if self.shared is not None:
             y_ND = y_ND + self.shared(x_ND)

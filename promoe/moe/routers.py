@@ -91,28 +91,27 @@ class TokenChoiceRouter(nn.Module):
         self.lb_weight = lb_weight
 
     def choose(self, x_ND: torch.Tensor, num_samples: int):
-        """Expert ids [N, K], gates [N, K] and the scores [N, E] they came from."""
+        """Expert ids [N, K], gates [N, K] and the scores they came from."""
         scores_NE = self.scorer(x_ND)
         gates_NK, expert_ids_NK = scores_NE.topk(self.top_k, dim=-1)
         return expert_ids_NK, gates_NK, scores_NE
 
-    def forward(self, x_ND: torch.Tensor, cond_N: torch.Tensor, num_samples: int):
-        expert_ids_NK, gates_NK, scores_NE = self.choose(x_ND, num_samples)
+    def forward(self, x_ND: torch.Tensor, cond_N: torch.Tensor, num_samples: int, labels_B: torch.Tensor):
+        expert_ids_NK, gates_NK, scores = self.choose(x_ND, num_samples)
         num_bank = self.num_routed + int(self.conditional)
         if self.conditional:
             expert_ids_NK, gates_NK = null_tokens_to_uncond_expert(expert_ids_NK, gates_NK, cond_N, self.num_routed)
         plan = token_choice_plan(expert_ids_NK, gates_NK.to(x_ND.dtype), num_bank,
                                  has_dropped_slots=self.conditional and self.top_k > 1)
-        return plan, self.aux_losses(x_ND, cond_N, expert_ids_NK, scores_NE)
+        aux = self.aux_losses(x_ND, cond_N, expert_ids_NK, scores, labels_B) if self.training else {}
+        return plan, aux
 
     def routed_weight(self, cond_N: torch.Tensor) -> torch.Tensor:
         """1 for the tokens routed among the routed experts, 0 for those sent to the unconditional expert."""
         return cond_N.float() if self.conditional else torch.ones_like(cond_N, dtype=torch.float32)
 
-    def aux_losses(self, x_ND, cond_N, expert_ids_NK, scores_NE) -> dict[str, torch.Tensor]:
+    def aux_losses(self, x_ND, cond_N, expert_ids_NK, scores_NE, labels_B) -> dict[str, torch.Tensor]:
         aux = {}
-        if not self.training:
-            return aux
         weight_N = self.routed_weight(cond_N)
         if self.rcl_weight > 0:
             centroids, active = token_centroids(x_ND, expert_ids_NK, weight_N, self.num_routed)
@@ -148,7 +147,7 @@ class ExpertChoiceRouter(nn.Module):
         self.rcl_weight = rcl_weight
         self.rcl_temperature = rcl_temperature
 
-    def forward(self, x_ND: torch.Tensor, cond_N: torch.Tensor, num_samples: int):
+    def forward(self, x_ND: torch.Tensor, cond_N: torch.Tensor, num_samples: int, labels_B: torch.Tensor):
         num_tokens = x_ND.shape[0]
         tokens_per_image = num_tokens // num_samples
         capacity = per_image_capacity(tokens_per_image, self.num_routed, self.capacity_factor)
@@ -186,3 +185,62 @@ class ExpertChoiceRouter(nn.Module):
         active_BE = routed_B[:, None].expand(-1, self.num_routed)
         rcl = routing_contrastive_loss(self.scorer.prototypes, centroids_BED, active_BE, self.rcl_temperature)
         return {"rcl": self.rcl_weight * rcl}
+
+
+class ClassifierRouter(TokenChoiceRouter):
+    """Classification-based routing (the paper's Sec. 4.2): a linear classifier on the mean-pooled tokens of
+    each image picks one expert per superclass for all its tokens (gate 1), trained by cross-entropy against
+    the superclass of the image's label."""
+
+    def __init__(self, dim: int, superclass_of_class: list[int], top_k: int, conditional: bool, loss_weight: float):
+        num_superclasses = max(superclass_of_class) + 1
+        super().__init__(nn.Identity(), num_superclasses, top_k, conditional)
+        self.classifier = nn.Linear(dim, num_superclasses)
+        self.loss_weight = loss_weight
+        # The null class (index num_classes) has no superclass; -100 is cross_entropy's ignore index.
+        self.register_buffer("superclass_of_label", torch.tensor([*superclass_of_class, -100]), persistent=False)
+
+    def choose(self, x_ND: torch.Tensor, num_samples: int):
+        logits_BE = self.classifier(x_ND.view(num_samples, -1, x_ND.shape[-1]).mean(dim=1)).float()
+        expert_ids_BK = logits_BE.topk(self.top_k, dim=-1).indices
+        tokens_per_image = x_ND.shape[0] // num_samples
+        expert_ids_NK = expert_ids_BK.repeat_interleave(tokens_per_image, dim=0)
+        return expert_ids_NK, torch.ones(expert_ids_NK.shape, device=x_ND.device), logits_BE
+
+    def aux_losses(self, x_ND, cond_N, expert_ids_NK, logits_BE, labels_B) -> dict[str, torch.Tensor]:
+        loss = F.cross_entropy(logits_BE, self.superclass_of_label[labels_B], ignore_index=-100)
+        # An all-null batch has no target: cross_entropy gives NaN there, the loss is 0.
+        return {"router_cls": self.loss_weight * torch.nan_to_num(loss, nan=0.0)}
+
+
+class KMeansRouter(TokenChoiceRouter):
+    """K-means routing (the paper's Sec. 4.2): each token goes to its nearest centroid's expert (gate 1).
+
+    Centroids start as randomly sampled tokens of the first training batch; after each training step's
+    assignment each centroid becomes the mean of its routed tokens (an EMA of it when decay > 0). An expert
+    that received no token keeps its centroid.
+    """
+
+    def __init__(self, dim: int, num_routed: int, top_k: int, conditional: bool, decay: float = 0.0):
+        super().__init__(nn.Identity(), num_routed, top_k, conditional)
+        self.decay = decay
+        self.register_buffer("centroids_ED", torch.zeros(num_routed, dim))
+        self.register_buffer("initialized", torch.zeros((), dtype=torch.bool))
+
+    def choose(self, x_ND: torch.Tensor, num_samples: int):
+        x32_ND = x_ND.detach().float()
+        if self.training:
+            sampled = x32_ND[torch.randint(0, x_ND.shape[0], (self.num_routed,), device=x_ND.device)]
+            self.centroids_ED.copy_(torch.where(self.initialized, self.centroids_ED, sampled))
+            self.initialized.fill_(True)
+        distances_NE = torch.cdist(x32_ND, self.centroids_ED)
+        expert_ids_NK = (-distances_NE).topk(self.top_k, dim=-1).indices
+        return expert_ids_NK, torch.ones(expert_ids_NK.shape, device=x_ND.device), distances_NE
+
+    def aux_losses(self, x_ND, cond_N, expert_ids_NK, distances_NE, labels_B) -> dict[str, torch.Tensor]:
+        # Not a loss: the centroid update, done where the routed tokens and their weights are at hand.
+        with torch.no_grad():
+            centroids, received = token_centroids(x_ND, expert_ids_NK, self.routed_weight(cond_N), self.num_routed)
+            updated = self.decay * self.centroids_ED + (1 - self.decay) * centroids[0]
+            self.centroids_ED.copy_(torch.where(received[0, :, None], updated, self.centroids_ED))
+        return {}
