@@ -13,6 +13,7 @@ from promoe.moe.experts import FFN
 from promoe.moe.layer import MoELayer
 from promoe.moe.routers import (
     ClassifierRouter,
+    DiffMoERouter,
     ExpertChoiceRouter,
     KMeansRouter,
     LinearScorer,
@@ -103,6 +104,11 @@ def build_router(config: ModelConfig) -> nn.Module:
         return TokenChoiceRouter(scorer, routed, spec.activated, conditional, lb_weight=config.lb_weight, **losses)
     if config.router in ("promoe_ec", "ec"):
         return ExpertChoiceRouter(scorer, routed, capacity_factor, conditional, **losses)
+    if config.router == "diffmoe":
+        if conditional:
+            raise ValueError(f"DiffMoE has no unconditional expert: use an expert string with U0, "
+                             f"not {config.experts!r}")
+        return DiffMoERouter(dim, routed, capacity_factor)
     if config.router == "kmeans":
         return KMeansRouter(dim, routed, spec.activated, conditional, config.kmeans_decay)
     if config.router == "classifier":

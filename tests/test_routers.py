@@ -372,3 +372,59 @@ def test_kmeans_routing_assigns_nearest_centroid_and_moves_centroids_to_their_to
     plan = plans[0]
     routed = plan.expert_index_S < 4
     assert torch.equal(plan.expert_index_S[routed], nearest[plan.token_index_S[routed]])
+
+
+def diffmoe_reference(reference, x_BLD, capacity_count=None, threshold=None):
+    """The official DiffMoE layer: train takes the top-C tokens of the batch per expert; eval takes, per expert,
+    as many top-scored tokens as the capacity predictor puts above the expert's threshold."""
+    p = reference.params
+    x_ND = x_BLD.reshape(-1, DIM)
+    scores = (x_ND @ p["router.scorer.gate.weight"].t()).softmax(-1)  # [N, E]
+    hidden = F.silu(x_ND.detach() @ p["router.capacity_predictor.0.weight"].t() + p["router.capacity_predictor.0.bias"])
+    predicted = hidden @ p["router.capacity_predictor.2.weight"].t() + p["router.capacity_predictor.2.bias"]
+    out = torch.zeros_like(x_ND)
+    taken = torch.zeros_like(scores)
+    for e in range(scores.shape[1]):
+        k = capacity_count if threshold is None else int((predicted[:, e].sigmoid() > threshold[e]).sum())
+        gates, tokens = scores[:, e].topk(k)
+        out = out.index_add(0, tokens, gates[:, None] * reference.expert(e, x_ND[tokens]))
+        taken[tokens, e] = 1
+    aux = {} if threshold is not None else {
+        "capacity_predictor": 0.01 * F.binary_cross_entropy_with_logits(predicted, taken)}
+    return out.view_as(x_BLD), aux, predicted
+
+
+@pytest.mark.parametrize("backend", ["loop", "torch"])
+def test_diffmoe_training_takes_the_batch_top_tokens_and_trains_its_capacity_predictor(backend, rng):
+    layer, _ = make_layer("DiffMoE-S-E4")
+    layer.train()
+    reference = Reference(layer)
+    x = torch.randn(BATCH, TOKENS, DIM, generator=rng)
+    capacity = BATCH * TOKENS // 4
+    check_layer(layer, reference, x, torch.ones(BATCH, dtype=torch.bool),
+                lambda x64: diffmoe_reference(reference, x64, capacity)[:2], backend)
+    # One training forward moved each threshold 5% of the way from 0 to its expert's C-th largest probability.
+    predicted = diffmoe_reference(reference, x.double(), capacity)[2].sigmoid()
+    expected = 0.05 * predicted.topk(capacity, dim=0).values[-1]
+    torch.testing.assert_close(layer.router.expert_threshold_E.double(), expected.detach(), rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("backend", ["loop", "torch"])
+def test_diffmoe_inference_uses_the_thresholds_of_the_capacity_predictor(backend, rng):
+    layer, _ = make_layer("DiffMoE-S-E4")
+    layer.eval()
+    threshold = torch.tensor([0.2, 0.5, 0.8, 1.0])  # the last expert takes no token at all
+    layer.router.expert_threshold_E.copy_(threshold)
+    reference = Reference(layer)
+    x = torch.randn(BATCH, TOKENS, DIM, generator=rng)
+    with promoe.dispatch_backend(backend):
+        out, aux = layer(x, labels_of(torch.ones(BATCH, dtype=torch.bool)))
+    expected, _, predicted = diffmoe_reference(reference, x.double(), threshold=threshold.double())
+    assert aux == {}
+    assert 0 < int((predicted.sigmoid() > threshold.double()).sum()) < predicted.numel()  # a real selection
+    torch.testing.assert_close(out.double(), expected.detach(), rtol=1e-4, atol=1e-5)
+
+
+def test_diffmoe_refuses_an_unconditional_expert():
+    with pytest.raises(ValueError, match="no unconditional expert"):
+        promoe.build_model("DiffMoE-S-E4", device="meta", experts="E5A1S0U1")

@@ -244,3 +244,59 @@ class KMeansRouter(TokenChoiceRouter):
             updated = self.decay * self.centroids_ED + (1 - self.decay) * centroids[0]
             self.centroids_ED.copy_(torch.where(received[0, :, None], updated, self.centroids_ED))
         return {}
+
+
+class DiffMoERouter(nn.Module):
+    """DiffMoE (Shi et al., 2025): batch-level expert choice over the global token pool.
+
+    Training: every expert takes the top-C tokens of the whole batch by its softmax gate score,
+    C = int(N / E * capacity). A capacity predictor (an MLP on the detached tokens) learns, by binary
+    cross-entropy, which tokens each expert took; each expert's threshold is an EMA (decay 0.95) of the C-th
+    largest predicted probability. Inference: expert e takes as many tokens as the predictor puts above its
+    threshold, the ones with its highest gate scores, so compute adapts to the input.
+
+    The thresholds are updated on each rank in forward; the driver averages `running_stats()` over ranks once
+    per step (the official code all-reduces inside forward).
+    """
+
+    def __init__(self, dim: int, num_experts: int, capacity: float, threshold_decay: float = 0.95,
+                 predictor_loss_weight: float = 0.01):
+        super().__init__()
+        self.scorer = LinearScorer(dim, num_experts)
+        self.capacity_predictor = nn.Sequential(nn.Linear(dim, dim), nn.SiLU(), nn.Linear(dim, num_experts))
+        self.num_routed = num_experts
+        self.capacity = capacity
+        self.threshold_decay = threshold_decay
+        self.predictor_loss_weight = predictor_loss_weight
+        self.register_buffer("expert_threshold_E", torch.zeros(num_experts))
+
+    def running_stats(self) -> list[torch.Tensor]:
+        return [self.expert_threshold_E]
+
+    def forward(self, x_ND: torch.Tensor, cond_N: torch.Tensor, num_samples: int, labels_B: torch.Tensor):
+        num_tokens = x_ND.shape[0]
+        scores_EN = self.scorer(x_ND).t()
+        predicted_NE = self.capacity_predictor(x_ND.detach()).float()
+        if not self.training:
+            return self.threshold_plan(scores_EN.to(x_ND.dtype), predicted_NE.sigmoid()), {}
+        capacity = max(1, min(num_tokens, int(num_tokens / self.num_routed * self.capacity)))
+        gates_EC, token_EC = scores_EN.topk(capacity, dim=-1)
+        taken_EN = torch.zeros_like(scores_EN).scatter_(1, token_EC, 1.0)
+        with torch.no_grad():
+            kth_probability_E = predicted_NE.sigmoid().t().topk(capacity, dim=-1).values[:, -1]
+            self.expert_threshold_E.lerp_(kth_probability_E, 1 - self.threshold_decay)
+        bce = F.binary_cross_entropy_with_logits(predicted_NE, taken_EN.t())
+        plan = expert_choice_plan(token_EC, gates_EC.to(x_ND.dtype), num_tokens)
+        return plan, {"capacity_predictor": self.predictor_loss_weight * bce}
+
+    def threshold_plan(self, scores_EN: torch.Tensor, probability_NE: torch.Tensor) -> RoutingPlan:
+        """One slot per (expert, token); expert e keeps its count_e best-scored tokens, the rest are dropped."""
+        num_experts, num_tokens = scores_EN.shape
+        count_E = (probability_NE > self.expert_threshold_E).sum(0)
+        order_EN = scores_EN.argsort(dim=1, descending=True)
+        rank_EN = torch.empty_like(order_EN).scatter_(
+            1, order_EN, torch.arange(num_tokens, device=scores_EN.device).expand(num_experts, -1))
+        expert_EN = torch.arange(num_experts, device=scores_EN.device)[:, None].expand(-1, num_tokens)
+        expert_EN = torch.where(rank_EN < count_E[:, None], expert_EN, num_experts)
+        token_EN = torch.arange(num_tokens, device=scores_EN.device).expand(num_experts, -1)
+        return sort_slots(token_EN.reshape(-1), expert_EN.reshape(-1), scores_EN.reshape(-1), num_experts, num_tokens)
