@@ -284,7 +284,7 @@ class DiffMoERouter(nn.Module):
         taken_EN = torch.zeros_like(scores_EN).scatter_(1, token_EC, 1.0)
         with torch.no_grad():
             kth_probability_E = predicted_NE.sigmoid().t().topk(capacity, dim=-1).values[:, -1]
-            self.expert_threshold_E.lerp_(kth_probability_E, 1 - self.threshold_decay)
+            self.expert_threshold_E.lerp_(kth_probability_E.to(self.expert_threshold_E.dtype), 1 - self.threshold_decay)
         bce = F.binary_cross_entropy_with_logits(predicted_NE, taken_EN.t())
         plan = expert_choice_plan(token_EC, gates_EC.to(x_ND.dtype), num_tokens)
         return plan, {"capacity_predictor": self.predictor_loss_weight * bce}
