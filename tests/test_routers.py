@@ -428,3 +428,23 @@ def test_diffmoe_inference_uses_the_thresholds_of_the_capacity_predictor(backend
 def test_diffmoe_refuses_an_unconditional_expert():
     with pytest.raises(ValueError, match="no unconditional expert"):
         promoe.build_model("DiffMoE-S-E4", device="meta", experts="E5A1S0U1")
+
+
+@pytest.mark.parametrize("name, experts", [("ProMoE-S", "E6A2S1U1"), ("ProMoE-S", "E6A3S1U1"), ("ProMoE-EC-S", "E6A1S1U1")])
+@pytest.mark.parametrize("labels", [[10, 10, 10, 10], [1, 2, 3, 4], [10, 2, 10, 4]])
+def test_loop_and_torch_layers_agree_on_all_null_all_real_and_mixed_batches(name, experts, labels, rng):
+    layer, _ = make_layer(name, experts=experts)
+    layer.train()
+    x = torch.randn(BATCH, TOKENS, DIM, generator=rng)
+    results = []
+    for backend in ("loop", "torch"):
+        layer.zero_grad()
+        x_ = x.clone().requires_grad_()
+        with promoe.dispatch_backend(backend):
+            out, aux = layer(x_, torch.tensor(labels))
+        (out.square().sum() + sum(aux.values(), torch.zeros(()))).backward()
+        results.append([out.detach(), x_.grad] + [p.grad if p.grad is not None else torch.zeros_like(p)
+                                                  for p in layer.parameters()])
+    for a, b in zip(*results):
+        assert torch.isfinite(b).all()
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5 * max(1.0, b.abs().max().item()))
