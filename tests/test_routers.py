@@ -430,7 +430,8 @@ def test_diffmoe_refuses_an_unconditional_expert():
         promoe.build_model("DiffMoE-S-E4", device="meta", experts="E5A1S0U1")
 
 
-@pytest.mark.parametrize("name, experts", [("ProMoE-S", "E6A2S1U1"), ("ProMoE-S", "E6A3S1U1"), ("ProMoE-EC-S", "E6A1S1U1")])
+@pytest.mark.parametrize("name, experts",
+                         [("ProMoE-S", "E6A2S1U1"), ("ProMoE-S", "E6A3S1U1"), ("ProMoE-EC-S", "E6A1S1U1")])
 @pytest.mark.parametrize("labels", [[10, 10, 10, 10], [1, 2, 3, 4], [10, 2, 10, 4]])
 def test_loop_and_torch_layers_agree_on_all_null_all_real_and_mixed_batches(name, experts, labels, rng):
     layer, _ = make_layer(name, experts=experts)
