@@ -54,6 +54,10 @@ def model_config(name: str, **overrides) -> ModelConfig:
         raise ValueError(f"unknown model {name!r}; models of the paper: {', '.join(PAPER_MODELS)} "
                          "(any family-size pair works, e.g. 'ProMoE-EC-S')")
     fields = dict(SIZES[match["size"]], **FAMILIES[match["family"]])
+    if overrides.get("router", fields["router"]) != fields["router"]:
+        # The family's loss weights belong to its router (RCL needs prototypes): another router starts without.
+        fields.pop("rcl_weight", None)
+        fields.pop("lb_weight", None)
     if match["experts"]:
         if match["family"] in ("DiT", "ProMoE", "ProMoE-EC"):
             raise ValueError(f"model {name!r}: give ProMoE's expert string as experts='E..A..S..U..', not a suffix")
@@ -96,13 +100,13 @@ def build_router(config: ModelConfig) -> nn.Module:
     dim, routed, conditional = config.hidden_size, spec.routed, spec.uncond == 1
     capacity_factor = config.capacity_factor if config.capacity_factor is not None else spec.activated
     losses = dict(rcl_weight=config.rcl_weight, rcl_temperature=config.rcl_temperature)
-    if config.router in ("promoe", "promoe_ec"):
-        scorer = PrototypeScorer(dim, routed, config.router_scale, config.activation)
-    else:
-        scorer = LinearScorer(dim, routed)
     if config.router in ("promoe", "tc"):
+        scorer = PrototypeScorer(dim, routed, config.router_scale, config.activation) if config.router == "promoe" \
+            else LinearScorer(dim, routed)
         return TokenChoiceRouter(scorer, routed, spec.activated, conditional, lb_weight=config.lb_weight, **losses)
     if config.router in ("promoe_ec", "ec"):
+        scorer = PrototypeScorer(dim, routed, config.router_scale, config.activation) if config.router == "promoe_ec" \
+            else LinearScorer(dim, routed)
         return ExpertChoiceRouter(scorer, routed, capacity_factor, conditional, **losses)
     if config.router == "diffmoe":
         if conditional:
@@ -110,14 +114,14 @@ def build_router(config: ModelConfig) -> nn.Module:
                              f"not {config.experts!r}")
         return DiffMoERouter(dim, routed, capacity_factor)
     if config.router == "kmeans":
-        return KMeansRouter(dim, routed, spec.activated, conditional, config.kmeans_decay)
-    if config.router == "classifier":
-        superclass_of_class = load_superclasses(config.superclasses, config.num_classes)
-        if max(superclass_of_class) + 1 != routed:
-            raise ValueError(f"classifier routing: {max(superclass_of_class) + 1} superclasses need as many routed "
-                             f"experts, the expert string {config.experts!r} has {routed}")
-        return ClassifierRouter(dim, superclass_of_class, spec.activated, conditional, config.classifier_loss_weight)
-    raise NotImplementedError(config.router)
+        return KMeansRouter(dim, routed, spec.activated, conditional, config.kmeans_decay,
+                            lb_weight=config.lb_weight, **losses)
+    superclass_of_class = load_superclasses(config.superclasses, config.num_classes)
+    if max(superclass_of_class) + 1 != routed:
+        raise ValueError(f"classifier routing: {max(superclass_of_class) + 1} superclasses need as many routed "
+                         f"experts, the expert string {config.experts!r} has {routed}")
+    return ClassifierRouter(dim, superclass_of_class, spec.activated, conditional, config.classifier_loss_weight,
+                            lb_weight=config.lb_weight, **losses)
 
 
 def load_superclasses(source: list[int] | str, num_classes: int) -> list[int]:

@@ -286,6 +286,8 @@ def test_gates_are_raw_cosines_not_renormalised(monkeypatch, rng):
     (dict(activation="relu"), "unknown router activation"),
     (dict(router="magic"), "unknown router"),
     (dict(dispatch="cuda"), "unknown dispatch backend"),
+    (dict(router="kmeans", lb_weight=0.01), "load-balance loss needs router scores"),
+    (dict(router="tc", rcl_weight=1.0), "routing contrastive loss needs prototypes"),
     (dict(no_such_key=1), "unknown model config key"),
 ])
 def test_bad_config_values_raise_clear_errors(kwargs, message):

@@ -82,6 +82,8 @@ class TokenChoiceRouter(nn.Module):
             raise ValueError(f"top_k={top_k} must lie in 1..{num_routed} (the number of routed experts)")
         if rcl_weight > 0 and not isinstance(scorer, PrototypeScorer):
             raise ValueError("the routing contrastive loss needs prototypes (a PrototypeScorer)")
+        if lb_weight > 0 and scorer is None:
+            raise ValueError("the load-balance loss needs router scores; this router has none")
         self.scorer = scorer
         self.num_routed = num_routed
         self.top_k = top_k
@@ -90,14 +92,14 @@ class TokenChoiceRouter(nn.Module):
         self.rcl_temperature = rcl_temperature
         self.lb_weight = lb_weight
 
-    def choose(self, x_ND: torch.Tensor, num_samples: int):
+    def choose(self, x_ND: torch.Tensor, cond_N: torch.Tensor, num_samples: int):
         """Expert ids [N, K], gates [N, K] and the scores they came from."""
         scores_NE = self.scorer(x_ND)
         gates_NK, expert_ids_NK = scores_NE.topk(self.top_k, dim=-1)
         return expert_ids_NK, gates_NK, scores_NE
 
     def forward(self, x_ND: torch.Tensor, cond_N: torch.Tensor, num_samples: int, labels_B: torch.Tensor):
-        expert_ids_NK, gates_NK, scores = self.choose(x_ND, num_samples)
+        expert_ids_NK, gates_NK, scores = self.choose(x_ND, cond_N, num_samples)
         num_bank = self.num_routed + int(self.conditional)
         if self.conditional:
             expert_ids_NK, gates_NK = null_tokens_to_uncond_expert(expert_ids_NK, gates_NK, cond_N, self.num_routed)
@@ -192,15 +194,16 @@ class ClassifierRouter(TokenChoiceRouter):
     each image picks one expert per superclass for all its tokens (gate 1), trained by cross-entropy against
     the superclass of the image's label."""
 
-    def __init__(self, dim: int, superclass_of_class: list[int], top_k: int, conditional: bool, loss_weight: float):
+    def __init__(self, dim: int, superclass_of_class: list[int], top_k: int, conditional: bool, loss_weight: float,
+                 **losses):
         num_superclasses = max(superclass_of_class) + 1
-        super().__init__(nn.Identity(), num_superclasses, top_k, conditional)
+        super().__init__(None, num_superclasses, top_k, conditional, **losses)
         self.classifier = nn.Linear(dim, num_superclasses)
         self.loss_weight = loss_weight
         # The null class (index num_classes) has no superclass; -100 is cross_entropy's ignore index.
         self.register_buffer("superclass_of_label", torch.tensor([*superclass_of_class, -100]), persistent=False)
 
-    def choose(self, x_ND: torch.Tensor, num_samples: int):
+    def choose(self, x_ND: torch.Tensor, cond_N: torch.Tensor, num_samples: int):
         logits_BE = self.classifier(x_ND.view(num_samples, -1, x_ND.shape[-1]).mean(dim=1)).float()
         expert_ids_BK = logits_BE.topk(self.top_k, dim=-1).indices
         tokens_per_image = x_ND.shape[0] // num_samples
@@ -221,13 +224,13 @@ class KMeansRouter(TokenChoiceRouter):
     that received no token keeps its centroid.
     """
 
-    def __init__(self, dim: int, num_routed: int, top_k: int, conditional: bool, decay: float = 0.0):
-        super().__init__(nn.Identity(), num_routed, top_k, conditional)
+    def __init__(self, dim: int, num_routed: int, top_k: int, conditional: bool, decay: float = 0.0, **losses):
+        super().__init__(None, num_routed, top_k, conditional, **losses)
         self.decay = decay
         self.register_buffer("centroids_ED", torch.zeros(num_routed, dim))
         self.register_buffer("initialized", torch.zeros((), dtype=torch.bool))
 
-    def choose(self, x_ND: torch.Tensor, num_samples: int):
+    def choose(self, x_ND: torch.Tensor, cond_N: torch.Tensor, num_samples: int):
         x32_ND = x_ND.detach().float()
         if self.training:
             sampled = x32_ND[torch.randint(0, x_ND.shape[0], (self.num_routed,), device=x_ND.device)]
@@ -235,15 +238,19 @@ class KMeansRouter(TokenChoiceRouter):
             self.initialized.fill_(True)
         distances_NE = torch.cdist(x32_ND, self.centroids_ED)
         expert_ids_NK = (-distances_NE).topk(self.top_k, dim=-1).indices
+        if self.training:
+            self.update_centroids(x32_ND, expert_ids_NK, self.routed_weight(cond_N))
         return expert_ids_NK, torch.ones(expert_ids_NK.shape, device=x_ND.device), distances_NE
 
-    def aux_losses(self, x_ND, cond_N, expert_ids_NK, distances_NE, labels_B) -> dict[str, torch.Tensor]:
-        # Not a loss: the centroid update, done where the routed tokens and their weights are at hand.
-        with torch.no_grad():
-            centroids, received = token_centroids(x_ND, expert_ids_NK, self.routed_weight(cond_N), self.num_routed)
-            updated = self.decay * self.centroids_ED + (1 - self.decay) * centroids[0]
-            self.centroids_ED.copy_(torch.where(received[0, :, None], updated, self.centroids_ED))
-        return {}
+    def running_stats(self) -> list[torch.Tensor]:
+        """Buffers the training driver averages over ranks once per step."""
+        return [self.centroids_ED]
+
+    @torch.no_grad()
+    def update_centroids(self, x_ND, expert_ids_NK, weight_N) -> None:
+        centroids, received = token_centroids(x_ND, expert_ids_NK, weight_N, self.num_routed)
+        updated = self.decay * self.centroids_ED + (1 - self.decay) * centroids[0]
+        self.centroids_ED.copy_(torch.where(received[0, :, None], updated, self.centroids_ED))
 
 
 class DiffMoERouter(nn.Module):
@@ -271,6 +278,7 @@ class DiffMoERouter(nn.Module):
         self.register_buffer("expert_threshold_E", torch.zeros(num_experts))
 
     def running_stats(self) -> list[torch.Tensor]:
+        """Buffers the training driver averages over ranks once per step."""
         return [self.expert_threshold_E]
 
     def forward(self, x_ND: torch.Tensor, cond_N: torch.Tensor, num_samples: int, labels_B: torch.Tensor):
