@@ -100,13 +100,14 @@ def build_router(config: ModelConfig) -> nn.Module:
     dim, routed, conditional = config.hidden_size, spec.routed, spec.uncond == 1
     capacity_factor = config.capacity_factor if config.capacity_factor is not None else spec.activated
     losses = dict(rcl_weight=config.rcl_weight, rcl_temperature=config.rcl_temperature)
+    # ProMoE scores by cosine to prototypes, the TC-DiT and EC-DiT baselines by a linear softmax gate.
+    if config.router in ("promoe", "promoe_ec"):
+        scorer = PrototypeScorer(dim, routed, config.router_scale, config.activation)
+    elif config.router in ("tc", "ec"):
+        scorer = LinearScorer(dim, routed)
     if config.router in ("promoe", "tc"):
-        scorer = PrototypeScorer(dim, routed, config.router_scale, config.activation) if config.router == "promoe" \
-            else LinearScorer(dim, routed)
         return TokenChoiceRouter(scorer, routed, spec.activated, conditional, lb_weight=config.lb_weight, **losses)
     if config.router in ("promoe_ec", "ec"):
-        scorer = PrototypeScorer(dim, routed, config.router_scale, config.activation) if config.router == "promoe_ec" \
-            else LinearScorer(dim, routed)
         return ExpertChoiceRouter(scorer, routed, capacity_factor, conditional, **losses)
     if config.router == "diffmoe":
         if conditional:
