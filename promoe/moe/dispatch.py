@@ -4,6 +4,10 @@
   baseline; it synchronises with the host once per expert (boolean-mask indexing).
 - `torch`: gather rows in expert order, two `torch.nn.functional.grouped_mm` calls over the plan's
   offsets, gate-weighted scatter back. No host synchronisation, no data-dependent shapes.
+- `triton`: the same expert GEMMs between the Triton permute and gather-form combine kernels of
+  `promoe.kernels.permute` (token-choice plans; an expert-choice plan has no fixed K per token and takes the
+  `torch` path), and the fused routing kernel in ProMoE's token-choice router. On the CPU it needs Triton's
+  interpreter (TRITON_INTERPRET=1), which is for tests, not speed.
 """
 
 import contextlib
@@ -14,7 +18,7 @@ import torch
 from promoe.moe.experts import ExpertBank, gelu_tanh, grouped_mm
 from promoe.moe.plan import RoutingPlan
 
-BACKENDS = ("loop", "torch")
+BACKENDS = ("loop", "torch", "triton")
 _backend_override: list[str] = []
 
 
@@ -46,7 +50,7 @@ def dispatch(x_ND: torch.Tensor, plan: RoutingPlan, experts: ExpertBank, backend
     """y[n] = sum over the slots s of token n of gates[s] * expert[s](x[n])."""
     name = resolve_backend(backend)
     check_backend(name)
-    run = _loop_dispatch if name == "loop" else _torch_dispatch
+    run = {"loop": _loop_dispatch, "torch": _torch_dispatch, "triton": _triton_dispatch}[name]
     return run(x_ND, plan, experts)
 
 
@@ -61,19 +65,33 @@ def _loop_dispatch(x_ND: torch.Tensor, plan: RoutingPlan, experts: ExpertBank) -
 
 
 def _torch_dispatch(x_ND: torch.Tensor, plan: RoutingPlan, experts: ExpertBank) -> torch.Tensor:
-    ends_E = plan.offsets_E1[1:].to(torch.int32)
-    # Dropped slots (past the last offset) borrow the last expert's biases; their rows are zeroed below.
-    expert_S = plan.expert_index_S.clamp(max=experts.num_experts - 1)
     keep = _dropped_slot_masker(plan)
-
-    x_SD = keep(x_ND[plan.token_index_S])
-    h_SH = keep(grouped_mm(x_SD, experts.w_up_EDH, ends_E) + experts.b_up_EH[expert_S])
-    out_SD = keep(grouped_mm(gelu_tanh(h_SH), experts.w_down_EHD, ends_E) + experts.b_down_ED[expert_S])
-    out_SD = out_SD * plan.gates_S[:, None].to(out_SD.dtype)
-
+    out_SD = _run_experts(keep(x_ND[plan.token_index_S]), plan, experts)
+    out_SD = keep(out_SD) * plan.gates_S[:, None].to(out_SD.dtype)
     # Accumulate the K copies of a token in fp32, so bf16 sums do not depend on the slot order.
     y_ND = x_ND.new_zeros(x_ND.shape, dtype=torch.float32)
     return y_ND.index_add(0, plan.token_index_S, out_SD.float()).to(x_ND.dtype)
+
+
+def _triton_dispatch(x_ND: torch.Tensor, plan: RoutingPlan, experts: ExpertBank) -> torch.Tensor:
+    if plan.slot_NK is None:
+        return _torch_dispatch(x_ND, plan, experts)
+    from promoe.kernels.permute import combine, permute
+
+    end = plan.offsets_E1[-1:]  # stays on the device: the kernels read it there
+    x_SD = permute(x_ND, plan.token_index_S, plan.slot_NK, end)  # dropped rows are zeros
+    out_SD = _run_experts(x_SD, plan, experts)
+    return combine(out_SD, plan.gates_S, plan.token_index_S, plan.slot_NK, end)  # never reads dropped rows
+
+
+def _run_experts(x_SD: torch.Tensor, plan: RoutingPlan, experts: ExpertBank) -> torch.Tensor:
+    """Each slot's row through its expert: up, GELU(tanh), down, as two grouped GEMMs over the plan's offsets."""
+    ends_E = plan.offsets_E1[1:].to(torch.int32)
+    # Dropped slots borrow the last expert's biases; the hidden rows of dropped slots are zeroed (forward and
+    # backward) so that grouped_mm's uninitialised rows never reach the bias gradients.
+    expert_S = plan.expert_index_S.clamp(max=experts.num_experts - 1)
+    h_SH = _dropped_slot_masker(plan)(grouped_mm(x_SD, experts.w_up_EDH, ends_E) + experts.b_up_EH[expert_S])
+    return grouped_mm(gelu_tanh(h_SH), experts.w_down_EHD, ends_E) + experts.b_down_ED[expert_S]
 
 
 def _dropped_slot_masker(plan: RoutingPlan):

@@ -3,7 +3,7 @@
 import torch
 import torch.nn as nn
 
-from promoe.moe.dispatch import dispatch
+from promoe.moe.dispatch import dispatch, resolve_backend
 from promoe.moe.experts import FFN, ExpertBank
 
 
@@ -34,8 +34,9 @@ class MoELayer(nn.Module):
         num_samples, tokens_per_image, dim = x_BLD.shape
         x_ND = x_BLD.reshape(-1, dim)
         cond_N = (labels_B != self.null_label).repeat_interleave(tokens_per_image)
-        plan, aux = self.router(x_ND, cond_N, num_samples, labels_B)
-        y_ND = dispatch(x_ND, plan, self.experts, self.backend)
+        backend = resolve_backend(self.backend)
+        plan, aux = self.router(x_ND, cond_N, num_samples, labels_B, use_kernels=backend == "triton")
+        y_ND = dispatch(x_ND, plan, self.experts, backend)
         if self.shared is not None:
             y_ND = y_ND + self.shared(x_ND)
         return y_ND.view_as(x_BLD), aux

@@ -24,6 +24,9 @@ class RoutingPlan:
     offsets_E1: torch.Tensor  # [E+1] long: exclusive prefix sum of the per-expert slot counts
     num_tokens: int
     has_dropped_slots: bool  # static: whether some slots may lie past offsets_E1[-1]
+    # Token choice only: slot_NK[n, k] is the slot of token n's k-th choice (the inverse permutation), which
+    # lets the combine gather each token's K rows instead of scattering with atomics.
+    slot_NK: torch.Tensor | None = None
 
     @property
     def num_experts(self) -> int:
@@ -57,8 +60,11 @@ def token_choice_plan(expert_ids_NK: torch.Tensor, gates_NK: torch.Tensor, num_e
     """Plan for routers where every token picks K experts (ids == num_experts mark dropped slots)."""
     num_tokens, top_k = expert_ids_NK.shape
     slot_token_S = torch.arange(num_tokens * top_k, device=expert_ids_NK.device) // top_k
-    return sort_slots(slot_token_S, expert_ids_NK.reshape(-1), gates_NK.reshape(-1), num_experts,
-                      num_tokens, has_dropped_slots)
+    plan, order_S = _sort(slot_token_S, expert_ids_NK.reshape(-1), gates_NK.reshape(-1), num_experts, num_tokens,
+                          has_dropped_slots)
+    plan.slot_NK = torch.empty_like(order_S).scatter_(0, order_S, torch.arange(order_S.numel(), device=order_S.device))
+    plan.slot_NK = plan.slot_NK.view(num_tokens, top_k)
+    return plan
 
 
 def expert_choice_plan(token_index_EC: torch.Tensor, gates_EC: torch.Tensor, num_tokens: int) -> RoutingPlan:
@@ -79,9 +85,13 @@ def expert_choice_plan(token_index_EC: torch.Tensor, gates_EC: torch.Tensor, num
 def sort_slots(token_index_S: torch.Tensor, expert_index_S: torch.Tensor, gates_S: torch.Tensor,
                num_experts: int, num_tokens: int, has_dropped_slots: bool = True) -> RoutingPlan:
     """Plan from unsorted slots of any origin (ids == num_experts mark dropped slots)."""
+    return _sort(token_index_S, expert_index_S, gates_S, num_experts, num_tokens, has_dropped_slots)[0]
+
+
+def _sort(token_index_S, expert_index_S, gates_S, num_experts, num_tokens, has_dropped_slots):
     # A stable sort keeps the tokens of one expert in slot order, so every backend sees the same rows.
     sorted_ids_S, order_S = torch.sort(expert_index_S, stable=True)
-    return RoutingPlan(
+    plan = RoutingPlan(
         token_index_S=token_index_S[order_S],
         expert_index_S=sorted_ids_S,
         gates_S=gates_S[order_S],
@@ -89,3 +99,4 @@ def sort_slots(token_index_S: torch.Tensor, expert_index_S: torch.Tensor, gates_
         num_tokens=num_tokens,
         has_dropped_slots=has_dropped_slots,
     )
+    return plan, order_S

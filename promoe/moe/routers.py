@@ -5,6 +5,8 @@ Scorers give token-expert affinities; routers decide who goes where:
 - ExpertChoiceRouter: every expert takes its top-C tokens of each image (ProMoE-EC, EC-DiT).
 Step 1 of ProMoE's two-step router, conditional routing, is shared by both: with `conditional=True` the tokens
 of null-label samples go to the unconditional expert (index num_routed in the bank) with gate 1.
+Every router's forward takes `use_kernels`; ProMoE's token-choice router then runs the fused Triton routing
+kernel, the others have none and ignore it.
 """
 
 import torch
@@ -98,15 +100,33 @@ class TokenChoiceRouter(nn.Module):
         gates_NK, expert_ids_NK = scores_NE.topk(self.top_k, dim=-1)
         return expert_ids_NK, gates_NK, scores_NE
 
-    def forward(self, x_ND: torch.Tensor, cond_N: torch.Tensor, num_samples: int, labels_B: torch.Tensor):
-        expert_ids_NK, gates_NK, scores = self.choose(x_ND, cond_N, num_samples)
+    def forward(self, x_ND: torch.Tensor, cond_N: torch.Tensor, num_samples: int, labels_B: torch.Tensor,
+                use_kernels: bool = False):
         num_bank = self.num_routed + int(self.conditional)
-        if self.conditional:
-            expert_ids_NK, gates_NK = null_tokens_to_uncond_expert(expert_ids_NK, gates_NK, cond_N, self.num_routed)
+        if use_kernels and self.has_fused_kernel():
+            expert_ids_NK, gates_NK, scores = self.choose_fused(x_ND, cond_N)
+        else:
+            expert_ids_NK, gates_NK, scores = self.choose(x_ND, cond_N, num_samples)
+            if self.conditional:
+                expert_ids_NK, gates_NK = null_tokens_to_uncond_expert(expert_ids_NK, gates_NK, cond_N,
+                                                                       self.num_routed)
         plan = token_choice_plan(expert_ids_NK, gates_NK.to(x_ND.dtype), num_bank,
                                  has_dropped_slots=self.conditional and self.top_k > 1)
         aux = self.aux_losses(x_ND, cond_N, expert_ids_NK, scores, labels_B) if self.training else {}
         return plan, aux
+
+    def has_fused_kernel(self) -> bool:
+        return isinstance(self.scorer, PrototypeScorer) and self.top_k <= 4 and self.num_routed <= 64
+
+    def choose_fused(self, x_ND: torch.Tensor, cond_N: torch.Tensor):
+        """choose + conditional routing in one Triton kernel; scores are recomputed only for the balance loss."""
+        from promoe.kernels.routing import route_prototypes
+
+        scorer = self.scorer
+        expert_ids_NK, gates_NK, _ = route_prototypes(x_ND, scorer.prototypes, cond_N, self.top_k, scorer.activation,
+                                                      scorer.alpha, self.conditional)
+        scores_NE = scorer(x_ND) if self.training and self.lb_weight > 0 else None
+        return expert_ids_NK, gates_NK, scores_NE
 
     def routed_weight(self, cond_N: torch.Tensor) -> torch.Tensor:
         """1 for the tokens routed among the routed experts, 0 for those sent to the unconditional expert."""
@@ -149,7 +169,8 @@ class ExpertChoiceRouter(nn.Module):
         self.rcl_weight = rcl_weight
         self.rcl_temperature = rcl_temperature
 
-    def forward(self, x_ND: torch.Tensor, cond_N: torch.Tensor, num_samples: int, labels_B: torch.Tensor):
+    def forward(self, x_ND: torch.Tensor, cond_N: torch.Tensor, num_samples: int, labels_B: torch.Tensor,
+                use_kernels: bool = False):
         num_tokens = x_ND.shape[0]
         tokens_per_image = num_tokens // num_samples
         capacity = per_image_capacity(tokens_per_image, self.num_routed, self.capacity_factor)
@@ -281,7 +302,8 @@ class DiffMoERouter(nn.Module):
         """Buffers the training driver averages over ranks once per step."""
         return [self.expert_threshold_E]
 
-    def forward(self, x_ND: torch.Tensor, cond_N: torch.Tensor, num_samples: int, labels_B: torch.Tensor):
+    def forward(self, x_ND: torch.Tensor, cond_N: torch.Tensor, num_samples: int, labels_B: torch.Tensor,
+                use_kernels: bool = False):
         num_tokens = x_ND.shape[0]
         scores_EN = self.scorer(x_ND).t()
         predicted_NE = self.capacity_predictor(x_ND.detach()).float()

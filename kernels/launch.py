@@ -1,0 +1,21 @@
+"""Launch parameters shared by the kernels: block sizes and grids in one place, not at every call site."""
+
+import triton
+
+
+def token_block(num_tokens: int) -> int:
+    """Tokens per program: 16 is the smallest tile `tl.dot` accepts; 64 keeps registers low at E = 64."""
+    return 64 if num_tokens >= 64 else 16
+
+
+def dim_block(dim: int) -> int:
+    """Columns per inner step: a power of two, at most 128, so that D = 1152 runs in 9 steps."""
+    return min(128, max(16, triton.next_power_of_2(dim)))
+
+
+def expert_block(num_experts: int) -> int:
+    return max(16, triton.next_power_of_2(num_experts))
+
+
+def row_grid(num_rows: int, block_rows: int, dim: int, block_dim: int) -> tuple[int, int]:
+    return triton.cdiv(num_rows, block_rows), triton.cdiv(dim, block_dim)

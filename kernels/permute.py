@@ -1,0 +1,155 @@
+"""Token permutation into expert order and the gate-weighted combine back, forward and backward.
+
+Slots are the rows of a RoutingPlan: slot s reads token token_S[s]; the K choices of token n sit at slots
+slot_NK[n]; slots at or past `end` (= offsets[-1]) are dropped. Every kernel reads `end` from device memory, so
+nothing synchronises with the host.
+
+- permute:  x_SD[s] = x_ND[token_S[s]] (0 for a dropped slot).       reads S*D, writes S*D
+- combine:  y_ND[n] = sum_k gate_S[slot_NK[n, k]] * out_SD[slot_NK[n, k]], fp32 accumulation.
+            Gather form: every output row is written once, no atomics, deterministic. reads N*K*D, writes N*D
+- combine backward, one pass per slot: grad_out_SD[s] = gate_S[s] * grad_y[token_S[s]] and
+  grad_gate_S[s] = <grad_y[token_S[s]], out_SD[s]>.                  reads 2*S*D, writes S*D
+The backward of permute is a combine without gates.
+"""
+
+import torch
+import triton
+import triton.language as tl
+
+from promoe.kernels.launch import dim_block, row_grid, token_block
+
+
+@triton.jit
+def _permute_kernel(x_ptr, token_ptr, end_ptr, out_ptr, num_slots, dim, stride_x, stride_out,
+                    BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr):
+    slots = tl.program_id(0) * BLOCK_S + tl.arange(0, BLOCK_S)
+    cols = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
+    in_range = slots < num_slots
+    valid = in_range & (slots < tl.load(end_ptr))
+    tokens = tl.load(token_ptr + slots, mask=valid, other=0)
+    col_ok = cols < dim
+    rows = tl.load(x_ptr + tokens[:, None] * stride_x + cols[None, :], mask=valid[:, None] & col_ok[None, :],
+                   other=0.0)
+    tl.store(out_ptr + slots[:, None] * stride_out + cols[None, :], rows, mask=in_range[:, None] & col_ok[None, :])
+
+
+@triton.jit
+def _combine_kernel(src_ptr, slot_ptr, gate_ptr, end_ptr, out_ptr, num_tokens, dim, stride_src, stride_out,
+                    TOP_K: tl.constexpr, HAS_GATES: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+    tokens = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    cols = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
+    token_ok = tokens < num_tokens
+    col_ok = cols < dim
+    end = tl.load(end_ptr)
+    acc = tl.zeros((BLOCK_N, BLOCK_D), dtype=tl.float32)
+    for k in tl.static_range(TOP_K):
+        slots = tl.load(slot_ptr + tokens * TOP_K + k, mask=token_ok, other=0)
+        valid = token_ok & (slots < end)
+        rows = tl.load(src_ptr + slots[:, None] * stride_src + cols[None, :], mask=valid[:, None] & col_ok[None, :],
+                       other=0.0).to(tl.float32)
+        if HAS_GATES:
+            rows = rows * tl.load(gate_ptr + slots, mask=valid, other=0.0).to(tl.float32)[:, None]
+        acc += rows
+    tl.store(out_ptr + tokens[:, None] * stride_out + cols[None, :], acc.to(out_ptr.dtype.element_ty),
+             mask=token_ok[:, None] & col_ok[None, :])
+
+
+@triton.jit
+def _combine_backward_kernel(grad_y_ptr, out_ptr, token_ptr, gate_ptr, end_ptr, grad_out_ptr, grad_gate_ptr,
+                             num_slots, dim, stride_gy, stride_out, stride_gout,
+                             BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr):
+    slots = tl.program_id(0) * BLOCK_S + tl.arange(0, BLOCK_S)
+    in_range = slots < num_slots
+    valid = in_range & (slots < tl.load(end_ptr))
+    tokens = tl.load(token_ptr + slots, mask=valid, other=0)
+    gates = tl.load(gate_ptr + slots, mask=valid, other=0.0).to(tl.float32)
+    dots = tl.zeros((BLOCK_S,), dtype=tl.float32)
+    for d0 in range(0, dim, BLOCK_D):
+        cols = d0 + tl.arange(0, BLOCK_D)
+        load_mask = valid[:, None] & (cols < dim)[None, :]
+        grad_y = tl.load(grad_y_ptr + tokens[:, None] * stride_gy + cols[None, :], mask=load_mask,
+                         other=0.0).to(tl.float32)
+        out = tl.load(out_ptr + slots[:, None] * stride_out + cols[None, :], mask=load_mask, other=0.0).to(tl.float32)
+        dots += tl.sum(grad_y * out, axis=1)
+        tl.store(grad_out_ptr + slots[:, None] * stride_gout + cols[None, :],
+                 (grad_y * gates[:, None]).to(grad_out_ptr.dtype.element_ty),
+                 mask=in_range[:, None] & (cols < dim)[None, :])
+    tl.store(grad_gate_ptr + slots, dots, mask=in_range)
+
+
+def permute_reference(x_ND, token_S, slot_NK, end):
+    valid_S = torch.arange(token_S.numel(), device=x_ND.device) < end
+    return torch.where(valid_S[:, None], x_ND[token_S], 0)
+
+
+def combine_reference(out_SD, gates_S, token_S, slot_NK, end):
+    valid_NK = slot_NK < end
+    slots = slot_NK.clamp(max=max(out_SD.shape[0] - 1, 0))
+    rows = out_SD[slots].float() * torch.where(valid_NK, gates_S[slots].float(), 0)[..., None]
+    return rows.sum(1).to(out_SD.dtype)
+
+
+def _combine(src_SD, slot_NK, gates_S, end, num_tokens):
+    dim = src_SD.shape[1]
+    out = torch.empty(num_tokens, dim, dtype=src_SD.dtype, device=src_SD.device)
+    block_n, block_d = token_block(num_tokens), dim_block(dim)
+    if num_tokens:
+        _combine_kernel[row_grid(num_tokens, block_n, dim, block_d)](
+            src_SD, slot_NK, src_SD if gates_S is None else gates_S, end, out, num_tokens, dim, src_SD.stride(0),
+            out.stride(0), TOP_K=slot_NK.shape[1], HAS_GATES=gates_S is not None, BLOCK_N=block_n, BLOCK_D=block_d)
+    return out
+
+
+def _permute(x_ND, token_S, end):
+    num_slots, dim = token_S.numel(), x_ND.shape[1]
+    out = torch.empty(num_slots, dim, dtype=x_ND.dtype, device=x_ND.device)
+    block_s, block_d = token_block(num_slots), dim_block(dim)
+    if num_slots:
+        _permute_kernel[row_grid(num_slots, block_s, dim, block_d)](
+            x_ND, token_S, end, out, num_slots, dim, x_ND.stride(0), out.stride(0), BLOCK_S=block_s, BLOCK_D=block_d)
+    return out
+
+
+class _Permute(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x_ND, token_S, slot_NK, end):
+        ctx.save_for_backward(slot_NK, end)
+        ctx.num_tokens = x_ND.shape[0]
+        return _permute(x_ND.contiguous(), token_S, end)
+
+    @staticmethod
+    def backward(ctx, grad_SD):
+        slot_NK, end = ctx.saved_tensors
+        return _combine(grad_SD.contiguous(), slot_NK, None, end, ctx.num_tokens), None, None, None
+
+
+class _Combine(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, out_SD, gates_S, token_S, slot_NK, end):
+        out_SD = out_SD.contiguous()
+        ctx.save_for_backward(out_SD, gates_S, token_S, end)
+        return _combine(out_SD, slot_NK, gates_S.contiguous(), end, slot_NK.shape[0])
+
+    @staticmethod
+    def backward(ctx, grad_y_ND):
+        out_SD, gates_S, token_S, end = ctx.saved_tensors
+        grad_y_ND = grad_y_ND.contiguous()
+        num_slots, dim = out_SD.shape
+        grad_out = torch.empty_like(out_SD)
+        grad_gates = torch.empty(num_slots, dtype=torch.float32, device=out_SD.device)
+        block_s, block_d = token_block(num_slots), dim_block(dim)
+        if num_slots:
+            _combine_backward_kernel[(triton.cdiv(num_slots, block_s),)](
+                grad_y_ND, out_SD, token_S, gates_S, end, grad_out, grad_gates, num_slots, dim, grad_y_ND.stride(0),
+                out_SD.stride(0), grad_out.stride(0), BLOCK_S=block_s, BLOCK_D=block_d)
+        return grad_out, grad_gates.to(gates_S.dtype), None, None, None
+
+
+def permute(x_ND, token_S, slot_NK, end):
+    """Rows of x in slot order [S, D]; rows of dropped slots are zeros. `end` is a 1-element device tensor."""
+    return _Permute.apply(x_ND, token_S, slot_NK, end)
+
+
+def combine(out_SD, gates_S, token_S, slot_NK, end):
+    """y [N, D] = sum over each token's K slots of gate * out (dropped slots contribute nothing)."""
+    return _Combine.apply(out_SD, gates_S, token_S, slot_NK, end)

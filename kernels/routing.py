@@ -1,0 +1,145 @@
+"""Fused prototypical routing: cosine similarity to prototypes, activation, top-K, conditional routing, counts.
+
+One pass over the tokens. Each program reads a block of BLOCK_N token rows (N*D elements in all) and the
+prototypes (E*D, re-read by every program: E*D is tiny next to N*D), and writes expert ids and gates [N, K] and a
+per-block expert histogram [num_blocks, E_bank + 1] (no atomics: the counts are the column sums).
+
+Backward recomputes the similarities in PyTorch (one N x E x D product, as cheap as the forward) and
+differentiates the gather of the chosen gates: gradients reach the tokens and the prototypes, for every
+activation.
+"""
+
+import torch
+import torch.nn.functional as F
+import triton
+import triton.language as tl
+
+from promoe.kernels.launch import dim_block, expert_block, token_block
+
+ACTIVATION_CODES = {"identity": 0, "sigmoid": 1, "softmax": 2}
+
+
+@triton.jit
+def _route_kernel(x_ptr, protos_ptr, cond_ptr, ids_ptr, gates_ptr, hist_ptr,
+                  num_tokens, dim, stride_x, stride_p, alpha,
+                  NUM_EXPERTS: tl.constexpr, E_PAD: tl.constexpr, TOP_K: tl.constexpr, ACTIVATION: tl.constexpr,
+                  CONDITIONAL: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+    block = tl.program_id(0)
+    rows = block * BLOCK_N + tl.arange(0, BLOCK_N)
+    row_ok = rows < num_tokens
+    experts = tl.arange(0, E_PAD)
+    expert_ok = experts < NUM_EXPERTS
+
+    dots = tl.zeros((BLOCK_N, E_PAD), dtype=tl.float32)
+    x_sq = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    p_sq = tl.zeros((E_PAD,), dtype=tl.float32)
+    for d0 in range(0, dim, BLOCK_D):
+        cols = d0 + tl.arange(0, BLOCK_D)
+        col_ok = cols < dim
+        # Upcast after loading: fp32 accumulation (and the interpreter computes bf16 arithmetic wrongly).
+        x = tl.load(x_ptr + rows[:, None] * stride_x + cols[None, :], mask=row_ok[:, None] & col_ok[None, :],
+                    other=0.0).to(tl.float32)
+        p = tl.load(protos_ptr + experts[:, None] * stride_p + cols[None, :],
+                    mask=expert_ok[:, None] & col_ok[None, :], other=0.0).to(tl.float32)
+        dots += tl.dot(x, tl.trans(p), input_precision="ieee")  # not TF32: the gates are the raw cosines
+        x_sq += tl.sum(x * x, axis=1)
+        p_sq += tl.sum(p * p, axis=1)
+    x_norm = tl.maximum(tl.sqrt(x_sq), 1e-12)  # as F.normalize
+    p_norm = tl.maximum(tl.sqrt(p_sq), 1e-12)
+    z = alpha * dots / (x_norm[:, None] * p_norm[None, :])
+    if ACTIVATION == 1:
+        z = tl.sigmoid(z)
+    elif ACTIVATION == 2:
+        z = tl.where(expert_ok[None, :], z, float("-inf"))
+        z = tl.exp(z - tl.max(z, axis=1)[:, None])
+        z = z / tl.sum(z, axis=1)[:, None]
+    scores = tl.where(expert_ok[None, :], z, float("-inf"))
+
+    if CONDITIONAL:
+        cond = tl.load(cond_ptr + rows, mask=row_ok, other=1) != 0
+    hist = tl.zeros((E_PAD,), dtype=tl.int32)
+    for k in tl.static_range(TOP_K):
+        best = tl.max(scores, axis=1)
+        # Among ties the lowest expert index, as a stable descending sort would order them.
+        choice = tl.min(tl.where(scores == best[:, None], experts[None, :], E_PAD), axis=1)
+        scores = tl.where(experts[None, :] == choice[:, None], float("-inf"), scores)
+        gate = best
+        if CONDITIONAL:
+            # Null-label token: first slot to the unconditional expert (index NUM_EXPERTS) with gate 1,
+            # the others dropped (index NUM_EXPERTS + 1).
+            choice = tl.where(cond, choice, NUM_EXPERTS + (0 if k == 0 else 1))
+            gate = tl.where(cond, gate, 1.0 if k == 0 else 0.0)
+        tl.store(ids_ptr + rows * TOP_K + k, choice, mask=row_ok)
+        tl.store(gates_ptr + rows * TOP_K + k, gate, mask=row_ok)
+        hit = (experts[None, :] == choice[:, None]) & row_ok[:, None]
+        hist += tl.sum(hit.to(tl.int32), axis=0)
+    tl.store(hist_ptr + block * E_PAD + experts, hist)
+
+
+def route_prototypes_reference(x_ND, prototypes_ED, cond_N, top_k, activation="identity", alpha=1.0,
+                               conditional=True):
+    """PyTorch reference of the same signature: (expert ids [N, K], gates [N, K], counts [E + U])."""
+    cos_NE = F.normalize(x_ND.float(), dim=-1) @ F.normalize(prototypes_ED.float(), dim=-1).t()
+    scores_NE = {"identity": lambda z: z, "sigmoid": torch.sigmoid, "softmax": lambda z: z.softmax(-1)}[activation](
+        alpha * cos_NE)
+    # Ties: lowest index first (torch.topk leaves their order unspecified).
+    gates_NK, ids_NK = scores_NE.sort(dim=-1, descending=True, stable=True)
+    gates_NK, ids_NK = gates_NK[:, :top_k], ids_NK[:, :top_k]
+    num_experts = prototypes_ED.shape[0]
+    if conditional:
+        first_K = torch.arange(top_k, device=x_ND.device) == 0
+        ids_NK = torch.where(cond_N[:, None], ids_NK, torch.where(first_K, num_experts, num_experts + 1))
+        gates_NK = torch.where(cond_N[:, None], gates_NK, first_K.float())
+    counts = torch.zeros(num_experts + 2, dtype=torch.long, device=x_ND.device)
+    counts.scatter_add_(0, ids_NK.reshape(-1), torch.ones_like(ids_NK.reshape(-1)))
+    return ids_NK, gates_NK, counts[: num_experts + int(conditional)]
+
+
+class _RoutePrototypes(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x_ND, prototypes_ED, cond_N, top_k, activation, alpha, conditional):
+        num_tokens, dim = x_ND.shape
+        num_experts = prototypes_ED.shape[0]
+        e_pad = expert_block(num_experts + 2)  # room for the unconditional and dropped ids in the histogram
+        block_n, block_d = token_block(num_tokens), dim_block(dim)
+        num_blocks = triton.cdiv(num_tokens, block_n)
+        x = x_ND.contiguous()
+        protos = prototypes_ED.contiguous()
+        ids = torch.empty(num_tokens, top_k, dtype=torch.int64, device=x.device)
+        gates = torch.empty(num_tokens, top_k, dtype=torch.float32, device=x.device)
+        hist = torch.empty(num_blocks, e_pad, dtype=torch.int32, device=x.device)
+        if num_blocks:
+            _route_kernel[(num_blocks,)](
+                x, protos, cond_N.to(torch.int8).contiguous(), ids, gates, hist, num_tokens, dim, x.stride(0),
+                protos.stride(0), float(alpha), NUM_EXPERTS=num_experts, E_PAD=e_pad, TOP_K=top_k,
+                ACTIVATION=ACTIVATION_CODES[activation], CONDITIONAL=conditional, BLOCK_N=block_n, BLOCK_D=block_d)
+        counts = hist.sum(0, dtype=torch.int64)[: num_experts + int(conditional)]
+        ctx.save_for_backward(x_ND, prototypes_ED, ids, cond_N)
+        ctx.settings = (activation, alpha, conditional, num_experts)
+        ctx.mark_non_differentiable(ids, counts)
+        return ids, gates, counts
+
+    @staticmethod
+    def backward(ctx, grad_ids, grad_gates_NK, grad_counts):
+        x_ND, prototypes_ED, ids_NK, cond_N = ctx.saved_tensors
+        activation, alpha, conditional, num_experts = ctx.settings
+        with torch.enable_grad():
+            x = x_ND.detach().requires_grad_()
+            protos = prototypes_ED.detach().requires_grad_()
+            cos_NE = F.normalize(x.float(), dim=-1) @ F.normalize(protos.float(), dim=-1).t()
+            scores_NE = {"identity": lambda z: z, "sigmoid": torch.sigmoid,
+                         "softmax": lambda z: z.softmax(-1)}[activation](alpha * cos_NE)
+            routed_NK = ids_NK < num_experts  # unconditional and dropped slots have constant gates
+            chosen_NK = scores_NE.gather(1, ids_NK.clamp(max=num_experts - 1))
+            grad = torch.where(routed_NK, grad_gates_NK.float(), 0.0)
+            grad_x, grad_protos = torch.autograd.grad(chosen_NK, (x, protos), grad)
+        return grad_x, grad_protos, None, None, None, None, None
+
+
+def route_prototypes(x_ND, prototypes_ED, cond_N, top_k, activation="identity", alpha=1.0, conditional=True):
+    """Fused kernel with the reference's signature: (expert ids [N, K], gates [N, K] fp32, counts [E + U])."""
+    if not 1 <= top_k <= 4:
+        raise ValueError(f"the fused routing kernel supports top_k in 1..4, got {top_k}")
+    if prototypes_ED.shape[0] > 64:
+        raise ValueError(f"the fused routing kernel supports up to 64 experts, got {prototypes_ED.shape[0]}")
+    return _RoutePrototypes.apply(x_ND, prototypes_ED, cond_N, top_k, activation, alpha, conditional)
