@@ -1,5 +1,6 @@
 """Launch parameters shared by the kernels: block sizes and grids in one place, not at every call site."""
 
+import torch
 import triton
 
 
@@ -19,3 +20,9 @@ def expert_block(num_experts: int) -> int:
 
 def row_grid(num_rows: int, block_rows: int, dim: int, block_dim: int) -> tuple[int, int]:
     return triton.cdiv(num_rows, block_rows), triton.cdiv(dim, block_dim)
+
+
+def empty_output(shape, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """Every kernel output is allocated here, uninitialised: the kernels must write every element (the tests
+    poison this allocation to check that they do)."""
+    return torch.empty(shape, dtype=dtype, device=device)

@@ -16,7 +16,7 @@ import torch
 import triton
 import triton.language as tl
 
-from promoe.kernels.launch import dim_block, row_grid, token_block
+from promoe.kernels.launch import dim_block, empty_output, row_grid, token_block
 
 
 @triton.jit
@@ -83,15 +83,17 @@ def permute_reference(x_ND, token_S, slot_NK, end):
 
 
 def combine_reference(out_SD, gates_S, token_S, slot_NK, end):
+    """Accumulates in float32 at least (float64 inputs stay float64)."""
+    dtype = torch.promote_types(out_SD.dtype, torch.float32)
     valid_NK = slot_NK < end
     slots = slot_NK.clamp(max=max(out_SD.shape[0] - 1, 0))
-    rows = out_SD[slots].float() * torch.where(valid_NK, gates_S[slots].float(), 0)[..., None]
+    rows = out_SD[slots].to(dtype) * torch.where(valid_NK, gates_S[slots].to(dtype), 0)[..., None]
     return rows.sum(1).to(out_SD.dtype)
 
 
 def _combine(src_SD, slot_NK, gates_S, end, num_tokens):
     dim = src_SD.shape[1]
-    out = torch.empty(num_tokens, dim, dtype=src_SD.dtype, device=src_SD.device)
+    out = empty_output((num_tokens, dim), src_SD.dtype, src_SD.device)
     block_n, block_d = token_block(num_tokens), dim_block(dim)
     if num_tokens:
         _combine_kernel[row_grid(num_tokens, block_n, dim, block_d)](
@@ -102,7 +104,7 @@ def _combine(src_SD, slot_NK, gates_S, end, num_tokens):
 
 def _permute(x_ND, token_S, end):
     num_slots, dim = token_S.numel(), x_ND.shape[1]
-    out = torch.empty(num_slots, dim, dtype=x_ND.dtype, device=x_ND.device)
+    out = empty_output((num_slots, dim), x_ND.dtype, x_ND.device)
     block_s, block_d = token_block(num_slots), dim_block(dim)
     if num_slots:
         _permute_kernel[row_grid(num_slots, block_s, dim, block_d)](
@@ -135,8 +137,8 @@ class _Combine(torch.autograd.Function):
         out_SD, gates_S, token_S, end = ctx.saved_tensors
         grad_y_ND = grad_y_ND.contiguous()
         num_slots, dim = out_SD.shape
-        grad_out = torch.empty_like(out_SD)
-        grad_gates = torch.empty(num_slots, dtype=torch.float32, device=out_SD.device)
+        grad_out = empty_output(out_SD.shape, out_SD.dtype, out_SD.device)
+        grad_gates = empty_output((num_slots,), torch.float32, out_SD.device)
         block_s, block_d = token_block(num_slots), dim_block(dim)
         if num_slots:
             _combine_backward_kernel[(triton.cdiv(num_slots, block_s),)](

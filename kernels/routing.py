@@ -14,7 +14,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from promoe.kernels.launch import dim_block, expert_block, token_block
+from promoe.kernels.launch import dim_block, empty_output, expert_block, token_block
 
 ACTIVATION_CODES = {"identity": 0, "sigmoid": 1, "softmax": 2}
 
@@ -78,8 +78,12 @@ def _route_kernel(x_ptr, protos_ptr, cond_ptr, ids_ptr, gates_ptr, hist_ptr,
 
 def route_prototypes_reference(x_ND, prototypes_ED, cond_N, top_k, activation="identity", alpha=1.0,
                                conditional=True):
-    """PyTorch reference of the same signature: (expert ids [N, K], gates [N, K], counts [E + U])."""
-    cos_NE = F.normalize(x_ND.float(), dim=-1) @ F.normalize(prototypes_ED.float(), dim=-1).t()
+    """PyTorch reference of the same signature: (expert ids [N, K], gates [N, K], counts [E + U]).
+
+    Computes in float32 at least (float64 inputs stay float64).
+    """
+    dtype = torch.promote_types(x_ND.dtype, torch.float32)
+    cos_NE = F.normalize(x_ND.to(dtype), dim=-1) @ F.normalize(prototypes_ED.to(dtype), dim=-1).t()
     scores_NE = {"identity": lambda z: z, "sigmoid": torch.sigmoid, "softmax": lambda z: z.softmax(-1)}[activation](
         alpha * cos_NE)
     # Ties: lowest index first (torch.topk leaves their order unspecified).
@@ -89,7 +93,7 @@ def route_prototypes_reference(x_ND, prototypes_ED, cond_N, top_k, activation="i
     if conditional:
         first_K = torch.arange(top_k, device=x_ND.device) == 0
         ids_NK = torch.where(cond_N[:, None], ids_NK, torch.where(first_K, num_experts, num_experts + 1))
-        gates_NK = torch.where(cond_N[:, None], gates_NK, first_K.float())
+        gates_NK = torch.where(cond_N[:, None], gates_NK, first_K.to(dtype))
     counts = torch.zeros(num_experts + 2, dtype=torch.long, device=x_ND.device)
     counts.scatter_add_(0, ids_NK.reshape(-1), torch.ones_like(ids_NK.reshape(-1)))
     return ids_NK, gates_NK, counts[: num_experts + int(conditional)]
@@ -105,9 +109,9 @@ class _RoutePrototypes(torch.autograd.Function):
         num_blocks = triton.cdiv(num_tokens, block_n)
         x = x_ND.contiguous()
         protos = prototypes_ED.contiguous()
-        ids = torch.empty(num_tokens, top_k, dtype=torch.int64, device=x.device)
-        gates = torch.empty(num_tokens, top_k, dtype=torch.float32, device=x.device)
-        hist = torch.empty(num_blocks, e_pad, dtype=torch.int32, device=x.device)
+        ids = empty_output((num_tokens, top_k), torch.int64, x.device)
+        gates = empty_output((num_tokens, top_k), torch.float32, x.device)
+        hist = empty_output((num_blocks, e_pad), torch.int32, x.device)
         if num_blocks:
             _route_kernel[(num_blocks,)](
                 x, protos, cond_N.to(torch.int8).contiguous(), ids, gates, hist, num_tokens, dim, x.stride(0),

@@ -1,4 +1,5 @@
-"""The `loop` (paper's Algorithm 1) and `torch` (grouped_mm) backends compute the same outputs and gradients."""
+"""The `loop` (paper's Algorithm 1), `torch` (grouped_mm) and `triton` (kernels, interpreted on the CPU) backends
+compute the same outputs and gradients."""
 
 import pytest
 import torch
@@ -53,7 +54,7 @@ ROUTINGS = {
 @pytest.mark.parametrize("routing", ROUTINGS)
 @pytest.mark.parametrize("top_k", [1, 2, 3])
 @pytest.mark.parametrize("num_tokens", [1, 29])
-def test_loop_and_torch_backends_match_reference_and_each_other(routing, top_k, num_tokens, rng):
+def test_all_backends_match_reference_and_each_other(routing, top_k, num_tokens, rng):
     num_experts = 5
     bank = make_bank(num_experts, rng)
     x = torch.randn(num_tokens, DIM, generator=rng)
@@ -62,12 +63,13 @@ def test_loop_and_torch_backends_match_reference_and_each_other(routing, top_k, 
     has_dropped = routing == "with_dropped_slots"
     expected = reference_float64(x, ids, gates, bank)
     loop = run_backend("loop", x, ids, gates, bank, has_dropped)
-    torch_ = run_backend("torch", x, ids, gates, bank, has_dropped)
     torch.testing.assert_close(loop[0].double(), expected, rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(torch_[0].double(), expected, rtol=1e-5, atol=1e-5)
-    for a, b in zip(loop[1:3] + tuple(loop[3]), torch_[1:3] + tuple(torch_[3])):
-        assert torch.isfinite(b).all()
-        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    for backend in ("torch", "triton"):
+        other = run_backend(backend, x, ids, gates, bank, has_dropped)
+        torch.testing.assert_close(other[0].double(), expected, rtol=1e-5, atol=1e-5)
+        for a, b in zip(loop[1:3] + tuple(loop[3]), other[1:3] + tuple(other[3])):
+            assert torch.isfinite(b).all()
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
 
 
 def test_backends_agree_in_bfloat16(rng):
@@ -76,7 +78,7 @@ def test_backends_agree_in_bfloat16(rng):
     ids = torch.randint(0, 4, (40, 2), generator=rng)
     gates = torch.rand(40, 2, generator=rng).bfloat16()
     expected = reference_float64(x, ids, gates, bank)
-    for backend in ("loop", "torch"):
+    for backend in ("loop", "torch", "triton"):
         y = run_backend(backend, x, ids, gates, bank, False)[0]
         # bf16 keeps 8 bits of mantissa; two bf16 GEMMs with fp32 accumulation stay within a few ulps.
         torch.testing.assert_close(y.double(), expected, rtol=2e-2, atol=2e-2)

@@ -109,7 +109,7 @@ def promoe_tc_reference(reference, x_BLD, cond_B, top_k, activation, training, r
     return out.view_as(x_BLD), aux
 
 
-@pytest.mark.parametrize("backend", ["loop", "torch"])
+@pytest.mark.parametrize("backend", ["loop", "torch", "triton"])
 @pytest.mark.parametrize("top_k", [1, 2, 3])
 @pytest.mark.parametrize("activation", ["identity", "sigmoid", "softmax"])
 @pytest.mark.parametrize("training", [True, False])
@@ -186,7 +186,7 @@ def tc_dit_reference(reference, x_BLD, top_k, lb_weight):
     return torch.stack(rows).view_as(x_BLD), aux
 
 
-@pytest.mark.parametrize("backend", ["loop", "torch"])
+@pytest.mark.parametrize("backend", ["loop", "torch", "triton"])
 @pytest.mark.parametrize("top_k", [1, 2])
 def test_tc_dit_layer_with_load_balance_loss_matches_reference(backend, top_k, rng):
     layer, _ = make_layer("TC-DiT-S", experts=f"E4A{top_k}S0U0")
@@ -435,12 +435,12 @@ def test_diffmoe_refuses_an_unconditional_expert():
 @pytest.mark.parametrize("name, experts",
                          [("ProMoE-S", "E6A2S1U1"), ("ProMoE-S", "E6A3S1U1"), ("ProMoE-EC-S", "E6A1S1U1")])
 @pytest.mark.parametrize("labels", [[10, 10, 10, 10], [1, 2, 3, 4], [10, 2, 10, 4]])
-def test_loop_and_torch_layers_agree_on_all_null_all_real_and_mixed_batches(name, experts, labels, rng):
+def test_all_backends_agree_on_all_null_all_real_and_mixed_batches(name, experts, labels, rng):
     layer, _ = make_layer(name, experts=experts)
     layer.train()
     x = torch.randn(BATCH, TOKENS, DIM, generator=rng)
     results = []
-    for backend in ("loop", "torch"):
+    for backend in ("loop", "torch", "triton"):
         layer.zero_grad()
         x_ = x.clone().requires_grad_()
         with promoe.dispatch_backend(backend):
@@ -448,6 +448,7 @@ def test_loop_and_torch_layers_agree_on_all_null_all_real_and_mixed_batches(name
         (out.square().sum() + sum(aux.values(), torch.zeros(()))).backward()
         results.append([out.detach(), x_.grad] + [p.grad if p.grad is not None else torch.zeros_like(p)
                                                   for p in layer.parameters()])
-    for a, b in zip(*results):
-        assert torch.isfinite(b).all()
-        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5 * max(1.0, b.abs().max().item()))
+    for other in results[1:]:
+        for a, b in zip(results[0], other):
+            assert torch.isfinite(b).all()
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5 * max(1.0, b.abs().max().item()))

@@ -31,8 +31,7 @@ def token_centroids(x_ND: torch.Tensor, expert_ids_NK: torch.Tensor, weight_N: t
 
     Returns centroids [1, E, D] and the mask of experts that received at least one token [1, E].
     """
-    onehot_NE = F.one_hot(expert_ids_NK.clamp(max=num_experts), num_experts + 1).amax(dim=1)[:, :num_experts]
-    assign_NE = onehot_NE.to(torch.float32) * weight_N[:, None]
+    assign_NE = choice_counts(expert_ids_NK, num_experts).clamp(max=1) * weight_N[:, None]
     counts_E = assign_NE.sum(0)
     centroids_ED = (assign_NE.t() @ x_ND.float()) / counts_E.clamp(min=1)[:, None]
     return centroids_ED[None], (counts_E > 0)[None]
@@ -46,8 +45,18 @@ def load_balance_loss(probs_NE: torch.Tensor, expert_ids_NK: torch.Tensor, weigh
     """
     num_experts = probs_NE.shape[-1]
     top_k = expert_ids_NK.shape[-1]
-    choices_NE = F.one_hot(expert_ids_NK.clamp(max=num_experts), num_experts + 1).sum(1)[:, :num_experts]
+    choices_NE = choice_counts(expert_ids_NK, num_experts)
     num_weighted = weight_N.sum().clamp(min=1)
-    fraction_E = (choices_NE.float() * weight_N[:, None]).sum(0) / (num_weighted * top_k)
+    fraction_E = (choices_NE * weight_N[:, None]).sum(0) / (num_weighted * top_k)
     mean_prob_E = (probs_NE.float() * weight_N[:, None]).sum(0) / num_weighted
     return num_experts * (fraction_E * mean_prob_E).sum()
+
+
+def choice_counts(expert_ids_NK: torch.Tensor, num_experts: int) -> torch.Tensor:
+    """[N, E] float: how many of token n's K choices went to expert e; ids >= num_experts count for none.
+
+    A scatter, not F.one_hot: one_hot validates its input with a host sync on the CPU.
+    """
+    counts = torch.zeros(expert_ids_NK.shape[0], num_experts + 1, device=expert_ids_NK.device)
+    counts.scatter_add_(1, expert_ids_NK.clamp(max=num_experts), torch.ones(expert_ids_NK.shape, device=counts.device))
+    return counts[:, :num_experts]

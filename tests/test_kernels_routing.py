@@ -1,0 +1,82 @@
+"""The fused routing kernel against its PyTorch reference, under Triton's interpreter on the CPU."""
+
+import pytest
+import torch
+
+from promoe.kernels.routing import route_prototypes, route_prototypes_reference
+
+SHAPES = [  # (tokens, dim, experts): N = 0 and 1, N not a multiple of the 16/64-token blocks, D not a power of 2
+    (0, 32, 4), (1, 16, 4), (63, 40, 12), (65, 1152, 12), (130, 96, 64),
+]
+
+
+@pytest.mark.parametrize("num_tokens, dim, num_experts", SHAPES)
+@pytest.mark.parametrize("top_k", [1, 2, 3, 4])
+@pytest.mark.parametrize("activation", ["identity", "sigmoid", "softmax"])
+@pytest.mark.parametrize("conditional", [True, False])
+def test_routing_kernel_matches_reference_in_float32(num_tokens, dim, num_experts, top_k, activation, conditional,
+                                                     rng, poisoned_outputs):
+    if top_k > num_experts:
+        pytest.skip("top_k larger than the number of experts")
+    x = torch.randn(num_tokens, dim, generator=rng)
+    protos = torch.randn(num_experts, dim, generator=rng) * 0.02
+    cond = torch.rand(num_tokens, generator=rng) > 0.25
+    ids, gates, counts = route_prototypes(x, protos, cond, top_k, activation, alpha=1.5, conditional=conditional)
+    ref_ids, ref_gates, ref_counts = route_prototypes_reference(x.double(), protos.double(), cond, top_k, activation,
+                                                                alpha=1.5, conditional=conditional)
+    assert torch.equal(ids, ref_ids)
+    torch.testing.assert_close(gates.double(), ref_gates.double(), rtol=1e-5, atol=1e-6)  # fp32 vs float64
+    assert torch.equal(counts, ref_counts) and counts.sum() == num_tokens * top_k - (
+        int((~cond).sum()) * (top_k - 1) if conditional else 0)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_routing_kernel_on_half_precision_inputs_matches_reference_on_the_same_upcast_values(dtype, rng,
+                                                                                              poisoned_outputs):
+    x = torch.randn(77, 1152, generator=rng).to(dtype)
+    protos = (torch.randn(12, 1152, generator=rng) * 0.02).to(dtype)
+    cond = torch.rand(77, generator=rng) > 0.2
+    ids, gates, counts = route_prototypes(x, protos, cond, 2)
+    ref_ids, ref_gates, ref_counts = route_prototypes_reference(x.double(), protos.double(), cond, 2)
+    assert torch.equal(ids, ref_ids) and torch.equal(counts, ref_counts)
+    torch.testing.assert_close(gates.double(), ref_gates, rtol=1e-5, atol=1e-6)
+
+
+def test_ties_go_to_the_lowest_expert_index(poisoned_outputs):
+    protos = torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 0.0], [0.0, 1.0]]).repeat(1, 8)  # experts 0 == 2, 1 == 3
+    x = torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 1.0]]).repeat(1, 8)
+    ids, gates, _ = route_prototypes(x, protos, torch.ones(3, dtype=torch.bool), 4, conditional=False)
+    assert ids.tolist() == [[0, 2, 1, 3], [1, 3, 0, 2], [0, 1, 2, 3]]
+    assert torch.equal(ids, route_prototypes_reference(x, protos, torch.ones(3, dtype=torch.bool), 4,
+                                                       conditional=False)[0])
+
+
+def test_one_expert_taking_all_tokens_and_empty_experts(rng, poisoned_outputs):
+    protos = torch.randn(6, 64, generator=rng) * 0.02
+    x = protos[4].repeat(50, 1) + 1e-4 * torch.randn(50, 64, generator=rng)
+    _, _, counts = route_prototypes(x, protos, torch.ones(50, dtype=torch.bool), 1)
+    assert counts.tolist() == [0, 0, 0, 0, 50, 0, 0]
+
+
+@pytest.mark.parametrize("activation", ["identity", "sigmoid", "softmax"])
+@pytest.mark.parametrize("top_k", [1, 3])
+def test_routing_kernel_gradients_reach_tokens_and_prototypes_like_the_reference(activation, top_k, rng):
+    x = torch.randn(45, 40, generator=rng, requires_grad=True)
+    protos = (torch.randn(5, 40, generator=rng) * 0.02).requires_grad_()
+    cond = torch.rand(45, generator=rng) > 0.3
+    upstream = torch.randn(45, top_k, generator=rng)
+    _, gates, _ = route_prototypes(x, protos, cond, top_k, activation, alpha=2.0)
+    grads = torch.autograd.grad(gates, (x, protos), upstream)
+    x64, p64 = x.detach().double().requires_grad_(), protos.detach().double().requires_grad_()
+    _, ref_gates, _ = route_prototypes_reference(x64, p64, cond, top_k, activation, alpha=2.0)
+    ref_grads = torch.autograd.grad(ref_gates, (x64, p64), upstream.double())
+    for got, expected in zip(grads, ref_grads):
+        assert got.abs().sum() > 0
+        torch.testing.assert_close(got.double(), expected, rtol=1e-4, atol=1e-6)
+
+
+def test_routing_kernel_rejects_unsupported_sizes(rng):
+    with pytest.raises(ValueError, match="top_k in 1..4"):
+        route_prototypes(torch.randn(4, 16), torch.randn(8, 16), torch.ones(4, dtype=torch.bool), 5)
+    with pytest.raises(ValueError, match="up to 64 experts"):
+        route_prototypes(torch.randn(4, 16), torch.randn(65, 16), torch.ones(4, dtype=torch.bool), 1)
