@@ -18,6 +18,14 @@ def expert_block(num_experts: int) -> int:
     return max(16, triton.next_power_of_2(num_experts))
 
 
+def routing_blocks(num_tokens: int, dim: int, num_experts: int, itemsize: int) -> tuple[int, int]:
+    """(BLOCK_N, BLOCK_D) of the routing kernel, chosen so that sm_80 and sm_90a compile it without spills:
+    a [BLOCK_N, E] score tile next to the [BLOCK_N, BLOCK_D] token tile (fp32 inputs need the smaller one)."""
+    if expert_block(num_experts) >= 64:
+        return 16 if num_tokens < 32 else 32, min(64, dim_block(dim))
+    return token_block(num_tokens), min(64 if itemsize >= 4 else 128, dim_block(dim))
+
+
 def row_grid(num_rows: int, block_rows: int, dim: int, block_dim: int) -> tuple[int, int]:
     return triton.cdiv(num_rows, block_rows), triton.cdiv(dim, block_dim)
 

@@ -9,12 +9,14 @@ differentiates the gather of the chosen gates: gradients reach the tokens and th
 activation.
 """
 
+import os
+
 import torch
 import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from promoe.kernels.launch import dim_block, empty_output, expert_block, token_block
+from promoe.kernels.launch import empty_output, expert_block, routing_blocks
 
 ACTIVATION_CODES = {"identity": 0, "sigmoid": 1, "softmax": 2}
 
@@ -22,8 +24,9 @@ ACTIVATION_CODES = {"identity": 0, "sigmoid": 1, "softmax": 2}
 @triton.jit
 def _route_kernel(x_ptr, protos_ptr, cond_ptr, ids_ptr, gates_ptr, hist_ptr,
                   num_tokens, dim, stride_x, stride_p, alpha,
-                  NUM_EXPERTS: tl.constexpr, E_PAD: tl.constexpr, TOP_K: tl.constexpr, ACTIVATION: tl.constexpr,
-                  CONDITIONAL: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+                  NUM_EXPERTS: tl.constexpr, E_PAD: tl.constexpr, HIST_PAD: tl.constexpr, TOP_K: tl.constexpr,
+                  ACTIVATION: tl.constexpr, CONDITIONAL: tl.constexpr, NATIVE_DOT: tl.constexpr,
+                  BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
     block = tl.program_id(0)
     rows = block * BLOCK_N + tl.arange(0, BLOCK_N)
     row_ok = rows < num_tokens
@@ -36,12 +39,17 @@ def _route_kernel(x_ptr, protos_ptr, cond_ptr, ids_ptr, gates_ptr, hist_ptr,
     for d0 in range(0, dim, BLOCK_D):
         cols = d0 + tl.arange(0, BLOCK_D)
         col_ok = cols < dim
-        # Upcast after loading: fp32 accumulation (and the interpreter computes bf16 arithmetic wrongly).
-        x = tl.load(x_ptr + rows[:, None] * stride_x + cols[None, :], mask=row_ok[:, None] & col_ok[None, :],
-                    other=0.0).to(tl.float32)
-        p = tl.load(protos_ptr + experts[:, None] * stride_p + cols[None, :],
-                    mask=expert_ok[:, None] & col_ok[None, :], other=0.0).to(tl.float32)
-        dots += tl.dot(x, tl.trans(p), input_precision="ieee")  # not TF32: the gates are the raw cosines
+        x_raw = tl.load(x_ptr + rows[:, None] * stride_x + cols[None, :], mask=row_ok[:, None] & col_ok[None, :],
+                        other=0.0)
+        p_raw = tl.load(protos_ptr + experts[:, None] * stride_p + cols[None, :],
+                        mask=expert_ok[:, None] & col_ok[None, :], other=0.0)
+        # Norms and all arithmetic in fp32 (the interpreter also computes bf16 arithmetic wrongly).
+        x = x_raw.to(tl.float32)
+        p = p_raw.to(tl.float32)
+        if NATIVE_DOT:  # bf16/fp16 on a GPU: products of half values are exact in the fp32 accumulator
+            dots = tl.dot(x_raw, tl.trans(p_raw), dots)
+        else:  # fp32, and not TF32: the gates are the raw cosines
+            dots = tl.dot(x, tl.trans(p), dots, input_precision="ieee")
         x_sq += tl.sum(x * x, axis=1)
         p_sq += tl.sum(p * p, axis=1)
     x_norm = tl.maximum(tl.sqrt(x_sq), 1e-12)  # as F.normalize
@@ -57,7 +65,8 @@ def _route_kernel(x_ptr, protos_ptr, cond_ptr, ids_ptr, gates_ptr, hist_ptr,
 
     if CONDITIONAL:
         cond = tl.load(cond_ptr + rows, mask=row_ok, other=1) != 0
-    hist = tl.zeros((E_PAD,), dtype=tl.int32)
+    bins = tl.arange(0, HIST_PAD)  # the experts, then the unconditional and the dropped ids
+    hist = tl.zeros((HIST_PAD,), dtype=tl.int32)
     for k in tl.static_range(TOP_K):
         best = tl.max(scores, axis=1)
         # Among ties the lowest expert index, as a stable descending sort would order them.
@@ -71,9 +80,9 @@ def _route_kernel(x_ptr, protos_ptr, cond_ptr, ids_ptr, gates_ptr, hist_ptr,
             gate = tl.where(cond, gate, 1.0 if k == 0 else 0.0)
         tl.store(ids_ptr + rows * TOP_K + k, choice, mask=row_ok)
         tl.store(gates_ptr + rows * TOP_K + k, gate, mask=row_ok)
-        hit = (experts[None, :] == choice[:, None]) & row_ok[:, None]
+        hit = (bins[None, :] == choice[:, None]) & row_ok[:, None]
         hist += tl.sum(hit.to(tl.int32), axis=0)
-    tl.store(hist_ptr + block * E_PAD + experts, hist)
+    tl.store(hist_ptr + block * HIST_PAD + bins, hist)
 
 
 def route_prototypes_reference(x_ND, prototypes_ED, cond_N, top_k, activation="identity", alpha=1.0,
@@ -99,24 +108,32 @@ def route_prototypes_reference(x_ND, prototypes_ED, cond_N, top_k, activation="i
     return ids_NK, gates_NK, counts[: num_experts + int(conditional)]
 
 
+def native_dot(x: torch.Tensor, protos: torch.Tensor) -> bool:
+    """Run the similarity product in the inputs' half precision (fp32 accumulation) on a GPU; in fp32 in the
+    interpreter, whose bf16 arithmetic is wrong, and for fp32 or mixed-dtype inputs."""
+    half = x.dtype in (torch.bfloat16, torch.float16) and protos.dtype == x.dtype
+    return half and os.environ.get("TRITON_INTERPRET") != "1"
+
+
 class _RoutePrototypes(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x_ND, prototypes_ED, cond_N, top_k, activation, alpha, conditional):
         num_tokens, dim = x_ND.shape
         num_experts = prototypes_ED.shape[0]
-        e_pad = expert_block(num_experts + 2)  # room for the unconditional and dropped ids in the histogram
-        block_n, block_d = token_block(num_tokens), dim_block(dim)
+        hist_pad = expert_block(num_experts + 2)  # room for the unconditional and dropped ids
+        block_n, block_d = routing_blocks(num_tokens, dim, num_experts, x_ND.element_size())
         num_blocks = triton.cdiv(num_tokens, block_n)
         x = x_ND.contiguous()
         protos = prototypes_ED.contiguous()
         ids = empty_output((num_tokens, top_k), torch.int64, x.device)
         gates = empty_output((num_tokens, top_k), torch.float32, x.device)
-        hist = empty_output((num_blocks, e_pad), torch.int32, x.device)
+        hist = empty_output((num_blocks, hist_pad), torch.int32, x.device)
         if num_blocks:
             _route_kernel[(num_blocks,)](
                 x, protos, cond_N.to(torch.int8).contiguous(), ids, gates, hist, num_tokens, dim, x.stride(0),
-                protos.stride(0), float(alpha), NUM_EXPERTS=num_experts, E_PAD=e_pad, TOP_K=top_k,
-                ACTIVATION=ACTIVATION_CODES[activation], CONDITIONAL=conditional, BLOCK_N=block_n, BLOCK_D=block_d)
+                protos.stride(0), float(alpha), NUM_EXPERTS=num_experts, E_PAD=expert_block(num_experts),
+                HIST_PAD=hist_pad, TOP_K=top_k, ACTIVATION=ACTIVATION_CODES[activation], CONDITIONAL=conditional,
+                NATIVE_DOT=native_dot(x, protos), BLOCK_N=block_n, BLOCK_D=block_d)
         counts = hist.sum(0, dtype=torch.int64)[: num_experts + int(conditional)]
         ctx.save_for_backward(x_ND, prototypes_ED, ids, cond_N)
         ctx.settings = (activation, alpha, conditional, num_experts)

@@ -1,0 +1,126 @@
+"""Ahead-of-time compile of every kernel for sm_80 and sm_90a, no GPU needed, with ptxas's resource report.
+
+    python -m promoe.kernels.report
+
+compiles each kernel at the dtypes and block sizes that production launches use (bf16 activations, the block
+sizes of `promoe.kernels.launch` at ProMoE-XL's D = 1152), runs the ptxas that Triton bundles with `-v` on the
+PTX, and prints registers, spill bytes and shared memory per kernel and architecture. The test suite runs the
+same compile and fails on any spill or on shared memory over the architecture's limit.
+"""
+
+import re
+import subprocess
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.backends.nvidia.compiler import get_ptxas
+from triton.compiler import ASTSource
+from triton.runtime.jit import JITFunction
+
+from promoe.kernels.launch import dim_block, expert_block, routing_blocks, token_block
+from promoe.kernels.permute import _combine_backward_kernel, _combine_kernel, _permute_kernel
+from promoe.kernels.routing import _route_kernel
+
+ARCHITECTURES = {"sm_80": 80, "sm_90a": 90}
+SHARED_MEMORY_LIMIT = {80: 163 * 1024, 90: 227 * 1024}  # bytes per block, opt-in maximum
+DIM = 1152  # ProMoE-XL
+BLOCK_N, BLOCK_D = token_block(4096), dim_block(DIM)
+
+
+@dataclass(frozen=True)
+class KernelSpec:
+    label: str
+    kernel: object  # a triton.jit function
+    signature: dict[str, str]  # argument -> Triton type, "constexpr" for compile-time constants
+    constants: dict[str, object]
+
+
+@dataclass(frozen=True)
+class Resources:
+    registers: int
+    spill_stores: int
+    spill_loads: int
+    shared_bytes: int
+
+
+def _route_spec(num_experts: int, top_k: int, activation: int, dtype: str = "bf16") -> KernelSpec:
+    signature = {"x_ptr": f"*{dtype}", "protos_ptr": f"*{dtype}", "cond_ptr": "*i8", "ids_ptr": "*i64",
+                 "gates_ptr": "*fp32", "hist_ptr": "*i32", "num_tokens": "i32", "dim": "i32", "stride_x": "i32",
+                 "stride_p": "i32", "alpha": "fp32"}
+    block_n, block_d = routing_blocks(4096, DIM, num_experts, 4 if dtype == "fp32" else 2)
+    constants = dict(NUM_EXPERTS=num_experts, E_PAD=expert_block(num_experts), HIST_PAD=expert_block(num_experts + 2),
+                     TOP_K=top_k, ACTIVATION=activation, CONDITIONAL=True, NATIVE_DOT=dtype != "fp32",
+                     BLOCK_N=block_n, BLOCK_D=block_d)
+    label = f"route {dtype} E={num_experts} K={top_k} {['identity', 'sigmoid', 'softmax'][activation]}"
+    return KernelSpec(label, _route_kernel, signature, constants)
+
+
+def _combine_spec(top_k: int, has_gates: bool) -> KernelSpec:
+    signature = {"src_ptr": "*bf16", "slot_ptr": "*i64", "gate_ptr": "*bf16", "end_ptr": "*i64", "out_ptr": "*bf16",
+                 "num_tokens": "i32", "dim": "i32", "stride_src": "i32", "stride_out": "i32"}
+    constants = dict(TOP_K=top_k, HAS_GATES=has_gates, BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D)
+    return KernelSpec(f"combine K={top_k} gates={has_gates}", _combine_kernel, signature, constants)
+
+
+SPECS = [
+    _route_spec(12, 1, 0), _route_spec(12, 2, 2), _route_spec(64, 4, 1), _route_spec(12, 1, 0, "fp32"),
+    KernelSpec("permute", _permute_kernel,
+               {"x_ptr": "*bf16", "token_ptr": "*i64", "end_ptr": "*i64", "out_ptr": "*bf16", "num_slots": "i32",
+                "dim": "i32", "stride_x": "i32", "stride_out": "i32"}, dict(BLOCK_S=BLOCK_N, BLOCK_D=BLOCK_D)),
+    _combine_spec(1, True), _combine_spec(4, True), _combine_spec(4, False),
+    KernelSpec("combine backward", _combine_backward_kernel,
+               {"grad_y_ptr": "*bf16", "out_ptr": "*bf16", "token_ptr": "*i64", "gate_ptr": "*bf16", "end_ptr": "*i64",
+                "grad_out_ptr": "*bf16", "grad_gate_ptr": "*fp32", "num_slots": "i32", "dim": "i32", "stride_gy": "i32",
+                "stride_out": "i32", "stride_gout": "i32"}, dict(BLOCK_S=BLOCK_N, BLOCK_D=BLOCK_D)),
+]
+
+
+def compile_ptx(spec: KernelSpec, capability: int) -> tuple[str, int]:
+    """PTX and Triton's shared-memory figure for one kernel on one architecture."""
+    kernel = spec.kernel
+    if not isinstance(kernel, JITFunction):  # under TRITON_INTERPRET=1 @triton.jit gives an InterpretedFunction
+        kernel = JITFunction(kernel.fn)
+    signature = dict(spec.signature) | {name: "constexpr" for name in spec.constants}
+    # The launcher tells the compiler that pointers and integers are 16-byte aligned / divisible by 16 (as they
+    # are in production); without this hint the kernel compiles differently and reports false spills.
+    arg_names = kernel.arg_names
+    aligned = {(arg_names.index(name),): [["tt.divisibility", 16]]
+               for name, kind in spec.signature.items() if kind.startswith("*") or kind == "i32"}
+    source = ASTSource(kernel, signature, constexprs=spec.constants, attrs=aligned)
+    compiled = triton.compile(source, target=GPUTarget("cuda", capability, 32))
+    return compiled.asm["ptx"], compiled.metadata.shared
+
+
+def ptxas_resources(ptx: str, capability: int, shared_bytes: int) -> Resources:
+    """Run the ptxas Triton uses for this architecture with -v (Triton's cache would hide its log)."""
+    arch = "sm_90a" if capability == 90 else f"sm_{capability}"
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "kernel.ptx"
+        path.write_text(ptx)
+        log = subprocess.run([get_ptxas(capability).path, "-v", "--gpu-name", arch, str(path), "-o", "/dev/null"],
+                             capture_output=True, text=True, check=True).stderr
+    spills = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", log)
+    registers = re.search(r"Used (\d+) registers", log)
+    return Resources(int(registers.group(1)), int(spills.group(1)), int(spills.group(2)), shared_bytes)
+
+
+def kernel_resources(spec: KernelSpec, capability: int) -> Resources:
+    ptx, shared = compile_ptx(spec, capability)
+    return ptxas_resources(ptx, capability, shared)
+
+
+def main() -> None:
+    print(f"bf16 activations, D = {DIM}, BLOCK_N = {BLOCK_N}, BLOCK_D = {BLOCK_D}, 4 warps")
+    print("| kernel | arch | registers | spill stores / loads (bytes) | shared memory (bytes) |")
+    print("|---|---|---|---|---|")
+    for spec in SPECS:
+        for arch, capability in ARCHITECTURES.items():
+            r = kernel_resources(spec, capability)
+            print(f"| {spec.label} | {arch} | {r.registers} | {r.spill_stores} / {r.spill_loads} | {r.shared_bytes} |")
+
+
+if __name__ == "__main__":
+    main()
