@@ -104,7 +104,7 @@ def build_router(config: ModelConfig) -> nn.Module:
     if config.router in ("promoe", "promoe_ec"):
         scorer = PrototypeScorer(dim, routed, config.router_scale, config.activation)
     elif config.router in ("tc", "ec"):
-        scorer = LinearScorer(dim, routed)
+        scorer = LinearScorer(dim, routed, init_std=0.006 if config.router == "ec" else None)
     if config.router in ("promoe", "tc"):
         return TokenChoiceRouter(scorer, routed, spec.activated, conditional, lb_weight=config.lb_weight, **losses)
     if config.router in ("promoe_ec", "ec"):

@@ -90,6 +90,10 @@ def test_initialisation_follows_dit(rng):
     assert 0.01 < protos.std().item() < 0.03  # N(0, 0.02)
     bank = model.blocks[1].mlp.experts
     assert (bank.b_up_EH == 0).all() and bank.w_up_EDH.abs().max() <= math.sqrt(6 / (32 + 64))
+    # Baseline gates as their official code: N(0, 0.006) for EC-DiT and DiffMoE, nn.Linear's own for DiT-MoE.
+    for name, low, high in [("EC-DiT-S", 0.004, 0.008), ("DiffMoE-S-E4", 0.004, 0.008), ("TC-DiT-S", 0.05, 0.2)]:
+        gate = promoe.build_model(name, input_size=8, hidden_size=32, num_heads=4, depth=2).blocks[1].mlp.router
+        assert low < gate.scorer.gate.weight.std().item() < high, name
     # Zero-initialised output: the untrained model predicts 0 everywhere.
     out = model(torch.randn(2, 4, 8, 8, generator=rng), torch.rand(2), torch.tensor([1, 10]))
     assert (out == 0).all()

@@ -392,7 +392,7 @@ def diffmoe_reference(reference, x_BLD, capacity_count=None, threshold=None):
         out = out.index_add(0, tokens, gates[:, None] * reference.expert(e, x_ND[tokens]))
         taken[tokens, e] = 1
     aux = {} if threshold is not None else {
-        "capacity_predictor": 0.01 * F.binary_cross_entropy_with_logits(predicted, taken)}
+        "capacity_predictor": F.binary_cross_entropy_with_logits(predicted, taken)}
     return out.view_as(x_BLD), aux, predicted
 
 

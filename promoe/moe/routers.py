@@ -52,13 +52,23 @@ class PrototypeScorer(nn.Module):
 
 
 class LinearScorer(nn.Module):
-    """The classic MoE gate (DiT-MoE, EC-DiT): softmax over experts of a bias-free linear map."""
+    """The classic MoE gate (DiT-MoE, EC-DiT, DiffMoE): softmax over experts of a bias-free linear map.
+
+    init_std: N(0, init_std) weights as the EC-DiT and DiffMoE code; None keeps nn.Linear's own init, as DiT-MoE.
+    """
 
     scores_are_probs = True
 
-    def __init__(self, dim: int, num_experts: int):
+    def __init__(self, dim: int, num_experts: int, init_std: float | None = None):
         super().__init__()
         self.gate = nn.Linear(dim, num_experts, bias=False)
+        self.init_std = init_std
+
+    def init_weights(self) -> None:
+        if self.init_std is None:
+            self.gate.reset_parameters()
+        else:
+            nn.init.normal_(self.gate.weight, std=self.init_std)
 
     def forward(self, x_ND: torch.Tensor) -> torch.Tensor:
         return self.gate(x_ND).float().softmax(dim=-1)
@@ -279,8 +289,8 @@ class DiffMoERouter(nn.Module):
 
     Training: every expert takes the top-C tokens of the whole batch by its softmax gate score,
     C = int(N / E * capacity). A capacity predictor (an MLP on the detached tokens) learns, by binary
-    cross-entropy, which tokens each expert took; each expert's threshold is an EMA (decay 0.95) of the C-th
-    largest predicted probability. Inference: expert e takes as many tokens as the predictor puts above its
+    cross-entropy (weight 1, as the released DiffMoE configs), which tokens each expert took; each expert's
+    threshold is an EMA (decay 0.95) of the C-th largest predicted probability. Inference: expert e takes as many tokens as the predictor puts above its
     threshold, the ones with its highest gate scores, so compute adapts to the input.
 
     The thresholds are updated on each rank in forward; the driver averages `running_stats()` over ranks once
@@ -288,9 +298,9 @@ class DiffMoERouter(nn.Module):
     """
 
     def __init__(self, dim: int, num_experts: int, capacity: float, threshold_decay: float = 0.95,
-                 predictor_loss_weight: float = 0.01):
+                 predictor_loss_weight: float = 1.0):
         super().__init__()
-        self.scorer = LinearScorer(dim, num_experts)
+        self.scorer = LinearScorer(dim, num_experts, init_std=0.006)
         self.capacity_predictor = nn.Sequential(nn.Linear(dim, dim), nn.SiLU(), nn.Linear(dim, num_experts))
         self.num_routed = num_experts
         self.capacity = capacity
