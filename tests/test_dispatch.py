@@ -100,6 +100,9 @@ def test_context_manager_overrides_the_configured_backend_and_rejects_unknown_na
     with promoe.dispatch_backend("loop"):
         assert resolve_backend("torch") == "loop"
     assert resolve_backend(None) == "torch"
+    assert resolve_backend(None, torch.device("cpu")) == "torch"
+    assert resolve_backend(None, torch.device("cuda")) == "triton"
+    assert resolve_backend("loop", torch.device("cuda")) == "loop"
     with pytest.raises(ValueError, match="unknown dispatch backend"):
         with promoe.dispatch_backend("cuda-magic"):
             pass

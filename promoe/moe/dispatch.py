@@ -38,17 +38,20 @@ def check_backend(name: str) -> None:
         raise ValueError(f"unknown dispatch backend {name!r}; choose one of {BACKENDS}")
 
 
-def resolve_backend(configured: str | None) -> str:
-    """The context manager wins over the config, which wins over the default."""
+def resolve_backend(configured: str | None, device: torch.device | None = None) -> str:
+    """The context manager wins over the config, which wins over the device's default: `triton` on CUDA,
+    `torch` elsewhere (the fastest on the CPU: 2.2x `loop` on a ProMoE-B layer; Triton runs there only
+    interpreted)."""
     if _backend_override:
         return _backend_override[-1]
-    # TODO(kernels issue): the default on CUDA becomes `triton` once that backend exists.
-    return configured or "torch"
+    if configured:
+        return configured
+    return "triton" if device is not None and device.type == "cuda" else "torch"
 
 
 def dispatch(x_ND: torch.Tensor, plan: RoutingPlan, experts: ExpertBank, backend: str | None = None) -> torch.Tensor:
     """y[n] = sum over the slots s of token n of gates[s] * expert[s](x[n])."""
-    name = resolve_backend(backend)
+    name = resolve_backend(backend, x_ND.device)
     check_backend(name)
     run = {"loop": _loop_dispatch, "torch": _torch_dispatch, "triton": _triton_dispatch}[name]
     return run(x_ND, plan, experts)

@@ -34,7 +34,7 @@ class MoELayer(nn.Module):
         num_samples, tokens_per_image, dim = x_BLD.shape
         x_ND = x_BLD.reshape(-1, dim)
         cond_N = (labels_B != self.null_label).repeat_interleave(tokens_per_image)
-        backend = resolve_backend(self.backend)
+        backend = resolve_backend(self.backend, x_BLD.device)
         plan, aux = self.router(x_ND, cond_N, num_samples, labels_B, use_kernels=backend == "triton")
         y_ND = dispatch(x_ND, plan, self.experts, backend)
         if self.shared is not None:
