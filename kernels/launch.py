@@ -26,6 +26,11 @@ def routing_blocks(num_tokens: int, dim: int, num_experts: int, itemsize: int) -
     return token_block(num_tokens), min(64 if itemsize >= 4 else 128, dim_block(dim))
 
 
+def plan_block(bins: int) -> int:
+    """Slots per program of the plan kernels: their [BLOCK_S, bins] one-hot tile stays within 4096 elements."""
+    return max(16, min(256, 4096 // bins))
+
+
 def row_grid(num_rows: int, block_rows: int, dim: int, block_dim: int) -> tuple[int, int]:
     return triton.cdiv(num_rows, block_rows), triton.cdiv(dim, block_dim)
 

@@ -20,8 +20,9 @@ from triton.backends.nvidia.compiler import get_ptxas
 from triton.compiler import ASTSource
 from triton.runtime.jit import JITFunction
 
-from promoe.kernels.launch import dim_block, expert_block, routing_blocks, token_block
+from promoe.kernels.launch import dim_block, expert_block, plan_block, routing_blocks, token_block
 from promoe.kernels.permute import _combine_backward_kernel, _combine_kernel, _permute_kernel
+from promoe.kernels.plan import _histogram_kernel, _scatter_kernel
 from promoe.kernels.routing import _route_kernel
 
 ARCHITECTURES = {"sm_80": 80, "sm_90a": 90}
@@ -65,7 +66,21 @@ def _combine_spec(top_k: int, has_gates: bool) -> KernelSpec:
     return KernelSpec(f"combine K={top_k} gates={has_gates}", _combine_kernel, signature, constants)
 
 
+def _plan_specs(num_experts: int, top_k: int) -> list[KernelSpec]:
+    bins = expert_block(num_experts + 1)
+    block = dict(BINS=bins, BLOCK_S=plan_block(bins))
+    return [
+        KernelSpec(f"plan histogram E={num_experts}", _histogram_kernel,
+                   {"ids_ptr": "*i64", "hist_ptr": "*i32", "num_slots": "i32"}, block),
+        KernelSpec(f"plan scatter E={num_experts} K={top_k}", _scatter_kernel,
+                   {"ids_ptr": "*i64", "gates_ptr": "*bf16", "block_start_ptr": "*i64", "slot_ptr": "*i64",
+                    "token_ptr": "*i64", "expert_ptr": "*i64", "sorted_gates_ptr": "*bf16", "num_slots": "i32"},
+                   dict(TOP_K=top_k, **block)),
+    ]
+
+
 SPECS = [
+    *_plan_specs(13, 1), *_plan_specs(64, 4),
     _route_spec(12, 1, 0), _route_spec(12, 2, 2), _route_spec(64, 4, 1), _route_spec(12, 1, 0, "fp32"),
     KernelSpec("permute", _permute_kernel,
                {"x_ptr": "*bf16", "token_ptr": "*i64", "end_ptr": "*i64", "out_ptr": "*bf16", "num_slots": "i32",

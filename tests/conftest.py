@@ -18,11 +18,12 @@ def rng():
 def poisoned_outputs(monkeypatch):
     """Kernel outputs start as NaN (floats) or -7777 (integers): an element a kernel forgets to write shows."""
     import promoe.kernels.permute
+    import promoe.kernels.plan
     import promoe.kernels.routing
 
     def poisoned(shape, dtype, device):
         fill = float("nan") if dtype.is_floating_point else -7777
         return torch.full(shape, fill, dtype=dtype, device=device)
 
-    for module in (promoe.kernels.permute, promoe.kernels.routing):
+    for module in (promoe.kernels.permute, promoe.kernels.plan, promoe.kernels.routing):
         monkeypatch.setattr(module, "empty_output", poisoned)

@@ -5,8 +5,9 @@ Scorers give token-expert affinities; routers decide who goes where:
 - ExpertChoiceRouter: every expert takes its top-C tokens of each image (ProMoE-EC, EC-DiT).
 Step 1 of ProMoE's two-step router, conditional routing, is shared by both: with `conditional=True` the tokens
 of null-label samples go to the unconditional expert (index num_routed in the bank) with gate 1.
-Every router's forward takes `use_kernels`; ProMoE's token-choice router then runs the fused Triton routing
-kernel, the others have none and ignore it.
+Every router's forward takes `use_kernels`: token-choice routers then build their plan with the Triton
+counting sort, and ProMoE's also routes with the fused kernel; expert-choice routers have no kernel yet and
+ignore it.
 """
 
 import torch
@@ -120,8 +121,12 @@ class TokenChoiceRouter(nn.Module):
             if self.conditional:
                 expert_ids_NK, gates_NK = null_tokens_to_uncond_expert(expert_ids_NK, gates_NK, cond_N,
                                                                        self.num_routed)
-        plan = token_choice_plan(expert_ids_NK, gates_NK.to(x_ND.dtype), num_bank,
-                                 has_dropped_slots=self.conditional and self.top_k > 1)
+        if use_kernels:
+            from promoe.kernels.plan import token_choice_plan as build_plan
+        else:
+            build_plan = token_choice_plan
+        plan = build_plan(expert_ids_NK, gates_NK.to(x_ND.dtype), num_bank,
+                          has_dropped_slots=self.conditional and self.top_k > 1)
         aux = self.aux_losses(x_ND, cond_N, expert_ids_NK, scores, labels_B) if self.training else {}
         return plan, aux
 

@@ -1,0 +1,79 @@
+"""Plan building: a stable counting sort of the slots by expert, with no host synchronisation.
+
+Two passes over the N*K expert ids (values 0..E, E meaning dropped):
+1. `_histogram_kernel`: each program counts the ids of its BLOCK_S slots -> hist [num_blocks, E + 1].
+   reads S ids, writes num_blocks * (E + 1) counts.
+2. A few [num_blocks, E + 1] cumulative sums in PyTorch give every (block, expert) its first slot.
+3. `_scatter_kernel`: each slot's position = its block's first slot for its expert + its rank among the block's
+   earlier slots of that expert (a cumulative sum over a one-hot tile), so equal ids keep their order (stable).
+   It writes the inverse permutation slot_NK and scatters token, expert and gate into slot order.
+   reads S ids and S gates, writes 4 S values.
+The PyTorch reference of the same signature is `promoe.moe.plan.token_choice_plan`.
+"""
+
+import torch
+import triton
+import triton.language as tl
+
+from promoe.kernels.launch import empty_output, expert_block, plan_block
+from promoe.moe.plan import RoutingPlan
+
+
+@triton.jit
+def _histogram_kernel(ids_ptr, hist_ptr, num_slots, BINS: tl.constexpr, BLOCK_S: tl.constexpr):
+    block = tl.program_id(0)
+    slots = block * BLOCK_S + tl.arange(0, BLOCK_S)
+    ids = tl.load(ids_ptr + slots, mask=slots < num_slots, other=BINS)  # out-of-range slots count nowhere
+    bins = tl.arange(0, BINS)
+    hist = tl.sum((ids[:, None] == bins[None, :]).to(tl.int32), axis=0)
+    tl.store(hist_ptr + block * BINS + bins, hist)
+
+
+@triton.jit
+def _scatter_kernel(ids_ptr, gates_ptr, block_start_ptr, slot_ptr, token_ptr, expert_ptr, sorted_gates_ptr,
+                    num_slots, TOP_K: tl.constexpr, BINS: tl.constexpr, BLOCK_S: tl.constexpr):
+    block = tl.program_id(0)
+    slots = block * BLOCK_S + tl.arange(0, BLOCK_S)
+    in_range = slots < num_slots
+    ids = tl.load(ids_ptr + slots, mask=in_range, other=BINS)
+    bins = tl.arange(0, BINS)
+    onehot = (ids[:, None] == bins[None, :]).to(tl.int32)
+    rank = tl.sum((tl.cumsum(onehot, axis=0) - 1) * onehot, axis=1)  # earlier slots of the same id in the block
+    start = tl.load(block_start_ptr + block * BINS + ids, mask=in_range, other=0)
+    position = start + rank
+    tl.store(slot_ptr + slots, position, mask=in_range)
+    tl.store(token_ptr + position, slots // TOP_K, mask=in_range)
+    tl.store(expert_ptr + position, ids, mask=in_range)
+    tl.store(sorted_gates_ptr + position, tl.load(gates_ptr + slots, mask=in_range), mask=in_range)
+
+
+def token_choice_plan(expert_ids_NK: torch.Tensor, gates_NK: torch.Tensor, num_experts: int,
+                      has_dropped_slots: bool = False) -> RoutingPlan:
+    """The kernel version of `promoe.moe.plan.token_choice_plan`: the same plan, slot for slot."""
+    num_tokens, top_k = expert_ids_NK.shape
+    num_slots, device = num_tokens * top_k, expert_ids_NK.device
+    bins = expert_block(num_experts + 1)  # the experts and the dropped id
+    block_s = plan_block(bins)
+    num_blocks = triton.cdiv(num_slots, block_s)
+    ids = expert_ids_NK.reshape(-1).contiguous()
+    gates = gates_NK.reshape(-1).contiguous()
+    hist = empty_output((num_blocks, bins), torch.int32, device)
+    if num_blocks:
+        _histogram_kernel[(num_blocks,)](ids, hist, num_slots, BINS=bins, BLOCK_S=block_s)
+    hist = hist.long()
+    counts = hist.sum(0)  # [bins]
+    expert_start = counts.cumsum(0) - counts  # first slot of each id
+    block_start = expert_start[None, :] + hist.cumsum(0) - hist  # first slot of each (block, id)
+
+    slot_S = empty_output((num_slots,), torch.int64, device)
+    token_S = empty_output((num_slots,), torch.int64, device)
+    expert_S = empty_output((num_slots,), torch.int64, device)
+    sorted_gates_S = empty_output((num_slots,), gates.dtype, device)
+    if num_blocks:
+        _scatter_kernel[(num_blocks,)](ids, gates, block_start.contiguous(), slot_S, token_S, expert_S, sorted_gates_S,
+                                       num_slots, TOP_K=top_k, BINS=bins, BLOCK_S=block_s)
+    offsets_E1 = torch.zeros(num_experts + 1, dtype=torch.long, device=device)
+    offsets_E1[1:] = counts[:num_experts].cumsum(0)
+    return RoutingPlan(token_index_S=token_S, expert_index_S=expert_S, gates_S=sorted_gates_S,
+                       offsets_E1=offsets_E1, num_tokens=num_tokens, has_dropped_slots=has_dropped_slots,
+                       slot_NK=slot_S.view(num_tokens, top_k))
