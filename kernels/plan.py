@@ -6,8 +6,9 @@ Two passes over the N*K expert ids (values 0..E, E meaning dropped):
 2. A few [num_blocks, E + 1] cumulative sums in PyTorch give every (block, expert) its first slot.
 3. `_scatter_kernel`: each slot's position = its block's first slot for its expert + its rank among the block's
    earlier slots of that expert (a cumulative sum over a one-hot tile), so equal ids keep their order (stable).
-   It writes the inverse permutation slot_NK and scatters token, expert and gate into slot order.
-   reads S ids and S gates, writes 4 S values.
+   It writes the inverse permutation slot_NK and, in slot order, each slot's choice, token and expert.
+   reads S ids, writes 4 S values. The gates are gathered by the choice order in PyTorch, so that their
+   gradient flows.
 The PyTorch reference of the same signature is `promoe.moe.plan.token_choice_plan`.
 """
 
@@ -30,7 +31,7 @@ def _histogram_kernel(ids_ptr, hist_ptr, num_slots, BINS: tl.constexpr, BLOCK_S:
 
 
 @triton.jit
-def _scatter_kernel(ids_ptr, gates_ptr, block_start_ptr, slot_ptr, token_ptr, expert_ptr, sorted_gates_ptr,
+def _scatter_kernel(ids_ptr, block_start_ptr, slot_ptr, order_ptr, token_ptr, expert_ptr,
                     num_slots, TOP_K: tl.constexpr, BINS: tl.constexpr, BLOCK_S: tl.constexpr):
     block = tl.program_id(0)
     slots = block * BLOCK_S + tl.arange(0, BLOCK_S)
@@ -42,9 +43,9 @@ def _scatter_kernel(ids_ptr, gates_ptr, block_start_ptr, slot_ptr, token_ptr, ex
     start = tl.load(block_start_ptr + block * BINS + ids, mask=in_range, other=0)
     position = start + rank
     tl.store(slot_ptr + slots, position, mask=in_range)
+    tl.store(order_ptr + position, slots, mask=in_range)
     tl.store(token_ptr + position, slots // TOP_K, mask=in_range)
     tl.store(expert_ptr + position, ids, mask=in_range)
-    tl.store(sorted_gates_ptr + position, tl.load(gates_ptr + slots, mask=in_range), mask=in_range)
 
 
 def token_choice_plan(expert_ids_NK: torch.Tensor, gates_NK: torch.Tensor, num_experts: int,
@@ -56,7 +57,6 @@ def token_choice_plan(expert_ids_NK: torch.Tensor, gates_NK: torch.Tensor, num_e
     block_s = plan_block(bins)
     num_blocks = triton.cdiv(num_slots, block_s)
     ids = expert_ids_NK.reshape(-1).contiguous()
-    gates = gates_NK.reshape(-1).contiguous()
     hist = empty_output((num_blocks, bins), torch.int32, device)
     if num_blocks:
         _histogram_kernel[(num_blocks,)](ids, hist, num_slots, BINS=bins, BLOCK_S=block_s)
@@ -65,15 +65,12 @@ def token_choice_plan(expert_ids_NK: torch.Tensor, gates_NK: torch.Tensor, num_e
     expert_start = counts.cumsum(0) - counts  # first slot of each id
     block_start = expert_start[None, :] + hist.cumsum(0) - hist  # first slot of each (block, id)
 
-    slot_S = empty_output((num_slots,), torch.int64, device)
-    token_S = empty_output((num_slots,), torch.int64, device)
-    expert_S = empty_output((num_slots,), torch.int64, device)
-    sorted_gates_S = empty_output((num_slots,), gates.dtype, device)
+    slot_S, order_S, token_S, expert_S = (empty_output((num_slots,), torch.int64, device) for _ in range(4))
     if num_blocks:
-        _scatter_kernel[(num_blocks,)](ids, gates, block_start.contiguous(), slot_S, token_S, expert_S, sorted_gates_S,
-                                       num_slots, TOP_K=top_k, BINS=bins, BLOCK_S=block_s)
+        _scatter_kernel[(num_blocks,)](ids, block_start.contiguous(), slot_S, order_S, token_S, expert_S, num_slots,
+                                       TOP_K=top_k, BINS=bins, BLOCK_S=block_s)
     offsets_E1 = torch.zeros(num_experts + 1, dtype=torch.long, device=device)
     offsets_E1[1:] = counts[:num_experts].cumsum(0)
-    return RoutingPlan(token_index_S=token_S, expert_index_S=expert_S, gates_S=sorted_gates_S,
+    return RoutingPlan(token_index_S=token_S, expert_index_S=expert_S, gates_S=gates_NK.reshape(-1)[order_S],
                        offsets_E1=offsets_E1, num_tokens=num_tokens, has_dropped_slots=has_dropped_slots,
                        slot_NK=slot_S.view(num_tokens, top_k))

@@ -8,10 +8,13 @@ PTX, and prints registers, spill bytes and shared memory per kernel and architec
 same compile and fails on any spill or on shared memory over the architecture's limit.
 """
 
+import argparse
+import json
+import os
 import re
 import subprocess
 import tempfile
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import triton
@@ -73,8 +76,8 @@ def _plan_specs(num_experts: int, top_k: int) -> list[KernelSpec]:
         KernelSpec(f"plan histogram E={num_experts}", _histogram_kernel,
                    {"ids_ptr": "*i64", "hist_ptr": "*i32", "num_slots": "i32"}, block),
         KernelSpec(f"plan scatter E={num_experts} K={top_k}", _scatter_kernel,
-                   {"ids_ptr": "*i64", "gates_ptr": "*bf16", "block_start_ptr": "*i64", "slot_ptr": "*i64",
-                    "token_ptr": "*i64", "expert_ptr": "*i64", "sorted_gates_ptr": "*bf16", "num_slots": "i32"},
+                   {"ids_ptr": "*i64", "block_start_ptr": "*i64", "slot_ptr": "*i64", "order_ptr": "*i64",
+                    "token_ptr": "*i64", "expert_ptr": "*i64", "num_slots": "i32"},
                    dict(TOP_K=top_k, **block)),
     ]
 
@@ -127,16 +130,29 @@ def kernel_resources(spec: KernelSpec, capability: int) -> Resources:
     return ptxas_resources(ptx, capability, shared)
 
 
-def main() -> None:
+def _blocks(spec: KernelSpec) -> str:
+    return " x ".join(str(value) for name, value in spec.constants.items() if name.startswith("BLOCK"))
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description="Compile every kernel for sm_80 and sm_90a; print ptxas's report.")
+    parser.add_argument("--json", action="store_true", help="print one JSON list instead of the table")
+    args = parser.parse_args(argv)
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        # The interpreter swaps Triton's @jit library functions (tl.sum, tl.cumsum, ...) for Python ones.
+        raise SystemExit("run without TRITON_INTERPRET=1: the ahead-of-time compile needs Triton's real compiler")
+    rows = [dict(kernel=spec.label, blocks=_blocks(spec), arch=arch, capability=capability,
+                 **asdict(kernel_resources(spec, capability)))
+            for spec in SPECS for arch, capability in ARCHITECTURES.items()]
+    if args.json:
+        print(json.dumps(rows))
+        return
     print(f"D = {DIM}, 4 warps; blocks are rows x columns per program")
     print("| kernel | blocks | arch | registers | spill stores / loads (bytes) | shared memory (bytes) |")
     print("|---|---|---|---|---|---|")
-    for spec in SPECS:
-        blocks = " x ".join(str(v) for k, v in spec.constants.items() if k.startswith("BLOCK"))
-        for arch, capability in ARCHITECTURES.items():
-            r = kernel_resources(spec, capability)
-            print(f"| {spec.label} | {blocks} | {arch} | {r.registers} | {r.spill_stores} / {r.spill_loads} "
-                  f"| {r.shared_bytes} |")
+    for r in rows:
+        print(f"| {r['kernel']} | {r['blocks']} | {r['arch']} | {r['registers']} | {r['spill_stores']} / "
+              f"{r['spill_loads']} | {r['shared_bytes']} |")
 
 
 if __name__ == "__main__":
