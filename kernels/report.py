@@ -26,7 +26,7 @@ from triton.runtime.jit import JITFunction
 from promoe.kernels.launch import dim_block, expert_block, plan_block, routing_blocks, token_block
 from promoe.kernels.permute import _combine_backward_kernel, _combine_kernel, _permute_kernel
 from promoe.kernels.plan import _histogram_kernel, _scatter_kernel
-from promoe.kernels.routing import _route_kernel
+from promoe.kernels.routing import _route_kernel, _scores_kernel
 
 ARCHITECTURES = {"sm_80": 80, "sm_90a": 90}
 SHARED_MEMORY_LIMIT = {80: 163 * 1024, 90: 227 * 1024}  # bytes per block, opt-in maximum
@@ -82,7 +82,17 @@ def _plan_specs(num_experts: int, top_k: int) -> list[KernelSpec]:
     ]
 
 
+def _scores_spec(num_experts: int) -> KernelSpec:
+    signature = {"x_ptr": "*bf16", "protos_ptr": "*bf16", "scores_ptr": "*fp32", "num_tokens": "i32", "dim": "i32",
+                 "stride_x": "i32", "stride_p": "i32", "alpha": "fp32"}
+    block_n, block_d = routing_blocks(4096, DIM, num_experts, 2)
+    constants = dict(NUM_EXPERTS=num_experts, E_PAD=expert_block(num_experts), ACTIVATION=0, NATIVE_DOT=True,
+                     BLOCK_N=block_n, BLOCK_D=block_d)
+    return KernelSpec(f"scores bf16 E={num_experts} identity", _scores_kernel, signature, constants)
+
+
 SPECS = [
+    _scores_spec(12), _scores_spec(64),
     *_plan_specs(13, 1), *_plan_specs(64, 4),
     _route_spec(12, 1, 0), _route_spec(12, 2, 2), _route_spec(64, 4, 1), _route_spec(12, 1, 0, "fp32"),
     KernelSpec("permute", _permute_kernel,

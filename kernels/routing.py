@@ -22,17 +22,12 @@ ACTIVATION_CODES = {"identity": 0, "sigmoid": 1, "softmax": 2}
 
 
 @triton.jit
-def _route_kernel(x_ptr, protos_ptr, cond_ptr, ids_ptr, gates_ptr, hist_ptr,
-                  num_tokens, dim, stride_x, stride_p, alpha,
-                  NUM_EXPERTS: tl.constexpr, E_PAD: tl.constexpr, HIST_PAD: tl.constexpr, TOP_K: tl.constexpr,
-                  ACTIVATION: tl.constexpr, CONDITIONAL: tl.constexpr, NATIVE_DOT: tl.constexpr,
-                  BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
-    block = tl.program_id(0)
-    rows = block * BLOCK_N + tl.arange(0, BLOCK_N)
-    row_ok = rows < num_tokens
+def _prototype_scores(x_ptr, protos_ptr, rows, row_ok, dim, stride_x, stride_p, alpha,
+                      NUM_EXPERTS: tl.constexpr, E_PAD: tl.constexpr, ACTIVATION: tl.constexpr,
+                      NATIVE_DOT: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+    """activation(alpha * cos(x_n, p_e)) for a block of rows: [BLOCK_N, E_PAD] fp32, padding columns -inf."""
     experts = tl.arange(0, E_PAD)
     expert_ok = experts < NUM_EXPERTS
-
     dots = tl.zeros((BLOCK_N, E_PAD), dtype=tl.float32)
     x_sq = tl.zeros((BLOCK_N,), dtype=tl.float32)
     p_sq = tl.zeros((E_PAD,), dtype=tl.float32)
@@ -61,7 +56,35 @@ def _route_kernel(x_ptr, protos_ptr, cond_ptr, ids_ptr, gates_ptr, hist_ptr,
         z = tl.where(expert_ok[None, :], z, float("-inf"))
         z = tl.exp(z - tl.max(z, axis=1)[:, None])
         z = z / tl.sum(z, axis=1)[:, None]
-    scores = tl.where(expert_ok[None, :], z, float("-inf"))
+    return tl.where(expert_ok[None, :], z, float("-inf"))
+
+
+@triton.jit
+def _scores_kernel(x_ptr, protos_ptr, scores_ptr, num_tokens, dim, stride_x, stride_p, alpha,
+                   NUM_EXPERTS: tl.constexpr, E_PAD: tl.constexpr, ACTIVATION: tl.constexpr,
+                   NATIVE_DOT: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+    """The scores alone [N, E], for the expert-choice routers (their top-C runs over tokens, not experts)."""
+    rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    row_ok = rows < num_tokens
+    scores = _prototype_scores(x_ptr, protos_ptr, rows, row_ok, dim, stride_x, stride_p, alpha, NUM_EXPERTS, E_PAD,
+                               ACTIVATION, NATIVE_DOT, BLOCK_N, BLOCK_D)
+    experts = tl.arange(0, E_PAD)
+    tl.store(scores_ptr + rows[:, None] * NUM_EXPERTS + experts[None, :], scores,
+             mask=row_ok[:, None] & (experts < NUM_EXPERTS)[None, :])
+
+
+@triton.jit
+def _route_kernel(x_ptr, protos_ptr, cond_ptr, ids_ptr, gates_ptr, hist_ptr,
+                  num_tokens, dim, stride_x, stride_p, alpha,
+                  NUM_EXPERTS: tl.constexpr, E_PAD: tl.constexpr, HIST_PAD: tl.constexpr, TOP_K: tl.constexpr,
+                  ACTIVATION: tl.constexpr, CONDITIONAL: tl.constexpr, NATIVE_DOT: tl.constexpr,
+                  BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+    block = tl.program_id(0)
+    rows = block * BLOCK_N + tl.arange(0, BLOCK_N)
+    row_ok = rows < num_tokens
+    experts = tl.arange(0, E_PAD)
+    scores = _prototype_scores(x_ptr, protos_ptr, rows, row_ok, dim, stride_x, stride_p, alpha, NUM_EXPERTS, E_PAD,
+                               ACTIVATION, NATIVE_DOT, BLOCK_N, BLOCK_D)
 
     if CONDITIONAL:
         cond = tl.load(cond_ptr + rows, mask=row_ok, other=1) != 0
@@ -85,16 +108,19 @@ def _route_kernel(x_ptr, protos_ptr, cond_ptr, ids_ptr, gates_ptr, hist_ptr,
     tl.store(hist_ptr + block * HIST_PAD + bins, hist)
 
 
-def route_prototypes_reference(x_ND, prototypes_ED, cond_N, top_k, activation="identity", alpha=1.0,
-                               conditional=True):
-    """PyTorch reference of the same signature: (expert ids [N, K], gates [N, K], counts [E + U]).
-
-    Computes in float32 at least (float64 inputs stay float64).
-    """
+def prototype_scores_reference(x_ND, prototypes_ED, activation="identity", alpha=1.0):
+    """activation(alpha * cos(x, p)) [N, E], in float32 at least (float64 inputs stay float64)."""
     dtype = torch.promote_types(x_ND.dtype, torch.float32)
     cos_NE = F.normalize(x_ND.to(dtype), dim=-1) @ F.normalize(prototypes_ED.to(dtype), dim=-1).t()
-    scores_NE = {"identity": lambda z: z, "sigmoid": torch.sigmoid, "softmax": lambda z: z.softmax(-1)}[activation](
+    return {"identity": lambda z: z, "sigmoid": torch.sigmoid, "softmax": lambda z: z.softmax(-1)}[activation](
         alpha * cos_NE)
+
+
+def route_prototypes_reference(x_ND, prototypes_ED, cond_N, top_k, activation="identity", alpha=1.0,
+                               conditional=True):
+    """PyTorch reference of the same signature: (expert ids [N, K], gates [N, K], counts [E + U])."""
+    scores_NE = prototype_scores_reference(x_ND, prototypes_ED, activation, alpha)
+    dtype = scores_NE.dtype
     # Ties: lowest index first (torch.topk leaves their order unspecified).
     gates_NK, ids_NK = scores_NE.sort(dim=-1, descending=True, stable=True)
     gates_NK, ids_NK = gates_NK[:, :top_k], ids_NK[:, :top_k]
@@ -147,9 +173,7 @@ class _RoutePrototypes(torch.autograd.Function):
         with torch.enable_grad():
             x = x_ND.detach().requires_grad_()
             protos = prototypes_ED.detach().requires_grad_()
-            cos_NE = F.normalize(x.float(), dim=-1) @ F.normalize(protos.float(), dim=-1).t()
-            scores_NE = {"identity": lambda z: z, "sigmoid": torch.sigmoid,
-                         "softmax": lambda z: z.softmax(-1)}[activation](alpha * cos_NE)
+            scores_NE = prototype_scores_reference(x, protos, activation, alpha)
             routed_NK = ids_NK < num_experts  # unconditional and dropped slots have constant gates
             chosen_NK = scores_NE.gather(1, ids_NK.clamp(max=num_experts - 1))
             grad = torch.where(routed_NK, grad_gates_NK.float(), 0.0)
@@ -164,3 +188,39 @@ def route_prototypes(x_ND, prototypes_ED, cond_N, top_k, activation="identity", 
     if prototypes_ED.shape[0] > 64:
         raise ValueError(f"the fused routing kernel supports up to 64 experts, got {prototypes_ED.shape[0]}")
     return _RoutePrototypes.apply(x_ND, prototypes_ED, cond_N, top_k, activation, alpha, conditional)
+
+
+class _PrototypeScores(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x_ND, prototypes_ED, activation, alpha):
+        num_tokens, dim = x_ND.shape
+        num_experts = prototypes_ED.shape[0]
+        x, protos = x_ND.contiguous(), prototypes_ED.contiguous()
+        block_n, block_d = routing_blocks(num_tokens, dim, num_experts, x.element_size())
+        scores = empty_output((num_tokens, num_experts), torch.float32, x.device)
+        if num_tokens:
+            _scores_kernel[(triton.cdiv(num_tokens, block_n),)](
+                x, protos, scores, num_tokens, dim, x.stride(0), protos.stride(0), float(alpha),
+                NUM_EXPERTS=num_experts, E_PAD=expert_block(num_experts), ACTIVATION=ACTIVATION_CODES[activation],
+                NATIVE_DOT=native_dot(x, protos), BLOCK_N=block_n, BLOCK_D=block_d)
+        ctx.save_for_backward(x_ND, prototypes_ED)
+        ctx.settings = (activation, alpha)
+        return scores
+
+    @staticmethod
+    def backward(ctx, grad_scores_NE):
+        x_ND, prototypes_ED = ctx.saved_tensors
+        activation, alpha = ctx.settings
+        with torch.enable_grad():
+            x = x_ND.detach().requires_grad_()
+            protos = prototypes_ED.detach().requires_grad_()
+            scores_NE = prototype_scores_reference(x, protos, activation, alpha)
+            grad_x, grad_protos = torch.autograd.grad(scores_NE, (x, protos), grad_scores_NE.to(scores_NE.dtype))
+        return grad_x, grad_protos, None, None
+
+
+def prototype_scores(x_ND, prototypes_ED, activation="identity", alpha=1.0):
+    """The scores of `prototype_scores_reference` [N, E] fp32, by the routing kernel's similarity code."""
+    if prototypes_ED.shape[0] > 64:
+        raise ValueError(f"the fused routing kernel supports up to 64 experts, got {prototypes_ED.shape[0]}")
+    return _PrototypeScores.apply(x_ND, prototypes_ED, activation, alpha)

@@ -3,7 +3,12 @@
 import pytest
 import torch
 
-from promoe.kernels.routing import route_prototypes, route_prototypes_reference
+from promoe.kernels.routing import (
+    prototype_scores,
+    prototype_scores_reference,
+    route_prototypes,
+    route_prototypes_reference,
+)
 
 SHAPES = [  # (tokens, dim, experts): N = 0 and 1, N not a multiple of the 16/64-token blocks, D not a power of 2
     (0, 32, 4), (1, 16, 4), (63, 40, 12), (65, 1152, 12), (130, 96, 64),
@@ -80,3 +85,20 @@ def test_routing_kernel_rejects_unsupported_sizes(rng):
         route_prototypes(torch.randn(4, 16), torch.randn(8, 16), torch.ones(4, dtype=torch.bool), 5)
     with pytest.raises(ValueError, match="up to 64 experts"):
         route_prototypes(torch.randn(4, 16), torch.randn(65, 16), torch.ones(4, dtype=torch.bool), 1)
+
+
+@pytest.mark.parametrize("num_tokens, dim, num_experts", SHAPES)
+@pytest.mark.parametrize("activation", ["identity", "sigmoid", "softmax"])
+def test_scores_kernel_for_expert_choice_matches_reference_with_gradients(num_tokens, dim, num_experts, activation,
+                                                                          rng, poisoned_outputs):
+    x = torch.randn(num_tokens, dim, generator=rng, requires_grad=True)
+    protos = (torch.randn(num_experts, dim, generator=rng) * 0.02).requires_grad_()
+    scores = prototype_scores(x, protos, activation, alpha=0.7)
+    x64, p64 = x.detach().double().requires_grad_(), protos.detach().double().requires_grad_()
+    expected = prototype_scores_reference(x64, p64, activation, alpha=0.7)
+    torch.testing.assert_close(scores.double(), expected.detach(), rtol=1e-5, atol=1e-6)
+    upstream = torch.randn(scores.shape, generator=rng)
+    grads = torch.autograd.grad(scores, (x, protos), upstream)
+    expected_grads = torch.autograd.grad(expected, (x64, p64), upstream.double())
+    for got, want in zip(grads, expected_grads):
+        torch.testing.assert_close(got.double(), want, rtol=1e-4, atol=1e-6)

@@ -159,7 +159,7 @@ def promoe_ec_reference(reference, x_BLD, cond_B, capacity, training):
     return out, aux
 
 
-@pytest.mark.parametrize("backend", ["loop", "torch"])
+@pytest.mark.parametrize("backend", ["loop", "torch", "triton"])
 @pytest.mark.parametrize("top_k", [1, 2])
 def test_promoe_expert_choice_layer_matches_reference(backend, top_k, rng):
     layer, _ = make_layer("ProMoE-EC-S", experts=f"E6A{top_k}S1U1")

@@ -6,8 +6,8 @@ Scorers give token-expert affinities; routers decide who goes where:
 Step 1 of ProMoE's two-step router, conditional routing, is shared by both: with `conditional=True` the tokens
 of null-label samples go to the unconditional expert (index num_routed in the bank) with gate 1.
 Every router's forward takes `use_kernels`: token-choice routers then build their plan with the Triton
-counting sort, and ProMoE's also routes with the fused kernel; expert-choice routers have no kernel yet and
-ignore it.
+counting sort, and ProMoE's also routes with the fused kernel; ProMoE-EC takes its scores from the same
+similarity code (its top-C runs over tokens, in PyTorch); the other routers have no kernel and ignore it.
 """
 
 import torch
@@ -189,12 +189,20 @@ class ExpertChoiceRouter(nn.Module):
         num_tokens = x_ND.shape[0]
         tokens_per_image = num_tokens // num_samples
         capacity = per_image_capacity(tokens_per_image, self.num_routed, self.capacity_factor)
-        scores_BEL = self.scorer(x_ND).view(num_samples, tokens_per_image, -1).transpose(1, 2)
+        scores_BEL = self.scores(x_ND, use_kernels).view(num_samples, tokens_per_image, -1).transpose(1, 2)
         gates_BEC, position_BEC = scores_BEL.topk(capacity, dim=-1)
         first_token_B = torch.arange(num_samples, device=x_ND.device) * tokens_per_image
         token_BEC = position_BEC + first_token_B[:, None, None]
         plan = self.plan(token_BEC, gates_BEC.to(x_ND.dtype), cond_N, num_tokens)
         return plan, self.aux_losses(x_ND, cond_N.view(num_samples, -1)[:, 0], token_BEC)
+
+    def scores(self, x_ND: torch.Tensor, use_kernels: bool) -> torch.Tensor:
+        """[N, E]; prototypes' scores come from the routing kernel's similarity code on the triton backend."""
+        if use_kernels and isinstance(self.scorer, PrototypeScorer) and self.num_routed <= 64:
+            from promoe.kernels.routing import prototype_scores
+
+            return prototype_scores(x_ND, self.scorer.prototypes, self.scorer.activation, self.scorer.alpha)
+        return self.scorer(x_ND)
 
     def plan(self, token_BEC, gates_BEC, cond_N, num_tokens) -> RoutingPlan:
         if not self.conditional:
