@@ -6,8 +6,8 @@
   offsets, gate-weighted scatter back. No host synchronisation, no data-dependent shapes.
 - `triton`: the same expert GEMMs between the Triton permute and gather-form combine kernels of
   `promoe.kernels.permute` (token-choice plans; an expert-choice plan has no fixed K per token and takes the
-  `torch` path), and the fused routing kernel in ProMoE's token-choice router. On the CPU it needs Triton's
-  interpreter (TRITON_INTERPRET=1), which is for tests, not speed.
+  `torch` path). The routers add their kernels on this backend (see `promoe.moe.routers`). On the CPU it
+  needs Triton's interpreter (TRITON_INTERPRET=1), which is for tests, not speed.
 """
 
 import contextlib
