@@ -106,3 +106,38 @@ def test_context_manager_overrides_the_configured_backend_and_rejects_unknown_na
     with pytest.raises(ValueError, match="unknown dispatch backend"):
         with promoe.dispatch_backend("cuda-magic"):
             pass
+
+
+def loop_gmm(x_TD, w_EDH, batch_sizes_E):
+    """A stand-in with MegaBlocks' gmm contract (batch sizes on the CPU), to test our side of the backend."""
+    assert batch_sizes_E.device.type == "cpu" and int(batch_sizes_E.sum()) == x_TD.shape[0]
+    starts = [0, *torch.cumsum(batch_sizes_E, 0).tolist()]
+    return torch.cat([x_TD[a:b] @ w_EDH[e] for e, (a, b) in enumerate(zip(starts, starts[1:]))])
+
+
+@pytest.mark.parametrize("routing", ["random", "with_dropped_slots", "empty_experts"])
+def test_megablocks_backend_wiring_matches_loop_with_a_stand_in_gmm(routing, monkeypatch, rng):
+    from promoe.moe import dispatch as dispatch_module
+
+    monkeypatch.setattr(dispatch_module, "megablocks_gmm", lambda: loop_gmm)
+    bank = make_bank(5, rng)
+    x = torch.randn(23, DIM, generator=rng)
+    ids = ROUTINGS[routing](23, 5, 2, rng)
+    gates = torch.rand(23, 2, generator=rng)
+    has_dropped = routing == "with_dropped_slots"
+    for a, b in zip(run_backend("loop", x, ids, gates, bank, has_dropped),
+                    run_backend("megablocks", x, ids, gates, bank, has_dropped)):
+        for got, expected in zip(b if isinstance(b, list) else [b], a if isinstance(a, list) else [a]):
+            torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_megablocks_backend_says_how_to_install_it_when_missing(rng):
+    try:
+        import megablocks  # noqa: F401
+        pytest.skip("megablocks is installed here")
+    except ImportError:
+        pass
+    bank = make_bank(2, rng)
+    with pytest.raises(ImportError, match=r"pip install \"\.\[gpu\]\""):
+        run_backend("megablocks", torch.randn(4, DIM), torch.zeros(4, 1, dtype=torch.long), torch.ones(4, 1), bank,
+                    False)

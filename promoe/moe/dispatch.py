@@ -8,6 +8,9 @@
   `promoe.kernels.permute` (token-choice plans; an expert-choice plan has no fixed K per token and takes the
   `torch` path). The routers add their kernels on this backend (see `promoe.moe.routers`). On the CPU it
   needs Triton's interpreter (TRITON_INTERPRET=1), which is for tests, not speed.
+- `megablocks`: MegaBlocks' grouped GEMM (`pip install ".[gpu]"`) for the expert GEMMs. It takes the
+  per-expert batch sizes on the host, so it costs one host synchronisation per layer: worth it only where its
+  GEMM beats `grouped_mm` (e.g. fp32/fp16 or sm_80, where `grouped_mm` itself falls back to a loop after a sync).
 """
 
 import contextlib
@@ -18,7 +21,7 @@ import torch
 from promoe.moe.experts import ExpertBank, gelu_tanh, grouped_mm
 from promoe.moe.plan import RoutingPlan
 
-BACKENDS = ("loop", "torch", "triton")
+BACKENDS = ("loop", "torch", "triton", "megablocks")
 _backend_override: list[str] = []
 
 
@@ -53,7 +56,8 @@ def dispatch(x_ND: torch.Tensor, plan: RoutingPlan, experts: ExpertBank, backend
     """y[n] = sum over the slots s of token n of gates[s] * expert[s](x[n])."""
     name = resolve_backend(backend, x_ND.device)
     check_backend(name)
-    run = {"loop": _loop_dispatch, "torch": _torch_dispatch, "triton": _triton_dispatch}[name]
+    run = {"loop": _loop_dispatch, "torch": _torch_dispatch, "triton": _triton_dispatch,
+           "megablocks": _megablocks_dispatch}[name]
     return run(x_ND, plan, experts)
 
 
@@ -85,6 +89,31 @@ def _triton_dispatch(x_ND: torch.Tensor, plan: RoutingPlan, experts: ExpertBank)
     x_SD = permute(x_ND, plan.token_index_S, plan.slot_NK, end)  # dropped rows are zeros
     out_SD = _run_experts(x_SD, plan, experts)
     return combine(out_SD, plan.gates_S, plan.token_index_S, plan.slot_NK, end)  # never reads dropped rows
+
+
+def megablocks_gmm():
+    """MegaBlocks' grouped GEMM, gmm(x [T, D], w [E, D, H], batch_sizes [E] on the CPU) -> [T, H]."""
+    try:
+        from megablocks import grouped_gemm_util
+    except ImportError as error:
+        raise ImportError("the `megablocks` dispatch backend needs MegaBlocks: pip install \".[gpu]\"") from error
+    if not grouped_gemm_util.grouped_gemm_is_available():
+        raise ImportError("MegaBlocks is installed without its grouped_gemm extension")
+    return grouped_gemm_util.ops.gmm
+
+
+def _megablocks_dispatch(x_ND: torch.Tensor, plan: RoutingPlan, experts: ExpertBank) -> torch.Tensor:
+    gmm = megablocks_gmm()
+    # The host synchronisation this backend costs: its GEMM reads the batch sizes on the CPU. Knowing them,
+    # the dropped slots (past the last offset) can simply be cut off.
+    batch_sizes_E = plan.counts_E.cpu()
+    kept = int(batch_sizes_E.sum())
+    token_S, expert_S, gates_S = plan.token_index_S[:kept], plan.expert_index_S[:kept], plan.gates_S[:kept]
+    h_SH = gelu_tanh(gmm(x_ND[token_S], experts.w_up_EDH, batch_sizes_E) + experts.b_up_EH[expert_S])
+    out_SD = gmm(h_SH, experts.w_down_EHD, batch_sizes_E) + experts.b_down_ED[expert_S]
+    out_SD = out_SD * gates_S[:, None].to(out_SD.dtype)
+    y_ND = x_ND.new_zeros(x_ND.shape, dtype=torch.float32)
+    return y_ND.index_add(0, token_S, out_SD.float()).to(x_ND.dtype)
 
 
 def _run_experts(x_SD: torch.Tensor, plan: RoutingPlan, experts: ExpertBank) -> torch.Tensor:
