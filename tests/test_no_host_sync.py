@@ -10,6 +10,7 @@ import pytest
 import torch
 
 import promoe
+from promoe.counters import OpCounter
 from tests.helpers import TINY
 
 MODELS = {
@@ -43,30 +44,6 @@ def test_the_meta_check_catches_the_loop_backend_which_does_sync():
         run_on_meta(*MODELS["promoe-top2"], True, "loop")
 
 
-class HostSyncRecorder(torch.utils._python_dispatch.TorchDispatchMode):
-    """Records every op that makes a GPU wait for the host: a scalar read (`.item()`, `bool()`), or an op whose
-    output shape depends on the data."""
-
-    DATA_DEPENDENT = {"aten::nonzero", "aten::masked_select", "aten::_unique", "aten::_unique2", "aten::unique_dim",
-                      "aten::unique_consecutive", "aten::_local_scalar_dense"}
-
-    def __init__(self):
-        super().__init__()
-        self.syncs = []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        name = func._schema.name
-        if name in self.DATA_DEPENDENT:
-            self.syncs.append(name)
-        elif name == "aten::index" and any(i is not None and i.dtype == torch.bool for i in args[1]):
-            self.syncs.append("boolean-mask indexing")
-        elif name == "aten::repeat_interleave" and isinstance(args[0], torch.Tensor) and args[0].dtype != torch.bool \
-                and kwargs.get("output_size") is None and "self_Tensor" not in str(func):
-            self.syncs.append("repeat_interleave without output_size")
-        return func(*args, **kwargs)
-
-
 @pytest.mark.parametrize("backend", ["torch", "triton"])
 @pytest.mark.parametrize("model", ["promoe-top2", "promoe-ec", "tc-dit", "diffmoe"])
 def test_no_op_that_syncs_with_the_host_in_a_moe_layer_forward_and_backward(model, backend):
@@ -76,7 +53,7 @@ def test_no_op_that_syncs_with_the_host_in_a_moe_layer_forward_and_backward(mode
     layer = build_mlp(promoe.model_config(name, **TINY, **overrides), block_index=1).train()
     x = torch.randn(4, 16, TINY["hidden_size"], requires_grad=True)
     labels = torch.tensor([1, 10, 3, 4])
-    with HostSyncRecorder() as recorder, promoe.dispatch_backend(backend):
+    with OpCounter() as recorder, promoe.dispatch_backend(backend):
         out, aux = layer(x, labels)
         (out.square().sum() + sum(aux.values(), torch.zeros(()))).backward()
     assert recorder.syncs == []
@@ -86,6 +63,6 @@ def test_the_sync_recorder_catches_the_loop_backend():
     from promoe.zoo import build_mlp
 
     layer = build_mlp(promoe.model_config("ProMoE-S", **TINY), block_index=1)
-    with HostSyncRecorder() as recorder, promoe.dispatch_backend("loop"):
+    with OpCounter() as recorder, promoe.dispatch_backend("loop"):
         layer(torch.randn(2, 16, TINY["hidden_size"]), torch.tensor([1, 2]))
     assert "boolean-mask indexing" in recorder.syncs

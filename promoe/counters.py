@@ -1,0 +1,115 @@
+"""Counters that predict GPU speed, measured on any device: host synchronisations and op launches.
+
+    with OpCounter() as counter:
+        loss = model(x, t, y).square().mean(); loss.backward()
+    counter.host_syncs, counter.launches
+
+Every aten op that reaches the dispatcher is one launch (on a GPU, about one kernel); Triton kernels launched
+by promoe's kernels count too (`triton_launches`, with the bytes their tensor arguments span).
+"""
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+# Ops whose output shape depends on the data, or that read a device scalar on the host.
+_DATA_DEPENDENT = {"aten::nonzero", "aten::masked_select", "aten::_unique", "aten::_unique2", "aten::unique_dim",
+                   "aten::unique_consecutive", "aten::_local_scalar_dense"}
+# Ops that move no data and launch nothing.
+_VIEWS = {"aten::view", "aten::_unsafe_view", "aten::reshape", "aten::expand", "aten::as_strided", "aten::t",
+          "aten::transpose", "aten::permute", "aten::unsqueeze", "aten::squeeze", "aten::slice", "aten::select",
+          "aten::detach", "aten::alias", "aten::unbind", "aten::split", "aten::chunk", "aten::split_with_sizes",
+          "aten::diagonal", "aten::empty", "aten::empty_strided", "aten::_reshape_alias"}
+
+
+def host_sync_reason(func, args, kwargs) -> str | None:
+    """Why this aten call makes a GPU wait for the host, or None."""
+    name = func._schema.name
+    if name in _DATA_DEPENDENT:
+        return name
+    if name == "aten::index" and any(i is not None and i.dtype == torch.bool for i in args[1]):
+        return "boolean-mask indexing"
+    if name == "aten::repeat_interleave" and func._overloadname in ("Tensor", "self_Tensor") \
+            and kwargs.get("output_size") is None:
+        return "repeat_interleave without output_size"
+    if name == "aten::_to_copy" and isinstance(args[0], torch.Tensor) and args[0].device.type != "cpu" \
+            and str(kwargs.get("device", "")) == "cpu":
+        return "copy to the host"
+    return None
+
+
+class OpCounter(TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.syncs: list[str] = []
+        self.launches = 0
+        self.ops: dict[str, int] = {}
+        self.paused = False  # inside a Triton launch: the interpreter's own tensor handling is not the model's
+
+    @property
+    def host_syncs(self) -> int:
+        return len(self.syncs)
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if self.paused:
+            return func(*args, **kwargs)
+        reason = host_sync_reason(func, args, kwargs)
+        if reason is not None:
+            self.syncs.append(reason)
+        name = func._schema.name
+        if name not in _VIEWS:
+            self.launches += 1
+            self.ops[name] = self.ops.get(name, 0) + 1
+        return func(*args, **kwargs)
+
+
+class TritonLaunchCounter:
+    """Counts promoe's Triton kernel launches and the bytes their tensor arguments span.
+
+    `bytes_moved` adds each tensor argument of each launch (what the kernels may read or write);
+    `bytes_minimum` counts each distinct tensor once (every input read once, every output written once).
+    """
+
+    def __init__(self, op_counter: OpCounter | None = None):
+        self.launches = 0
+        self.bytes_moved = 0
+        self._distinct: dict[int, int] = {}
+        self._op_counter = op_counter  # paused during each launch
+
+    @property
+    def bytes_minimum(self) -> int:
+        return sum(self._distinct.values())
+
+    def record(self, args) -> None:
+        self.launches += 1
+        for arg in args:
+            if isinstance(arg, torch.Tensor):
+                size = arg.numel() * arg.element_size()
+                self.bytes_moved += size
+                self._distinct[arg.data_ptr()] = max(size, self._distinct.get(arg.data_ptr(), 0))
+
+    def __enter__(self):
+        from triton.runtime.interpreter import InterpretedFunction
+        from triton.runtime.jit import JITFunction
+
+        self._patched = []
+        for cls in (JITFunction, InterpretedFunction):
+            original = cls.run
+
+            def run(kernel, *args, _original=original, **kwargs):
+                self.record(args)
+                if self._op_counter is not None:
+                    self._op_counter.paused = True
+                try:
+                    return _original(kernel, *args, **kwargs)
+                finally:
+                    if self._op_counter is not None:
+                        self._op_counter.paused = False
+
+            cls.run = run
+            self._patched.append((cls, original))
+        return self
+
+    def __exit__(self, *exc):
+        for cls, original in self._patched:
+            cls.run = original

@@ -1,0 +1,37 @@
+"""Smoke test of the bench scripts: one tiny iteration each, and the JSON they write has the documented schema."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+TINY = ["--overrides", "input_size=8", "hidden_size=64", "num_heads=4", "depth=2", "--reps", "1", "--warmup", "0"]
+RECORD_KEYS = {
+    "moe_layer": {"backend", "mode", "tokens_per_s", "speedup_vs_loop", "time_vs_dense", "host_syncs", "launches",
+                  "bytes_moved", "bytes_minimum"},
+    "train_step": {"backend", "mode", "images_per_s", "speedup_vs_loop", "time_vs_dense"},
+}
+
+
+@pytest.mark.parametrize("script, extra", [("moe_layer", ["--size", "S", "--tokens", "32"]),
+                                           ("train_step", ["--model", "ProMoE-S", "--batch", "2"])])
+def test_bench_script_writes_json_table_and_chart(script, extra, tmp_path):
+    out = tmp_path / f"{script}.json"
+    subprocess.run([sys.executable, str(ROOT / "bench" / f"{script}.py"), *extra, *TINY, "--json", str(out)],
+                   check=True, capture_output=True, cwd=ROOT)
+    run = json.loads(out.read_text())
+    assert {"machine", "config", "results"} <= set(run)
+    assert {"torch", "triton", "threads"} <= set(run["machine"])
+    assert run["results"] and all(set(record) == RECORD_KEYS[script] for record in run["results"])
+    assert {r["backend"] for r in run["results"]} >= {"loop", "torch"}
+    assert out.with_suffix(".md").read_text().startswith("###")
+    assert out.with_suffix(".png").stat().st_size > 1000
+    if script == "moe_layer":
+        by_backend = {(r["backend"], r["mode"]): r for r in run["results"]}
+        assert by_backend[("torch", "fwd+bwd")]["host_syncs"] == 0
+        assert by_backend[("triton", "fwd+bwd")]["host_syncs"] == 0
+        assert by_backend[("loop", "fwd+bwd")]["host_syncs"] > 0
+        assert by_backend[("triton", "fwd")]["bytes_moved"] >= by_backend[("triton", "fwd")]["bytes_minimum"] > 0
