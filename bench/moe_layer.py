@@ -24,6 +24,7 @@ import report  # noqa: E402  (bench/report.py: JSON, table and chart shared by t
 
 import promoe  # noqa: E402
 from promoe.counters import OpCounter, TritonLaunchCounter  # noqa: E402
+from promoe.moe.dispatch import megablocks_gmm  # noqa: E402
 from promoe.moe.experts import gelu_tanh  # noqa: E402
 from promoe.zoo import build_mlp  # noqa: E402
 
@@ -59,17 +60,28 @@ def dense_step(layer, x, top_k, backward):
         out.float().square().mean().backward()
 
 
-def synchronize(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-
-
 def time_once(fn, device):
-    synchronize(device)
-    start = time.perf_counter()
+    """Seconds of one call: CUDA events on a GPU, the wall clock elsewhere."""
+    if device.type != "cuda":
+        start = time.perf_counter()
+        fn()
+        return time.perf_counter() - start
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
     fn()
-    synchronize(device)
-    return time.perf_counter() - start
+    end.record()
+    end.synchronize()
+    return start.elapsed_time(end) / 1000
+
+
+def available_backends() -> list[str]:
+    backends = ["loop", "torch", "triton"]
+    try:
+        megablocks_gmm()
+        backends.append("megablocks")
+    except ImportError:
+        pass
+    return backends
 
 
 def counters(layer, backend, x, labels, backward):
@@ -86,7 +98,8 @@ def main(argv=None):
     parser.add_argument("--model", default="ProMoE", help="model family of the zoo, e.g. ProMoE or TC-DiT")
     parser.add_argument("--tokens", type=int, default=2048)
     parser.add_argument("--dtype", choices=DTYPES, default="fp32")
-    parser.add_argument("--backend", nargs="+", default=["loop", "torch", "triton"])
+    parser.add_argument("--backend", nargs="+", default=available_backends(),
+                        help="default: every backend available here (megablocks when installed)")
     parser.add_argument("--reps", type=int, default=5)
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--overrides", nargs="*", default=[], help="config overrides key=value, e.g. hidden_size=64")
