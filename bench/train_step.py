@@ -18,7 +18,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import report  # noqa: E402
 
 import promoe  # noqa: E402
-from promoe.smoke import rectified_flow_loss  # noqa: E402
+from promoe.diffusion import RectifiedFlow  # noqa: E402
 
 
 def dense_name(model_name: str) -> str:
@@ -35,7 +35,7 @@ def make_candidate(name, backend, overrides, batch, device, generator):
 
     def step():
         with promoe.dispatch_backend(backend):
-            loss, _, _ = rectified_flow_loss(model, x0, labels, generator)
+            loss, _ = RectifiedFlow().loss(model, x0, labels, generator)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()

@@ -11,18 +11,9 @@ import torch
 from tqdm import tqdm
 
 import promoe
+from promoe.diffusion import RectifiedFlow
 
 SMALL = dict(input_size=16, patch_size=2, in_channels=4, hidden_size=128, num_heads=4, depth=4, num_classes=10)
-
-
-def rectified_flow_loss(model, x0, y, generator):
-    """MSE to the velocity eps - x0 at x_t = (1 - s) x0 + s eps, s logit-normal; plus the aux losses."""
-    s = torch.sigmoid(torch.randn(x0.shape[0], generator=generator))
-    eps = torch.randn(x0.shape, generator=generator)
-    x_t = (1 - s[:, None, None, None]) * x0 + s[:, None, None, None] * eps
-    pred, aux = model(x_t, s * 1000, y, return_aux=True)
-    mse = (pred[:, : x0.shape[1]] - (eps - x0)).square().mean()
-    return mse + sum(aux.values(), torch.zeros(())), mse, aux
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -46,14 +37,16 @@ def main(argv: list[str] | None = None) -> None:
     x0 = x0.expand(-1, 4, -1, -1).contiguous()
 
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    flow = RectifiedFlow()
     first = None
     for _ in (bar := tqdm(range(args.steps), desc="smoke steps")):
-        loss, mse, aux = rectified_flow_loss(model, x0, labels, generator)
+        loss, terms = flow.loss(model, x0, labels, generator)
+        mse = terms["mse"]
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
         first = mse.item() if first is None else first
-        bar.set_postfix(mse=f"{mse.item():.4f}", **{k: f"{v.item():.4f}" for k, v in aux.items()})
+        bar.set_postfix({k: f"{v.item():.4f}" for k, v in terms.items()})
     print(f"mse {first:.4f} -> {mse.item():.4f} over {args.steps} steps")
 
     outputs = {}

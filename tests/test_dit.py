@@ -116,7 +116,7 @@ def test_backends_give_the_same_model_outputs_and_gradients(rng):
 
 
 def test_training_with_triton_kernels_matches_loop_step_by_step():
-    from promoe.smoke import rectified_flow_loss
+    from promoe.diffusion import RectifiedFlow
 
     losses = {}
     for backend in ("loop", "triton"):
@@ -129,7 +129,7 @@ def test_training_with_triton_kernels_matches_loop_step_by_step():
         losses[backend] = []
         with promoe.dispatch_backend(backend):
             for _ in range(6):
-                loss, _, _ = rectified_flow_loss(model, x0, labels, generator)
+                loss, _ = RectifiedFlow().loss(model, x0, labels, generator)
                 optimizer.zero_grad()
                 loss.backward()
                 optimizer.step()
