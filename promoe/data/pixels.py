@@ -1,0 +1,95 @@
+"""Small pixel-space data sets for the CPU demo: Fashion-MNIST (IDX files) and scikit-learn's digits.
+
+Debian's `dataset-fashion-mnist` package installs the four IDX `.gz` files in FASHION_MNIST_DIR; any other folder
+holding them works. A file that is missing, truncated or not IDX is reported with its path.
+"""
+
+import gzip
+import struct
+from pathlib import Path
+
+import numpy as np
+import torch
+
+FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
+FASHION_MNIST_FILES = {
+    "train": ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz"),
+    "test": ("t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz"),
+}
+_UBYTE = 0x08
+
+
+def read_idx(path: Path) -> np.ndarray:
+    """An IDX file (optionally gzipped) of unsigned bytes as an array; ValueError naming the file if it is bad."""
+    path = Path(path)
+    try:
+        if path.suffix == ".gz":
+            with gzip.open(path) as file:
+                raw = file.read()
+        else:
+            raw = path.read_bytes()
+    except (OSError, EOFError) as error:
+        raise ValueError(f"{path}: cannot read ({error})") from error
+    if len(raw) < 4 or raw[:2] != b"\0\0" or raw[2] != _UBYTE:
+        raise ValueError(f"{path}: not an IDX file of unsigned bytes (bad magic number)")
+    ndim = raw[3]
+    header = 4 + 4 * ndim
+    if len(raw) < header:
+        raise ValueError(f"{path}: truncated IDX header")
+    shape = struct.unpack(f">{ndim}I", raw[4:header])
+    expected = header + int(np.prod(shape))
+    if len(raw) != expected:
+        raise ValueError(f"{path}: IDX header promises {expected - header} bytes of data for shape {shape}, "
+                         f"the file holds {len(raw) - header}")
+    return np.frombuffer(raw, dtype=np.uint8, offset=header).reshape(shape)
+
+
+def load_fashion_mnist(folder: Path = FASHION_MNIST_DIR, split: str = "train") -> tuple[np.ndarray, np.ndarray]:
+    """(images uint8 [N, 28, 28], labels int64 [N]) of one split."""
+    images_name, labels_name = FASHION_MNIST_FILES[split]
+    images, labels = read_idx(Path(folder) / images_name), read_idx(Path(folder) / labels_name)
+    if images.ndim != 3 or labels.ndim != 1 or len(images) != len(labels):
+        raise ValueError(f"{folder}: {images_name} {images.shape} and {labels_name} {labels.shape} do not pair up")
+    if labels.max(initial=0) > 9:
+        raise ValueError(f"{Path(folder) / labels_name}: labels above 9 in a 10-class data set")
+    return images, labels.astype(np.int64)
+
+
+def load_digits_28() -> tuple[np.ndarray, np.ndarray]:
+    """scikit-learn's 1797 8x8 digits (0..16), resized to 28x28 uint8 so the demo model fits both data sets."""
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    images = torch.from_numpy(digits.images).float()[:, None] / 16.0
+    images = torch.nn.functional.interpolate(images, size=(28, 28), mode="bilinear", align_corners=False)
+    return (images[:, 0] * 255).round().clamp(0, 255).to(torch.uint8).numpy(), digits.target.astype(np.int64)
+
+
+class PixelDataset(torch.utils.data.Dataset):
+    """uint8 images [N, H, W] -> float [1, H, W] in [-1, 1] with their labels; optional random horizontal flip."""
+
+    def __init__(self, images: np.ndarray, labels: np.ndarray, flip: bool = False, name: str = ""):
+        self.images = torch.from_numpy(np.ascontiguousarray(images))
+        self.labels = torch.from_numpy(labels)
+        self.flip = flip
+        self.name = name
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        image = self.images[index][None].float() / 127.5 - 1
+        if self.flip and torch.rand(()) < 0.5:
+            image = image.flip(-1)
+        return image, self.labels[index]
+
+
+def default_pixel_dataset(folder: Path | None = None) -> PixelDataset:
+    """Fashion-MNIST's training split when its files are there (flips on), else the digits (no flips: a flipped
+    digit is another glyph), with a printed note."""
+    folder = Path(folder) if folder is not None else FASHION_MNIST_DIR
+    if all((folder / name).exists() for name in FASHION_MNIST_FILES["train"]):
+        return PixelDataset(*load_fashion_mnist(folder), flip=True, name="fashion-mnist")
+    print(f"note: no Fashion-MNIST files in {folder} (apt-get install dataset-fashion-mnist); "
+          "training on scikit-learn's digits instead")
+    return PixelDataset(*load_digits_28(), flip=False, name="digits")
