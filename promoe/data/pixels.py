@@ -41,7 +41,7 @@ def read_idx(path: Path) -> np.ndarray:
     if len(raw) != expected:
         raise ValueError(f"{path}: IDX header promises {expected - header} bytes of data for shape {shape}, "
                          f"the file holds {len(raw) - header}")
-    return np.frombuffer(raw, dtype=np.uint8, offset=header).reshape(shape)
+    return np.frombuffer(raw, dtype=np.uint8, offset=header).reshape(shape).copy()  # writable, as torch wants
 
 
 def load_fashion_mnist(folder: Path = FASHION_MNIST_DIR, split: str = "train") -> tuple[np.ndarray, np.ndarray]:
