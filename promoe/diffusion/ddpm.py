@@ -18,12 +18,18 @@ class DDPM:
         betas = torch.linspace(self.beta_start, self.beta_end, self.num_steps, dtype=torch.float64)
         self.alphas_cumprod = torch.cumprod(1 - betas, dim=0)
 
-    def loss(self, model, x0: torch.Tensor, y: torch.Tensor, generator: torch.Generator | None = None):
+    def draw(self, shape: torch.Size, generator: torch.Generator | None = None):
+        """(step indices t [B], noise [B, ...]) on the CPU, for a batch of the given shape."""
+        steps = torch.randint(0, self.num_steps, (shape[0],), generator=generator)
+        return steps, torch.randn(shape, generator=generator)
+
+    def loss(self, model, x0: torch.Tensor, y: torch.Tensor, generator: torch.Generator | None = None,
+             draws=None, **model_kwargs):
         """(total, {"mse": ..., aux ...}): MSE of the predicted noise on the first C channels plus the aux losses."""
-        t = torch.randint(0, self.num_steps, (x0.shape[0],), generator=generator)
-        eps = torch.randn(x0.shape, generator=generator).to(x0.device, x0.dtype)
-        x_t = self.noise(x0, t.to(x0.device), eps)
-        prediction, aux = model(x_t, t.to(x0.device), y, return_aux=True)
+        t, eps = draws if draws is not None else self.draw(x0.shape, generator)
+        t, eps = t.to(x0.device), eps.to(x0.device, x0.dtype)
+        x_t = self.noise(x0, t, eps)
+        prediction, aux = model(x_t, t, y, return_aux=True, **model_kwargs)
         mse = (prediction[:, : x0.shape[1]].float() - eps.float()).square().mean()
         return mse + sum(aux.values(), torch.zeros((), device=x0.device)), {"mse": mse, **aux}
 

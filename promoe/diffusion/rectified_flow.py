@@ -22,13 +22,21 @@ class RectifiedFlow:
         logits = torch.randn(batch, generator=generator) * self.std + self.mean
         return shift_sigmas(torch.sigmoid(logits), self.shift)
 
-    def loss(self, model, x0: torch.Tensor, y: torch.Tensor, generator: torch.Generator | None = None):
-        """(total, {"mse": ..., aux losses ...}): the MSE on the first C channels plus every aux loss."""
-        s = self.sample_timesteps(x0.shape[0], generator).to(x0.device)
-        eps = torch.randn(x0.shape, generator=generator).to(x0.device, x0.dtype)
+    def draw(self, shape: torch.Size, generator: torch.Generator | None = None):
+        """(timesteps s [B], noise [B, ...]) on the CPU, for a batch of the given shape."""
+        return self.sample_timesteps(shape[0], generator), torch.randn(shape, generator=generator)
+
+    def loss(self, model, x0: torch.Tensor, y: torch.Tensor, generator: torch.Generator | None = None,
+             draws=None, **model_kwargs):
+        """(total, {"mse": ..., aux losses ...}): the MSE on the first C channels plus every aux loss.
+
+        draws: (s, noise) from `draw`, to give each sample the same draw however the batch is split over ranks.
+        """
+        s, eps = draws if draws is not None else self.draw(x0.shape, generator)
+        s, eps = s.to(x0.device), eps.to(x0.device, x0.dtype)
         s_ = s.view(-1, *[1] * (x0.dim() - 1)).to(x0.dtype)
         x_s = (1 - s_) * x0 + s_ * eps
-        prediction, aux = model(x_s, s * 1000, y, return_aux=True)
+        prediction, aux = model(x_s, s * 1000, y, return_aux=True, **model_kwargs)
         mse = (prediction[:, : x0.shape[1]].float() - (eps - x0).float()).square().mean()
         return mse + sum(aux.values(), torch.zeros((), device=x0.device)), {"mse": mse, **aux}
 

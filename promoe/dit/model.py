@@ -50,8 +50,8 @@ class DiT(nn.Module):
 
     x: latents or pixels [B, C, H, W]; t: the timestep as the official code feeds it (sigma * 1000 for
     rectified flow, the step index for DDPM); y: labels, `num_classes` meaning the null class.
-    In training the labels are dropped to the null class with p = class_dropout_prob, and the dropped labels
-    are the ones every MoE layer routes by.
+    In training the labels are dropped to the null class with p = class_dropout_prob (drop_labels=False when the
+    caller has dropped them already), and the dropped labels are the ones every MoE layer routes by.
     """
 
     def __init__(self, config, mlp_factory):
@@ -113,11 +113,11 @@ class DiT(nn.Module):
         x = x_BTP.reshape(x_BTP.shape[0], h, w, p, p, c)
         return torch.einsum("nhwpqc->nchpwq", x).reshape(x_BTP.shape[0], c, h * p, w * p)
 
-    def forward(self, x, t, y, return_aux: bool = False):
+    def forward(self, x, t, y, return_aux: bool = False, drop_labels: bool | None = None):
         if y.dim() != 1 or t.dim() != 1 or not (x.shape[0] == t.shape[0] == y.shape[0]):
             raise ValueError(f"expected x [B, C, H, W], t [B], y [B]; got {list(x.shape)}, {list(t.shape)}, "
                              f"{list(y.shape)}")
-        if self.training:
+        if self.training if drop_labels is None else drop_labels:
             y = self.y_embedder.drop_labels(y)
         x = self.x_embedder(x) + self.pos_embed  # (B, T, D), T = H * W / patch_size ** 2
         c = self.t_embedder(t) + self.y_embedder(y)  # (B, D)
