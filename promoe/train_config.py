@@ -77,10 +77,16 @@ class RunConfig:
 
 
 def _coerce(value, annotation, key: str, source: str):
-    """value checked against the field's type; ints are accepted for floats, lists for tuples."""
+    """value checked against the field's type; ints are accepted for floats, lists for tuples, and strings such
+    as '1e-3' for floats (YAML 1.1 reads 1e-3 without a dot as a string)."""
     origin = typing.get_origin(annotation)
     if annotation is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
+    if annotation is float and isinstance(value, str):
+        try:
+            return float(value)
+        except ValueError:
+            pass
     if origin is tuple:
         if not isinstance(value, (list, tuple)) or len(value) != len(typing.get_args(annotation)):
             raise ValueError(f"{key}: expected a list of {len(typing.get_args(annotation))} numbers, got {value!r} "

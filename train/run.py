@@ -1,0 +1,248 @@
+"""The training driver: one process (`python train/run.py --config FILE`) or several
+(`torchrun --nproc_per_node=N train/run.py --config FILE`), FSDP2, EMA, atomic resumable checkpoints.
+
+Pipeline: config -> process group -> model (seeded alike on every rank) -> fully_shard per block, then the root
+-> AdamW -> resume from the latest checkpoint -> train loop -> EMA export.
+
+Every random draw of a step (the sample order, label dropout, timesteps, noise) is made for the global batch from
+a generator seeded by (seed, step), and each rank takes its slice: a resumed run, or a run on another number of
+ranks, sees the same samples, labels and noise at every step.
+"""
+
+import argparse
+import csv
+import json
+import math
+import os
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    get_state_dict,
+    set_state_dict,
+)
+from torch.distributed.fsdp import fully_shard
+from tqdm import tqdm
+
+import promoe
+from promoe.data import default_pixel_dataset
+from promoe.diffusion import DDPM, RectifiedFlow
+from promoe.train_config import RunConfig, load_config
+
+
+def parse_args(argv):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", type=Path, default=None, help="YAML run config")
+    parser.add_argument("--max-steps", type=int, default=None, help="shortcut for train.steps=N")
+    parser.add_argument("--out", default=None, help="shortcut for train.out=DIR")
+    parser.add_argument("--ckpt-every", type=int, default=None, help="shortcut for train.ckpt_every=N")
+    parser.add_argument("--no-resume", action="store_true", help="start afresh even if DIR holds a checkpoint")
+    parser.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. optim.lr=3e-4")
+    args = parser.parse_intermixed_args(argv)  # overrides may come before or after the options
+    shortcuts = {"train.steps": args.max_steps, "train.out": args.out, "train.ckpt_every": args.ckpt_every}
+    args.overrides += [f"{key}={value}" for key, value in shortcuts.items() if value is not None]
+    return args
+
+
+def init_distributed() -> tuple[int, int, torch.device]:
+    """(rank, world size, device); a single process becomes a group of one so that one code path serves both."""
+    if "RANK" not in os.environ:
+        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", str(29500 + os.getpid() % 20000))
+    cuda = torch.cuda.is_available()
+    local_rank = int(os.environ["LOCAL_RANK"])  # the device comes from the local rank, never the global one
+    device = torch.device("cuda", local_rank) if cuda else torch.device("cpu")
+    if cuda:
+        torch.cuda.set_device(device)
+    dist.init_process_group("nccl" if cuda else "gloo")
+    return dist.get_rank(), dist.get_world_size(), device
+
+
+class EMA:
+    """fp32 exponential moving average of each rank's local parameter shards."""
+
+    def __init__(self, model: torch.nn.Module, decay: float):
+        self.decay = decay
+        self.params = {name: p.detach().float().clone() for name, p in model.named_parameters()}
+
+    @torch.no_grad()
+    def update(self, model: torch.nn.Module) -> None:
+        for name, p in model.named_parameters():
+            self.params[name].lerp_(p.detach().float(), 1 - self.decay)
+
+
+class Checkpoints:
+    """One folder per saved step, written atomically (a temporary folder, then a rename), `latest` updated last."""
+
+    def __init__(self, out: Path, keep: int):
+        self.root = out / "checkpoints"
+        self.keep = keep
+
+    def latest(self) -> Path | None:
+        pointer = self.root / "latest"
+        return self.root / pointer.read_text().strip() if pointer.exists() else None
+
+    def save(self, step: int, state: dict, config: RunConfig, rank: int) -> Path:
+        final = self.root / f"step_{step:07d}"
+        tmp = self.root / f"step_{step:07d}.tmp"
+        if rank == 0:
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+        dist.barrier()
+        dcp.save(state, checkpoint_id=str(tmp))
+        if rank == 0:
+            (tmp / "config.json").write_text(config.to_json())  # sampling rebuilds the model from it
+            (tmp / "meta.json").write_text(json.dumps({"step": step}))
+            shutil.rmtree(final, ignore_errors=True)
+            tmp.rename(final)
+            pointer_tmp = self.root / "latest.tmp"
+            pointer_tmp.write_text(final.name)
+            pointer_tmp.replace(self.root / "latest")
+            for old in sorted(self.root.glob("step_???????"))[: -self.keep]:
+                shutil.rmtree(old)
+        dist.barrier()
+        return final
+
+
+def check_resumable(folder: Path, config: RunConfig) -> None:
+    saved = json.loads((folder / "config.json").read_text())
+    if saved["model"] != json.loads(config.to_json())["model"]:
+        raise SystemExit(f"checkpoint {folder} was trained with model {saved['model']}, the config asks for "
+                         f"{json.loads(config.to_json())['model']}: resume with the same model or pass --no-resume")
+
+
+def global_batch_indices(num_items: int, global_batch: int, step: int, seed: int) -> torch.Tensor:
+    """The dataset indices of step `step`: a fresh permutation per epoch, so the position is a function of step."""
+    per_epoch = num_items // global_batch
+    epoch, position = divmod(step, per_epoch)
+    order = torch.randperm(num_items, generator=torch.Generator().manual_seed(seed * 100_003 + epoch))
+    return order[position * global_batch:(position + 1) * global_batch]
+
+
+def build_sharded_model(config: RunConfig, device: torch.device) -> torch.nn.Module:
+    torch.manual_seed(config.train.seed)  # the same initial weights on every rank
+    model = promoe.build_model(config.model.name, **config.model.overrides).to(device)
+    for block in model.blocks:
+        fully_shard(block)
+    fully_shard(model)
+    return model.train()
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    rank, world_size, device = init_distributed()
+    config = load_config(args.config, args.overrides)
+    config.validate(world_size, str(args.config or "defaults"))
+    train, out = config.train, Path(config.train.out)
+
+    model = build_sharded_model(config, device)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=config.optim.lr, betas=config.optim.betas,
+                                  weight_decay=config.optim.weight_decay)
+    ema = EMA(model, train.ema_decay)
+    objective = RectifiedFlow() if train.objective == "rf" else DDPM()
+    dataset = default_pixel_dataset(config.data.folder)
+    if len(dataset) < train.global_batch:
+        raise SystemExit(f"data set {dataset.name} holds {len(dataset)} items, fewer than one global batch")
+    checkpoints = Checkpoints(out, train.keep_checkpoints)
+
+    start = 0
+    latest = None if args.no_resume else checkpoints.latest()
+    if latest is not None:
+        check_resumable(latest, config)
+        model_state, optim_state = get_state_dict(model, optimizer)
+        state = {"model": model_state, "optim": optim_state, "ema": ema.params}
+        dcp.load(state, checkpoint_id=str(latest))
+        set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+        start = json.loads((latest / "meta.json").read_text())["step"]
+        if rank == 0:
+            print(f"resumed from {latest} at step {start}")
+
+    activated, total = promoe.count_params(promoe.build_model(config.model.name, device="meta",
+                                                               **config.model.overrides))
+    if rank == 0:
+        out.mkdir(parents=True, exist_ok=True)
+        print(f"world size {world_size}, global batch {train.global_batch} ({train.global_batch // world_size} per "
+              f"rank), data {dataset.name} ({len(dataset)} images), model {config.model.name} "
+              f"{activated / 1e6:.2f}M activated / {total / 1e6:.2f}M total, fp32, dispatch "
+              f"{promoe.moe.dispatch.resolve_backend(None, device)}")
+
+    per_rank = train.global_batch // world_size
+    metrics_path = out / "metrics.csv"
+    bar = tqdm(range(start, train.steps), initial=start, total=train.steps, disable=rank != 0, desc="train")
+    last_saved = latest
+    tic = time.perf_counter()
+    for step in bar:
+        generator = torch.Generator().manual_seed(train.seed * 1_000_003 + step)
+        indices = global_batch_indices(len(dataset), train.global_batch, step, train.seed)
+        images, labels = zip(*(dataset[i] for i in indices.tolist()))
+        images, labels = torch.stack(images), torch.stack(labels)
+        dropped = torch.rand(len(labels), generator=generator) < model.config.class_dropout_prob
+        labels = torch.where(dropped, model.config.num_classes, labels)
+        draws = objective.draw(images.shape, generator)
+        mine = slice(rank * per_rank, (rank + 1) * per_rank)
+        loss, terms = objective.loss(model, images[mine].to(device), labels[mine].to(device),
+                                     draws=(draws[0][mine], draws[1][mine]), drop_labels=False)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), config.optim.grad_clip)
+        optimizer.step()
+        ema.update(model)
+
+        logged = torch.stack([loss.detach()] + [v.detach().float() for v in terms.values()])
+        dist.all_reduce(logged)
+        logged /= world_size
+        worst = loss.detach().clone()
+        dist.all_reduce(worst, op=dist.ReduceOp.MAX)
+        if not math.isfinite(worst.item()):
+            raise SystemExit(f"loss is {worst.item()} at step {step}; last good checkpoint: {last_saved}")
+        done = step + 1
+        if rank == 0:
+            row = {"step": done, "loss": logged[0].item(), "loss_max": worst.item(),
+                   **{k: v.item() for k, v in zip(terms, logged[1:])},
+                   "lr": optimizer.param_groups[0]["lr"], "grad_norm": grad_norm.full_tensor().item()
+                   if hasattr(grad_norm, "full_tensor") else grad_norm.item()}
+            new_file = not metrics_path.exists()
+            with open(metrics_path, "a", newline="") as file:
+                writer = csv.DictWriter(file, fieldnames=list(row))
+                if new_file:
+                    writer.writeheader()
+                writer.writerow(row)
+            elapsed = time.perf_counter() - tic
+            bar.set_postfix(loss=f"{row['loss']:.4f}", steps_s=f"{(done - start) / elapsed:.2f}",
+                            img_s=f"{(done - start) * train.global_batch / elapsed:.1f}")
+        if done % train.ckpt_every == 0 or done == train.steps:
+            model_state, optim_state = get_state_dict(model, optimizer)
+            last_saved = checkpoints.save(done, {"model": model_state, "optim": optim_state, "ema": ema.params},
+                                          config, rank)
+
+    export_ema(model, ema, out, rank)
+    dist.destroy_process_group()
+
+
+def export_ema(model: torch.nn.Module, ema: EMA, out: Path, rank: int) -> None:
+    """The EMA weights, gathered from the shards, as one safetensors file (rank 0 writes it)."""
+    from safetensors.torch import save_file
+
+    live = {name: p.detach().clone() for name, p in model.named_parameters()}
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            p.copy_(ema.params[name].to(p.dtype))
+    state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            p.copy_(live[name])
+    if rank == 0:
+        tmp = out / "ema.safetensors.tmp"
+        save_file({k: v.contiguous() for k, v in state.items()}, str(tmp))
+        tmp.replace(out / "ema.safetensors")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
