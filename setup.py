@@ -12,9 +12,11 @@ setup(
     packages=packages,
     package_dir={"promoe.kernels": "kernels"},
     # No torch pin that a CPU build fails: install torch first (e.g. `pip install torch==2.13.0`).
-    install_requires=["torch>=2.9", "triton", "numpy", "pyyaml", "safetensors", "tqdm", "diffusers"],
+    install_requires=[
+        "torch>=2.9", "triton", "numpy", "pyyaml", "safetensors", "tqdm", "diffusers", "scipy", "matplotlib",
+    ],
     extras_require={
-        "dev": ["pytest", "pytest-benchmark", "hypothesis", "ruff", "scikit-learn", "matplotlib"],
+        "dev": ["pytest", "pytest-benchmark", "hypothesis", "ruff", "scikit-learn"],
         "gpu": ["flash-attn", "megablocks"],
     },
     entry_points={"console_scripts": ["promoe-convert=promoe.convert:main"]},

@@ -60,9 +60,7 @@ def test_fashion_mnist_dataset_gives_scaled_images_and_labels(fashion_folder):
     raw, labels = load_fashion_mnist(fashion_folder)
     assert dataset.name == "fashion-mnist" and len(dataset) == 12 and image.shape == (1, 28, 28)
     assert label == labels[3]
-    assert torch.allclose(image, torch.from_numpy(raw[3]).float()[None] / 127.5 - 1) or torch.allclose(
-        image, (torch.from_numpy(raw[3]).float()[None] / 127.5 - 1).flip(-1)
-    )
+    assert torch.equal(image, torch.from_numpy(raw[3]).float()[None] / 127.5 - 1)
 
 
 def test_digits_fallback_when_fashion_mnist_is_absent(tmp_path, capsys):
@@ -74,9 +72,14 @@ def test_digits_fallback_when_fashion_mnist_is_absent(tmp_path, capsys):
     assert images.dtype == np.uint8 and images.shape == (1797, 28, 28) and images.max() > 200
 
 
-def test_flip_is_random_per_item():
+def test_batch_flips_are_random_per_item_and_fixed_by_the_generator():
     images = np.arange(28 * 28, dtype=np.uint8).reshape(1, 28, 28).repeat(40, 0)
     dataset = PixelDataset(images, np.zeros(40, dtype=np.int64), flip=True)
-    torch.manual_seed(0)
-    flipped = [bool((dataset[i][0][0, 0, 0] > dataset[i][0][0, 0, -1]).item()) for i in range(40)]
-    assert 5 < sum(flipped) < 35
+    batch, _ = dataset.batch(torch.arange(40), torch.Generator().manual_seed(0))
+    flipped = batch[:, 0, 0, 0] > batch[:, 0, 0, -1]
+    assert 5 < int(flipped.sum()) < 35
+    again, _ = dataset.batch(torch.arange(40), torch.Generator().manual_seed(0))
+    assert torch.equal(batch, again)
+    unflipped = torch.from_numpy(images).float()[:, None] / 127.5 - 1
+    assert torch.equal(batch[~flipped], unflipped[~flipped])
+    assert torch.equal(batch[flipped], unflipped[flipped].flip(-1))

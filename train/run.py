@@ -181,8 +181,7 @@ def main(argv=None) -> None:
     for step in bar:
         generator = torch.Generator().manual_seed(train.seed * 1_000_003 + step)
         indices = global_batch_indices(len(dataset), train.global_batch, step, train.seed)
-        images, labels = zip(*(dataset[i] for i in indices.tolist()))
-        images, labels = torch.stack(images), torch.stack(labels)
+        images, labels = dataset.batch(indices, generator)
         dropped = torch.rand(len(labels), generator=generator) < model.config.class_dropout_prob
         labels = torch.where(dropped, model.config.num_classes, labels)
         draws = objective.draw(images.shape, generator)

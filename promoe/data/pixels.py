@@ -78,10 +78,16 @@ class PixelDataset(torch.utils.data.Dataset):
         return len(self.labels)
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
-        image = self.images[index][None].float() / 127.5 - 1
-        if self.flip and torch.rand(()) < 0.5:
-            image = image.flip(-1)
-        return image, self.labels[index]
+        return self.images[index][None].float() / 127.5 - 1, self.labels[index]
+
+    def batch(self, indices: torch.Tensor, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        """(images [B, 1, H, W], labels [B]) of `indices`; the flips are drawn from `generator`, so that a batch is
+        a function of the step's seed (the contract every training data set keeps)."""
+        images = self.images[indices][:, None].float() / 127.5 - 1
+        if self.flip:
+            flipped = torch.rand(len(indices), generator=generator) < 0.5
+            images = torch.where(flipped.view(-1, 1, 1, 1), images.flip(-1), images)
+        return images, self.labels[indices]
 
 
 def default_pixel_dataset(folder: Path | None = None) -> PixelDataset:
