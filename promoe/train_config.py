@@ -46,6 +46,10 @@ class TrainSection:
     keep_checkpoints: int = 2
     log_every: int = 10
     out: str = "runs/demo"
+    precision: str = "auto"  # auto (bf16 on CUDA, fp32 on CPU) | fp32 | bf16: FSDP2 parameter dtype in compute
+    activation_checkpointing: bool = False  # recompute each block in backward
+    grid_steps: int = 100  # sampling steps of the class grid drawn at the end of training; 0: no grid
+    grid_cfg_scale: float = 1.5
 
 
 @dataclass
@@ -57,6 +61,10 @@ class RunConfig:
 
     def validate(self, world_size: int, source: str) -> None:
         where = f"(in {source})"
+        if self.train.precision not in ("auto", "fp32", "bf16"):
+            raise ValueError(f"train.precision must be auto, fp32 or bf16, got {self.train.precision!r} {where}")
+        if self.train.grid_steps < 0:
+            raise ValueError(f"train.grid_steps must be >= 0 {where}")
         if self.train.objective not in ("rf", "ddpm"):
             raise ValueError(f"train.objective must be 'rf' or 'ddpm', got {self.train.objective!r} {where}")
         if self.data.kind != "pixels":
@@ -122,6 +130,13 @@ def _fill(section, values: dict, prefix: str, source: str):
             _fill(current, value, f"{dotted}.", source)
         else:
             setattr(section, key, _coerce(value, hints[key], dotted, source))
+
+
+def config_from_json(text: str, source: str) -> RunConfig:
+    """The RunConfig written beside a checkpoint (`RunConfig.to_json`), checked like a YAML file."""
+    config = RunConfig()
+    _fill(config, json.loads(text), "", source)
+    return config
 
 
 def load_config(path: str | Path | None, overrides: list[str] = ()) -> RunConfig:

@@ -14,7 +14,7 @@ from promoe.train_config import load_config
 
 ROOT = Path(__file__).resolve().parent.parent
 TINY_RUN = ["model.overrides.hidden_size=32", "model.overrides.num_heads=4", "model.overrides.depth=2",
-            "train.global_batch=16", "train.log_every=1"]
+            "train.global_batch=16", "train.log_every=1", "train.grid_steps=2"]
 
 
 def run(out, *extra, launcher=(sys.executable,), timeout=300, wait=True):
@@ -98,3 +98,45 @@ def test_resume_refuses_a_checkpoint_of_another_model(tmp_path):
                "--out", str(tmp_path), *TINY_RUN, "model.overrides.depth=4", "--max-steps", "2"]
     result = subprocess.run(command, capture_output=True, text=True, cwd=ROOT)
     assert result.returncode != 0 and "was trained with model" in result.stderr
+
+
+def test_a_run_saved_on_two_ranks_resumes_on_one(tmp_path):
+    no_rcl = "model.overrides.rcl_weight=0"
+    run(tmp_path / "one", "--max-steps", "4", no_rcl)
+    run(tmp_path / "moved", "--max-steps", "2", no_rcl,
+        launcher=(sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29733"))
+    result = run(tmp_path / "moved", "--max-steps", "4", no_rcl)
+    assert "resumed from" in result.stdout
+    one, moved = losses(tmp_path / "one"), losses(tmp_path / "moved")
+    assert sorted(moved) == [1, 2, 3, 4]
+    for step in one:
+        assert moved[step] == pytest.approx(one[step], rel=1e-4), step
+
+
+def test_activation_checkpointing_gives_the_same_losses(tmp_path):
+    run(tmp_path / "plain", "--max-steps", "3")
+    run(tmp_path / "recomputed", "--max-steps", "3", "train.activation_checkpointing=true")
+    plain, recomputed = losses(tmp_path / "plain"), losses(tmp_path / "recomputed")
+    for step in plain:
+        assert recomputed[step] == pytest.approx(plain[step], rel=1e-5), step
+
+
+def test_run_logs_expert_loads_and_leaves_plots_grid_and_export(tmp_path):
+    run(tmp_path, "--max-steps", "2")
+    with open(tmp_path / "metrics.csv") as file:
+        rows = list(csv.DictReader(file))
+    # Demo geometry at depth 2: block 1 is the MoE layer, its bank holds 6 routed + 1 unconditional experts.
+    loads = [[float(row[f"load_b1_e{e}"]) for e in range(7)] for row in rows]
+    for shares in loads:
+        assert sum(shares) == pytest.approx(1.0, abs=1e-5) and min(shares) >= 0
+    assert {"loss", "mse", "rcl", "lr", "grad_norm"} <= set(rows[0])
+    for name in ("loss.png", "expert_load.png", "samples.png", "ema.safetensors", "config.json"):
+        assert (tmp_path / name).stat().st_size > 0, name
+
+
+def test_activation_checkpointing_is_refused_for_routers_with_running_statistics(tmp_path):
+    command = [sys.executable, str(ROOT / "train" / "run.py"), "--config", str(ROOT / "configs" / "demo.yaml"),
+               "--out", str(tmp_path), *TINY_RUN, "model.name=DiffMoE-S", "model.overrides.experts=E4A1S0U0",
+               "train.activation_checkpointing=true", "--max-steps", "1"]
+    result = subprocess.run(command, capture_output=True, text=True, cwd=ROOT)
+    assert result.returncode != 0 and "running statistics" in result.stderr

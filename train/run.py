@@ -11,6 +11,7 @@ ranks, sees the same samples, labels and noise at every step.
 
 import argparse
 import csv
+import functools
 import json
 import math
 import os
@@ -28,12 +29,15 @@ from torch.distributed.checkpoint.state_dict import (
     get_state_dict,
     set_state_dict,
 )
-from torch.distributed.fsdp import fully_shard
+from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+from torch.utils.checkpoint import checkpoint
 from tqdm import tqdm
 
 import promoe
 from promoe.data import default_pixel_dataset
 from promoe.diffusion import DDPM, RectifiedFlow
+from promoe.moe.record import record_routing
+from promoe.plots import plot_expert_load, plot_losses
 from promoe.train_config import RunConfig, load_config
 
 
@@ -126,12 +130,34 @@ def global_batch_indices(num_items: int, global_batch: int, step: int, seed: int
     return order[position * global_batch:(position + 1) * global_batch]
 
 
+def compute_dtype(config: RunConfig, device: torch.device) -> torch.dtype:
+    precision = config.train.precision
+    if precision == "auto":
+        precision = "bf16" if device.type == "cuda" else "fp32"
+    return torch.bfloat16 if precision == "bf16" else torch.float32
+
+
+def running_buffers(model: torch.nn.Module) -> list[torch.Tensor]:
+    """Statistics that routers update in forward (k-means centroids, DiffMoE thresholds), averaged over ranks."""
+    return [buffer for module in model.modules() if hasattr(module, "running_stats")
+            for buffer in module.running_stats()]
+
+
 def build_sharded_model(config: RunConfig, device: torch.device) -> torch.nn.Module:
-    torch.manual_seed(config.train.seed)  # the same initial weights on every rank
+    """Seeded alike on every rank -> activation checkpointing -> fully_shard per block -> root."""
+    torch.manual_seed(config.train.seed)
     model = promoe.build_model(config.model.name, **config.model.overrides).to(device)
+    if config.train.activation_checkpointing:
+        if running_buffers(model):
+            raise SystemExit(f"train.activation_checkpointing: the router of {config.model.name} updates running "
+                             "statistics in forward, which a recomputation would update twice; turn it off")
+        for block in model.blocks:
+            block.forward = functools.partial(checkpoint, block.forward, use_reentrant=False)
+    # Parameters are stored in fp32 and gathered in the compute dtype; gradients are reduced in fp32.
+    policy = MixedPrecisionPolicy(param_dtype=compute_dtype(config, device), reduce_dtype=torch.float32)
     for block in model.blocks:
-        fully_shard(block)
-    fully_shard(model)
+        fully_shard(block, mp_policy=policy)
+    fully_shard(model, mp_policy=policy)
     return model.train()
 
 
@@ -144,7 +170,7 @@ def main(argv=None) -> None:
 
     model = build_sharded_model(config, device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.optim.lr, betas=config.optim.betas,
-                                  weight_decay=config.optim.weight_decay)
+                                  weight_decay=config.optim.weight_decay, fused=device.type == "cuda")
     ema = EMA(model, train.ema_decay)
     objective = RectifiedFlow() if train.objective == "rf" else DDPM()
     dataset = default_pixel_dataset(config.data.folder)
@@ -170,10 +196,11 @@ def main(argv=None) -> None:
         out.mkdir(parents=True, exist_ok=True)
         print(f"world size {world_size}, global batch {train.global_batch} ({train.global_batch // world_size} per "
               f"rank), data {dataset.name} ({len(dataset)} images), model {config.model.name} "
-              f"{activated / 1e6:.2f}M activated / {total / 1e6:.2f}M total, fp32, dispatch "
+              f"{activated / 1e6:.2f}M activated / {total / 1e6:.2f}M total, {compute_dtype(config, device)}, dispatch "
               f"{promoe.moe.dispatch.resolve_backend(None, device)}")
 
     per_rank = train.global_batch // world_size
+    stats = running_buffers(model)
     metrics_path = out / "metrics.csv"
     bar = tqdm(range(start, train.steps), initial=start, total=train.steps, disable=rank != 0, desc="train")
     last_saved = latest
@@ -186,33 +213,23 @@ def main(argv=None) -> None:
         labels = torch.where(dropped, model.config.num_classes, labels)
         draws = objective.draw(images.shape, generator)
         mine = slice(rank * per_rank, (rank + 1) * per_rank)
-        loss, terms = objective.loss(model, images[mine].to(device), labels[mine].to(device),
-                                     draws=(draws[0][mine], draws[1][mine]), drop_labels=False)
+        with record_routing(model) as routing:  # closed before backward: a recomputed forward is not counted
+            loss, terms = objective.loss(model, images[mine].to(device), labels[mine].to(device),
+                                         draws=(draws[0][mine], draws[1][mine]), drop_labels=False)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), config.optim.grad_clip)
         optimizer.step()
         ema.update(model)
+        average_over_ranks(stats, world_size)
 
-        logged = torch.stack([loss.detach()] + [v.detach().float() for v in terms.values()])
-        dist.all_reduce(logged)
-        logged /= world_size
-        worst = loss.detach().clone()
-        dist.all_reduce(worst, op=dist.ReduceOp.MAX)
-        if not math.isfinite(worst.item()):
-            raise SystemExit(f"loss is {worst.item()} at step {step}; last good checkpoint: {last_saved}")
+        row = reduce_logged(loss, terms, routing, world_size)
+        if not math.isfinite(row["loss_max"]):
+            raise SystemExit(f"loss is {row['loss_max']} at step {step}; last good checkpoint: {last_saved}")
         done = step + 1
-        if rank == 0:
-            row = {"step": done, "loss": logged[0].item(), "loss_max": worst.item(),
-                   **{k: v.item() for k, v in zip(terms, logged[1:])},
-                   "lr": optimizer.param_groups[0]["lr"], "grad_norm": grad_norm.full_tensor().item()
-                   if hasattr(grad_norm, "full_tensor") else grad_norm.item()}
-            new_file = not metrics_path.exists()
-            with open(metrics_path, "a", newline="") as file:
-                writer = csv.DictWriter(file, fieldnames=list(row))
-                if new_file:
-                    writer.writeheader()
-                writer.writerow(row)
+        if rank == 0 and (done % train.log_every == 0 or done == train.steps):
+            row = {"step": done, **row, "lr": optimizer.param_groups[0]["lr"], "grad_norm": full(grad_norm).item()}
+            append_row(metrics_path, row)
             elapsed = time.perf_counter() - tic
             bar.set_postfix(loss=f"{row['loss']:.4f}", steps_s=f"{(done - start) / elapsed:.2f}",
                             img_s=f"{(done - start) * train.global_batch / elapsed:.1f}")
@@ -221,12 +238,76 @@ def main(argv=None) -> None:
             last_saved = checkpoints.save(done, {"model": model_state, "optim": optim_state, "ema": ema.params},
                                           config, rank)
 
-    export_ema(model, ema, out, rank)
+    export_ema(model, ema, config, out, rank)
+    if rank == 0:
+        finish(out, config, device)
     dist.destroy_process_group()
 
 
-def export_ema(model: torch.nn.Module, ema: EMA, out: Path, rank: int) -> None:
-    """The EMA weights, gathered from the shards, as one safetensors file (rank 0 writes it)."""
+def full(tensor: torch.Tensor) -> torch.Tensor:
+    return tensor.full_tensor() if hasattr(tensor, "full_tensor") else tensor
+
+
+def average_over_ranks(buffers: list[torch.Tensor], world_size: int) -> None:
+    for buffer in buffers:
+        if world_size > 1:
+            dist.all_reduce(buffer)
+            buffer /= world_size
+
+
+def reduce_logged(loss: torch.Tensor, terms: dict, routing: list, world_size: int) -> dict[str, float]:
+    """The step's scalars averaged over ranks in one collective: loss, each term, and per MoE layer the share of
+    slots each expert computed (`load_b{block}_e{expert}`); plus `loss_max`, the worst rank's loss."""
+    loads = [torch.stack(layer.loads_E).sum(0).float() for layer in routing]
+    shares = [load / load.sum().clamp(min=1) for load in loads]
+    logged = torch.cat([torch.stack([loss.detach().float()] + [v.detach().float() for v in terms.values()]),
+                        *shares])
+    dist.all_reduce(logged)
+    logged /= world_size
+    worst = loss.detach().float().clone()
+    dist.all_reduce(worst, op=dist.ReduceOp.MAX)
+    values = logged.tolist()
+    names = ["loss", *terms] + [f"load_b{layer.block}_e{e}" for layer, share in zip(routing, shares)
+                                for e in range(len(share))]
+    logged = dict(zip(names, values))
+    return {"loss": logged.pop("loss"), "loss_max": worst.item(), **logged}
+
+
+def append_row(path: Path, row: dict) -> None:
+    new_file = not path.exists()
+    with open(path, "a", newline="") as file:
+        writer = csv.DictWriter(file, fieldnames=list(row))
+        if new_file:
+            writer.writeheader()
+        writer.writerow(row)
+
+
+def finish(out: Path, config: RunConfig, device: torch.device) -> None:
+    """The loss curves, the expert-load heat map and a class grid from the EMA weights, beside the checkpoints."""
+    from promoe.sample import generate, image_grid, load_model, save_png, to_uint8
+
+    plot_losses(out / "metrics.csv", out / "loss.png")
+    if plot_expert_load(out / "metrics.csv", out / "expert_load.png"):
+        print(f"wrote {out / 'expert_load.png'}")
+    print(f"wrote {out / 'loss.png'}")
+    if config.train.grid_steps == 0 or config.data.kind != "pixels":
+        return
+    model, _ = load_model(out / "ema.safetensors")
+    classes = min(model.num_classes, 10)
+    per_class = 8
+    labels = torch.arange(classes).repeat_interleave(per_class)
+    objective = RectifiedFlow() if config.train.objective == "rf" else DDPM()
+    images = generate(model.to(device), objective, labels, torch.Generator().manual_seed(0), config.train.grid_steps,
+                      config.train.grid_cfg_scale)
+    # One row per class.
+    save_png(image_grid(to_uint8(images), per_class), out / "samples.png")
+    print(f"wrote {out / 'samples.png'} ({classes} classes x {per_class}, {config.train.grid_steps} steps, "
+          f"guidance {config.train.grid_cfg_scale})")
+
+
+def export_ema(model: torch.nn.Module, ema: EMA, config: RunConfig, out: Path, rank: int) -> None:
+    """The EMA weights, gathered from the shards, as one safetensors file with the run's config.json beside it
+    (rank 0 writes them)."""
     from safetensors.torch import save_file
 
     live = {name: p.detach().clone() for name, p in model.named_parameters()}
@@ -234,6 +315,8 @@ def export_ema(model: torch.nn.Module, ema: EMA, out: Path, rank: int) -> None:
         for name, p in model.named_parameters():
             p.copy_(ema.params[name].to(p.dtype))
     state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    # On one CPU rank the gathered tensors can be the parameters themselves: copy before the live weights return.
+    state = {name: value.clone() for name, value in state.items()}
     with torch.no_grad():
         for name, p in model.named_parameters():
             p.copy_(live[name])
@@ -241,6 +324,7 @@ def export_ema(model: torch.nn.Module, ema: EMA, out: Path, rank: int) -> None:
         tmp = out / "ema.safetensors.tmp"
         save_file({k: v.contiguous() for k, v in state.items()}, str(tmp))
         tmp.replace(out / "ema.safetensors")
+        (out / "config.json").write_text(config.to_json())
 
 
 if __name__ == "__main__":

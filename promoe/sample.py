@@ -1,0 +1,251 @@
+"""Sampling CLI: images from a checkpoint, as PNG files, an evaluation `.npz` and a grid.
+
+    python -m promoe.sample --ckpt runs/demo/checkpoints/step_0000600 --cfg-scale 1.0 1.5 --num-images 1000
+    torchrun --nproc_per_node=8 -m promoe.sample --ckpt ckpt_step_500000.pth --model ProMoE-XL --vae sd-vae/ ...
+
+--ckpt takes one of our checkpoint folders (EMA weights), an exported `ema.safetensors` (with the `config.json`
+beside it), or an official `ckpt_step_*.pth` (with --model); several checkpoints and guidance scales run in one
+call, each into `OUT/<checkpoint>/cfg-<scale>/`.
+
+Images are made in fixed batches of --batch-size; batch b holds images b*bs .. (b+1)*bs-1, its noise comes from a
+generator seeded by (seed, b) and the labels of all images from one generator seeded by the seed, so the images do
+not depend on how many processes share the work (process r takes the batches b = r mod world size). A batch whose
+PNG files all exist is skipped, so an interrupted run continues where it stopped.
+"""
+
+import argparse
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from PIL import Image
+from tqdm import tqdm
+
+import promoe
+from promoe.diffusion import DDPM, RectifiedFlow
+from promoe.train_config import RunConfig, config_from_json
+
+VAE_SCALING_FACTOR = 0.18215  # sd-vae-ft-mse, as the official code
+
+
+def load_model(source: str | Path, model_name: str | None = None, weights: str = "ema"):
+    """(model in eval mode, its RunConfig or None for an official checkpoint) from any checkpoint form."""
+    source = Path(source)
+    if not source.exists():
+        raise FileNotFoundError(f"checkpoint {source} does not exist")
+    if source.suffix == ".pth":
+        if model_name is None:
+            raise ValueError(f"{source} is an official checkpoint: name its model with --model, e.g. ProMoE-XL")
+        return promoe.load_official_checkpoint(source, model_name, prefer=weights).eval(), None
+    if source.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        config = read_run_config(source.parent / "config.json")
+        model = build_from_config(config)
+        model.load_state_dict(load_file(str(source)))
+        return model.eval(), config
+    return load_training_checkpoint(source, weights), read_run_config(source / "config.json")
+
+
+def read_run_config(path: Path) -> RunConfig:
+    if not path.exists():
+        raise FileNotFoundError(f"{path} is missing: it holds the config that rebuilds the trained model")
+    return config_from_json(path.read_text(), str(path))
+
+
+def build_from_config(config: RunConfig) -> torch.nn.Module:
+    return promoe.build_model(config.model.name, **config.model.overrides)
+
+
+def load_training_checkpoint(folder: Path, weights: str = "ema") -> torch.nn.Module:
+    """A model from one of our distributed checkpoints, in one process whatever the number of ranks that saved it:
+    the buffers (e.g. DiffMoE's thresholds) from the model state, the parameters from the EMA (or the model)."""
+    import torch.distributed.checkpoint as dcp
+
+    model = build_from_config(read_run_config(folder / "config.json"))
+    state = {"model": model.state_dict()}
+    if weights == "ema":
+        state["ema"] = {name: torch.empty_like(p) for name, p in model.named_parameters()}
+    dcp.load(state, checkpoint_id=str(folder))
+    model.load_state_dict(state["model"])
+    if weights == "ema":
+        model.load_state_dict(state["ema"], strict=False)
+    return model.eval()
+
+
+def objective_of(config: RunConfig | None, override: str | None):
+    name = override or (config.train.objective if config is not None else "rf")
+    return RectifiedFlow() if name == "rf" else DDPM()
+
+
+@torch.no_grad()
+def generate(model, objective, labels: torch.Tensor, generator: torch.Generator, steps: int, cfg_scale: float,
+             batched_guidance: bool = True) -> torch.Tensor:
+    """Samples [B, C, H, W] in the model's space (pixels in [-1, 1] or scaled latents) for `labels`."""
+    device = next(model.parameters()).device
+    size = model.config.input_size
+    noise = torch.randn(len(labels), model.in_channels, size, size, generator=generator).to(device)
+    labels = labels.to(device)
+    if isinstance(objective, DDPM):
+        return objective.sample(model, noise, labels, steps, cfg_scale, batched_guidance, generator=generator)
+    return objective.sample(model, noise, labels, steps, cfg_scale, batched_guidance=batched_guidance)
+
+
+def to_uint8(images: torch.Tensor) -> np.ndarray:
+    """[B, C, H, W] in [-1, 1] -> uint8 [B, H, W, C], the evaluation layout."""
+    return ((images.float() + 1) * 127.5).round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+
+
+def image_grid(images: np.ndarray, columns: int) -> np.ndarray:
+    """uint8 [N, H, W, C] -> one uint8 [rows * H, columns * W, C] image, row-major, blank cells black."""
+    count, height, width, channels = images.shape
+    rows = -(-count // columns)
+    grid = np.zeros((rows * height, columns * width, channels), dtype=np.uint8)
+    for index, image in enumerate(images):
+        row, column = divmod(index, columns)
+        grid[row * height:(row + 1) * height, column * width:(column + 1) * width] = image
+    return grid
+
+
+def save_png(image: np.ndarray, path: Path) -> None:
+    """uint8 [H, W, C] as a PNG, written to a temporary name first so a killed run leaves no half file."""
+    tmp = path.with_name(path.name + ".tmp")
+    Image.fromarray(image[..., 0] if image.shape[-1] == 1 else image).save(tmp, format="PNG")
+    tmp.replace(path)
+
+
+class Decoder:
+    """Scaled latents -> pixels in [-1, 1] with diffusers' AutoencoderKL from a local folder; identity for
+    pixel-space models."""
+
+    def __init__(self, vae_path: str | None, latent: bool, device: torch.device):
+        self.vae = None
+        if latent:
+            if vae_path is None:
+                raise ValueError("this model makes VAE latents: give --vae PATH, a local AutoencoderKL folder (e.g. "
+                                 "stabilityai/sd-vae-ft-mse saved with save_pretrained); nothing is downloaded")
+            from diffusers.models import AutoencoderKL
+
+            self.vae = AutoencoderKL.from_pretrained(vae_path).to(device).eval()
+
+    @torch.no_grad()
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if self.vae is None:
+            return x
+        return self.vae.decode(x[:, :4] / VAE_SCALING_FACTOR).sample
+
+
+def draw_labels(num: int, num_classes: int, given: list[int] | None, seed: int) -> torch.Tensor:
+    """The label of every image: the given classes cycled, or drawn uniformly from a generator seeded by seed."""
+    if given:
+        bad = [label for label in given if not 0 <= label < num_classes]
+        if bad:
+            raise ValueError(f"--labels {bad} outside 0..{num_classes - 1}")
+        return torch.tensor(given).repeat(-(-num // len(given)))[:num]
+    return torch.randint(0, num_classes, (num,), generator=torch.Generator().manual_seed(seed))
+
+
+def png_name(index: int, label: int) -> str:
+    return f"{index:06d}_class{label:04d}.png"
+
+
+def sample_into(folder: Path, model, objective, decoder: Decoder, labels: torch.Tensor, cfg_scale: float, args,
+                rank: int, world_size: int) -> None:
+    """This process's share of the batches of one (checkpoint, guidance scale), skipping finished batches."""
+    folder.mkdir(parents=True, exist_ok=True)
+    num_batches = -(-len(labels) // args.batch_size)
+    mine = range(rank, num_batches, world_size)
+    for batch in tqdm(mine, desc=f"{folder.parent.name} {folder.name}", disable=rank != 0, unit="batch"):
+        indices = range(batch * args.batch_size, min(len(labels), (batch + 1) * args.batch_size))
+        paths = [folder / png_name(i, int(labels[i])) for i in indices]
+        if all(path.exists() for path in paths):
+            continue
+        generator = torch.Generator().manual_seed(args.seed * 1_000_003 + batch)
+        images = generate(model, objective, labels[indices.start:indices.stop], generator, args.steps,
+                          cfg_scale, not args.two_pass)
+        for image, path in zip(to_uint8(decoder(images)), paths):
+            save_png(image, path)
+
+
+def collect(folder: Path, labels: torch.Tensor, settings: dict, grid_columns: int) -> None:
+    """The evaluation `.npz` (arr_0 uint8 NHWC images, arr_1 labels), a grid of the first images, the settings."""
+    images = []
+    for index, label in enumerate(labels.tolist()):
+        image = np.asarray(Image.open(folder / png_name(index, label)))
+        images.append(image[..., None] if image.ndim == 2 else image)
+    images = np.stack(images)
+    np.savez(folder / "samples.npz", arr_0=images, arr_1=labels.numpy())
+    save_png(image_grid(images[: grid_columns * grid_columns], grid_columns), folder / "grid.png")
+    (folder / "sampling.json").write_text(json.dumps(settings, indent=2))
+
+
+def parse_args(argv):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--ckpt", nargs="+", required=True, help="checkpoint folders, ema.safetensors or .pth files")
+    parser.add_argument("--model", help="model name, needed for an official .pth checkpoint")
+    parser.add_argument("--weights", choices=("ema", "model"), default="ema")
+    parser.add_argument("--objective", choices=("rf", "ddpm"), help="default: the one the checkpoint trained with")
+    parser.add_argument("--cfg-scale", type=float, nargs="+", default=[1.0], help="guidance scales, >1 guides")
+    parser.add_argument("--steps", type=int, default=250, help="Euler or respaced DDPM steps")
+    # Not `--num`: under torchrun, argparse would take it for an abbreviation of torchrun's --numa-binding.
+    parser.add_argument("--num-images", type=int, default=64, help="images per checkpoint and guidance scale")
+    parser.add_argument("--labels", type=int, nargs="*", help="classes to cycle through; default: drawn uniformly")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--two-pass", action="store_true", help="guidance as two passes instead of one batch")
+    parser.add_argument("--vae", help="local AutoencoderKL folder, for latent models")
+    parser.add_argument("--out", type=Path, default=Path("samples"))
+    parser.add_argument("--grid", type=int, default=8, help="the grid PNG shows grid x grid images")
+    return parser.parse_args(argv)
+
+
+def init_processes() -> tuple[int, int, torch.device]:
+    """(rank, world size, device); a process group only under torchrun (for the barriers)."""
+    cuda = torch.cuda.is_available()
+    if "RANK" not in os.environ:
+        return 0, 1, torch.device("cuda" if cuda else "cpu")
+    local_rank = int(os.environ["LOCAL_RANK"])
+    device = torch.device("cuda", local_rank) if cuda else torch.device("cpu")
+    if cuda:
+        torch.cuda.set_device(device)
+    dist.init_process_group("nccl" if cuda else "gloo")
+    return dist.get_rank(), dist.get_world_size(), device
+
+
+def barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    rank, world_size, device = init_processes()
+    for source in args.ckpt:
+        model, config = load_model(source, args.model, args.weights)
+        model = model.to(device)
+        objective = objective_of(config, args.objective)
+        latent = config is None or config.data.kind != "pixels"
+        decoder = Decoder(args.vae, latent, device)
+        labels = draw_labels(args.num_images, model.num_classes, args.labels, args.seed)
+        name = Path(source).name if Path(source).is_dir() else Path(source).stem
+        for scale in args.cfg_scale:
+            folder = args.out / name / f"cfg-{scale:g}"
+            sample_into(folder, model, objective, decoder, labels, scale, args, rank, world_size)
+            barrier()
+            if rank == 0:
+                settings = {"checkpoint": str(source), "weights": args.weights, "cfg_scale": scale,
+                            "steps": args.steps, "sampler": "euler" if isinstance(objective, RectifiedFlow)
+                            else "ddpm", "seed": args.seed, "num_images": args.num_images, "vae": args.vae,
+                            "batch_size": args.batch_size, "two_pass": args.two_pass, "labels": args.labels}
+                collect(folder, labels, settings, args.grid)
+                print(f"wrote {args.num_images} images, samples.npz and grid.png to {folder}")
+            barrier()
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,120 @@
+"""The sampling CLI: every checkpoint form, the evaluation npz, resumability, and 2 processes equal to 1."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from promoe.sample import draw_labels, image_grid, load_model, main
+
+ROOT = Path(__file__).resolve().parent.parent
+TINY_RUN = ["model.overrides.hidden_size=32", "model.overrides.num_heads=4", "model.overrides.depth=2",
+            "train.global_batch=16", "train.grid_steps=2"]
+FAST = ["--steps", "3", "--num-images", "10", "--batch-size", "4"]
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """A tiny demo-config run of 3 steps: its output folder."""
+    out = tmp_path_factory.mktemp("run")
+    command = [sys.executable, str(ROOT / "train" / "run.py"), "--config", str(ROOT / "configs" / "demo.yaml"),
+               "--out", str(out), "--max-steps", "3", *TINY_RUN]
+    result = subprocess.run(command, capture_output=True, text=True, cwd=ROOT,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return out
+
+
+def samples(folder: Path) -> tuple[np.ndarray, np.ndarray]:
+    data = np.load(folder / "samples.npz")
+    return data["arr_0"], data["arr_1"]
+
+
+def test_checkpoint_folder_and_exported_ema_give_the_same_model(trained):
+    from_checkpoint, config = load_model(trained / "checkpoints" / "step_0000003")
+    exported, _ = load_model(trained / "ema.safetensors")
+    live, _ = load_model(trained / "checkpoints" / "step_0000003", weights="model")
+    assert config.model.name == "ProMoE-S" and config.data.kind == "pixels"
+    ema_state, live_state = from_checkpoint.state_dict(), live.state_dict()
+    for name, value in exported.state_dict().items():
+        assert torch.equal(value, ema_state[name]), name
+    # After 3 steps at decay 0.999 the EMA is still close to the initial weights, not to the trained ones.
+    assert not torch.equal(ema_state["final_layer.linear.weight"], live_state["final_layer.linear.weight"])
+
+
+def test_cli_writes_pngs_npz_grid_and_settings_per_scale(trained, tmp_path):
+    main(["--ckpt", str(trained / "checkpoints" / "step_0000003"), "--weights", "model", "--cfg-scale", "1", "1.5",
+          "--out", str(tmp_path), *FAST])
+    for scale in ("1", "1.5"):
+        folder = tmp_path / "step_0000003" / f"cfg-{scale}"
+        images, labels = samples(folder)
+        assert images.shape == (10, 28, 28, 1) and images.dtype == np.uint8 and labels.shape == (10,)
+        names = sorted(p.name for p in folder.glob("0*.png"))
+        assert names == [f"{i:06d}_class{label:04d}.png" for i, label in enumerate(labels)]
+        assert (folder / "grid.png").exists() and '"cfg_scale": ' + scale in (folder / "sampling.json").read_text()
+        assert images.std() > 0
+
+
+def test_an_interrupted_run_redoes_only_the_missing_batch(trained, tmp_path):
+    main(["--ckpt", str(trained / "ema.safetensors"), "--out", str(tmp_path), *FAST])
+    folder = tmp_path / "ema" / "cfg-1"
+    before, _ = samples(folder)
+    pngs = sorted(folder.glob("0*.png"))
+    pngs[5].unlink()  # batch 1 (images 4..7) is incomplete
+    untouched = {p: p.stat().st_mtime_ns for p in pngs if p != pngs[5]}
+    main(["--ckpt", str(trained / "ema.safetensors"), "--out", str(tmp_path), *FAST])
+    changed = [p.name for p, mtime in untouched.items() if p.stat().st_mtime_ns != mtime]
+    assert sorted(changed) == sorted(p.name for p in pngs[4:8] if p != pngs[5])
+    after, _ = samples(folder)
+    assert np.array_equal(before, after)
+
+
+def test_two_processes_write_the_same_images_as_one(trained, tmp_path):
+    one, two = tmp_path / "one", tmp_path / "two"
+    main(["--ckpt", str(trained / "ema.safetensors"), "--out", str(one), *FAST])
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29741",
+               "-m", "promoe.sample", "--ckpt", str(trained / "ema.safetensors"), "--out", str(two), *FAST]
+    result = subprocess.run(command, capture_output=True, text=True, cwd=ROOT,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    for png in sorted((one / "ema" / "cfg-1").glob("0*.png")):
+        assert png.read_bytes() == (two / "ema" / "cfg-1" / png.name).read_bytes(), png.name
+
+
+def test_given_labels_are_cycled_and_bad_ones_rejected():
+    assert draw_labels(5, 10, [3, 7], seed=0).tolist() == [3, 7, 3, 7, 3]
+    drawn = draw_labels(1000, 10, None, seed=1)
+    assert torch.equal(drawn, draw_labels(1000, 10, None, seed=1)) and set(drawn.tolist()) == set(range(10))
+    with pytest.raises(ValueError, match="outside 0..9"):
+        draw_labels(5, 10, [10], seed=0)
+
+
+def test_grid_places_images_row_major():
+    images = np.arange(5, dtype=np.uint8)[:, None, None, None].repeat(2, 1).repeat(3, 2)  # [5, 2, 3, 1]
+    grid = image_grid(images, columns=2)
+    assert grid.shape == (6, 6, 1)
+    assert grid[0, 3, 0] == 1 and grid[2, 0, 0] == 2 and grid[4, 0, 0] == 4 and grid[4, 3, 0] == 0
+
+
+def test_clear_errors_for_missing_inputs(trained, tmp_path):
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        load_model(tmp_path / "nowhere")
+    official = tmp_path / "ckpt_step_1.pth"
+    torch.save({}, official)
+    with pytest.raises(ValueError, match="--model"):
+        load_model(official)
+    lonely = tmp_path / "ema.safetensors"
+    lonely.write_bytes((trained / "ema.safetensors").read_bytes())
+    with pytest.raises(FileNotFoundError, match="config.json is missing"):
+        load_model(lonely)
+    latent = tmp_path / "latent"
+    latent.mkdir()
+    (latent / "ema.safetensors").write_bytes((trained / "ema.safetensors").read_bytes())
+    config = (trained / "config.json").read_text().replace('"kind": "pixels"', '"kind": "latents"')
+    (latent / "config.json").write_text(config)
+    with pytest.raises(ValueError, match="give --vae PATH"):
+        main(["--ckpt", str(latent / "ema.safetensors"), "--out", str(tmp_path / "s"), *FAST])
