@@ -68,11 +68,14 @@ def load_digits_28() -> tuple[np.ndarray, np.ndarray]:
 class PixelDataset(torch.utils.data.Dataset):
     """uint8 images [N, H, W] -> float [1, H, W] in [-1, 1] with their labels; optional random horizontal flip."""
 
-    def __init__(self, images: np.ndarray, labels: np.ndarray, flip: bool = False, name: str = ""):
+    def __init__(self, images: np.ndarray, labels: np.ndarray, flip: bool = False, name: str = "",
+                 num_classes: int = 10):
         self.images = torch.from_numpy(np.ascontiguousarray(images))
         self.labels = torch.from_numpy(labels)
         self.flip = flip
         self.name = name
+        self.num_classes = num_classes
+        self.sample_shape = (1, *self.images.shape[1:])
 
     def __len__(self) -> int:
         return len(self.labels)

@@ -1,0 +1,144 @@
+"""ImageNet-layout image folders: one sub-folder per class (sorted names -> labels 0, 1, ...), images inside.
+
+Every image is read with PIL, converted to RGB (grey is replicated, an alpha channel is dropped) and centre-cropped
+as ADM / DiT / ProMoE do (`center_crop_arr`), then scaled to [-1, 1]. `ImageFolderDataset` gives these pixels;
+`EncodedImageFolder` encodes them with a local diffusers `AutoencoderKL` on the fly and samples the posterior.
+"""
+
+import os
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")  # compared lower-case: ImageNet's .JPEG counts
+
+
+def scan_class_folders(folder: Path, suffixes: tuple[str, ...]) -> tuple[list[str], list[str], torch.Tensor]:
+    """(class names, file paths relative to `folder`, labels int64 [N]) of an ImageNet-layout tree.
+
+    The classes are the non-hidden sub-folders of `folder` in sorted order; the files of a class are those whose
+    lower-cased name ends with one of `suffixes` anywhere below its sub-folder, sorted by relative path. Files
+    directly in `folder` are ignored (as torchvision's ImageFolder does); a class with no file is an error, since
+    skipping it would shift every later label."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"{folder}: no such folder")
+    classes = sorted(entry.name for entry in os.scandir(folder) if entry.is_dir() and not entry.name.startswith("."))
+    if not classes:
+        raise ValueError(f"{folder}: no class sub-folders (expected the ImageNet layout: one folder per class)")
+    files, labels = [], []
+    for label, name in enumerate(classes):
+        found = sorted(
+            os.path.relpath(os.path.join(root, file), folder)
+            for root, dirs, names in os.walk(folder / name, followlinks=True)
+            for file in names
+            if file.lower().endswith(suffixes)
+        )
+        if not found:
+            raise ValueError(f"{folder / name}: class folder holds no {'/'.join(suffixes)} file")
+        files += found
+        labels += [label] * len(found)
+    return classes, files, torch.tensor(labels, dtype=torch.int64)
+
+
+def center_crop_arr(image: Image.Image, image_size: int) -> Image.Image:
+    """ADM's centre crop (guided-diffusion `image_datasets.center_crop_arr`): halve with BOX filtering while the
+    short side is at least 2 * image_size, resize with BICUBIC so the short side is image_size, crop the centre."""
+    while min(*image.size) >= 2 * image_size:
+        image = image.resize(tuple(x // 2 for x in image.size), resample=Image.BOX)
+    scale = image_size / min(*image.size)
+    image = image.resize(tuple(round(x * scale) for x in image.size), resample=Image.BICUBIC)
+    array = np.array(image)
+    top, left = (array.shape[0] - image_size) // 2, (array.shape[1] - image_size) // 2
+    return Image.fromarray(array[top:top + image_size, left:left + image_size])
+
+
+def load_image(path: Path, image_size: int) -> torch.Tensor:
+    """One image file as float [3, image_size, image_size] in [-1, 1], centre-cropped; ValueError naming the file
+    if PIL cannot read it."""
+    try:
+        with Image.open(path) as image:
+            image = center_crop_arr(image.convert("RGB"), image_size)
+    except (OSError, ValueError, Image.DecompressionBombError) as error:
+        raise ValueError(f"{path}: cannot read image ({error})") from error
+    return torch.from_numpy(np.asarray(image, dtype=np.float32) / 127.5 - 1).permute(2, 0, 1)
+
+
+def load_images(paths: list[Path], image_size: int, workers: int = 8) -> torch.Tensor:
+    """Images [N, 3, S, S] of `paths`, decoded on a few threads (PIL releases the GIL while decoding)."""
+    if workers <= 1 or len(paths) <= 1:
+        return torch.stack([load_image(path, image_size) for path in paths])
+    with ThreadPoolExecutor(min(workers, len(paths))) as pool:
+        return torch.stack(list(pool.map(lambda path: load_image(path, image_size), paths)))
+
+
+def load_vae(path: str | Path, device: str | torch.device = "cpu"):
+    """A diffusers `AutoencoderKL` from a local folder (its own, or a pipeline folder with a `vae/` sub-folder),
+    in eval mode on `device`. Nothing is downloaded: a missing folder is a FileNotFoundError that says so."""
+    path = Path(path)
+    if not (path / "config.json").is_file() and (path / "vae" / "config.json").is_file():
+        path = path / "vae"
+    if not (path / "config.json").is_file():
+        raise FileNotFoundError(f"{path}: no VAE here (expected a local diffusers AutoencoderKL folder with "
+                                "config.json and its weights, e.g. a download of stabilityai/sd-vae-ft-mse); "
+                                "nothing is downloaded")
+    from diffusers import AutoencoderKL  # imported here: diffusers takes seconds to import
+    from diffusers.utils import is_accelerate_available
+
+    vae = AutoencoderKL.from_pretrained(path, local_files_only=True, low_cpu_mem_usage=is_accelerate_available())
+    return vae.to(device).eval().requires_grad_(False)
+
+
+class ImageFolderDataset:
+    """An ImageNet-layout folder as centre-cropped pixels: `batch` gives float [B, 3, S, S] in [-1, 1] and int64
+    labels [B], each image flipped horizontally with probability 1/2 drawn from the step's generator."""
+
+    def __init__(self, folder: str | Path, image_size: int = 256, workers: int = 8):
+        self.folder = Path(folder)
+        self.image_size = image_size
+        self.workers = workers
+        self.class_names, self.files, self.labels = scan_class_folders(self.folder, IMAGE_SUFFIXES)
+        self.num_classes = len(self.class_names)
+        self.sample_shape = (3, image_size, image_size)
+        self.name = f"images {self.folder.name} {image_size}px"
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def batch(self, indices: torch.Tensor, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        images = load_images([self.folder / self.files[i] for i in indices.tolist()], self.image_size, self.workers)
+        flipped = torch.rand(len(indices), generator=generator) < 0.5
+        images = torch.where(flipped.view(-1, 1, 1, 1), images.flip(-1), images)
+        return images, self.labels[indices]
+
+
+class EncodedImageFolder:
+    """An ImageNet-layout folder encoded on the fly: `batch` centre-crops and flips the images like
+    `ImageFolderDataset`, encodes them with the VAE on `device` (no grad) and returns latents sampled from the
+    posterior with the step's generator (the noise is drawn on the CPU, so every device gives the same batch),
+    times the VAE's `config.scaling_factor`, as float [B, C, S/f, S/f] on the CPU."""
+
+    def __init__(self, folder: str | Path, image_size: int, vae_path: str | Path,
+                 device: str | torch.device = "cpu", workers: int = 8):
+        self.images = ImageFolderDataset(folder, image_size, workers)
+        self.device = torch.device(device)
+        self.vae = load_vae(vae_path, self.device)
+        self.scaling_factor = float(self.vae.config.scaling_factor)
+        self.num_classes = self.images.num_classes
+        factor = 2 ** (len(self.vae.config.block_out_channels) - 1)
+        self.sample_shape = (self.vae.config.latent_channels, image_size // factor, image_size // factor)
+        self.name = f"encoded {self.images.name}"
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    @torch.no_grad()
+    def batch(self, indices: torch.Tensor, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        images, labels = self.images.batch(indices, generator)
+        posterior = self.vae.encode(images.to(self.device)).latent_dist
+        eps = torch.randn(posterior.mean.shape, generator=generator).to(self.device)
+        latents = (posterior.mean + posterior.std * eps) * self.scaling_factor  # std = exp(logvar / 2), clamped
+        return latents.float().cpu(), labels
