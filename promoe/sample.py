@@ -25,10 +25,9 @@ from PIL import Image
 from tqdm import tqdm
 
 import promoe
+from promoe.data.images import load_vae
 from promoe.diffusion import DDPM, RectifiedFlow
 from promoe.train_config import RunConfig, config_from_json
-
-VAE_SCALING_FACTOR = 0.18215  # sd-vae-ft-mse, as the official code
 
 
 def load_model(source: str | Path, model_name: str | None = None, weights: str = "ema"):
@@ -118,8 +117,8 @@ def save_png(image: np.ndarray, path: Path) -> None:
 
 
 class Decoder:
-    """Scaled latents -> pixels in [-1, 1] with diffusers' AutoencoderKL from a local folder; identity for
-    pixel-space models."""
+    """Scaled latents -> pixels in [-1, 1] with diffusers' AutoencoderKL from a local folder (divided by its
+    `scaling_factor`, 0.18215 for sd-vae-ft-mse); the identity for pixel-space models."""
 
     def __init__(self, vae_path: str | None, latent: bool, device: torch.device):
         self.vae = None
@@ -127,15 +126,14 @@ class Decoder:
             if vae_path is None:
                 raise ValueError("this model makes VAE latents: give --vae PATH, a local AutoencoderKL folder (e.g. "
                                  "stabilityai/sd-vae-ft-mse saved with save_pretrained); nothing is downloaded")
-            from diffusers.models import AutoencoderKL
-
-            self.vae = AutoencoderKL.from_pretrained(vae_path).to(device).eval()
+            self.vae = load_vae(vae_path, device)
 
     @torch.no_grad()
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         if self.vae is None:
             return x
-        return self.vae.decode(x[:, :4] / VAE_SCALING_FACTOR).sample
+        channels = self.vae.config.latent_channels
+        return self.vae.decode(x[:, :channels] / self.vae.config.scaling_factor).sample.clamp(-1, 1)
 
 
 def draw_labels(num: int, num_classes: int, given: list[int] | None, seed: int) -> torch.Tensor:

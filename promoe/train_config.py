@@ -12,6 +12,7 @@ from pathlib import Path
 
 import yaml
 
+from promoe.data.build import KINDS
 from promoe.zoo import model_config
 
 
@@ -23,8 +24,10 @@ class ModelSection:
 
 @dataclass
 class DataSection:
-    kind: str = "pixels"  # pixels: Fashion-MNIST, else scikit-learn's digits
-    folder: str | None = None  # Fashion-MNIST IDX folder; None = Debian's /usr/share/datasets/fashion-mnist
+    kind: str = "pixels"  # pixels (Fashion-MNIST, else scikit-learn's digits) | latents (cached) | images (folder)
+    folder: str | None = None  # pixels: IDX folder, None = Debian's /usr/share/datasets/fashion-mnist
+    image_size: int = 256  # images: the centre crop
+    vae: str | None = None  # images: encode on the fly with this local AutoencoderKL; also decodes the final grid
 
 
 @dataclass
@@ -67,8 +70,10 @@ class RunConfig:
             raise ValueError(f"train.grid_steps must be >= 0 {where}")
         if self.train.objective not in ("rf", "ddpm"):
             raise ValueError(f"train.objective must be 'rf' or 'ddpm', got {self.train.objective!r} {where}")
-        if self.data.kind != "pixels":
-            raise ValueError(f"data.kind must be 'pixels' (latents arrive with their own issue) {where}")
+        if self.data.kind not in KINDS:
+            raise ValueError(f"data.kind must be one of {', '.join(KINDS)}, got {self.data.kind!r} {where}")
+        if self.data.kind != "pixels" and self.data.folder is None:
+            raise ValueError(f"data.folder is needed for data.kind={self.data.kind!r} {where}")
         for key in ("steps", "global_batch", "ckpt_every", "log_every", "keep_checkpoints"):
             if getattr(self.train, key) < 1:
                 raise ValueError(f"train.{key} must be >= 1 {where}")

@@ -1,4 +1,7 @@
 import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -27,3 +30,17 @@ def poisoned_outputs(monkeypatch):
 
     for module in (promoe.kernels.permute, promoe.kernels.plan, promoe.kernels.routing):
         monkeypatch.setattr(module, "empty_output", poisoned)
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory) -> Path:
+    """The output folder of a 3-step run of the demo config at a tiny width (checkpoint, EMA export, plots)."""
+    root = Path(__file__).resolve().parent.parent
+    out = tmp_path_factory.mktemp("tiny_run")
+    command = [sys.executable, str(root / "train" / "run.py"), "--config", str(root / "configs" / "demo.yaml"),
+               "--out", str(out), "--max-steps", "3", "model.overrides.hidden_size=32", "model.overrides.num_heads=4",
+               "model.overrides.depth=2", "train.global_batch=16", "train.grid_steps=2"]
+    result = subprocess.run(command, capture_output=True, text=True, cwd=root,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return out

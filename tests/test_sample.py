@@ -12,21 +12,7 @@ import torch
 from promoe.sample import draw_labels, image_grid, load_model, main
 
 ROOT = Path(__file__).resolve().parent.parent
-TINY_RUN = ["model.overrides.hidden_size=32", "model.overrides.num_heads=4", "model.overrides.depth=2",
-            "train.global_batch=16", "train.grid_steps=2"]
 FAST = ["--steps", "3", "--num-images", "10", "--batch-size", "4"]
-
-
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory):
-    """A tiny demo-config run of 3 steps: its output folder."""
-    out = tmp_path_factory.mktemp("run")
-    command = [sys.executable, str(ROOT / "train" / "run.py"), "--config", str(ROOT / "configs" / "demo.yaml"),
-               "--out", str(out), "--max-steps", "3", *TINY_RUN]
-    result = subprocess.run(command, capture_output=True, text=True, cwd=ROOT,
-                            env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=300)
-    assert result.returncode == 0, result.stderr[-3000:]
-    return out
 
 
 def samples(folder: Path) -> tuple[np.ndarray, np.ndarray]:
@@ -34,10 +20,10 @@ def samples(folder: Path) -> tuple[np.ndarray, np.ndarray]:
     return data["arr_0"], data["arr_1"]
 
 
-def test_checkpoint_folder_and_exported_ema_give_the_same_model(trained):
-    from_checkpoint, config = load_model(trained / "checkpoints" / "step_0000003")
-    exported, _ = load_model(trained / "ema.safetensors")
-    live, _ = load_model(trained / "checkpoints" / "step_0000003", weights="model")
+def test_checkpoint_folder_and_exported_ema_give_the_same_model(tiny_run):
+    from_checkpoint, config = load_model(tiny_run / "checkpoints" / "step_0000003")
+    exported, _ = load_model(tiny_run / "ema.safetensors")
+    live, _ = load_model(tiny_run / "checkpoints" / "step_0000003", weights="model")
     assert config.model.name == "ProMoE-S" and config.data.kind == "pixels"
     ema_state, live_state = from_checkpoint.state_dict(), live.state_dict()
     for name, value in exported.state_dict().items():
@@ -46,8 +32,8 @@ def test_checkpoint_folder_and_exported_ema_give_the_same_model(trained):
     assert not torch.equal(ema_state["final_layer.linear.weight"], live_state["final_layer.linear.weight"])
 
 
-def test_cli_writes_pngs_npz_grid_and_settings_per_scale(trained, tmp_path):
-    main(["--ckpt", str(trained / "checkpoints" / "step_0000003"), "--weights", "model", "--cfg-scale", "1", "1.5",
+def test_cli_writes_pngs_npz_grid_and_settings_per_scale(tiny_run, tmp_path):
+    main(["--ckpt", str(tiny_run / "checkpoints" / "step_0000003"), "--weights", "model", "--cfg-scale", "1", "1.5",
           "--out", str(tmp_path), *FAST])
     for scale in ("1", "1.5"):
         folder = tmp_path / "step_0000003" / f"cfg-{scale}"
@@ -59,25 +45,25 @@ def test_cli_writes_pngs_npz_grid_and_settings_per_scale(trained, tmp_path):
         assert images.std() > 0
 
 
-def test_an_interrupted_run_redoes_only_the_missing_batch(trained, tmp_path):
-    main(["--ckpt", str(trained / "ema.safetensors"), "--out", str(tmp_path), *FAST])
+def test_an_interrupted_run_redoes_only_the_missing_batch(tiny_run, tmp_path):
+    main(["--ckpt", str(tiny_run / "ema.safetensors"), "--out", str(tmp_path), *FAST])
     folder = tmp_path / "ema" / "cfg-1"
     before, _ = samples(folder)
     pngs = sorted(folder.glob("0*.png"))
     pngs[5].unlink()  # batch 1 (images 4..7) is incomplete
     untouched = {p: p.stat().st_mtime_ns for p in pngs if p != pngs[5]}
-    main(["--ckpt", str(trained / "ema.safetensors"), "--out", str(tmp_path), *FAST])
+    main(["--ckpt", str(tiny_run / "ema.safetensors"), "--out", str(tmp_path), *FAST])
     changed = [p.name for p, mtime in untouched.items() if p.stat().st_mtime_ns != mtime]
     assert sorted(changed) == sorted(p.name for p in pngs[4:8] if p != pngs[5])
     after, _ = samples(folder)
     assert np.array_equal(before, after)
 
 
-def test_two_processes_write_the_same_images_as_one(trained, tmp_path):
+def test_two_processes_write_the_same_images_as_one(tiny_run, tmp_path):
     one, two = tmp_path / "one", tmp_path / "two"
-    main(["--ckpt", str(trained / "ema.safetensors"), "--out", str(one), *FAST])
+    main(["--ckpt", str(tiny_run / "ema.safetensors"), "--out", str(one), *FAST])
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29741",
-               "-m", "promoe.sample", "--ckpt", str(trained / "ema.safetensors"), "--out", str(two), *FAST]
+               "-m", "promoe.sample", "--ckpt", str(tiny_run / "ema.safetensors"), "--out", str(two), *FAST]
     result = subprocess.run(command, capture_output=True, text=True, cwd=ROOT,
                             env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
@@ -100,7 +86,7 @@ def test_grid_places_images_row_major():
     assert grid[0, 3, 0] == 1 and grid[2, 0, 0] == 2 and grid[4, 0, 0] == 4 and grid[4, 3, 0] == 0
 
 
-def test_clear_errors_for_missing_inputs(trained, tmp_path):
+def test_clear_errors_for_missing_inputs(tiny_run, tmp_path):
     with pytest.raises(FileNotFoundError, match="does not exist"):
         load_model(tmp_path / "nowhere")
     official = tmp_path / "ckpt_step_1.pth"
@@ -108,13 +94,13 @@ def test_clear_errors_for_missing_inputs(trained, tmp_path):
     with pytest.raises(ValueError, match="--model"):
         load_model(official)
     lonely = tmp_path / "ema.safetensors"
-    lonely.write_bytes((trained / "ema.safetensors").read_bytes())
+    lonely.write_bytes((tiny_run / "ema.safetensors").read_bytes())
     with pytest.raises(FileNotFoundError, match="config.json is missing"):
         load_model(lonely)
     latent = tmp_path / "latent"
     latent.mkdir()
-    (latent / "ema.safetensors").write_bytes((trained / "ema.safetensors").read_bytes())
-    config = (trained / "config.json").read_text().replace('"kind": "pixels"', '"kind": "latents"')
+    (latent / "ema.safetensors").write_bytes((tiny_run / "ema.safetensors").read_bytes())
+    config = (tiny_run / "config.json").read_text().replace('"kind": "pixels"', '"kind": "latents"')
     (latent / "config.json").write_text(config)
     with pytest.raises(ValueError, match="give --vae PATH"):
         main(["--ckpt", str(latent / "ema.safetensors"), "--out", str(tmp_path / "s"), *FAST])

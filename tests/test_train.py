@@ -9,6 +9,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
 from promoe.train_config import load_config
 
@@ -140,3 +141,24 @@ def test_activation_checkpointing_is_refused_for_routers_with_running_statistics
                "train.activation_checkpointing=true", "--max-steps", "1"]
     result = subprocess.run(command, capture_output=True, text=True, cwd=ROOT)
     assert result.returncode != 0 and "running statistics" in result.stderr
+
+
+def test_a_run_trains_on_cached_latents_and_checks_their_shape(tmp_path):
+    from promoe.data.preprocess import write_shard
+
+    generator = torch.Generator().manual_seed(0)
+    moments = torch.cat([torch.randn(16, 2, 4, 8, 8, generator=generator),
+                         torch.rand(16, 2, 4, 8, 8, generator=generator) - 3], dim=2)
+    (tmp_path / "latents").mkdir()
+    write_shard(tmp_path / "latents" / "shard_00000.safetensors", moments, torch.arange(16) % 3,
+                [f"c{i % 3}/{i}.png" for i in range(16)], 0, 64)
+    latent_model = ["data.kind=latents", f"data.folder={tmp_path / 'latents'}", "model.overrides.in_channels=4",
+                    "model.overrides.input_size=8", "model.overrides.patch_size=2", "model.overrides.num_classes=3"]
+    run(tmp_path / "run", "--max-steps", "2", *latent_model)
+    assert sorted(losses(tmp_path / "run")) == [1, 2]
+    assert not (tmp_path / "run" / "samples.png").exists()  # no VAE to decode a grid with
+    command = [sys.executable, str(ROOT / "train" / "run.py"), "--config", str(ROOT / "configs" / "demo.yaml"),
+               "--out", str(tmp_path / "bad"), *TINY_RUN, *latent_model, "model.overrides.input_size=16",
+               "--max-steps", "1"]
+    result = subprocess.run(command, capture_output=True, text=True, cwd=ROOT)
+    assert result.returncode != 0 and "gives samples of shape (4, 8, 8), the model takes (4, 16, 16)" in result.stderr

@@ -34,7 +34,7 @@ from torch.utils.checkpoint import checkpoint
 from tqdm import tqdm
 
 import promoe
-from promoe.data import default_pixel_dataset
+from promoe.data import build_dataset
 from promoe.diffusion import DDPM, RectifiedFlow
 from promoe.moe.record import record_routing
 from promoe.plots import plot_expert_load, plot_losses
@@ -161,6 +161,21 @@ def build_sharded_model(config: RunConfig, device: torch.device) -> torch.nn.Mod
     return model.train()
 
 
+def load_dataset(config: RunConfig, device: torch.device):
+    data, model = config.data, promoe.model_config(config.model.name, **config.model.overrides)
+    dataset = build_dataset(data.kind, data.folder, image_size=data.image_size, vae=data.vae, device=device)
+    if len(dataset) < config.train.global_batch:
+        raise SystemExit(f"data set {dataset.name} holds {len(dataset)} items, fewer than one global batch")
+    expected = (model.in_channels, model.input_size, model.input_size)
+    if tuple(dataset.sample_shape) != expected:
+        raise SystemExit(f"data set {dataset.name} gives samples of shape {tuple(dataset.sample_shape)}, the model "
+                         f"takes {expected} (model.overrides in_channels / input_size)")
+    if dataset.num_classes != model.num_classes:
+        raise SystemExit(f"data set {dataset.name} has {dataset.num_classes} classes, the model "
+                         f"{model.num_classes} (model.overrides.num_classes)")
+    return dataset
+
+
 def main(argv=None) -> None:
     args = parse_args(argv)
     rank, world_size, device = init_distributed()
@@ -173,9 +188,7 @@ def main(argv=None) -> None:
                                   weight_decay=config.optim.weight_decay, fused=device.type == "cuda")
     ema = EMA(model, train.ema_decay)
     objective = RectifiedFlow() if train.objective == "rf" else DDPM()
-    dataset = default_pixel_dataset(config.data.folder)
-    if len(dataset) < train.global_batch:
-        raise SystemExit(f"data set {dataset.name} holds {len(dataset)} items, fewer than one global batch")
+    dataset = load_dataset(config, device)
     checkpoints = Checkpoints(out, train.keep_checkpoints)
 
     start = 0
@@ -284,14 +297,15 @@ def append_row(path: Path, row: dict) -> None:
 
 def finish(out: Path, config: RunConfig, device: torch.device) -> None:
     """The loss curves, the expert-load heat map and a class grid from the EMA weights, beside the checkpoints."""
-    from promoe.sample import generate, image_grid, load_model, save_png, to_uint8
+    from promoe.sample import Decoder, generate, image_grid, load_model, save_png, to_uint8
 
     plot_losses(out / "metrics.csv", out / "loss.png")
     if plot_expert_load(out / "metrics.csv", out / "expert_load.png"):
         print(f"wrote {out / 'expert_load.png'}")
     print(f"wrote {out / 'loss.png'}")
-    if config.train.grid_steps == 0 or config.data.kind != "pixels":
+    if config.train.grid_steps == 0 or (config.data.kind != "pixels" and config.data.vae is None):
         return
+    decoder = Decoder(config.data.vae, config.data.kind != "pixels", device)
     model, _ = load_model(out / "ema.safetensors")
     classes = min(model.num_classes, 10)
     per_class = 8
@@ -300,7 +314,7 @@ def finish(out: Path, config: RunConfig, device: torch.device) -> None:
     images = generate(model.to(device), objective, labels, torch.Generator().manual_seed(0), config.train.grid_steps,
                       config.train.grid_cfg_scale)
     # One row per class.
-    save_png(image_grid(to_uint8(images), per_class), out / "samples.png")
+    save_png(image_grid(to_uint8(decoder(images)), per_class), out / "samples.png")
     print(f"wrote {out / 'samples.png'} ({classes} classes x {per_class}, {config.train.grid_steps} steps, "
           f"guidance {config.train.grid_cfg_scale})")
 
