@@ -162,3 +162,16 @@ def test_a_run_trains_on_cached_latents_and_checks_their_shape(tmp_path):
                "--max-steps", "1"]
     result = subprocess.run(command, capture_output=True, text=True, cwd=ROOT)
     assert result.returncode != 0 and "gives samples of shape (4, 8, 8), the model takes (4, 16, 16)" in result.stderr
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "configs").glob("*.yaml")), ids=lambda p: p.name)
+def test_every_shipped_config_loads_validates_and_builds(path):
+    import promoe
+
+    config = load_config(path)
+    config.validate(world_size=8 if path.name != "demo.yaml" else 1, source=str(path))
+    model = promoe.build_model(config.model.name, device="meta", **config.model.overrides)
+    if path.name != "demo.yaml":
+        assert (model.config.input_size, model.in_channels, model.num_classes) == (32, 4, 1000)
+        assert config.train.global_batch == 256 and config.optim.lr == 1e-4 and config.train.ema_decay == 0.9999
+        assert config.train.objective == ("ddpm" if path.stem.endswith("_ddpm") else "rf")
