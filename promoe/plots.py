@@ -10,7 +10,7 @@ matplotlib.use("Agg")  # files only, no display
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-NOT_LOSSES = {"step", "lr", "grad_norm", "loss_max"}
+NOT_LOSSES = {"step", "lr", "grad_norm", "loss_max", "elapsed_s"}
 LOAD_COLUMN = re.compile(r"load_b(\d+)_e(\d+)")
 
 

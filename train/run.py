@@ -214,7 +214,7 @@ def main(argv=None) -> None:
 
     per_rank = train.global_batch // world_size
     stats = running_buffers(model)
-    metrics_path = out / "metrics.csv"
+    metrics = MetricsLog(out) if rank == 0 else None
     bar = tqdm(range(start, train.steps), initial=start, total=train.steps, disable=rank != 0, desc="train")
     last_saved = latest
     tic = time.perf_counter()
@@ -241,9 +241,10 @@ def main(argv=None) -> None:
             raise SystemExit(f"loss is {row['loss_max']} at step {step}; last good checkpoint: {last_saved}")
         done = step + 1
         if rank == 0 and (done % train.log_every == 0 or done == train.steps):
-            row = {"step": done, **row, "lr": optimizer.param_groups[0]["lr"], "grad_norm": full(grad_norm).item()}
-            append_row(metrics_path, row)
             elapsed = time.perf_counter() - tic
+            row = {"step": done, **row, "lr": optimizer.param_groups[0]["lr"], "grad_norm": full(grad_norm).item(),
+                   "elapsed_s": elapsed}
+            metrics.append(row)
             bar.set_postfix(loss=f"{row['loss']:.4f}", steps_s=f"{(done - start) / elapsed:.2f}",
                             img_s=f"{(done - start) * train.global_batch / elapsed:.1f}")
         if done % train.ckpt_every == 0 or done == train.steps:
@@ -286,13 +287,30 @@ def reduce_logged(loss: torch.Tensor, terms: dict, routing: list, world_size: in
     return {"loss": logged.pop("loss"), "loss_max": worst.item(), **logged}
 
 
-def append_row(path: Path, row: dict) -> None:
-    new_file = not path.exists()
-    with open(path, "a", newline="") as file:
-        writer = csv.DictWriter(file, fieldnames=list(row))
-        if new_file:
-            writer.writeheader()
-        writer.writerow(row)
+class MetricsLog:
+    """Rows of scalars into `metrics.csv` (and TensorBoard event files in `tensorboard/` when it is installed)."""
+
+    def __init__(self, out: Path):
+        self.path = out / "metrics.csv"
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except ImportError:  # tensorboard is optional
+            self.writer = None
+        else:
+            self.writer = SummaryWriter(str(out / "tensorboard"))
+
+    def append(self, row: dict) -> None:
+        new_file = not self.path.exists()
+        with open(self.path, "a", newline="") as file:
+            writer = csv.DictWriter(file, fieldnames=list(row))
+            if new_file:
+                writer.writeheader()
+            writer.writerow(row)
+        if self.writer is not None:
+            for name, value in row.items():
+                if name != "step":
+                    self.writer.add_scalar(name.replace("load_", "load/"), value, row["step"])
+            self.writer.flush()
 
 
 def finish(out: Path, config: RunConfig, device: torch.device) -> None:
