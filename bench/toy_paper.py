@@ -100,7 +100,8 @@ def train(name: str, seed: int, args) -> Path:
     command = [sys.executable, str(ROOT / "train" / "run.py"), "--config", str(ROOT / "configs" / "demo.yaml"),
                "--out", str(out), "--max-steps", str(args.steps), "--ckpt-every", str(max(1, args.steps // 4)),
                f"model.name={zoo}", "model.overrides={}", f"train.seed={seed}", f"train.global_batch={args.batch}",
-               "train.ema_decay=0.99", "train.log_every=5", f"train.grid_steps={args.sample_steps}", "optim.lr=3e-4",
+               "train.ema_decay=0.99", "train.log_every=5", f"train.grid_steps={args.sample_steps}",
+               "train.fid_samples=0", "optim.lr=3e-4",
                *(f"model.overrides.{key}={value}" for key, value in {**BACKBONE, **overrides}.items())]
     if args.data:
         command.append(f"data.folder={args.data}")

@@ -53,6 +53,8 @@ class TrainSection:
     activation_checkpointing: bool = False  # recompute each block in backward
     grid_steps: int = 100  # sampling steps of the class grid drawn at the end of training; 0: no grid
     grid_cfg_scale: float = 1.5
+    fid_samples: int = 0  # Fashion-MNIST runs: the Fashion-MNIST FID of this many samples at the end (grid settings)
+    feature_net: str = "runs/feature_net/fashion_feature_net.safetensors"  # python -m promoe.eval.train_feature_net
 
 
 @dataclass
@@ -66,8 +68,10 @@ class RunConfig:
         where = f"(in {source})"
         if self.train.precision not in ("auto", "fp32", "bf16"):
             raise ValueError(f"train.precision must be auto, fp32 or bf16, got {self.train.precision!r} {where}")
-        if self.train.grid_steps < 0:
-            raise ValueError(f"train.grid_steps must be >= 0 {where}")
+        if self.train.grid_steps < 0 or self.train.fid_samples < 0:
+            raise ValueError(f"train.grid_steps and train.fid_samples must be >= 0 {where}")
+        if self.train.fid_samples > 0 and self.train.grid_steps == 0:
+            raise ValueError(f"train.fid_samples needs train.grid_steps > 0 (its sampling steps) {where}")
         if self.train.objective not in ("rf", "ddpm"):
             raise ValueError(f"train.objective must be 'rf' or 'ddpm', got {self.train.objective!r} {where}")
         if self.data.kind not in KINDS:

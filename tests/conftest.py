@@ -39,7 +39,8 @@ def tiny_run(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("tiny_run")
     command = [sys.executable, str(root / "train" / "run.py"), "--config", str(root / "configs" / "demo.yaml"),
                "--out", str(out), "--max-steps", "3", "model.overrides.hidden_size=32", "model.overrides.num_heads=4",
-               "model.overrides.depth=2", "train.global_batch=16", "train.grid_steps=2"]
+               "model.overrides.depth=2", "train.global_batch=16", "train.grid_steps=2",
+               "train.fid_samples=0"]
     result = subprocess.run(command, capture_output=True, text=True, cwd=root,
                             env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]

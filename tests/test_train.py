@@ -1,6 +1,7 @@
 """The training driver: config validation, resume after a kill, and 2 ranks agreeing with 1."""
 
 import csv
+import json
 import os
 import signal
 import subprocess
@@ -8,6 +9,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -15,7 +17,8 @@ from promoe.train_config import load_config
 
 ROOT = Path(__file__).resolve().parent.parent
 TINY_RUN = ["model.overrides.hidden_size=32", "model.overrides.num_heads=4", "model.overrides.depth=2",
-            "train.global_batch=16", "train.log_every=1", "train.grid_steps=2"]
+            "train.global_batch=16", "train.log_every=1", "train.grid_steps=2",
+            "train.fid_samples=0"]
 
 
 def run(out, *extra, launcher=(sys.executable,), timeout=300, wait=True):
@@ -175,3 +178,21 @@ def test_every_shipped_config_loads_validates_and_builds(path):
         assert (model.config.input_size, model.in_channels, model.num_classes) == (32, 4, 1000)
         assert config.train.global_batch == 256 and config.optim.lr == 1e-4 and config.train.ema_decay == 0.9999
         assert config.train.objective == ("ddpm" if path.stem.endswith("_ddpm") else "rf")
+
+
+def test_a_fashion_mnist_run_ends_with_its_fid_when_the_feature_net_exists(tmp_path):
+    from promoe.eval.feature_net import FeatureNet, save_feature_net
+    from tests.test_data import write_idx
+
+    rng = np.random.default_rng(0)
+    for split, count in (("train", 32), ("t10k", 40)):
+        write_idx(tmp_path / f"{split}-images-idx3-ubyte.gz", rng.integers(0, 256, (count, 28, 28), dtype=np.uint8))
+        write_idx(tmp_path / f"{split}-labels-idx1-ubyte.gz", rng.integers(0, 10, (count,), dtype=np.uint8))
+    save_feature_net(FeatureNet(), tmp_path / "net.safetensors")  # untrained: the wiring is under test
+    fid = ["train.fid_samples=30", f"train.feature_net={tmp_path / 'net.safetensors'}", f"data.folder={tmp_path}"]
+    result = run(tmp_path / "run", "--max-steps", "1", *fid)
+    assert "Fashion-MNIST FID (30 samples" in result.stdout and "NOT comparable with ImageNet FID" in result.stdout
+    assert json.loads((tmp_path / "run" / "fid.json").read_text())["samples"] == 30
+    result = run(tmp_path / "other", "--max-steps", "1", *fid[:1], f"train.feature_net={tmp_path / 'none'}",
+                 f"data.folder={tmp_path}")
+    assert "train its feature net first" in result.stdout

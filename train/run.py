@@ -20,6 +20,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
@@ -254,7 +255,7 @@ def main(argv=None) -> None:
 
     export_ema(model, ema, config, out, rank)
     if rank == 0:
-        finish(out, config, device)
+        finish(out, config, dataset.name, device)
     dist.destroy_process_group()
 
 
@@ -313,28 +314,60 @@ class MetricsLog:
             self.writer.flush()
 
 
-def finish(out: Path, config: RunConfig, device: torch.device) -> None:
-    """The loss curves, the expert-load heat map and a class grid from the EMA weights, beside the checkpoints."""
-    from promoe.sample import Decoder, generate, image_grid, load_model, save_png, to_uint8
-
+def finish(out: Path, config: RunConfig, dataset_name: str, device: torch.device) -> None:
+    """Beside the checkpoints: the loss curves, the expert-load heat map, a class grid from the EMA weights and, on
+    Fashion-MNIST, the Fashion-MNIST FID."""
     plot_losses(out / "metrics.csv", out / "loss.png")
+    print(f"wrote {out / 'loss.png'}")
     if plot_expert_load(out / "metrics.csv", out / "expert_load.png"):
         print(f"wrote {out / 'expert_load.png'}")
-    print(f"wrote {out / 'loss.png'}")
-    if config.train.grid_steps == 0 or (config.data.kind != "pixels" and config.data.vae is None):
-        return
-    decoder = Decoder(config.data.vae, config.data.kind != "pixels", device)
+    if config.data.kind != "pixels" and config.data.vae is None:
+        return  # latents and nothing to decode them with
+    from promoe.sample import Decoder, load_model
+
     model, _ = load_model(out / "ema.safetensors")
-    classes = min(model.num_classes, 10)
-    per_class = 8
-    labels = torch.arange(classes).repeat_interleave(per_class)
+    model, decoder = model.to(device), Decoder(config.data.vae, config.data.kind != "pixels", device)
     objective = RectifiedFlow() if config.train.objective == "rf" else DDPM()
-    images = generate(model.to(device), objective, labels, torch.Generator().manual_seed(0), config.train.grid_steps,
-                      config.train.grid_cfg_scale)
-    # One row per class.
-    save_png(image_grid(to_uint8(decoder(images)), per_class), out / "samples.png")
-    print(f"wrote {out / 'samples.png'} ({classes} classes x {per_class}, {config.train.grid_steps} steps, "
-          f"guidance {config.train.grid_cfg_scale})")
+    if config.train.grid_steps > 0:
+        class_grid(model, objective, decoder, config, out / "samples.png")
+    if config.train.fid_samples > 0 and dataset_name == "fashion-mnist":
+        fashion_fid(model, objective, config, out / "fid.json")
+
+
+def class_grid(model, objective, decoder, config: RunConfig, path: Path, per_class: int = 8) -> None:
+    """One row per class (the first ten), sampled with the run's grid settings."""
+    from promoe.sample import generate, image_grid, save_png, to_uint8
+
+    classes = min(model.num_classes, 10)
+    labels = torch.arange(classes).repeat_interleave(per_class)
+    steps, scale = config.train.grid_steps, config.train.grid_cfg_scale
+    images = generate(model, objective, labels, torch.Generator().manual_seed(0), steps, scale)
+    save_png(image_grid(to_uint8(decoder(images)), per_class), path)
+    print(f"wrote {path} ({classes} classes x {per_class}, {steps} steps, guidance {scale})")
+
+
+def fashion_fid(model, objective, config: RunConfig, path: Path) -> None:
+    """The Fashion-MNIST FID of `fid_samples` samples (equal per class) against the test split, in the features of
+    the demo classifier; skipped with a note when that classifier has not been trained."""
+    from promoe.data import load_fashion_mnist
+    from promoe.data.pixels import FASHION_MNIST_DIR
+    from promoe.eval import load_feature_net, pixel_fid
+    from promoe.sample import generate, to_uint8
+
+    feature_net = Path(config.train.feature_net)
+    if not feature_net.exists():
+        print(f"note: no Fashion-MNIST FID: train its feature net first (python -m promoe.eval.train_feature_net "
+              f"--out {feature_net}, about a minute)")
+        return
+    count, steps, scale = config.train.fid_samples, config.train.grid_steps, config.train.grid_cfg_scale
+    labels = torch.arange(count) % model.num_classes
+    samples = [to_uint8(generate(model, objective, batch, torch.Generator().manual_seed(i), steps, scale))
+               for i, batch in enumerate(tqdm(labels.split(250), desc="FID samples"))]
+    reference, _ = load_fashion_mnist(config.data.folder or FASHION_MNIST_DIR, "test")
+    fid = pixel_fid(np.concatenate(samples), reference, load_feature_net(feature_net))
+    path.write_text(json.dumps({"fashion_mnist_fid": fid, "samples": count, "steps": steps, "cfg_scale": scale}))
+    print(f"Fashion-MNIST FID ({count} samples, {steps} Euler steps, guidance {scale}; the features of a small "
+          f"Fashion-MNIST classifier, NOT comparable with ImageNet FID): {fid:.2f}")
 
 
 def export_ema(model: torch.nn.Module, ema: EMA, config: RunConfig, out: Path, rank: int) -> None:
