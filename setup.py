@@ -14,9 +14,10 @@ setup(
     # No torch pin that a CPU build fails: install torch first (e.g. `pip install torch==2.13.0`).
     install_requires=[
         "torch>=2.9", "triton", "numpy", "pyyaml", "safetensors", "tqdm", "diffusers", "scipy", "matplotlib",
+        "scikit-learn",  # its digits are the demo's zero-install data
     ],
     extras_require={
-        "dev": ["pytest", "pytest-benchmark", "hypothesis", "ruff", "scikit-learn"],
+        "dev": ["pytest", "pytest-benchmark", "hypothesis", "ruff"],
         "gpu": ["flash-attn", "megablocks"],
     },
     entry_points={"console_scripts": ["promoe-convert=promoe.convert:main"]},
