@@ -116,3 +116,18 @@ def test_guidance_in_one_batch_equals_two_passes_and_the_formula(rng):
     torch.testing.assert_close(batched[:, 4:], cond[:, 4:], **tolerance)
     with promoe.dispatch_backend("loop"):  # no guidance at scale 1
         assert torch.equal(guided_prediction(model, x, t, y, 1.0, channels=4), model(x, t, y))
+
+
+def test_guidance_scale_one_runs_one_pass_and_batched_guidance_one_double_batch(rng):
+    model = tiny_model("ProMoE-S").eval()
+    calls = []
+    model.register_forward_hook(lambda module, args, output: calls.append(args[0].shape[0]))
+    x, t, y = torch.randn(3, 4, 8, 8, generator=rng), torch.rand(3, generator=rng) * 1000, torch.tensor([1, 2, 3])
+    guided_prediction(model, x, t, y, 1.0, channels=4)
+    assert calls == [3]
+    calls.clear()
+    guided_prediction(model, x, t, y, 1.5, channels=4, batched=True)
+    assert calls == [6]
+    calls.clear()
+    guided_prediction(model, x, t, y, 1.5, channels=4, batched=False)
+    assert calls == [3, 3]
