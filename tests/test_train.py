@@ -196,3 +196,28 @@ def test_a_fashion_mnist_run_ends_with_its_fid_when_the_feature_net_exists(tmp_p
     result = run(tmp_path / "other", "--max-steps", "1", *fid[:1], f"train.feature_net={tmp_path / 'none'}",
                  f"data.folder={tmp_path}")
     assert "train its feature net first" in result.stdout
+
+
+def test_bf16_training_keeps_the_timesteps_in_fp32(tmp_path):
+    """In-process (one gloo rank): the root must not round s * 1000 to bf16, the blocks compute in bf16."""
+    import importlib.util
+
+    import torch.distributed as dist
+
+    spec = importlib.util.spec_from_file_location("train_run", ROOT / "train" / "run.py")
+    train_run = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(train_run)
+    config = load_config(ROOT / "configs" / "demo.yaml", [*TINY_RUN, "train.precision=bf16"])
+    seen = {}
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'pg'}", rank=0, world_size=1)
+    try:
+        model = train_run.build_sharded_model(config, torch.device("cpu"))
+        model.t_embedder.register_forward_pre_hook(lambda module, args: seen.update(t=args[0]))
+        model.blocks[1].register_forward_hook(lambda module, args, output: seen.update(block=output[0]))
+        t = torch.tensor([377.1, 901.3])
+        prediction = model(torch.randn(2, 1, 28, 28), t, torch.tensor([1, 2]))
+        prediction.float().square().mean().backward()
+    finally:
+        dist.destroy_process_group()
+    assert seen["t"].dtype == torch.float32 and torch.equal(seen["t"], t)
+    assert seen["block"].dtype == torch.bfloat16

@@ -154,11 +154,13 @@ def build_sharded_model(config: RunConfig, device: torch.device) -> torch.nn.Mod
                              "statistics in forward, which a recomputation would update twice; turn it off")
         for block in model.blocks:
             block.forward = functools.partial(checkpoint, block.forward, use_reentrant=False)
-    # Parameters are stored in fp32 and gathered in the compute dtype; gradients are reduced in fp32.
-    policy = MixedPrecisionPolicy(param_dtype=compute_dtype(config, device), reduce_dtype=torch.float32)
+    # Parameters are stored in fp32 and gathered in the compute dtype; gradients are reduced in fp32. The root keeps
+    # its inputs as they are: a bf16 timestep s * 1000 would move in steps of 4 above 512, unlike the sampler's.
+    dtype = compute_dtype(config, device)
     for block in model.blocks:
-        fully_shard(block, mp_policy=policy)
-    fully_shard(model, mp_policy=policy)
+        fully_shard(block, mp_policy=MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float32))
+    fully_shard(model, mp_policy=MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float32,
+                                                      cast_forward_inputs=False))
     return model.train()
 
 

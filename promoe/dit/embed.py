@@ -21,7 +21,7 @@ class PatchEmbed(nn.Module):
         expected = (self.in_channels, self.input_size, self.input_size)
         if x.dim() != 4 or tuple(x.shape[1:]) != expected:
             raise ValueError(f"expected input of shape [B, {', '.join(map(str, expected))}], got {list(x.shape)}")
-        return self.proj(x).flatten(2).transpose(1, 2)
+        return self.proj(x.to(self.proj.weight.dtype)).flatten(2).transpose(1, 2)  # in the compute dtype
 
 
 def sincos_1d(dim: int, positions: torch.Tensor) -> torch.Tensor:
