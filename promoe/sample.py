@@ -26,7 +26,7 @@ from tqdm import tqdm
 
 import promoe
 from promoe.data.images import load_vae
-from promoe.diffusion import DDPM, RectifiedFlow
+from promoe.diffusion import DDPM, RectifiedFlow, make_objective
 from promoe.train_config import RunConfig, config_from_json
 
 
@@ -42,6 +42,8 @@ def load_model(source: str | Path, model_name: str | None = None, weights: str =
     if source.suffix == ".safetensors":
         from safetensors.torch import load_file
 
+        if weights != "ema":
+            raise ValueError(f"{source} holds the EMA weights only; the live weights are in the checkpoint folders")
         config = read_run_config(source.parent / "config.json")
         model = build_from_config(config)
         model.load_state_dict(load_file(str(source)))
@@ -76,8 +78,23 @@ def load_training_checkpoint(folder: Path, weights: str = "ema") -> torch.nn.Mod
 
 
 def objective_of(config: RunConfig | None, override: str | None):
-    name = override or (config.train.objective if config is not None else "rf")
-    return RectifiedFlow() if name == "rf" else DDPM()
+    """The objective a checkpoint trained with, or `override`; an official checkpoint does not say, so it must be
+    named."""
+    if override is None and config is None:
+        raise ValueError("an official checkpoint does not record its objective: give --objective rf or ddpm")
+    return make_objective(override or config.train.objective)
+
+
+def is_latent_model(config: RunConfig | None) -> bool:
+    """Whether the model makes VAE latents (official checkpoints do) rather than pixels."""
+    return config is None or config.data.kind == "latents" or (config.data.kind == "images" and
+                                                               config.data.vae is not None)
+
+
+def checkpoint_label(source: str | Path) -> str:
+    """The output sub-folder of a checkpoint: a folder's name (step_0500000), else `<parent>-<stem>` (demo-ema)."""
+    source = Path(source)
+    return source.name if source.is_dir() else f"{source.resolve().parent.name}-{source.stem}"
 
 
 @torch.no_grad()
@@ -168,16 +185,37 @@ def sample_into(folder: Path, model, objective, decoder: Decoder, labels: torch.
             save_png(image, path)
 
 
-def collect(folder: Path, labels: torch.Tensor, settings: dict, grid_columns: int) -> None:
-    """The evaluation `.npz` (arr_0 uint8 NHWC images, arr_1 labels), a grid of the first images, the settings."""
-    images = []
+def claim_folder(folder: Path, settings: dict, rank: int) -> None:
+    """Refuses a folder that holds samples made with other settings (its images would be mixed with ours), then
+    records ours in `sampling.json`, so that a rerun continues only the same job."""
+    record = folder / "sampling.json"
+    if record.exists():
+        previous = json.loads(record.read_text())
+        changed = sorted(key for key in settings.keys() | previous.keys() if settings.get(key) != previous.get(key))
+        if changed:
+            raise SystemExit(f"{folder} holds samples made with other settings ({', '.join(changed)}): give another "
+                             "--out, or delete the folder")
+    barrier()  # every rank has checked before rank 0 writes
+    if rank == 0:
+        folder.mkdir(parents=True, exist_ok=True)
+        tmp = record.with_name(record.name + ".tmp")
+        tmp.write_text(json.dumps(settings, indent=2))
+        tmp.replace(record)
+    barrier()
+
+
+def collect(folder: Path, labels: torch.Tensor, grid_columns: int) -> None:
+    """The evaluation `.npz` (arr_0 uint8 NHWC images, arr_1 labels), written atomically, and a grid PNG."""
+    first = np.asarray(Image.open(folder / png_name(0, int(labels[0]))))
+    images = np.empty((len(labels), *first.shape[:2], first.shape[2] if first.ndim == 3 else 1), dtype=np.uint8)
     for index, label in enumerate(labels.tolist()):
         image = np.asarray(Image.open(folder / png_name(index, label)))
-        images.append(image[..., None] if image.ndim == 2 else image)
-    images = np.stack(images)
-    np.savez(folder / "samples.npz", arr_0=images, arr_1=labels.numpy())
+        images[index] = image[..., None] if image.ndim == 2 else image
+    tmp = folder / "samples.npz.tmp"
+    with open(tmp, "wb") as file:
+        np.savez(file, arr_0=images, arr_1=labels.numpy())
+    tmp.replace(folder / "samples.npz")
     save_png(image_grid(images[: grid_columns * grid_columns], grid_columns), folder / "grid.png")
-    (folder / "sampling.json").write_text(json.dumps(settings, indent=2))
 
 
 def parse_args(argv):
@@ -185,7 +223,8 @@ def parse_args(argv):
     parser.add_argument("--ckpt", nargs="+", required=True, help="checkpoint folders, ema.safetensors or .pth files")
     parser.add_argument("--model", help="model name, needed for an official .pth checkpoint")
     parser.add_argument("--weights", choices=("ema", "model"), default="ema")
-    parser.add_argument("--objective", choices=("rf", "ddpm"), help="default: the one the checkpoint trained with")
+    parser.add_argument("--objective", choices=("rf", "ddpm"),
+                        help="default: the one the checkpoint trained with (an official .pth needs it)")
     parser.add_argument("--cfg-scale", type=float, nargs="+", default=[1.0], help="guidance scales, >1 guides")
     parser.add_argument("--steps", type=int, default=250, help="Euler or respaced DDPM steps")
     # Not `--num`: under torchrun, argparse would take it for an abbreviation of torchrun's --numa-binding.
@@ -220,29 +259,33 @@ def barrier() -> None:
 
 def main(argv=None) -> None:
     args = parse_args(argv)
+    labels_of = {checkpoint_label(source): source for source in args.ckpt}
+    if len(labels_of) < len(args.ckpt):
+        raise SystemExit("two --ckpt entries would write to the same folder: sample them with different --out")
     rank, world_size, device = init_processes()
-    for source in args.ckpt:
+    finished = []
+    for label, source in labels_of.items():
         model, config = load_model(source, args.model, args.weights)
         model = model.to(device)
         objective = objective_of(config, args.objective)
-        latent = config is None or config.data.kind != "pixels"
-        decoder = Decoder(args.vae, latent, device)
+        decoder = Decoder(args.vae, is_latent_model(config), device)
         labels = draw_labels(args.num_images, model.num_classes, args.labels, args.seed)
-        name = Path(source).name if Path(source).is_dir() else Path(source).stem
         for scale in args.cfg_scale:
-            folder = args.out / name / f"cfg-{scale:g}"
+            folder = args.out / label / f"cfg-{scale:g}"
+            settings = {"checkpoint": str(Path(source).resolve()), "weights": args.weights, "cfg_scale": scale,
+                        "steps": args.steps, "sampler": "euler" if isinstance(objective, RectifiedFlow) else "ddpm",
+                        "seed": args.seed, "num_images": args.num_images, "vae": args.vae,
+                        "batch_size": args.batch_size, "two_pass": args.two_pass, "labels": args.labels}
+            claim_folder(folder, settings, rank)
             sample_into(folder, model, objective, decoder, labels, scale, args, rank, world_size)
-            barrier()
-            if rank == 0:
-                settings = {"checkpoint": str(source), "weights": args.weights, "cfg_scale": scale,
-                            "steps": args.steps, "sampler": "euler" if isinstance(objective, RectifiedFlow)
-                            else "ddpm", "seed": args.seed, "num_images": args.num_images, "vae": args.vae,
-                            "batch_size": args.batch_size, "two_pass": args.two_pass, "labels": args.labels}
-                collect(folder, labels, settings, args.grid)
-                print(f"wrote {args.num_images} images, samples.npz and grid.png to {folder}")
-            barrier()
+            finished.append((folder, labels))
+    barrier()  # every PNG is written; rank 0 gathers them while the others leave
     if dist.is_initialized():
         dist.destroy_process_group()
+    if rank == 0:
+        for folder, labels in finished:
+            collect(folder, labels, args.grid)
+            print(f"wrote {len(labels)} images, samples.npz and grid.png to {folder}")
 
 
 if __name__ == "__main__":

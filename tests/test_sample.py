@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from promoe.sample import draw_labels, image_grid, load_model, main
+from promoe.sample import checkpoint_label, draw_labels, image_grid, load_model, main, objective_of
 
 ROOT = Path(__file__).resolve().parent.parent
 FAST = ["--steps", "3", "--num-images", "10", "--batch-size", "4"]
@@ -28,7 +28,7 @@ def test_checkpoint_folder_and_exported_ema_give_the_same_model(tiny_run):
     ema_state, live_state = from_checkpoint.state_dict(), live.state_dict()
     for name, value in exported.state_dict().items():
         assert torch.equal(value, ema_state[name]), name
-    # After 3 steps at decay 0.999 the EMA is still close to the initial weights, not to the trained ones.
+    # After 3 steps at decay 0.995 the EMA is still close to the initial weights, not to the trained ones.
     assert not torch.equal(ema_state["final_layer.linear.weight"], live_state["final_layer.linear.weight"])
 
 
@@ -47,7 +47,7 @@ def test_cli_writes_pngs_npz_grid_and_settings_per_scale(tiny_run, tmp_path):
 
 def test_an_interrupted_run_redoes_only_the_missing_batch(tiny_run, tmp_path):
     main(["--ckpt", str(tiny_run / "ema.safetensors"), "--out", str(tmp_path), *FAST])
-    folder = tmp_path / "ema" / "cfg-1"
+    folder = tmp_path / checkpoint_label(tiny_run / "ema.safetensors") / "cfg-1"
     before, _ = samples(folder)
     pngs = sorted(folder.glob("0*.png"))
     pngs[5].unlink()  # batch 1 (images 4..7) is incomplete
@@ -67,8 +67,11 @@ def test_two_processes_write_the_same_images_as_one(tiny_run, tmp_path):
     result = subprocess.run(command, capture_output=True, text=True, cwd=ROOT,
                             env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
-    for png in sorted((one / "ema" / "cfg-1").glob("0*.png")):
-        assert png.read_bytes() == (two / "ema" / "cfg-1" / png.name).read_bytes(), png.name
+    label = checkpoint_label(tiny_run / "ema.safetensors")
+    pngs = sorted((one / label / "cfg-1").glob("0*.png"))
+    assert len(pngs) == 10
+    for png in pngs:
+        assert png.read_bytes() == (two / label / "cfg-1" / png.name).read_bytes(), png.name
 
 
 def test_given_labels_are_cycled_and_bad_ones_rejected():
@@ -104,3 +107,35 @@ def test_clear_errors_for_missing_inputs(tiny_run, tmp_path):
     (latent / "config.json").write_text(config)
     with pytest.raises(ValueError, match="give --vae PATH"):
         main(["--ckpt", str(latent / "ema.safetensors"), "--out", str(tmp_path / "s"), *FAST])
+
+
+def test_a_folder_of_other_settings_or_two_checkpoints_of_one_name_are_refused(tiny_run, tmp_path):
+    main(["--ckpt", str(tiny_run / "ema.safetensors"), "--out", str(tmp_path), *FAST])
+    with pytest.raises(SystemExit, match="other settings .*steps"):
+        main(["--ckpt", str(tiny_run / "ema.safetensors"), "--out", str(tmp_path), *FAST, "--steps", "4"])
+    twin = tmp_path / "elsewhere" / tiny_run.name
+    twin.mkdir(parents=True)
+    (twin / "ema.safetensors").write_bytes((tiny_run / "ema.safetensors").read_bytes())
+    with pytest.raises(SystemExit, match="same folder"):
+        main(["--ckpt", str(tiny_run / "ema.safetensors"), str(twin / "ema.safetensors"), "--out", str(tmp_path)])
+
+
+def test_the_objective_of_an_official_checkpoint_must_be_named_and_ema_exports_have_no_live_weights(tiny_run):
+    with pytest.raises(ValueError, match="--objective"):
+        objective_of(None, None)
+    assert type(objective_of(None, "ddpm")).__name__ == "DDPM"
+    with pytest.raises(ValueError, match="EMA weights only"):
+        load_model(tiny_run / "ema.safetensors", weights="model")
+
+
+def test_pixel_models_of_image_folders_are_not_taken_for_latent_ones():
+    from promoe.sample import is_latent_model
+    from promoe.train_config import load_config
+
+    def config(*overrides):
+        return load_config(None, list(overrides))
+
+    assert not is_latent_model(config("data.kind=pixels"))
+    assert not is_latent_model(config("data.kind=images", "data.folder=x"))
+    assert is_latent_model(config("data.kind=images", "data.folder=x", "data.vae=vae"))
+    assert is_latent_model(config("data.kind=latents", "data.folder=x")) and is_latent_model(None)

@@ -36,7 +36,7 @@ from tqdm import tqdm
 
 import promoe
 from promoe.data import build_dataset
-from promoe.diffusion import DDPM, RectifiedFlow
+from promoe.diffusion import make_objective
 from promoe.moe.record import record_routing
 from promoe.plots import plot_expert_load, plot_losses
 from promoe.train_config import RunConfig, load_config
@@ -190,7 +190,7 @@ def main(argv=None) -> None:
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.optim.lr, betas=config.optim.betas,
                                   weight_decay=config.optim.weight_decay, fused=device.type == "cuda")
     ema = EMA(model, train.ema_decay)
-    objective = RectifiedFlow() if train.objective == "rf" else DDPM()
+    objective = make_objective(train.objective)
     dataset = load_dataset(config, device)
     checkpoints = Checkpoints(out, train.keep_checkpoints)
 
@@ -323,13 +323,13 @@ def finish(out: Path, config: RunConfig, dataset_name: str, device: torch.device
     print(f"wrote {out / 'loss.png'}")
     if plot_expert_load(out / "metrics.csv", out / "expert_load.png"):
         print(f"wrote {out / 'expert_load.png'}")
-    if config.data.kind != "pixels" and config.data.vae is None:
-        return  # latents and nothing to decode them with
-    from promoe.sample import Decoder, load_model
+    from promoe.sample import Decoder, is_latent_model, load_model
 
+    if is_latent_model(config) and config.data.vae is None:
+        return  # latents and nothing to decode them with
     model, _ = load_model(out / "ema.safetensors")
-    model, decoder = model.to(device), Decoder(config.data.vae, config.data.kind != "pixels", device)
-    objective = RectifiedFlow() if config.train.objective == "rf" else DDPM()
+    model, decoder = model.to(device), Decoder(config.data.vae, is_latent_model(config), device)
+    objective = make_objective(config.train.objective)
     if config.train.grid_steps > 0:
         class_grid(model, objective, decoder, config, out / "samples.png")
     if config.train.fid_samples > 0 and dataset_name == "fashion-mnist":

@@ -21,7 +21,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from promoe.moe.record import record_routing  # noqa: E402
-from promoe.sample import Decoder, generate, load_model, objective_of, to_uint8  # noqa: E402
+from promoe.sample import Decoder, generate, is_latent_model, load_model, objective_of, to_uint8  # noqa: E402
 
 
 @torch.no_grad()
@@ -104,6 +104,7 @@ def parse_args(argv):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--ckpt", required=True, help="checkpoint folder, ema.safetensors or official .pth")
     parser.add_argument("--model", help="model name, for an official .pth")
+    parser.add_argument("--objective", choices=("rf", "ddpm"), help="for an official .pth: its objective")
     parser.add_argument("--class", dest="label", type=int, required=True, help="the class whose maps are drawn")
     parser.add_argument("--images", type=int, default=4, help="images of that class in the map")
     parser.add_argument("--per-class", type=int, default=4,
@@ -122,8 +123,8 @@ def main(argv=None) -> None:
     model, config = load_model(args.ckpt, args.model)
     if not 0 <= args.label < model.num_classes:
         raise SystemExit(f"--class {args.label} outside 0..{model.num_classes - 1}")
-    objective = objective_of(config, None)
-    decoder = Decoder(args.vae, config is None or config.data.kind != "pixels", torch.device("cpu"))
+    objective = objective_of(config, args.objective)
+    decoder = Decoder(args.vae, is_latent_model(config), torch.device("cpu"))
     classes = range(model.num_classes) if model.num_classes <= 10 else [args.label]
     labels = torch.tensor([args.label] * args.images + [c for c in classes for _ in range(args.per_class)])
     images, experts, blocks = sample_with_routing(model, objective, labels, args.steps, args.seed)
