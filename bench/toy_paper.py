@@ -35,8 +35,9 @@ from promoe.data import load_digits_28, load_fashion_mnist  # noqa: E402
 from promoe.data.pixels import FASHION_MNIST_DIR, FASHION_MNIST_FILES  # noqa: E402
 from promoe.diffusion import RectifiedFlow  # noqa: E402
 from promoe.eval import load_feature_net, pixel_fid  # noqa: E402
+from promoe.eval.feature_net import DEFAULT_FEATURE_NET  # noqa: E402
 from promoe.plots import read_metrics, smooth  # noqa: E402
-from promoe.sample import generate, load_model, to_uint8  # noqa: E402
+from promoe.sample import generate_per_class, load_model, to_uint8  # noqa: E402
 from promoe.viz.routing import draw_maps, expert_usage, sample_with_routing, usage_entropy_bits  # noqa: E402
 
 BACKBONE = {"input_size": 28, "patch_size": 4, "in_channels": 1, "learn_sigma": False, "num_classes": 10,
@@ -74,8 +75,7 @@ def parse_args(argv):
     parser.add_argument("--sample-steps", type=int, default=10, help="Euler steps for the FID samples")
     parser.add_argument("--val-images", type=int, default=500)
     parser.add_argument("--data", default=None, help="Fashion-MNIST IDX folder (default: Debian's)")
-    parser.add_argument("--feature-net", type=Path, default=ROOT / "runs" / "feature_net" /
-                        "fashion_feature_net.safetensors")
+    parser.add_argument("--feature-net", type=Path, default=ROOT / DEFAULT_FEATURE_NET)
     parser.add_argument("--models", nargs="+", default=list(MODELS), help="a subset of the models (for tests)")
     return parser.parse_args(argv)
 
@@ -129,18 +129,14 @@ def validation_loss(model, images: np.ndarray, labels: np.ndarray, seed: int = 1
     return losses
 
 
-def fid_samples(model, path: Path, count: int, scale: float, steps: int) -> np.ndarray:
-    """`count` samples (equal numbers per class) as uint8 [N, 28, 28], cached in `path`."""
+def fid_samples(model, path: Path, count: int, scale: float, steps: int, key: str) -> np.ndarray:
+    """`count` samples (equal numbers per class), cached in `path` under the evaluation's key."""
     if path.exists():
-        return np.load(path)["arr_0"]
-    labels = torch.arange(count) % model.num_classes
-    chunks = []
-    for index, start in enumerate(range(0, count, 500)):
-        batch = labels[start:start + 500]
-        images = generate(model, RectifiedFlow(), batch, torch.Generator().manual_seed(index), steps, scale)
-        chunks.append(to_uint8(images)[..., 0])
-    samples = np.concatenate(chunks)
-    np.savez(path, arr_0=samples, arr_1=labels.numpy())
+        cached = np.load(path)
+        if "key" in cached and str(cached["key"]) == key:
+            return cached["arr_0"]
+    samples = generate_per_class(model, RectifiedFlow(), count, steps, scale)
+    np.savez(path, arr_0=samples, key=key)
     return samples
 
 
@@ -158,8 +154,10 @@ def steps_per_second(metrics: dict[str, np.ndarray]) -> float:
 
 def evaluate(name: str, seed: int, run: Path, held_out, net, args) -> dict:
     """The figures of one run, cached in eval.json (recomputed when the settings change)."""
+    # The key of the cached figures: the evaluation's settings and the trained model they measure.
     settings = {"fid_samples": args.fid_samples, "sample_steps": args.sample_steps, "val_images": args.val_images,
-                "fid": args.fid_seeds is None or seed in args.fid_seeds}
+                "fid": args.fid_seeds is None or seed in args.fid_seeds, "steps": args.steps, "batch": args.batch,
+                "ema_mtime_ns": (run / "ema.safetensors").stat().st_mtime_ns}
     cache = run / "eval.json"
     if cache.exists() and json.loads(cache.read_text())["settings"] == settings:
         return json.loads(cache.read_text())
@@ -176,7 +174,7 @@ def evaluate(name: str, seed: int, run: Path, held_out, net, args) -> dict:
     if settings["fid"]:
         for scale in GUIDANCE:
             samples = fid_samples(model, run / f"fid_samples_cfg{scale:g}.npz", args.fid_samples, scale,
-                                  args.sample_steps)
+                                  args.sample_steps, json.dumps(settings, sort_keys=True))
             result[f"fid_cfg{scale:g}"] = pixel_fid(samples, images, net)
     if any(hasattr(block.mlp, "router") for block in model.blocks):
         per_class = torch.arange(10).repeat_interleave(8)

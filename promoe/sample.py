@@ -110,6 +110,16 @@ def generate(model, objective, labels: torch.Tensor, generator: torch.Generator,
     return objective.sample(model, noise, labels, steps, cfg_scale, batched_guidance=batched_guidance)
 
 
+def generate_per_class(model, objective, count: int, steps: int, cfg_scale: float, batch_size: int = 500
+                       ) -> np.ndarray:
+    """uint8 [count, H, W, C] pixels of a pixel-space model, labels cycling over the classes (equal numbers per
+    class), in fixed batches whose noise is seeded by the batch index: the sample set of a metric."""
+    labels = torch.arange(count) % model.num_classes
+    return np.concatenate([to_uint8(generate(model, objective, batch, torch.Generator().manual_seed(index), steps,
+                                             cfg_scale))
+                           for index, batch in enumerate(tqdm(labels.split(batch_size), desc="samples", leave=False))])
+
+
 def to_uint8(images: torch.Tensor) -> np.ndarray:
     """[B, C, H, W] in [-1, 1] -> uint8 [B, H, W, C], the evaluation layout."""
     return ((images.float() + 1) * 127.5).round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()

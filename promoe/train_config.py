@@ -13,6 +13,7 @@ from pathlib import Path
 import yaml
 
 from promoe.data.build import KINDS
+from promoe.eval.feature_net import DEFAULT_FEATURE_NET
 from promoe.zoo import model_config
 
 
@@ -54,7 +55,7 @@ class TrainSection:
     grid_steps: int = 100  # sampling steps of the class grid drawn at the end of training; 0: no grid
     grid_cfg_scale: float = 1.5
     fid_samples: int = 0  # Fashion-MNIST runs: the Fashion-MNIST FID of this many samples at the end (grid settings)
-    feature_net: str = "runs/feature_net/fashion_feature_net.safetensors"  # python -m promoe.eval.train_feature_net
+    feature_net: str = str(DEFAULT_FEATURE_NET)  # python -m promoe.eval.train_feature_net writes it
 
 
 @dataclass

@@ -20,7 +20,6 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
@@ -354,7 +353,7 @@ def fashion_fid(model, objective, config: RunConfig, path: Path) -> None:
     from promoe.data import load_fashion_mnist
     from promoe.data.pixels import FASHION_MNIST_DIR
     from promoe.eval import load_feature_net, pixel_fid
-    from promoe.sample import generate, to_uint8
+    from promoe.sample import generate_per_class
 
     feature_net = Path(config.train.feature_net)
     if not feature_net.exists():
@@ -362,11 +361,9 @@ def fashion_fid(model, objective, config: RunConfig, path: Path) -> None:
               f"--out {feature_net}, about a minute)")
         return
     count, steps, scale = config.train.fid_samples, config.train.grid_steps, config.train.grid_cfg_scale
-    labels = torch.arange(count) % model.num_classes
-    samples = [to_uint8(generate(model, objective, batch, torch.Generator().manual_seed(i), steps, scale))
-               for i, batch in enumerate(tqdm(labels.split(250), desc="FID samples"))]
+    samples = generate_per_class(model, objective, count, steps, scale)
     reference, _ = load_fashion_mnist(config.data.folder or FASHION_MNIST_DIR, "test")
-    fid = pixel_fid(np.concatenate(samples), reference, load_feature_net(feature_net))
+    fid = pixel_fid(samples, reference, load_feature_net(feature_net))
     path.write_text(json.dumps({"fashion_mnist_fid": fid, "samples": count, "steps": steps, "cfg_scale": scale}))
     print(f"Fashion-MNIST FID ({count} samples, {steps} Euler steps, guidance {scale}; the features of a small "
           f"Fashion-MNIST classifier, NOT comparable with ImageNet FID): {fid:.2f}")
