@@ -71,6 +71,8 @@ class RunConfig:
             raise ValueError(f"train.precision must be auto, fp32 or bf16, got {self.train.precision!r} {where}")
         if self.train.grid_steps < 0 or self.train.fid_samples < 0:
             raise ValueError(f"train.grid_steps and train.fid_samples must be >= 0 {where}")
+        if self.train.fid_samples > 0 and self.data.kind != "pixels":
+            raise ValueError(f"train.fid_samples: the Fashion-MNIST FID needs data.kind=pixels {where}")
         if self.train.fid_samples > 0 and self.train.grid_steps == 0:
             raise ValueError(f"train.fid_samples needs train.grid_steps > 0 (its sampling steps) {where}")
         if self.train.objective not in ("rf", "ddpm"):

@@ -221,3 +221,11 @@ def test_bf16_training_keeps_the_timesteps_in_fp32(tmp_path):
         dist.destroy_process_group()
     assert seen["t"].dtype == torch.float32 and torch.equal(seen["t"], t)
     assert seen["block"].dtype == torch.bfloat16
+
+
+def test_a_metrics_file_of_other_columns_is_refused_not_mixed(tmp_path):
+    (tmp_path / "metrics.csv").write_text("step,loss\n1,0.5\n")
+    command = [sys.executable, str(ROOT / "train" / "run.py"), "--config", str(ROOT / "configs" / "demo.yaml"),
+               "--out", str(tmp_path), *TINY_RUN, "--max-steps", "1"]
+    result = subprocess.run(command, capture_output=True, text=True, cwd=ROOT)
+    assert result.returncode != 0 and "has the columns ['step', 'loss']" in result.stderr

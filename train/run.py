@@ -256,6 +256,7 @@ def main(argv=None) -> None:
 
     export_ema(model, ema, config, out, rank)
     if rank == 0:
+        metrics.close()
         finish(out, config, dataset.name, device)
     dist.destroy_process_group()
 
@@ -302,10 +303,15 @@ class MetricsLog:
             self.writer = SummaryWriter(str(out / "tensorboard"))
 
     def append(self, row: dict) -> None:
-        new_file = not self.path.exists()
+        if self.path.exists():
+            with open(self.path, newline="") as file:
+                header = next(csv.reader(file), [])
+            if header != list(row):
+                raise SystemExit(f"{self.path} has the columns {header}, this run logs {list(row)}: the run folder "
+                                 "was written by another model or version; give another --out")
         with open(self.path, "a", newline="") as file:
             writer = csv.DictWriter(file, fieldnames=list(row))
-            if new_file:
+            if file.tell() == 0:
                 writer.writeheader()
             writer.writerow(row)
         if self.writer is not None:
@@ -313,6 +319,10 @@ class MetricsLog:
                 if name != "step":
                     self.writer.add_scalar(name.replace("load_", "load/"), value, row["step"])
             self.writer.flush()
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
 
 
 def finish(out: Path, config: RunConfig, dataset_name: str, device: torch.device) -> None:
@@ -331,7 +341,9 @@ def finish(out: Path, config: RunConfig, dataset_name: str, device: torch.device
     objective = make_objective(config.train.objective)
     if config.train.grid_steps > 0:
         class_grid(model, objective, decoder, config, out / "samples.png")
-    if config.train.fid_samples > 0 and dataset_name == "fashion-mnist":
+    if config.train.fid_samples > 0 and dataset_name != "fashion-mnist":
+        print(f"note: no Fashion-MNIST FID for a run on {dataset_name}")
+    elif config.train.fid_samples > 0:
         fashion_fid(model, objective, config, out / "fid.json")
 
 
