@@ -273,7 +273,7 @@ def average_over_ranks(buffers: list[torch.Tensor], world_size: int) -> None:
 
 
 def reduce_logged(loss: torch.Tensor, terms: dict, routing: list, world_size: int) -> dict[str, float]:
-    """The step's scalars averaged over ranks in one collective: loss, each term, and per MoE layer the share of
+    """The step's scalars averaged over ranks in one all-reduce: loss, each term, and per MoE layer the share of
     slots each expert computed (`load_b{block}_e{expert}`); plus `loss_max`, the worst rank's loss."""
     loads = [torch.stack(layer.loads_E).sum(0).float() for layer in routing]
     shares = [load / load.sum().clamp(min=1) for load in loads]

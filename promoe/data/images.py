@@ -75,6 +75,11 @@ def load_images(paths: list[Path], image_size: int, workers: int = 8) -> torch.T
         return torch.stack(list(pool.map(lambda path: load_image(path, image_size), paths)))
 
 
+def vae_downsampling(vae) -> int:
+    """How many pixels one latent covers along a side (8 for SD's VAE)."""
+    return 2 ** (len(vae.config.block_out_channels) - 1)
+
+
 def load_vae(path: str | Path, device: str | torch.device = "cpu"):
     """A diffusers `AutoencoderKL` from a local folder (its own, or a pipeline folder with a `vae/` sub-folder),
     in eval mode on `device`. Nothing is downloaded: a missing folder is a FileNotFoundError that says so."""
@@ -128,8 +133,8 @@ class EncodedImageFolder:
         self.vae = load_vae(vae_path, self.device)
         self.scaling_factor = float(self.vae.config.scaling_factor)
         self.num_classes = self.images.num_classes
-        factor = 2 ** (len(self.vae.config.block_out_channels) - 1)
-        self.sample_shape = (self.vae.config.latent_channels, image_size // factor, image_size // factor)
+        size = image_size // vae_downsampling(self.vae)
+        self.sample_shape = (self.vae.config.latent_channels, size, size)
         self.name = f"encoded {self.images.name}"
 
     def __len__(self) -> int:
@@ -138,7 +143,7 @@ class EncodedImageFolder:
     @torch.no_grad()
     def batch(self, indices: torch.Tensor, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
         images, labels = self.images.batch(indices, generator)
-        posterior = self.vae.encode(images.to(self.device)).latent_dist
-        eps = torch.randn(posterior.mean.shape, generator=generator).to(self.device)
-        latents = (posterior.mean + posterior.std * eps) * self.scaling_factor  # std = exp(logvar / 2), clamped
-        return latents.float().cpu(), labels
+        from promoe.data.latents import sample_posterior  # here: latents.py imports this module
+
+        moments = self.vae.encode(images.to(self.device)).latent_dist.parameters.float().cpu()
+        return sample_posterior(moments, generator) * self.scaling_factor, labels

@@ -66,7 +66,7 @@ def load_digits_28() -> tuple[np.ndarray, np.ndarray]:
 
 
 class PixelDataset(torch.utils.data.Dataset):
-    """uint8 images [N, H, W] -> float [1, H, W] in [-1, 1] with their labels; optional random horizontal flip."""
+    """uint8 images [N, H, W] -> float [1, H, W] in [-1, 1] with their labels; `batch` flips at random if asked."""
 
     def __init__(self, images: np.ndarray, labels: np.ndarray, flip: bool = False, name: str = "",
                  num_classes: int = 10):

@@ -22,7 +22,7 @@ import torch
 from safetensors.torch import save
 from tqdm import tqdm
 
-from promoe.data.images import IMAGE_SUFFIXES, load_images, load_vae, scan_class_folders
+from promoe.data.images import IMAGE_SUFFIXES, load_images, load_vae, scan_class_folders, vae_downsampling
 from promoe.data.latents import FORMAT, shard_path
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16}
@@ -94,7 +94,7 @@ def preprocess(images: str | Path, out: str | Path, vae: str | Path, image_size:
     model = load_vae(vae, device)
     class_names, files, labels = scan_class_folders(images, IMAGE_SUFFIXES)
     num_shards = math.ceil(len(files) / shard_size)
-    factor = 2 ** (len(model.config.block_out_channels) - 1)
+    factor = vae_downsampling(model)
     meta = {
         "format": FORMAT, "image_size": image_size, "vae": str(Path(vae).resolve()),
         "scaling_factor": float(model.config.scaling_factor), "latent_channels": model.config.latent_channels,

@@ -32,8 +32,7 @@ def sample_with_routing(model, objective, labels: torch.Tensor, steps: int, seed
         images = generate(model, objective, labels, torch.Generator().manual_seed(seed), steps, cfg_scale=1.0)
     if not routing:
         raise ValueError("the model has no MoE layer: nothing routes")
-    tokens = len(labels) * model.x_embedder.num_patches
-    experts = torch.stack([torch.stack([step[:tokens] for step in layer.top_expert_N]) for layer in routing], dim=1)
+    experts = torch.stack([torch.stack(layer.top_expert_N) for layer in routing], dim=1)  # no guidance: one pass
     return images, experts.view(steps, len(routing), len(labels), -1).cpu(), [layer.block for layer in routing]
 
 
