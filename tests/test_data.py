@@ -83,3 +83,12 @@ def test_batch_flips_are_random_per_item_and_fixed_by_the_generator():
     unflipped = torch.from_numpy(images).float()[:, None] / 127.5 - 1
     assert torch.equal(batch[~flipped], unflipped[~flipped])
     assert torch.equal(batch[flipped], unflipped[flipped].flip(-1))
+
+
+def test_a_ranks_rows_equal_the_same_rows_of_the_whole_batch():
+    images = np.random.default_rng(0).integers(0, 256, (20, 28, 28), dtype=np.uint8)
+    dataset = PixelDataset(images, np.arange(20) % 10, flip=True)
+    indices = torch.randperm(20, generator=torch.Generator().manual_seed(1))[:12]
+    whole, labels = dataset.batch(indices, torch.Generator().manual_seed(2))
+    part, part_labels = dataset.batch(indices, torch.Generator().manual_seed(2), rows=slice(4, 8))
+    assert torch.equal(part, whole[4:8]) and torch.equal(part_labels, labels[4:8])

@@ -405,3 +405,14 @@ def test_preprocess_under_torchrun_with_two_processes(tmp_path, image_dir, vae_d
     one, labels_one, files_one = read_shards(shard_dir)
     assert files == files_one and torch.equal(labels, labels_one)
     torch.testing.assert_close(two, one, rtol=1e-5, atol=1e-5)
+
+
+def test_a_ranks_rows_equal_the_same_rows_of_the_whole_latent_batch(tmp_path, image_dir, vae_dir):
+    synthetic_shards(tmp_path / "latents")
+    encoded = EncodedImageFolder(image_dir, IMAGE_SIZE, vae_dir, "cpu", workers=2)
+    for dataset in (LatentDataset(tmp_path / "latents"), encoded):
+        indices = torch.tensor([4, 7, 1, 2, 0, 5])
+        whole, labels = dataset.batch(indices, torch.Generator().manual_seed(3))
+        part, part_labels = dataset.batch(indices, torch.Generator().manual_seed(3), rows=slice(3, 6))
+        torch.testing.assert_close(part, whole[3:6], rtol=1e-5, atol=1e-6)  # the VAE sees another batch size
+        assert torch.equal(part_labels, labels[3:6])

@@ -223,14 +223,15 @@ def main(argv=None) -> None:
     for step in bar:
         generator = torch.Generator().manual_seed(train.seed * 1_000_003 + step)
         indices = global_batch_indices(len(dataset), train.global_batch, step, train.seed)
-        images, labels = dataset.batch(indices, generator)
-        dropped = torch.rand(len(labels), generator=generator) < model.config.class_dropout_prob
-        labels = torch.where(dropped, model.config.num_classes, labels)
-        draws = objective.draw(images.shape, generator)
         mine = slice(rank * per_rank, (rank + 1) * per_rank)
+        # Every draw is made for the global batch; only this rank's rows are loaded and kept.
+        images, labels = dataset.batch(indices, generator, rows=mine)
+        dropped = (torch.rand(len(indices), generator=generator) < model.config.class_dropout_prob)[mine]
+        labels = torch.where(dropped, model.config.num_classes, labels)
+        timesteps, noise = objective.draw((len(indices), *images.shape[1:]), generator)
         with record_routing(model) as routing:  # closed before backward: a recomputed forward is not counted
-            loss, terms = objective.loss(model, images[mine].to(device), labels[mine].to(device),
-                                         draws=(draws[0][mine], draws[1][mine]), drop_labels=False)
+            loss, terms = objective.loss(model, images.to(device), labels.to(device),
+                                         draws=(timesteps[mine], noise[mine]), drop_labels=False)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), config.optim.grad_clip)

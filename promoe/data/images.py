@@ -113,11 +113,14 @@ class ImageFolderDataset:
     def __len__(self) -> int:
         return len(self.files)
 
-    def batch(self, indices: torch.Tensor, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-        images = load_images([self.folder / self.files[i] for i in indices.tolist()], self.image_size, self.workers)
-        flipped = torch.rand(len(indices), generator=generator) < 0.5
+    def batch(self, indices: torch.Tensor, generator: torch.Generator, rows: slice = slice(None)
+              ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The images of `indices[rows]` (only those are read); the flips are drawn for all of `indices`."""
+        flipped = (torch.rand(len(indices), generator=generator) < 0.5)[rows]
+        files = [self.folder / self.files[i] for i in indices[rows].tolist()]
+        images = load_images(files, self.image_size, self.workers)
         images = torch.where(flipped.view(-1, 1, 1, 1), images.flip(-1), images)
-        return images, self.labels[indices]
+        return images, self.labels[indices[rows]]
 
 
 class EncodedImageFolder:
@@ -141,9 +144,12 @@ class EncodedImageFolder:
         return len(self.images)
 
     @torch.no_grad()
-    def batch(self, indices: torch.Tensor, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-        images, labels = self.images.batch(indices, generator)
+    def batch(self, indices: torch.Tensor, generator: torch.Generator, rows: slice = slice(None)
+              ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Only the images of `indices[rows]` are read and encoded; flips and noise are drawn for all of them."""
         from promoe.data.latents import sample_posterior  # here: latents.py imports this module
 
+        images, labels = self.images.batch(indices, generator, rows)
+        eps = torch.randn(len(indices), *self.sample_shape, generator=generator)[rows]
         moments = self.vae.encode(images.to(self.device)).latent_dist.parameters.float().cpu()
-        return sample_posterior(moments, generator) * self.scaling_factor, labels
+        return sample_posterior(moments, eps) * self.scaling_factor, labels

@@ -46,12 +46,11 @@ def shard_path(folder: Path, index: int) -> Path:
     return Path(folder) / f"shard_{index:05d}.safetensors"
 
 
-def sample_posterior(moments: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-    """A draw from the diagonal Gaussians of `moments` [B, 2C, h, w] (mean, log-variance on dim 1), noise from
-    `generator`; log-variance clamped to [-30, 20] like diffusers' DiagonalGaussianDistribution."""
+def sample_posterior(moments: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
+    """A draw from the diagonal Gaussians of `moments` [B, 2C, h, w] (mean, log-variance on dim 1) with the standard
+    normal noise `eps` [B, C, h, w]; log-variance clamped to [-30, 20] like diffusers' DiagonalGaussianDistribution."""
     mean, logvar = moments.float().chunk(2, dim=1)
-    eps = torch.randn(mean.shape, generator=generator)
-    return mean + torch.exp(0.5 * logvar.clamp(-30.0, 20.0)) * eps
+    return mean + torch.exp(0.5 * logvar.clamp(-30.0, 20.0)) * eps.to(mean.device)
 
 
 class _Shards:
@@ -179,10 +178,12 @@ class LatentDataset:
     def __len__(self) -> int:
         return len(self.labels)
 
-    def batch(self, indices: torch.Tensor, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-        """(latents float [B, C, h, w], labels int64 [B]) of `indices`; flips, then posterior noise, drawn from
-        `generator`."""
-        flips = (torch.rand(len(indices), generator=generator) < 0.5).tolist()
-        stored = torch.stack([self.source.read(i, f) for i, f in zip(indices.tolist(), flips)]).float()
-        latents = sample_posterior(stored, generator) if self.source.moments else stored
-        return latents * self.scaling_factor, self.labels[indices]
+    def batch(self, indices: torch.Tensor, generator: torch.Generator, rows: slice = slice(None)
+              ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(latents float [b, C, h, w], labels int64 [b]) of `indices[rows]`; the flips, then the posterior noise,
+        are drawn from `generator` for all of `indices`, so a rank's rows are the same whatever the split."""
+        flips = (torch.rand(len(indices), generator=generator) < 0.5)[rows].tolist()
+        eps = torch.randn(len(indices), *self.sample_shape, generator=generator)[rows]
+        stored = torch.stack([self.source.read(i, f) for i, f in zip(indices[rows].tolist(), flips)]).float()
+        latents = sample_posterior(stored, eps) if self.source.moments else stored
+        return latents * self.scaling_factor, self.labels[indices[rows]]

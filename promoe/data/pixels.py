@@ -83,14 +83,16 @@ class PixelDataset(torch.utils.data.Dataset):
     def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
         return self.images[index][None].float() / 127.5 - 1, self.labels[index]
 
-    def batch(self, indices: torch.Tensor, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-        """(images [B, 1, H, W], labels [B]) of `indices`; the flips are drawn from `generator`, so that a batch is
-        a function of the step's seed (the contract every training data set keeps)."""
-        images = self.images[indices][:, None].float() / 127.5 - 1
+    def batch(self, indices: torch.Tensor, generator: torch.Generator, rows: slice = slice(None)
+              ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(images [b, 1, H, W], labels [b]) of `indices[rows]`. Every random choice (here the flips) is drawn from
+        `generator` for all of `indices`: a batch is a function of the step's seed, and a rank's rows do not depend
+        on how the batch is split (the contract every training data set keeps)."""
+        flipped = (torch.rand(len(indices), generator=generator) < 0.5)[rows]
+        images = self.images[indices[rows]][:, None].float() / 127.5 - 1
         if self.flip:
-            flipped = torch.rand(len(indices), generator=generator) < 0.5
             images = torch.where(flipped.view(-1, 1, 1, 1), images.flip(-1), images)
-        return images, self.labels[indices]
+        return images, self.labels[indices[rows]]
 
 
 def default_pixel_dataset(folder: Path | None = None) -> PixelDataset:
