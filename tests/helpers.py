@@ -16,3 +16,14 @@ def randomize_(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
 
 def tiny_model(name: str, seed: int = 0, **overrides):
     return randomize_(promoe.build_model(name, **{**TINY, **overrides}), seed)
+
+
+def torchrun(nproc: int = 2) -> tuple[str, ...]:
+    """The command prefix of a torchrun launch on a free port (fixed ports collide when tests run side by side)."""
+    import socket
+    import sys
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    return (sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", f"--master_port={port}")

@@ -2,7 +2,6 @@
 
 import os
 import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -10,6 +9,7 @@ import pytest
 import torch
 
 from promoe.sample import checkpoint_label, draw_labels, image_grid, load_model, main, objective_of
+from tests.helpers import torchrun
 
 ROOT = Path(__file__).resolve().parent.parent
 FAST = ["--steps", "3", "--num-images", "10", "--batch-size", "4"]
@@ -62,8 +62,8 @@ def test_an_interrupted_run_redoes_only_the_missing_batch(tiny_run, tmp_path):
 def test_two_processes_write_the_same_images_as_one(tiny_run, tmp_path):
     one, two = tmp_path / "one", tmp_path / "two"
     main(["--ckpt", str(tiny_run / "ema.safetensors"), "--out", str(one), *FAST])
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29741",
-               "-m", "promoe.sample", "--ckpt", str(tiny_run / "ema.safetensors"), "--out", str(two), *FAST]
+    command = [*torchrun(), "-m", "promoe.sample", "--ckpt", str(tiny_run / "ema.safetensors"), "--out", str(two),
+               *FAST]
     result = subprocess.run(command, capture_output=True, text=True, cwd=ROOT,
                             env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]

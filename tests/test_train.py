@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from promoe.train_config import load_config
+from tests.helpers import torchrun
 
 ROOT = Path(__file__).resolve().parent.parent
 TINY_RUN = ["model.overrides.hidden_size=32", "model.overrides.num_heads=4", "model.overrides.depth=2",
@@ -89,7 +90,7 @@ def test_two_ranks_give_the_same_losses_as_one(tmp_path):
     no_rcl = "model.overrides.rcl_weight=0"
     run(tmp_path / "one", "--max-steps", "3", no_rcl)
     run(tmp_path / "two", "--max-steps", "3", no_rcl,
-        launcher=(sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29731"))
+        launcher=torchrun())
     one, two = losses(tmp_path / "one"), losses(tmp_path / "two")
     assert sorted(two) == [1, 2, 3]
     for step in one:
@@ -108,7 +109,7 @@ def test_a_run_saved_on_two_ranks_resumes_on_one(tmp_path):
     no_rcl = "model.overrides.rcl_weight=0"
     run(tmp_path / "one", "--max-steps", "4", no_rcl)
     run(tmp_path / "moved", "--max-steps", "2", no_rcl,
-        launcher=(sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29733"))
+        launcher=torchrun())
     result = run(tmp_path / "moved", "--max-steps", "4", no_rcl)
     assert "resumed from" in result.stdout
     one, moved = losses(tmp_path / "one"), losses(tmp_path / "moved")
