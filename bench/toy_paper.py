@@ -187,41 +187,57 @@ def evaluate(name: str, seed: int, run: Path, held_out, net, args) -> dict:
     return result
 
 
-def aggregate(results: list[dict], key: str) -> tuple[float, float]:
-    """(mean, half the max-min spread) over seeds; nan when no run has the figure."""
-    values = [r[key] for r in results if key in r]
+def aggregate(values: list[float]) -> tuple[float, float]:
+    """(mean, half the max-min spread); nan for no values."""
     if not values:
         return float("nan"), float("nan")
     return float(np.mean(values)), float((max(values) - min(values)) / 2)
 
 
-def cell(results, key, digits=4) -> str:
-    mean, spread = aggregate(results, key)
+def figure(results: list[dict], key: str) -> list[float]:
+    return [r[key] for r in results if key in r]
+
+
+def paired(runs, name: str, base: str, key: str) -> list[float]:
+    """Per seed, `name`'s figure minus `base`'s: runs of one seed share data order, noise and initial draws, so the
+    difference removes most of the seed-to-seed spread."""
+    return [a[key] - b[key] for a, b in zip(runs[name], runs[base]) if key in a and key in b]
+
+
+def cell(values: list[float], digits: int = 4, sign: str = "") -> str:
+    mean, spread = aggregate(values)
     if np.isnan(mean):
         return "–"
-    return f"{mean:.{digits}f} ± {spread:.{digits}f}" if len(results) > 1 else f"{mean:.{digits}f}"
+    return f"{mean:{sign}.{digits}f} ± {spread:.{digits}f}" if len(values) > 1 else f"{mean:{sign}.{digits}f}"
 
 
-def table(names: list[str], runs: dict[str, list[dict]]) -> list[str]:
-    lines = ["| model | train MSE (last 10%) | val MSE | FID cfg 1.0 | FID cfg 1.5 | steps/s | usage entropy "
-             "(bits) |", "|---|---|---|---|---|---|---|"]
+def table(names: list[str], runs: dict[str, list[dict]], base: str = "Dense-DiT") -> list[str]:
+    lines = [f"| model | train MSE (last 10%) | val MSE | Δ val MSE vs {base} | FID cfg 1.0 | FID cfg 1.5 | "
+             f"Δ FID 1.5 vs {base} | steps/s | usage entropy (bits) |", "|---" * 9 + "|"]
     for name in names:
         results = runs[name]
-        entropy = cell(results, "usage_entropy_bits", 2)
+        entropy = cell(figure(results, "usage_entropy_bits"), 2)
         if entropy != "–":
             entropy += f" / {results[0]['usage_entropy_max_bits']:.2f}"
-        lines.append(f"| {name} | {cell(results, 'train_mse')} | {cell(results, 'val_mse')} | "
-                     f"{cell(results, 'fid_cfg1', 2)} | {cell(results, 'fid_cfg1.5', 2)} | "
-                     f"{cell(results, 'steps_per_s', 2)} | {entropy} |")
+        compared = base in runs and name != base
+        val_delta = cell(paired(runs, name, base, "val_mse"), 4, "+") if compared else "–"
+        fid_delta = cell(paired(runs, name, base, "fid_cfg1.5"), 2, "+") if compared else "–"
+        lines.append(f"| {name} | {cell(figure(results, 'train_mse'))} | {cell(figure(results, 'val_mse'))} | "
+                     f"{val_delta} | {cell(figure(results, 'fid_cfg1'), 2)} | "
+                     f"{cell(figure(results, 'fid_cfg1.5'), 2)} | {fid_delta} | "
+                     f"{cell(figure(results, 'steps_per_s'), 2)} | {entropy} |")
     return lines
 
 
 def ordering(runs, better: str, worse: str, key: str) -> str:
-    a, b = aggregate(runs[better], key)[0], aggregate(runs[worse], key)[0]
-    if np.isnan(a) or np.isnan(b):
+    """Whether `better` is below `worse` on `key`, on the mean of the per-seed differences and seed by seed."""
+    differences = paired(runs, better, worse, key)
+    if not differences:
         return f"- {better} below {worse} on {key}: not measured"
-    verdict = "holds" if a < b else "does NOT hold"
-    return f"- {better} ({a:.4g}) below {worse} ({b:.4g}) on {key}: **{verdict}**"
+    verdict = "holds" if np.mean(differences) < 0 else "does NOT hold"
+    below = sum(d < 0 for d in differences)
+    return (f"- {better} below {worse} on {key}: **{verdict}** (difference {np.mean(differences):+.4g}; below in "
+            f"{below} of {len(differences)} seeds)")
 
 
 def plot_curves(runs, out_png: Path) -> None:
@@ -245,7 +261,7 @@ def plot_bars(runs, keys: list[str], ylabel: str, out_png: Path) -> None:
     figure, axis = plt.subplots(figsize=(8, 3.8))
     width = 0.8 / len(keys)
     for k, key in enumerate(keys):
-        stats = [aggregate(runs[name], key) for name in names]
+        stats = [aggregate(figure(runs[name], key)) for name in names]
         axis.bar(np.arange(len(names)) + k * width, [m for m, _ in stats], width, yerr=[s for _, s in stats],
                  label=key, capsize=3)
     axis.set_xticks(np.arange(len(names)) + width * (len(keys) - 1) / 2, names, rotation=20, ha="right", fontsize=8)
@@ -285,7 +301,8 @@ def write_report(runs, args, held_out_name: str, wall_s: float) -> None:
         f"Data: {held_out_name} 28x28 pixels, class-conditional rectified flow. Every model: width 192, depth 6, "
         "patch 4 (49 tokens), about 4.2M activated parameters per token (6.8M total for the MoE models), trained "
         f"{args.steps} steps at batch {args.batch} with AdamW 3e-4 and EMA 0.99, seeds {seeds}; nothing tuned per "
-        "model. Figures are mean ± half the spread over seeds.",
+        "model. Figures are mean ± half the spread over seeds; Δ columns are per-seed differences from Dense-DiT "
+        "(runs of one seed share data order and noise, so these are paired).",
         f"Val MSE: the EMA model on {args.val_images} held-out test images at 10 stratified timesteps (fixed noise). "
         f"FID: {args.fid_samples} samples (equal per class, {args.sample_steps} Euler steps) against the "
         "test split, in the features of the demo Fashion-MNIST classifier (`python -m promoe.eval.train_feature_net`)"
@@ -293,7 +310,8 @@ def write_report(runs, args, held_out_name: str, wall_s: float) -> None:
         "the experts (largest gate) while sampling, averaged over classes and MoE layers, against its maximum "
         "(lower = experts more specialised by class), measured over the same Euler sampling.",
         f"Machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPU threads, torch "
-        f"{torch.__version__}; whole experiment {wall_s / 60:.1f} min in this invocation.", "",
+        f"{torch.__version__}; whole experiment {wall_s / 60:.1f} min in this invocation. Steps/s come from the "
+        "training logs and move with any other load on the machine.", "",
         "## Dense-DiT vs the MoE baselines vs ProMoE", "", *table([n for n in COMPARISON if n in runs], runs), "",
         "## Ablation (the paper's Table 6)", "", *table([n for n in ABLATION if n in runs], runs), "",
         "## Do the paper's orderings hold here?", "",
@@ -303,6 +321,9 @@ def write_report(runs, args, held_out_name: str, wall_s: float) -> None:
           ("val_mse", "fid_cfg1.5") if before in runs and after in runs), "",
         *figures, "",
     ]
+    discussion = report.with_name(f"{stem}_discussion.md")
+    if discussion.exists():  # the reading of the numbers, written by hand and kept across regenerations
+        lines += ["## Discussion", "", discussion.read_text()]
     report.write_text("\n".join(lines))
     print(f"wrote {report}")
 
