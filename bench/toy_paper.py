@@ -194,7 +194,7 @@ def aggregate(values: list[float]) -> tuple[float, float]:
     return float(np.mean(values)), float((max(values) - min(values)) / 2)
 
 
-def figure(results: list[dict], key: str) -> list[float]:
+def values_of(results: list[dict], key: str) -> list[float]:
     return [r[key] for r in results if key in r]
 
 
@@ -216,16 +216,16 @@ def table(names: list[str], runs: dict[str, list[dict]], base: str = "Dense-DiT"
              f"Δ FID 1.5 vs {base} | steps/s | usage entropy (bits) |", "|---" * 9 + "|"]
     for name in names:
         results = runs[name]
-        entropy = cell(figure(results, "usage_entropy_bits"), 2)
+        entropy = cell(values_of(results, "usage_entropy_bits"), 2)
         if entropy != "–":
             entropy += f" / {results[0]['usage_entropy_max_bits']:.2f}"
         compared = base in runs and name != base
         val_delta = cell(paired(runs, name, base, "val_mse"), 4, "+") if compared else "–"
         fid_delta = cell(paired(runs, name, base, "fid_cfg1.5"), 2, "+") if compared else "–"
-        lines.append(f"| {name} | {cell(figure(results, 'train_mse'))} | {cell(figure(results, 'val_mse'))} | "
-                     f"{val_delta} | {cell(figure(results, 'fid_cfg1'), 2)} | "
-                     f"{cell(figure(results, 'fid_cfg1.5'), 2)} | {fid_delta} | "
-                     f"{cell(figure(results, 'steps_per_s'), 2)} | {entropy} |")
+        lines.append(f"| {name} | {cell(values_of(results, 'train_mse'))} | {cell(values_of(results, 'val_mse'))} | "
+                     f"{val_delta} | {cell(values_of(results, 'fid_cfg1'), 2)} | "
+                     f"{cell(values_of(results, 'fid_cfg1.5'), 2)} | {fid_delta} | "
+                     f"{cell(values_of(results, 'steps_per_s'), 2)} | {entropy} |")
     return lines
 
 
@@ -261,7 +261,7 @@ def plot_bars(runs, keys: list[str], ylabel: str, out_png: Path) -> None:
     figure, axis = plt.subplots(figsize=(8, 3.8))
     width = 0.8 / len(keys)
     for k, key in enumerate(keys):
-        stats = [aggregate(figure(runs[name], key)) for name in names]
+        stats = [aggregate(values_of(runs[name], key)) for name in names]
         axis.bar(np.arange(len(names)) + k * width, [m for m, _ in stats], width, yerr=[s for _, s in stats],
                  label=key, capsize=3)
     axis.set_xticks(np.arange(len(names)) + width * (len(keys) - 1) / 2, names, rotation=20, ha="right", fontsize=8)
@@ -283,7 +283,7 @@ def routing_map(run: Path, out_png: Path, steps: int, label: int = 0) -> None:
               f"ProMoE, class {label}: expert of each patch (sampling steps {shown} of {steps})", out_png)
 
 
-def write_report(runs, args, held_out_name: str, wall_s: float) -> None:
+def write_report(runs, args, held_out_name: str, wall_minutes: float) -> None:
     report = args.report
     report.parent.mkdir(parents=True, exist_ok=True)
     stem = report.stem
@@ -310,7 +310,8 @@ def write_report(runs, args, held_out_name: str, wall_s: float) -> None:
         "the experts (largest gate) while sampling, averaged over classes and MoE layers, against its maximum "
         "(lower = experts more specialised by class), measured over the same Euler sampling.",
         f"Machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPU threads, torch "
-        f"{torch.__version__}; whole experiment {wall_s / 60:.1f} min in this invocation. Steps/s come from the "
+        f"{torch.__version__}; {wall_minutes:.1f} min of wall time over the invocations that built these figures. "
+        "Steps/s come from the "
         "training logs and move with any other load on the machine.", "",
         "## Dense-DiT vs the MoE baselines vs ProMoE", "", *table([n for n in COMPARISON if n in runs], runs), "",
         "## Ablation (the paper's Table 6)", "", *table([n for n in ABLATION if n in runs], runs), "",
@@ -328,6 +329,14 @@ def write_report(runs, args, held_out_name: str, wall_s: float) -> None:
     print(f"wrote {report}")
 
 
+def add_wall_time(out: Path, seconds: float) -> float:
+    """The minutes spent by every invocation on this output folder so far (a resumed experiment adds up)."""
+    record = out / "wall_minutes.json"
+    total = (json.loads(record.read_text())["total"] if record.exists() else 0.0) + seconds / 60
+    record.write_text(json.dumps({"total": total}))
+    return total
+
+
 def main(argv=None) -> None:
     args = parse_args(argv)
     unknown = set(args.models) - set(MODELS)
@@ -341,7 +350,7 @@ def main(argv=None) -> None:
     net = load_feature_net(args.feature_net)
     runs = {name: [evaluate(name, seed, train(name, seed, args), held_out, net, args) for seed in args.seeds]
             for name in args.models}
-    write_report(runs, args, held_out[2], time.perf_counter() - tic)
+    write_report(runs, args, held_out[2], add_wall_time(args.out, time.perf_counter() - tic))
 
 
 if __name__ == "__main__":
