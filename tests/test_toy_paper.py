@@ -1,16 +1,13 @@
 """The toy-scale paper experiment's pipeline, 2 steps per model on a few images: it trains, evaluates and writes
-the report with its plots."""
+the report with its plots (about 35 s on 2 cores: kept in the default run)."""
 
 import sys
 from pathlib import Path
-
-import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "bench"))
 
 
-@pytest.mark.slow
 def test_toy_paper_pipeline_writes_the_tables_and_plots(tmp_path):
     import toy_paper
 
