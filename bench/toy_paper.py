@@ -31,8 +31,7 @@ import torch  # noqa: E402
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from promoe.data import load_digits_28, load_fashion_mnist  # noqa: E402
-from promoe.data.pixels import FASHION_MNIST_DIR, FASHION_MNIST_FILES  # noqa: E402
+from promoe.data import pixel_split  # noqa: E402
 from promoe.diffusion import RectifiedFlow  # noqa: E402
 from promoe.eval import load_feature_net, pixel_fid  # noqa: E402
 from promoe.eval.feature_net import DEFAULT_FEATURE_NET  # noqa: E402
@@ -78,16 +77,6 @@ def parse_args(argv):
     parser.add_argument("--feature-net", type=Path, default=ROOT / DEFAULT_FEATURE_NET)
     parser.add_argument("--models", nargs="+", default=list(MODELS), help="a subset of the models (for tests)")
     return parser.parse_args(argv)
-
-
-def held_out_images(folder) -> tuple[np.ndarray, np.ndarray, str]:
-    """The test split of Fashion-MNIST (uint8 [N, 28, 28], labels); the digits when Fashion-MNIST is absent."""
-    folder = Path(folder) if folder else FASHION_MNIST_DIR
-    if all((folder / name).exists() for name in FASHION_MNIST_FILES["test"]):
-        images, labels = load_fashion_mnist(folder, "test")
-        return images, labels, "fashion-mnist"
-    images, labels = load_digits_28()
-    return images, labels, "digits"
 
 
 def train(name: str, seed: int, args) -> Path:
@@ -346,7 +335,7 @@ def main(argv=None) -> None:
     if not args.feature_net.exists():
         subprocess.run([sys.executable, "-m", "promoe.eval.train_feature_net", "--out", str(args.feature_net)],
                        check=True, cwd=ROOT)
-    held_out = held_out_images(args.data)
+    held_out = pixel_split(args.data, "test")
     net = load_feature_net(args.feature_net)
     runs = {name: [evaluate(name, seed, train(name, seed, args), held_out, net, args) for seed in args.seeds]
             for name in args.models}

@@ -48,7 +48,8 @@ def load_model(source: str | Path, model_name: str | None = None, weights: str =
         model = build_from_config(config)
         model.load_state_dict(load_file(str(source)))
         return model.eval(), config
-    return load_training_checkpoint(source, weights), read_run_config(source / "config.json")
+    config = read_run_config(source / "config.json")
+    return load_training_checkpoint(source, config, weights), config
 
 
 def read_run_config(path: Path) -> RunConfig:
@@ -61,12 +62,12 @@ def build_from_config(config: RunConfig) -> torch.nn.Module:
     return promoe.build_model(config.model.name, **config.model.overrides)
 
 
-def load_training_checkpoint(folder: Path, weights: str = "ema") -> torch.nn.Module:
+def load_training_checkpoint(folder: Path, config: RunConfig, weights: str = "ema") -> torch.nn.Module:
     """A model from one of our distributed checkpoints, in one process whatever the number of ranks that saved it:
     the buffers (e.g. DiffMoE's thresholds) from the model state, the parameters from the EMA (or the model)."""
     import torch.distributed.checkpoint as dcp
 
-    model = build_from_config(read_run_config(folder / "config.json"))
+    model = build_from_config(config)
     state = {"model": model.state_dict()}
     if weights == "ema":
         state["ema"] = {name: torch.empty_like(p) for name, p in model.named_parameters()}

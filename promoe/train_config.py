@@ -13,6 +13,7 @@ from pathlib import Path
 import yaml
 
 from promoe.data.build import KINDS
+from promoe.diffusion import OBJECTIVES
 from promoe.eval.feature_net import DEFAULT_FEATURE_NET
 from promoe.zoo import model_config
 
@@ -75,8 +76,9 @@ class RunConfig:
             raise ValueError(f"train.fid_samples: the Fashion-MNIST FID needs data.kind=pixels {where}")
         if self.train.fid_samples > 0 and self.train.grid_steps == 0:
             raise ValueError(f"train.fid_samples needs train.grid_steps > 0 (its sampling steps) {where}")
-        if self.train.objective not in ("rf", "ddpm"):
-            raise ValueError(f"train.objective must be 'rf' or 'ddpm', got {self.train.objective!r} {where}")
+        if self.train.objective not in OBJECTIVES:
+            raise ValueError(f"train.objective must be one of {', '.join(OBJECTIVES)}, got {self.train.objective!r} "
+                             f"{where}")
         if self.data.kind not in KINDS:
             raise ValueError(f"data.kind must be one of {', '.join(KINDS)}, got {self.data.kind!r} {where}")
         if self.data.kind != "pixels" and self.data.folder is None:

@@ -296,6 +296,7 @@ class MetricsLog:
 
     def __init__(self, out: Path):
         self.path = out / "metrics.csv"
+        self.header_checked = False
         try:
             from torch.utils.tensorboard import SummaryWriter
         except ImportError:  # tensorboard is optional
@@ -304,12 +305,13 @@ class MetricsLog:
             self.writer = SummaryWriter(str(out / "tensorboard"))
 
     def append(self, row: dict) -> None:
-        if self.path.exists():
+        if not self.header_checked and self.path.exists():  # a resumed run appends to the file of its start
             with open(self.path, newline="") as file:
                 header = next(csv.reader(file), [])
             if header != list(row):
                 raise SystemExit(f"{self.path} has the columns {header}, this run logs {list(row)}: the run folder "
                                  "was written by another model or version; give another --out")
+        self.header_checked = True
         with open(self.path, "a", newline="") as file:
             writer = csv.DictWriter(file, fieldnames=list(row))
             if file.tell() == 0:
@@ -363,8 +365,7 @@ def class_grid(model, objective, decoder, config: RunConfig, path: Path, per_cla
 def fashion_fid(model, objective, config: RunConfig, path: Path) -> None:
     """The Fashion-MNIST FID of `fid_samples` samples (equal per class) against the test split, in the features of
     the demo classifier; skipped with a note when that classifier has not been trained."""
-    from promoe.data import load_fashion_mnist
-    from promoe.data.pixels import FASHION_MNIST_DIR
+    from promoe.data import pixel_split
     from promoe.eval import load_feature_net, pixel_fid
     from promoe.sample import generate_per_class
 
@@ -375,7 +376,7 @@ def fashion_fid(model, objective, config: RunConfig, path: Path) -> None:
         return
     count, steps, scale = config.train.fid_samples, config.train.grid_steps, config.train.grid_cfg_scale
     samples = generate_per_class(model, objective, count, steps, scale)
-    reference, _ = load_fashion_mnist(config.data.folder or FASHION_MNIST_DIR, "test")
+    reference, _, _ = pixel_split(config.data.folder, "test")
     fid = pixel_fid(samples, reference, load_feature_net(feature_net))
     path.write_text(json.dumps({"fashion_mnist_fid": fid, "samples": count, "steps": steps, "cfg_scale": scale}))
     print(f"Fashion-MNIST FID ({count} samples, {steps} Euler steps, guidance {scale}; the features of a small "

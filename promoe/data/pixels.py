@@ -95,12 +95,20 @@ class PixelDataset(torch.utils.data.Dataset):
         return images, self.labels[indices[rows]]
 
 
+def pixel_split(folder: Path | None = None, split: str = "train") -> tuple[np.ndarray, np.ndarray, str]:
+    """(images uint8 [N, 28, 28], labels, data set name) of a Fashion-MNIST split when its files are in `folder`
+    (None: Debian's), else scikit-learn's 1797 digits whatever the split."""
+    folder = Path(folder) if folder is not None else FASHION_MNIST_DIR
+    if all((folder / name).exists() for name in FASHION_MNIST_FILES[split]):
+        return (*load_fashion_mnist(folder, split), "fashion-mnist")
+    return (*load_digits_28(), "digits")
+
+
 def default_pixel_dataset(folder: Path | None = None) -> PixelDataset:
     """Fashion-MNIST's training split when its files are there (flips on), else the digits (no flips: a flipped
     digit is another glyph), with a printed note."""
-    folder = Path(folder) if folder is not None else FASHION_MNIST_DIR
-    if all((folder / name).exists() for name in FASHION_MNIST_FILES["train"]):
-        return PixelDataset(*load_fashion_mnist(folder), flip=True, name="fashion-mnist")
-    print(f"note: no Fashion-MNIST files in {folder} (apt-get install dataset-fashion-mnist); "
-          "training on scikit-learn's digits instead")
-    return PixelDataset(*load_digits_28(), flip=False, name="digits")
+    images, labels, name = pixel_split(folder)
+    if name == "digits":
+        print(f"note: no Fashion-MNIST files in {folder or FASHION_MNIST_DIR} (apt-get install "
+              "dataset-fashion-mnist); training on scikit-learn's digits instead")
+    return PixelDataset(images, labels, flip=name == "fashion-mnist", name=name)
