@@ -36,7 +36,7 @@ from promoe.diffusion import RectifiedFlow  # noqa: E402
 from promoe.eval import load_feature_net, pixel_fid  # noqa: E402
 from promoe.eval.feature_net import DEFAULT_FEATURE_NET  # noqa: E402
 from promoe.plots import read_metrics, smooth  # noqa: E402
-from promoe.sample import generate_per_class, load_model, to_uint8  # noqa: E402
+from promoe.sampling import generate_per_class, load_model, to_uint8  # noqa: E402
 from promoe.viz.routing import draw_maps, expert_usage, sample_with_routing, usage_entropy_bits  # noqa: E402
 
 BACKBONE = {"input_size": 28, "patch_size": 4, "in_channels": 1, "learn_sigma": False, "num_classes": 10,

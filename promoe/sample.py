@@ -24,144 +24,14 @@ import torch.distributed as dist
 from PIL import Image
 from tqdm import tqdm
 
-import promoe
-from promoe.data.images import load_vae
-from promoe.diffusion import DDPM, RectifiedFlow, make_objective
-from promoe.train_config import RunConfig, config_from_json
-
-
-def load_model(source: str | Path, model_name: str | None = None, weights: str = "ema"):
-    """(model in eval mode, its RunConfig or None for an official checkpoint) from any checkpoint form."""
-    source = Path(source)
-    if not source.exists():
-        raise FileNotFoundError(f"checkpoint {source} does not exist")
-    if source.suffix == ".pth":
-        if model_name is None:
-            raise ValueError(f"{source} is an official checkpoint: name its model with --model, e.g. ProMoE-XL")
-        return promoe.load_official_checkpoint(source, model_name, prefer=weights).eval(), None
-    if source.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
-        if weights != "ema":
-            raise ValueError(f"{source} holds the EMA weights only; the live weights are in the checkpoint folders")
-        config = read_run_config(source.parent / "config.json")
-        model = build_from_config(config)
-        model.load_state_dict(load_file(str(source)))
-        return model.eval(), config
-    config = read_run_config(source / "config.json")
-    return load_training_checkpoint(source, config, weights), config
-
-
-def read_run_config(path: Path) -> RunConfig:
-    if not path.exists():
-        raise FileNotFoundError(f"{path} is missing: it holds the config that rebuilds the trained model")
-    return config_from_json(path.read_text(), str(path))
-
-
-def build_from_config(config: RunConfig) -> torch.nn.Module:
-    return promoe.build_model(config.model.name, **config.model.overrides)
-
-
-def load_training_checkpoint(folder: Path, config: RunConfig, weights: str = "ema") -> torch.nn.Module:
-    """A model from one of our distributed checkpoints, in one process whatever the number of ranks that saved it:
-    the buffers (e.g. DiffMoE's thresholds) from the model state, the parameters from the EMA (or the model)."""
-    import torch.distributed.checkpoint as dcp
-
-    model = build_from_config(config)
-    state = {"model": model.state_dict()}
-    if weights == "ema":
-        state["ema"] = {name: torch.empty_like(p) for name, p in model.named_parameters()}
-    dcp.load(state, checkpoint_id=str(folder))
-    model.load_state_dict(state["model"])
-    if weights == "ema":
-        model.load_state_dict(state["ema"], strict=False)
-    return model.eval()
-
-
-def objective_of(config: RunConfig | None, override: str | None):
-    """The objective a checkpoint trained with, or `override`; an official checkpoint does not say, so it must be
-    named."""
-    if override is None and config is None:
-        raise ValueError("an official checkpoint does not record its objective: give --objective rf or ddpm")
-    return make_objective(override or config.train.objective)
-
-
-def is_latent_model(config: RunConfig | None) -> bool:
-    """Whether the model makes VAE latents (official checkpoints do) rather than pixels."""
-    return config is None or config.data.kind == "latents" or (config.data.kind == "images" and
-                                                               config.data.vae is not None)
+from promoe.diffusion import RectifiedFlow
+from promoe.sampling import Decoder, generate, image_grid, is_latent_model, load_model, objective_of, save_png, to_uint8
 
 
 def checkpoint_label(source: str | Path) -> str:
     """The output sub-folder of a checkpoint: a folder's name (step_0500000), else `<parent>-<stem>` (demo-ema)."""
     source = Path(source)
     return source.name if source.is_dir() else f"{source.resolve().parent.name}-{source.stem}"
-
-
-@torch.no_grad()
-def generate(model, objective, labels: torch.Tensor, generator: torch.Generator, steps: int, cfg_scale: float,
-             batched_guidance: bool = True) -> torch.Tensor:
-    """Samples [B, C, H, W] in the model's space (pixels in [-1, 1] or scaled latents) for `labels`."""
-    device = next(model.parameters()).device
-    size = model.config.input_size
-    noise = torch.randn(len(labels), model.in_channels, size, size, generator=generator).to(device)
-    labels = labels.to(device)
-    if isinstance(objective, DDPM):
-        return objective.sample(model, noise, labels, steps, cfg_scale, batched_guidance, generator=generator)
-    return objective.sample(model, noise, labels, steps, cfg_scale, batched_guidance=batched_guidance)
-
-
-def generate_per_class(model, objective, count: int, steps: int, cfg_scale: float, batch_size: int = 500
-                       ) -> np.ndarray:
-    """uint8 [count, H, W, C] pixels of a pixel-space model, labels cycling over the classes (equal numbers per
-    class), in fixed batches whose noise is seeded by the batch index: the sample set of a metric."""
-    labels = torch.arange(count) % model.num_classes
-    return np.concatenate([to_uint8(generate(model, objective, batch, torch.Generator().manual_seed(index), steps,
-                                             cfg_scale))
-                           for index, batch in enumerate(tqdm(labels.split(batch_size), desc="samples", leave=False))])
-
-
-def to_uint8(images: torch.Tensor) -> np.ndarray:
-    """[B, C, H, W] in [-1, 1] -> uint8 [B, H, W, C], the evaluation layout."""
-    return ((images.float() + 1) * 127.5).round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
-
-
-def image_grid(images: np.ndarray, columns: int) -> np.ndarray:
-    """uint8 [N, H, W, C] -> one uint8 [rows * H, columns * W, C] image, row-major, blank cells black."""
-    count, height, width, channels = images.shape
-    rows = -(-count // columns)
-    grid = np.zeros((rows * height, columns * width, channels), dtype=np.uint8)
-    for index, image in enumerate(images):
-        row, column = divmod(index, columns)
-        grid[row * height:(row + 1) * height, column * width:(column + 1) * width] = image
-    return grid
-
-
-def save_png(image: np.ndarray, path: Path) -> None:
-    """uint8 [H, W, C] as a PNG, written to a temporary name first so a killed run leaves no half file."""
-    tmp = path.with_name(path.name + ".tmp")
-    Image.fromarray(image[..., 0] if image.shape[-1] == 1 else image).save(tmp, format="PNG")
-    tmp.replace(path)
-
-
-class Decoder:
-    """Scaled latents -> pixels in [-1, 1] with diffusers' AutoencoderKL from a local folder (divided by its
-    `scaling_factor`, 0.18215 for sd-vae-ft-mse); the identity for pixel-space models."""
-
-    def __init__(self, vae_path: str | None, latent: bool, device: torch.device):
-        self.vae = None
-        if latent:
-            if vae_path is None:
-                raise ValueError("this model makes VAE latents: give --vae PATH, a local AutoencoderKL folder (e.g. "
-                                 "stabilityai/sd-vae-ft-mse saved with save_pretrained); nothing is downloaded")
-            self.vae = load_vae(vae_path, device)
-
-    @torch.no_grad()
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        if self.vae is None:
-            return x
-        channels = self.vae.config.latent_channels
-        return self.vae.decode(x[:, :channels] / self.vae.config.scaling_factor).sample.clamp(-1, 1)
 
 
 def draw_labels(num: int, num_classes: int, given: list[int] | None, seed: int) -> torch.Tensor:
@@ -297,6 +167,7 @@ def main(argv=None) -> None:
         for folder, labels in finished:
             collect(folder, labels, args.grid)
             print(f"wrote {len(labels)} images, samples.npz and grid.png to {folder}")
+
 
 
 if __name__ == "__main__":

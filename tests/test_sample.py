@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from promoe.sample import checkpoint_label, draw_labels, image_grid, load_model, main, objective_of
+from promoe.sample import checkpoint_label, draw_labels, main
+from promoe.sampling import image_grid, load_model, objective_of
 from tests.helpers import torchrun
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -129,7 +130,7 @@ def test_the_objective_of_an_official_checkpoint_must_be_named_and_ema_exports_h
 
 
 def test_pixel_models_of_image_folders_are_not_taken_for_latent_ones():
-    from promoe.sample import is_latent_model
+    from promoe.sampling import is_latent_model
     from promoe.train_config import load_config
 
     def config(*overrides):

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from promoe.sample import load_model, objective_of
+from promoe.sampling import load_model, objective_of
 from promoe.viz.routing import expert_usage, main, sample_with_routing, usage_entropy_bits
 
 

@@ -335,7 +335,7 @@ def finish(out: Path, config: RunConfig, dataset_name: str, device: torch.device
     print(f"wrote {out / 'loss.png'}")
     if plot_expert_load(out / "metrics.csv", out / "expert_load.png"):
         print(f"wrote {out / 'expert_load.png'}")
-    from promoe.sample import Decoder, is_latent_model, load_model
+    from promoe.sampling import Decoder, is_latent_model, load_model
 
     if is_latent_model(config) and config.data.vae is None:
         return  # latents and nothing to decode them with
@@ -352,7 +352,7 @@ def finish(out: Path, config: RunConfig, dataset_name: str, device: torch.device
 
 def class_grid(model, objective, decoder, config: RunConfig, path: Path, per_class: int = 8) -> None:
     """One row per class (the first ten), sampled with the run's grid settings."""
-    from promoe.sample import generate, image_grid, save_png, to_uint8
+    from promoe.sampling import generate, image_grid, save_png, to_uint8
 
     classes = min(model.num_classes, 10)
     labels = torch.arange(classes).repeat_interleave(per_class)
@@ -367,7 +367,7 @@ def fashion_fid(model, objective, config: RunConfig, path: Path) -> None:
     the demo classifier; skipped with a note when that classifier has not been trained."""
     from promoe.data import pixel_split
     from promoe.eval import load_feature_net, pixel_fid
-    from promoe.sample import generate_per_class
+    from promoe.sampling import generate_per_class
 
     feature_net = Path(config.train.feature_net)
     if not feature_net.exists():

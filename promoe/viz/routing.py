@@ -21,7 +21,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from promoe.moe.record import record_routing  # noqa: E402
-from promoe.sample import Decoder, generate, is_latent_model, load_model, objective_of, to_uint8  # noqa: E402
+from promoe.sampling import Decoder, generate, is_latent_model, load_model, objective_of, to_uint8  # noqa: E402
 
 
 @torch.no_grad()
