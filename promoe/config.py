@@ -64,6 +64,9 @@ class ModelConfig:
     rcl_temperature: float = 0.07
     lb_weight: float = 0.0
     capacity_factor: float | None = None  # expert choice: None = the A of the expert string
+    # DiffMoE: weight of the capacity predictor's BCE. 1.0 is what DiffMoE's own release reads; the ProMoE code
+    # behind the paper's DiffMoE numbers uses its DiT constructor's default 0.01 (the configs/diffmoe_*.yaml).
+    capacity_predictor_loss_weight: float = 1.0
     superclasses: list[int] | str | None = None  # classifier routing: class -> superclass list, or a file
     classifier_loss_weight: float = 1.0  # classifier routing: weight of its cross-entropy
     kmeans_decay: float = 0.0  # k-means routing: 0 replaces a centroid by its tokens' mean, as the paper
@@ -80,6 +83,8 @@ class ModelConfig:
         if self.hidden_size % self.num_heads:
             raise ValueError(f"hidden_size={self.hidden_size} is not divisible by num_heads={self.num_heads}")
         check_activation(self.activation)
+        if self.capacity_predictor_loss_weight < 0:
+            raise ValueError(f"capacity_predictor_loss_weight must be >= 0, got {self.capacity_predictor_loss_weight}")
         if self.dispatch is not None:
             check_backend(self.dispatch)
         if self.router != "dense":

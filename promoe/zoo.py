@@ -113,7 +113,8 @@ def build_router(config: ModelConfig) -> nn.Module:
         if conditional:
             raise ValueError(f"DiffMoE has no unconditional expert: use an expert string with U0, "
                              f"not {config.experts!r}")
-        return DiffMoERouter(dim, routed, capacity_factor)
+        return DiffMoERouter(dim, routed, capacity_factor,
+                             predictor_loss_weight=config.capacity_predictor_loss_weight)
     if config.router == "kmeans":
         return KMeansRouter(dim, routed, spec.activated, conditional, config.kmeans_decay,
                             lb_weight=config.lb_weight, **losses)

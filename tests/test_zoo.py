@@ -69,3 +69,22 @@ def test_unknown_model_names_raise(name):
 def test_dtype_argument_casts_the_model():
     model = promoe.build_model("ProMoE-S", device="meta", dtype=torch.bfloat16)
     assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
+
+
+def test_diffmoe_capacity_predictor_loss_weight_scales_only_the_predictor_loss(rng):
+    """The weight defaults to DiffMoE's 1.0 and multiplies the BCE of the capacity predictor, nothing else."""
+    tiny = dict(input_size=8, hidden_size=32, num_heads=4, depth=2, num_classes=10, experts="E4A1S0U0")
+    default = promoe.build_model("DiffMoE-S", **tiny).blocks[1].mlp.train()
+    paper = promoe.build_model("DiffMoE-S", capacity_predictor_loss_weight=0.01, **tiny).blocks[1].mlp.train()
+    paper.load_state_dict(default.state_dict())
+    x, labels = torch.randn(2, 16, 32, generator=rng), torch.tensor([1, 2])
+    y_default, aux_default = default(x, labels)
+    y_paper, aux_paper = paper(x, labels)
+    assert default.router.predictor_loss_weight == 1.0
+    torch.testing.assert_close(y_paper, y_default)
+    torch.testing.assert_close(aux_paper["capacity_predictor"], 0.01 * aux_default["capacity_predictor"])
+
+
+def test_negative_capacity_predictor_loss_weight_is_refused():
+    with pytest.raises(ValueError, match="capacity_predictor_loss_weight"):
+        promoe.model_config("DiffMoE-S", capacity_predictor_loss_weight=-1.0)

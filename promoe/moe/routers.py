@@ -302,10 +302,11 @@ class DiffMoERouter(nn.Module):
 
     Training: every expert takes the top-C tokens of the whole batch by its softmax gate score,
     C = int(N / E * capacity). A capacity predictor (an MLP on the detached tokens) learns, by binary
-    cross-entropy (weight 1, as the released DiffMoE configs), which tokens each expert took; each expert's
-    threshold is an EMA (decay 0.95) of the C-th largest predicted probability. Inference: expert e takes as
-    many tokens as the predictor puts above its threshold, the ones with its highest gate scores, so compute
-    adapts to the input.
+    cross-entropy, which tokens each expert took (its weight `predictor_loss_weight`: 1.0 in DiffMoE's release,
+    0.01 in the ProMoE code behind the paper's DiffMoE numbers; see ModelConfig.capacity_predictor_loss_weight);
+    each expert's threshold is an EMA (decay 0.95) of the C-th largest predicted probability. Inference: expert e
+    takes as many tokens as the predictor puts above its threshold, the ones with its highest gate scores, so
+    compute adapts to the input.
 
     The thresholds are updated on each rank in forward; the driver averages `running_stats()` over ranks once
     per step (the official code all-reduces inside forward).
