@@ -1,29 +1,70 @@
-"""Official ProMoE checkpoints <-> promoe models.
+"""Checkpoints of the official ProMoE code (ali-vilab/ProMoE) <-> promoe models.
 
-The official code keeps one nn.Linear pair per expert (`blocks.N.mlp.experts.{i}.up_proj`, `.down_proj`, the
-unconditional expert at index num_routed), the shared expert as `shared_expert.*` and the prototypes as
-`cluster_centers`; promoe stacks the experts of a layer into [E, D, H] / [E, H, D] tensors. Every other key is
-named alike in both.
+The official code keeps one linear pair per expert; promoe stacks the experts of a layer into [E, D, H] /
+[E, H, D] tensors. Inside `blocks.N.mlp.` each official model names its parts its own way:
+
+| model             | experts                 | scores               | other                                         |
+|-------------------|-------------------------|----------------------|-----------------------------------------------|
+| ProMoE, ProMoE-EC | experts.{i}.up_proj/... | cluster_centers      | shared_expert.up_proj/down_proj               |
+| TC-DiT            | experts.{i}.fc1/fc2     | gate.weight          |                                               |
+| EC-DiT            | experts.{i}.fc1/fc2     | gate_weight          |                                               |
+| DiffMoE           | experts.{i}.fc1/fc2     | gate_weight          | capacity_predictor.{0,2}, buffers             |
+|                   |                         |                      | expert_threshold and ema_decay (0.95)         |
+
+ProMoE's unconditional expert is experts.{num_routed}, as in promoe's bank. Dense-DiT and every key outside the
+MoE layers are named alike in both. Two official entries are constants that promoe does not store: the fixed
+sin-cos `pos_embed` and DiffMoE's threshold `ema_decay`; they are checked against the model, then dropped.
 
     python -m promoe.convert ckpt_step_500000.pth --model ProMoE-XL --out promoe_xl_ema.safetensors
 """
 
 import argparse
-import json
 import re
 from collections import defaultdict
-from dataclasses import asdict
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
+from promoe.dit.model import DiT
+from promoe.moe.routers import DiffMoERouter
 from promoe.zoo import build_model
 
-_EXPERT_KEY = re.compile(r"(blocks\.\d+\.mlp)\.experts\.(\d+)\.(up_proj|down_proj)\.(weight|bias)")
-_EXPERT_PARAM = {("up_proj", "weight"): "w_up_EDH", ("up_proj", "bias"): "b_up_EH",
-                 ("down_proj", "weight"): "w_down_EHD", ("down_proj", "bias"): "b_down_ED"}
-_RENAMES = ((".mlp.shared_expert.up_proj.", ".mlp.shared.fc1."), (".mlp.shared_expert.down_proj.", ".mlp.shared.fc2."),
-            (".mlp.cluster_centers", ".mlp.router.scorer.prototypes"))
+
+@dataclass(frozen=True)
+class OfficialLayout:
+    """The official names of one MoE layer's parts, relative to `blocks.N.mlp.`."""
+
+    up: str  # an expert's first linear map
+    down: str  # its second
+    renames: tuple[tuple[str, str], ...]  # (official prefix, promoe prefix) of every other learned entry
+
+
+_PROMOE_LAYOUT = OfficialLayout("up_proj", "down_proj", (
+    ("shared_expert.up_proj.", "shared.fc1."),
+    ("shared_expert.down_proj.", "shared.fc2."),
+    ("cluster_centers", "router.scorer.prototypes"),
+))
+_GATE_WEIGHT = ("gate_weight", "router.scorer.gate.weight")  # a bare nn.Parameter in EC-DiT and DiffMoE
+LAYOUTS = {
+    "promoe": _PROMOE_LAYOUT,
+    "promoe_ec": _PROMOE_LAYOUT,
+    "tc": OfficialLayout("fc1", "fc2", (("gate.weight", "router.scorer.gate.weight"),)),
+    "ec": OfficialLayout("fc1", "fc2", (_GATE_WEIGHT,)),
+    "diffmoe": OfficialLayout("fc1", "fc2", (
+        _GATE_WEIGHT,
+        ("capacity_predictor.", "router.capacity_predictor."),
+        ("expert_threshold", "router.expert_threshold_E"),
+    )),
+}
+# (up or down, weight or bias) -> the stacked parameter of the ExpertBank.
+_BANK_PARAMS = {("up", "weight"): "w_up_EDH", ("up", "bias"): "b_up_EH",
+                ("down", "weight"): "w_down_EHD", ("down", "bias"): "b_down_ED"}
+_BANK_ENTRIES = {f"experts.{param}": role_kind for role_kind, param in _BANK_PARAMS.items()}
+_MLP_KEY = re.compile(r"(?P<layer>blocks\.\d+\.mlp)\.(?P<rest>.+)")
+_OFFICIAL_EXPERT = re.compile(r"experts\.(?P<index>\d+)\.(?P<proj>\w+)\.(?P<kind>weight|bias)")
+_MOE_PARTS = ("router.", "experts.", "shared.")  # promoe's MoE-layer entries; a dense MLP has fc1 / fc2
+_FIXED_HINTS = {"pos_embed": "wrong input_size or patch_size?", "ema_decay": "DiffMoE's threshold EMA decay"}
 _PREFIXES = ("module.", "_orig_mod.")
 
 
@@ -45,21 +86,42 @@ def _strip_prefixes(key: str) -> str:
     return key
 
 
-def official_to_promoe(official: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Rename and stack an official state dict into promoe's layout (no checks against a model here)."""
+def layout_of(router: str) -> OfficialLayout:
+    if router not in LAYOUTS:
+        raise ValueError(f"the official code has no model with router {router!r}; it has {sorted(LAYOUTS)} "
+                         "and Dense-DiT")
+    return LAYOUTS[router]
+
+
+def _rename(rest: str, renames, key: str) -> str:
+    for old, new in renames:
+        if rest.startswith(old):
+            return new + rest[len(old):]
+    raise KeyError(f"no counterpart for key {key!r}")
+
+
+def official_to_promoe(official: dict[str, torch.Tensor], router: str) -> dict[str, torch.Tensor]:
+    """Rename and stack an official state dict of the given router into promoe's layout, dropping the official
+    constants (`pos_embed`, `ema_decay`); no check against a model here (load_official_checkpoint does it)."""
     converted: dict[str, torch.Tensor] = {}
     experts: dict[tuple[str, str], dict[int, torch.Tensor]] = defaultdict(dict)
     for raw_key, value in official.items():
         key = _strip_prefixes(raw_key)
-        match = _EXPERT_KEY.fullmatch(key)
-        if match:
-            layer, index, proj, kind = match.groups()
-            # nn.Linear stores [out, in]; the bank stores [in, out] so that x @ w needs no transpose.
-            experts[(layer, _EXPERT_PARAM[(proj, kind)])][int(index)] = value.t() if kind == "weight" else value
+        match = _MLP_KEY.fullmatch(key)
+        if key == "pos_embed" or (match and match["rest"] == "ema_decay"):
             continue
-        for old, new in _RENAMES:
-            key = key.replace(old, new)
-        converted[key] = value
+        if match is None or router == "dense" or match["rest"].startswith(("fc1.", "fc2.")):
+            converted[key] = value  # named alike in both
+            continue
+        layout = layout_of(router)
+        expert = _OFFICIAL_EXPERT.fullmatch(match["rest"])
+        if expert and expert["proj"] in (layout.up, layout.down):
+            role = "up" if expert["proj"] == layout.up else "down"
+            # nn.Linear stores [out, in]; the bank stores [in, out] so that x @ w needs no transpose.
+            one = value.t() if expert["kind"] == "weight" else value
+            experts[(match["layer"], _BANK_PARAMS[(role, expert["kind"])])][int(expert["index"])] = one
+            continue
+        converted[f"{match['layer']}.{_rename(match['rest'], layout.renames, key)}"] = value
     for (layer, name), by_index in experts.items():
         if sorted(by_index) != list(range(len(by_index))):
             raise ValueError(f"{layer}.experts: expert indices {sorted(by_index)} are not 0..{len(by_index) - 1}")
@@ -67,73 +129,86 @@ def official_to_promoe(official: dict[str, torch.Tensor]) -> dict[str, torch.Ten
     return converted
 
 
-def promoe_to_official(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """The inverse of official_to_promoe: our state dict in the official layout."""
-    official = {}
-    by_param = {v: k for k, v in _EXPERT_PARAM.items()}
-    for key, value in state_dict.items():
-        layer, _, name = key.rpartition(".experts.")
-        if name in by_param:
-            proj, kind = by_param[name]
-            for index, one in enumerate(value.unbind(0)):
-                official[f"{layer}.experts.{index}.{proj}.{kind}"] = one.t() if kind == "weight" else one
+def promoe_to_official(model: DiT) -> dict[str, torch.Tensor]:
+    """The model's state dict in the official layout, constants included: exactly the keys, shapes and values
+    that the official code's model of the same config holds."""
+    router = model.config.router
+    official = {"pos_embed": model.pos_embed}
+    for key, value in model.state_dict().items():
+        match = _MLP_KEY.fullmatch(key)
+        if match is None or not match["rest"].startswith(_MOE_PARTS):
+            official[key] = value
             continue
-        for old, new in _RENAMES:
-            key = key.replace(new, old)
-        official[key] = value
+        layout = layout_of(router)
+        if match["rest"] in _BANK_ENTRIES:
+            role, kind = _BANK_ENTRIES[match["rest"]]
+            proj = layout.up if role == "up" else layout.down
+            for index, one in enumerate(value.unbind(0)):
+                official[f"{match['layer']}.experts.{index}.{proj}.{kind}"] = one.t() if kind == "weight" else one
+            continue
+        inverse = tuple((new, old) for old, new in layout.renames)
+        official[f"{match['layer']}.{_rename(match['rest'], inverse, key)}"] = value
+    for index, block in enumerate(model.blocks):
+        if block.is_moe and isinstance(block.mlp.router, DiffMoERouter):
+            # The official DiffMoE layer keeps its threshold decay as a buffer: a constant in its state dict.
+            official[f"blocks.{index}.mlp.ema_decay"] = torch.tensor([block.mlp.router.threshold_decay])
     return official
 
 
-def check_fits(converted: dict[str, torch.Tensor], expected: dict[str, torch.Tensor], model_name: str) -> None:
+def check_fits(given: dict[str, torch.Tensor], expected: dict[str, torch.Tensor], model_name: str) -> None:
     """Raise naming the first missing, unexpected or mis-shaped key."""
     for key, value in expected.items():
-        if key not in converted:
+        if key not in given:
             raise KeyError(f"checkpoint does not fit {model_name}: missing key {key!r} (shape {list(value.shape)})")
-        if converted[key].shape != value.shape:
+        if given[key].shape != value.shape:
             raise ValueError(f"checkpoint does not fit {model_name}: key {key!r} has shape "
-                             f"{list(converted[key].shape)}, the model expects {list(value.shape)}")
-    for key in converted:
+                             f"{list(given[key].shape)}, the model expects {list(value.shape)}")
+    for key in given:
         if key not in expected:
             raise KeyError(f"checkpoint does not fit {model_name}: unexpected key {key!r}")
 
 
-def load_official_checkpoint(source: str | Path | dict, model_name: str, prefer: str = "ema", **overrides):
-    """Our model holding the weights of an official ProMoE checkpoint (a path or an already loaded dict).
+def check_constants(official: dict[str, torch.Tensor], expected: dict[str, torch.Tensor], model_name: str) -> None:
+    """The official entries that promoe fixes rather than learns must hold the model's values."""
+    for key, value in expected.items():
+        name = key.rpartition(".")[2]
+        if name in _FIXED_HINTS and not torch.allclose(official[key].float(), value.float(), atol=1e-5):
+            raise ValueError(f"checkpoint does not fit {model_name}: key {key!r} does not hold the model's fixed "
+                             f"value ({_FIXED_HINTS[name]})")
 
-    The official stored `pos_embed` is checked against ours (both fixed sin-cos), then dropped.
+
+def load_official_checkpoint(source: str | Path | dict, model_name: str, prefer: str = "ema", **overrides):
+    """Our model holding the weights of an official checkpoint (a path or an already loaded dict) of any model
+    of the official code: Dense-DiT, TC-DiT, EC-DiT, DiffMoE, ProMoE, ProMoE-EC.
+
+    The checkpoint is checked in the official layout, so a message names the key as the file spells it.
     """
     checkpoint = torch.load(source, map_location="cpu", weights_only=True) if isinstance(source, (str, Path)) \
         else source
-    converted = official_to_promoe(pick_weights(checkpoint, prefer))
+    official = {_strip_prefixes(key): value for key, value in pick_weights(checkpoint, prefer).items()}
     model = build_model(model_name, **overrides)
-    stored_pos_embed = converted.pop("pos_embed", None)
-    if stored_pos_embed is not None and (stored_pos_embed.shape != model.pos_embed.shape
-                                         or not torch.allclose(stored_pos_embed.float(), model.pos_embed, atol=1e-5)):
-        raise ValueError(f"checkpoint does not fit {model_name}: key 'pos_embed' of shape "
-                         f"{list(stored_pos_embed.shape)} is not the model's fixed sin-cos embedding "
-                         f"{list(model.pos_embed.shape)} (wrong input_size or patch_size?)")
-    check_fits(converted, model.state_dict(), model_name)
-    model.load_state_dict(converted)
+    expected = promoe_to_official(model)
+    check_fits(official, expected, model_name)
+    check_constants(official, expected, model_name)
+    model.load_state_dict(official_to_promoe(official, model.config.router))
     return model
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description="Convert an official ProMoE checkpoint to a promoe safetensors file.")
+    parser = argparse.ArgumentParser(description="Convert an official ProMoE-code checkpoint to a promoe "
+                                                 "safetensors file.")
     parser.add_argument("checkpoint", type=Path, help="official ckpt_step_*.pth")
-    parser.add_argument("--model", required=True, help="promoe model name, e.g. ProMoE-XL")
+    parser.add_argument("--model", required=True, help="promoe model name, e.g. ProMoE-XL, DiffMoE-L-E8")
     parser.add_argument("--out", type=Path, required=True, help="output .safetensors file")
     parser.add_argument("--weights", choices=("ema", "model"), default="ema", help="which weights to take")
     args = parser.parse_args(argv)
 
-    from safetensors.torch import save_file
+    from promoe.weights import save_weights
 
     model = load_official_checkpoint(args.checkpoint, args.model, prefer=args.weights)
-    metadata = {"model": args.model, "config": json.dumps(asdict(model.config)), "weights": args.weights}
-    state = {k: v.contiguous() for k, v in model.state_dict().items()}
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = args.out.with_suffix(args.out.suffix + ".tmp")
-    save_file(state, str(tmp), metadata=metadata)
-    tmp.replace(args.out)  # atomic: a crash never leaves a half-written file under the final name
+    state = model.state_dict()
+    # The resolved model config travels in the file's metadata: `promoe.sample --ckpt OUT` rebuilds the model alone.
+    save_weights(args.out, state, model.config, model=args.model, weights=args.weights)
     print(f"wrote {args.out} ({sum(v.numel() for v in state.values()) / 1e6:.2f}M parameters, {args.weights} weights)")
 
 
