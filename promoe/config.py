@@ -1,6 +1,7 @@
 """The model configuration: one typed dataclass, validated on construction, the source of truth for a model."""
 
 import dataclasses
+import math
 import re
 from dataclasses import dataclass
 
@@ -37,6 +38,17 @@ class ExpertSpec:
             raise ValueError(f"expert string {text!r}: at most one unconditional expert (U0 or U1) is supported, "
                              "as in the official implementation")
         return spec
+
+
+class FieldError(ValueError):
+    """An impossible value of one ModelConfig field; `field` names it, so callers can say where it was set."""
+
+    def __init__(self, field: str, message: str):
+        super().__init__(f"{field}: {message}")
+        self.field = field
+
+
+_SCALAR_TYPES = {int: int, float: float, bool: bool, str: str, float | None: float}
 
 
 @dataclass
@@ -76,22 +88,60 @@ class ModelConfig:
         from promoe.moe.dispatch import check_backend
         from promoe.moe.routers import check_activation
 
+        self.check_types()
+        self.check_ranges()
         if self.router not in ROUTERS:
-            raise ValueError(f"unknown router {self.router!r}; choose one of {ROUTERS}")
+            raise FieldError("router", f"unknown router {self.router!r}; choose one of {ROUTERS}")
         if self.input_size % self.patch_size:
-            raise ValueError(f"input_size={self.input_size} is not a multiple of patch_size={self.patch_size}")
+            raise FieldError("patch_size", f"input_size={self.input_size} is not a multiple of patch_size="
+                                           f"{self.patch_size}")
         if self.hidden_size % self.num_heads:
-            raise ValueError(f"hidden_size={self.hidden_size} is not divisible by num_heads={self.num_heads}")
+            raise FieldError("num_heads", f"hidden_size={self.hidden_size} is not divisible by num_heads="
+                                          f"{self.num_heads}")
         check_activation(self.activation)
-        if self.capacity_predictor_loss_weight < 0:
-            raise ValueError(f"capacity_predictor_loss_weight must be >= 0, got {self.capacity_predictor_loss_weight}")
         if self.dispatch is not None:
             check_backend(self.dispatch)
         if self.router != "dense":
-            ExpertSpec.parse(self.experts)  # raises on a bad expert string
+            try:
+                ExpertSpec.parse(self.experts)
+            except ValueError as error:
+                raise FieldError("experts", str(error)) from None
         if self.router == "classifier" and self.superclasses is None:
-            raise ValueError("router 'classifier' needs `superclasses`: a list mapping each class to its superclass, "
-                             "or the path of a file holding one")
+            raise FieldError("superclasses", "router 'classifier' needs a list mapping each class to its superclass, "
+                                             "or the path of a file holding one")
+
+    def check_types(self) -> None:
+        """Ints where the field is an int, numbers where it is a float (ints become floats), finite floats."""
+        for field in dataclasses.fields(self):
+            value, expected = getattr(self, field.name), _SCALAR_TYPES.get(field.type)
+            if value is None or expected is None:
+                continue
+            if expected is float and isinstance(value, int) and not isinstance(value, bool):
+                value = float(value)
+                setattr(self, field.name, value)
+            if not isinstance(value, expected) or (expected is int and isinstance(value, bool)):
+                raise FieldError(field.name, f"expected {expected.__name__}, got {value!r}")
+            if expected is float and not math.isfinite(value):
+                raise FieldError(field.name, f"must be a finite number, got {value!r}")
+
+    def check_ranges(self) -> None:
+        for name in ("input_size", "patch_size", "in_channels", "hidden_size", "depth", "num_heads", "num_classes"):
+            if getattr(self, name) < 1:
+                raise FieldError(name, f"must be >= 1, got {getattr(self, name)}")
+        for name in ("mlp_ratio", "expert_hidden_ratio", "router_scale", "rcl_temperature"):
+            if getattr(self, name) <= 0:
+                raise FieldError(name, f"must be > 0, got {getattr(self, name)}")
+        for name in ("rcl_weight", "lb_weight", "classifier_loss_weight", "capacity_predictor_loss_weight"):
+            if getattr(self, name) < 0:
+                raise FieldError(name, f"must be >= 0, got {getattr(self, name)}")
+        # p = 1 would drop every label: the model would never see a class and guidance would have nothing to scale.
+        if not 0 <= self.class_dropout_prob < 1:
+            raise FieldError("class_dropout_prob", f"must lie in [0, 1), got {self.class_dropout_prob}")
+        if not 0 <= self.kmeans_decay < 1:
+            raise FieldError("kmeans_decay", f"must lie in [0, 1), got {self.kmeans_decay}")
+        if self.capacity_factor is not None and self.capacity_factor <= 0:
+            raise FieldError("capacity_factor", f"must be > 0 (or None: the A of the expert string), got "
+                                                f"{self.capacity_factor}")
 
     @property
     def expert_spec(self) -> ExpertSpec:

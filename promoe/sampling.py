@@ -18,25 +18,50 @@ from promoe.train_config import RunConfig, config_from_json
 
 
 def load_model(source: str | Path, model_name: str | None = None, weights: str = "ema"):
-    """(model in eval mode, its RunConfig or None for an official checkpoint) from any checkpoint form."""
+    """(model in eval mode, its RunConfig or None where the file records only the model: an official or converted
+    checkpoint) from any checkpoint form. Nothing in a file runs code: see promoe.weights."""
     source = Path(source)
     if not source.exists():
         raise FileNotFoundError(f"checkpoint {source} does not exist")
     if source.suffix == ".pth":
         if model_name is None:
             raise ValueError(f"{source} is an official checkpoint: name its model with --model, e.g. ProMoE-XL")
-        return promoe.load_official_checkpoint(source, model_name, prefer=weights).eval(), None
+        return load_official(source, model_name, weights), None
+    if model_name is not None:
+        raise ValueError(f"--model {model_name}: {source} records the model it holds; --model names the model of "
+                         "an official .pth checkpoint only")
     if source.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
         if weights != "ema":
             raise ValueError(f"{source} holds the EMA weights only; the live weights are in the checkpoint folders")
-        config = read_run_config(source.parent / "config.json")
-        model = build_from_config(config)
-        model.load_state_dict(load_file(str(source)))
-        return model.eval(), config
+        return load_safetensors(source)
     config = read_run_config(source / "config.json")
     return load_training_checkpoint(source, config, weights), config
+
+
+def load_official(source: Path, model_name: str, weights: str) -> torch.nn.Module:
+    """An official .pth, unpickled with torch.load(weights_only=True): tensors, numbers, strings and containers."""
+    import pickle
+
+    try:
+        return promoe.load_official_checkpoint(source, model_name, prefer=weights).eval()
+    except pickle.UnpicklingError as error:
+        raise ValueError(f"{source} holds objects other than tensors and plain data, which are not unpickled (they "
+                         f"could run code): {str(error).splitlines()[0]}") from None
+
+
+def load_safetensors(source: Path):
+    """(model, RunConfig or None) from a safetensors file whose metadata holds its config (a `config.json` beside
+    the file serves for exports of before that)."""
+    from promoe.weights import check_fits, read_weights
+
+    state, model_config, config = read_weights(source)
+    if model_config is None:
+        config = read_run_config(source.parent / "config.json")
+        model_config = config.model_config()
+    model = promoe.zoo.build_from_config(model_config)
+    check_fits(state, model.state_dict(), str(source))
+    model.load_state_dict(state)
+    return model.eval(), config
 
 
 def read_run_config(path: Path) -> RunConfig:
@@ -46,19 +71,23 @@ def read_run_config(path: Path) -> RunConfig:
 
 
 def build_from_config(config: RunConfig) -> torch.nn.Module:
-    return promoe.build_model(config.model.name, **config.model.overrides)
+    """The model a run config describes: the one stored with a checkpoint, else the zoo's."""
+    return promoe.zoo.build_from_config(config.model_config())
 
 
 def load_training_checkpoint(folder: Path, config: RunConfig, weights: str = "ema") -> torch.nn.Module:
     """A model from one of our distributed checkpoints, in one process whatever the number of ranks that saved it:
-    the buffers (e.g. DiffMoE's thresholds) from the model state, the parameters from the EMA (or the model)."""
-    import torch.distributed.checkpoint as dcp
+    the buffers (e.g. DiffMoE's thresholds) from the model state, the parameters from the EMA (or the model). The
+    folder's index is checked against the model first, and read without unpickling code (promoe.weights)."""
+    from promoe.weights import check_fits, dcp_shapes, load_dcp
 
     model = build_from_config(config)
+    check_fits(dcp_shapes(folder, "model."), model.state_dict(), str(folder))
     state = {"model": model.state_dict()}
     if weights == "ema":
         state["ema"] = {name: torch.empty_like(p) for name, p in model.named_parameters()}
-    dcp.load(state, checkpoint_id=str(folder))
+        check_fits(dcp_shapes(folder, "ema."), state["ema"], f"{folder}, its EMA")
+    load_dcp(state, folder)
     model.load_state_dict(state["model"])
     if weights == "ema":
         model.load_state_dict(state["ema"], strict=False)

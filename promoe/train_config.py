@@ -5,6 +5,7 @@ Unknown keys, wrong types and impossible values stop the run before any work, na
 
 import dataclasses
 import json
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -12,16 +13,23 @@ from pathlib import Path
 
 import yaml
 
+from promoe.config import FieldError, ModelConfig
 from promoe.data.build import KINDS
 from promoe.diffusion import OBJECTIVES
 from promoe.eval.feature_net import DEFAULT_FEATURE_NET
 from promoe.zoo import model_config
+
+# config.json 1: the model as zoo name + overrides only (rebuilt from today's zoo); 2: also every ModelConfig field.
+FORMAT_VERSION = 2
+COMMAND_LINE = "the command line"
 
 
 @dataclass
 class ModelSection:
     name: str = "ProMoE-S"
     overrides: dict = field(default_factory=dict)  # any ModelConfig field, e.g. input_size: 28
+    # Set only when read back from a checkpoint's config.json: the model it trained, whatever the zoo says today.
+    resolved: ModelConfig | None = None
 
 
 @dataclass
@@ -59,6 +67,17 @@ class TrainSection:
     feature_net: str = str(DEFAULT_FEATURE_NET)  # python -m promoe.eval.train_feature_net writes it
 
 
+# Numbers with which a run would train nothing, or diverge at once: (key, the test, the rule in words).
+NUMBER_RULES = (
+    ("optim.lr", lambda lr: 0 < lr < math.inf, "a finite number > 0"),
+    ("optim.betas", lambda betas: all(0 <= beta < 1 for beta in betas), "two numbers in [0, 1)"),
+    ("optim.weight_decay", lambda decay: 0 <= decay < math.inf, "a finite number >= 0"),
+    ("optim.grad_clip", lambda clip: clip > 0, "> 0 (inf: no clipping)"),
+    ("train.ema_decay", lambda decay: 0 <= decay <= 1, "in [0, 1]"),
+    ("train.grid_cfg_scale", lambda scale: 1 <= scale < math.inf, "a finite number >= 1 (1: no guidance)"),
+)
+
+
 @dataclass
 class RunConfig:
     model: ModelSection = field(default_factory=ModelSection)
@@ -66,36 +85,68 @@ class RunConfig:
     optim: OptimSection = field(default_factory=OptimSection)
     train: TrainSection = field(default_factory=TrainSection)
 
+    # Dotted keys given on the command line (load_config fills it): their errors say "(on the command line)".
+    command_line_keys: typing.ClassVar[frozenset[str]] = frozenset()
+
+    def model_config(self) -> ModelConfig:
+        """The model this config builds: the stored one of a checkpoint, else the zoo's entry with the overrides."""
+        if self.model.resolved is not None:
+            return self.model.resolved
+        return model_config(self.model.name, **self.model.overrides)
+
+    def where(self, key: str, source: str) -> str:
+        """Where the value of `key` was set, for error messages."""
+        return _where(COMMAND_LINE if key in self.command_line_keys else source)
+
     def validate(self, world_size: int, source: str) -> None:
-        where = f"(in {source})"
-        if self.train.precision not in ("auto", "fp32", "bf16"):
-            raise ValueError(f"train.precision must be auto, fp32 or bf16, got {self.train.precision!r} {where}")
-        if self.train.grid_steps < 0 or self.train.fid_samples < 0:
-            raise ValueError(f"train.grid_steps and train.fid_samples must be >= 0 {where}")
-        if self.train.fid_samples > 0 and self.data.kind != "pixels":
-            raise ValueError(f"train.fid_samples: the Fashion-MNIST FID needs data.kind=pixels {where}")
-        if self.train.fid_samples > 0 and self.train.grid_steps == 0:
-            raise ValueError(f"train.fid_samples needs train.grid_steps > 0 (its sampling steps) {where}")
-        if self.train.objective not in OBJECTIVES:
-            raise ValueError(f"train.objective must be one of {', '.join(OBJECTIVES)}, got {self.train.objective!r} "
-                             f"{where}")
-        if self.data.kind not in KINDS:
-            raise ValueError(f"data.kind must be one of {', '.join(KINDS)}, got {self.data.kind!r} {where}")
-        if self.data.kind != "pixels" and self.data.folder is None:
-            raise ValueError(f"data.folder is needed for data.kind={self.data.kind!r} {where}")
+        """Impossible settings stop the run, naming the key and where it was set (`source`, or the command line)."""
+        train, data = self.train, self.data
+
+        def fail(key: str, message: str):
+            raise ValueError(f"{key} {message} {self.where(key, source)}")
+
+        if train.precision not in ("auto", "fp32", "bf16"):
+            fail("train.precision", f"must be auto, fp32 or bf16, got {train.precision!r}")
+        for key in ("grid_steps", "fid_samples"):
+            if getattr(train, key) < 0:
+                fail(f"train.{key}", "must be >= 0")
+        if train.fid_samples > 0 and data.kind != "pixels":
+            fail("train.fid_samples", "needs data.kind=pixels (the Fashion-MNIST FID)")
+        if train.fid_samples > 0 and train.grid_steps == 0:
+            fail("train.fid_samples", "needs train.grid_steps > 0 (its sampling steps)")
+        if train.objective not in OBJECTIVES:
+            fail("train.objective", f"must be one of {', '.join(OBJECTIVES)}, got {train.objective!r}")
+        if data.kind not in KINDS:
+            fail("data.kind", f"must be one of {', '.join(KINDS)}, got {data.kind!r}")
+        if data.kind != "pixels" and data.folder is None:
+            fail("data.folder", f"is needed for data.kind={data.kind!r}")
         for key in ("steps", "global_batch", "ckpt_every", "log_every", "keep_checkpoints"):
-            if getattr(self.train, key) < 1:
-                raise ValueError(f"train.{key} must be >= 1 {where}")
-        if self.train.global_batch % world_size:
-            raise ValueError(f"train.global_batch={self.train.global_batch} is not divisible by the world size "
-                             f"{world_size} {where}")
+            if getattr(train, key) < 1:
+                fail(f"train.{key}", "must be >= 1")
+        if train.global_batch % world_size:
+            fail("train.global_batch", f"({train.global_batch}) is not divisible by the world size {world_size}")
+        for key, holds, rule in NUMBER_RULES:
+            section, name = key.split(".")
+            value = getattr(getattr(self, section), name)
+            if not holds(value):
+                fail(key, f"must be {rule}, got {value!r}")
         try:
-            model_config(self.model.name, **self.model.overrides)
+            self.model_config()
+        except FieldError as error:
+            raise ValueError(f"model: {error} {self.where(f'model.overrides.{error.field}', source)}") from None
         except ValueError as error:
-            raise ValueError(f"model: {error} {where}") from error
+            raise ValueError(f"model: {error} {self.where('model.name', source)}") from None
 
     def to_json(self) -> str:
-        return json.dumps(dataclasses.asdict(self), indent=2)
+        """Every setting, and the resolved model (every ModelConfig field): a later change of the zoo never changes
+        what a checkpoint rebuilds into."""
+        values = dataclasses.asdict(self)
+        values["model"]["resolved"] = dataclasses.asdict(self.model_config())
+        return json.dumps({"format_version": FORMAT_VERSION, **values}, indent=2)
+
+
+def _where(source: str) -> str:
+    return "(on the command line)" if source == COMMAND_LINE else f"(in {source})"
 
 
 def _coerce(value, annotation, key: str, source: str):
@@ -112,7 +163,7 @@ def _coerce(value, annotation, key: str, source: str):
     if origin is tuple:
         if not isinstance(value, (list, tuple)) or len(value) != len(typing.get_args(annotation)):
             raise ValueError(f"{key}: expected a list of {len(typing.get_args(annotation))} numbers, got {value!r} "
-                             f"(in {source})")
+                             f"{_where(source)}")
         return tuple(_coerce(v, t, key, source) for v, t in zip(value, typing.get_args(annotation)))
     if origin in (typing.Union, types.UnionType):
         for option in typing.get_args(annotation):
@@ -123,22 +174,22 @@ def _coerce(value, annotation, key: str, source: str):
                     return _coerce(value, option, key, source)
                 except ValueError:
                     pass
-        raise ValueError(f"{key}: {value!r} is not a {annotation} (in {source})")
+        raise ValueError(f"{key}: {value!r} is not a {annotation} {_where(source)}")
     expected = origin or annotation
     if not isinstance(value, expected) or (expected is int and isinstance(value, bool)):
-        raise ValueError(f"{key}: expected {getattr(expected, '__name__', expected)}, got {value!r} (in {source})")
+        raise ValueError(f"{key}: expected {getattr(expected, '__name__', expected)}, got {value!r} {_where(source)}")
     return value
 
 
 def _fill(section, values: dict, prefix: str, source: str):
     if not isinstance(values, dict):
-        raise ValueError(f"{prefix or 'config'}: expected a mapping, got {values!r} (in {source})")
+        raise ValueError(f"{prefix or 'config'}: expected a mapping, got {values!r} {_where(source)}")
     hints = typing.get_type_hints(type(section))
     names = {f.name for f in dataclasses.fields(section)}
     for key, value in values.items():
         dotted = f"{prefix}{key}"
         if key not in names:
-            raise ValueError(f"unknown config key {dotted!r} (in {source}); known here: {sorted(names)}")
+            raise ValueError(f"unknown config key {dotted!r} {_where(source)}; known here: {sorted(names)}")
         current = getattr(section, key)
         if dataclasses.is_dataclass(current):
             _fill(current, value, f"{dotted}.", source)
@@ -147,18 +198,87 @@ def _fill(section, values: dict, prefix: str, source: str):
 
 
 def config_from_json(text: str, source: str) -> RunConfig:
-    """The RunConfig written beside a checkpoint (`RunConfig.to_json`), checked like a YAML file."""
+    """The RunConfig written beside a checkpoint (`RunConfig.to_json`), checked like a YAML file. A version 2 file
+    rebuilds its stored model; a version 1 file (no `format_version`) only names it, so it rebuilds from today's zoo."""
+    values = json.loads(text)
+    version = values.pop("format_version", 1)
+    if version not in (1, FORMAT_VERSION):
+        raise ValueError(f"{source}: format_version {version!r}; this promoe reads 1 and {FORMAT_VERSION} (a newer "
+                         "promoe wrote it?)")
+    resolved = values.get("model", {}).pop("resolved", None)
+    if version == FORMAT_VERSION and not isinstance(resolved, dict):
+        raise ValueError(f"{source}: format_version {version} needs model.resolved, every field of the model config")
     config = RunConfig()
-    _fill(config, json.loads(text), "", source)
+    _fill(config, values, "", source)
+    if resolved is not None:
+        config.model.resolved = model_config_from_fields(resolved, source)
     return config
 
 
+def model_config_from_fields(values: dict, source: str) -> ModelConfig:
+    """A ModelConfig from its stored fields, each checked; a field missing from the file (added to ModelConfig after
+    it was written) takes its default, which by convention keeps the behaviour of before the field existed."""
+    known = {f.name for f in dataclasses.fields(ModelConfig)}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise ValueError(f"{source}: model.resolved holds unknown field(s) {unknown} (a newer promoe wrote it?)")
+    try:
+        return ModelConfig(**values)
+    except FieldError as error:
+        raise ValueError(f"{source}: model.resolved.{error}") from None
+
+
+def same_model(saved: RunConfig, config: RunConfig) -> str | None:
+    """None when `config` builds the model a checkpoint (its config `saved`) holds, else what differs, e.g.
+    "depth: the checkpoint has 12, the config asks for 28". The dispatch backend is how, not what, so it may change."""
+    was, asked = dataclasses.asdict(saved.model_config()), dataclasses.asdict(config.model_config())
+    changed = [f"{key}: the checkpoint has {was[key]!r}, the config asks for {asked[key]!r}"
+               for key in was if key != "dispatch" and was[key] != asked[key]]
+    return "; ".join(changed) or None
+
+
+BASE_KEY = "base"  # `base: recipe.yaml` in a config file: that file's settings, under this file's own
+
+
+def read_config_file(path: Path, including: tuple[Path, ...] = ()) -> dict:
+    """The settings of a YAML config file: its own over those of the file its `base` key names (a path relative to
+    this file, itself possibly naming a base), merged section by section. Each file's keys and types are checked
+    on their own, so an error names the file that holds the key; a file that includes itself is refused."""
+    chain = (*including, path.resolve())
+    if path.resolve() in including:
+        raise ValueError("config files name each other as base in a cycle: " + " -> ".join(map(str, chain)))
+    values = yaml.safe_load(path.read_text())
+    values = {} if values is None else values
+    if not isinstance(values, dict):
+        raise ValueError(f"config: expected a mapping, got {values!r} (in {path})")
+    values = dict(values)
+    base = values.pop(BASE_KEY, None)
+    _fill(RunConfig(), values, "", str(path))
+    if base is None:
+        return values
+    if not isinstance(base, str):
+        raise ValueError(f"{BASE_KEY}: expected the name of a YAML file, got {base!r} (in {path})")
+    base_path = path.parent / base
+    if not base_path.is_file():
+        raise ValueError(f"{BASE_KEY}: {base_path} does not exist (named in {path}, relative to its folder)")
+    return _merge(read_config_file(base_path, chain), values)
+
+
+def _merge(base: dict, values: dict) -> dict:
+    """`values` over `base`; where both hold a mapping, key by key, so a file changes one key of a section."""
+    merged = dict(base)
+    for key, value in values.items():
+        both_mappings = isinstance(value, dict) and isinstance(merged.get(key), dict)
+        merged[key] = _merge(merged[key], value) if both_mappings else value
+    return merged
+
+
 def load_config(path: str | Path | None, overrides: list[str] = ()) -> RunConfig:
-    """The defaults, then the YAML file, then `key.sub=value` overrides (values parsed as YAML)."""
+    """The defaults, then the YAML file (over its `base` file, if it names one), then `key.sub=value` overrides
+    (values parsed as YAML)."""
     config = RunConfig()
     if path is not None:
-        values = yaml.safe_load(Path(path).read_text()) or {}
-        _fill(config, values, "", str(path))
+        _fill(config, read_config_file(Path(path)), "", str(path))
     for item in overrides:
         key, sep, raw = item.partition("=")
         if not sep:
@@ -172,5 +292,6 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> RunConfig
         if parents[:1] == ["model"] and len(parents) == 2 and parents[1] == "overrides":
             config.model.overrides = {**config.model.overrides, leaf: cursor[leaf]}
             continue
-        _fill(config, nested, "", "the command line")
+        _fill(config, nested, "", COMMAND_LINE)
+    config.command_line_keys = frozenset(item.partition("=")[0] for item in overrides)
     return config

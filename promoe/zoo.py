@@ -71,7 +71,12 @@ def build_model(name: str, device: torch.device | str | None = None, dtype: torc
 
     On device="meta" nothing is allocated, so parameter counts of the largest models are instant.
     """
-    config = model_config(name, **overrides)
+    return build_from_config(model_config(name, **overrides), device, dtype)
+
+
+def build_from_config(config: ModelConfig, device: torch.device | str | None = None,
+                      dtype: torch.dtype | None = None) -> DiT:
+    """The model of a resolved config, e.g. the one stored with a checkpoint (whatever the zoo's tables say now)."""
     with torch.device(device or "cpu"):
         model = DiT(config, mlp_factory=lambda index: build_mlp(config, index))
     return model.to(dtype) if dtype is not None else model

@@ -119,10 +119,13 @@ def parse_args(argv):
 
 def main(argv=None) -> None:
     args = parse_args(argv)
-    model, config = load_model(args.ckpt, args.model)
+    try:
+        model, config = load_model(args.ckpt, args.model)
+        objective = objective_of(config, args.objective)
+    except (FileNotFoundError, ValueError) as error:  # a wrong path, file or option: the message says which
+        raise SystemExit(f"error: {error}") from None
     if not 0 <= args.label < model.num_classes:
         raise SystemExit(f"--class {args.label} outside 0..{model.num_classes - 1}")
-    objective = objective_of(config, args.objective)
     decoder = Decoder(args.vae, is_latent_model(config), torch.device("cpu"))
     classes = range(model.num_classes) if model.num_classes <= 10 else [args.label]
     labels = torch.tensor([args.label] * args.images + [c for c in classes for _ in range(args.per_class)])
