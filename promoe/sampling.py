@@ -42,6 +42,8 @@ def load_official(source: Path, model_name: str, weights: str) -> torch.nn.Modul
     """An official .pth, unpickled with torch.load(weights_only=True): tensors, numbers, strings and containers."""
     import pickle
 
+    from promoe.weights import unpickling_refusal
+
     try:
         return promoe.load_official_checkpoint(source, model_name, prefer=weights).eval()
     except pickle.UnpicklingError as error:

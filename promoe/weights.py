@@ -132,8 +132,23 @@ def read_dcp_metadata(folder: str | Path) -> Metadata:
 def load_dcp(state: dict, folder: str | Path) -> None:
     """dcp.load(state, folder) that runs no code from the folder (see the module's docstring)."""
     import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.api import CheckpointException
 
-    dcp.load(state, storage_reader=SafeReader(str(folder)), planner=SafePlanner())
+    try:
+        dcp.load(state, storage_reader=SafeReader(str(folder)), planner=SafePlanner())
+    except CheckpointException as error:  # DCP wraps each rank's exception
+        refused = [exc for exc, _ in error.failures.values() if isinstance(exc, pickle.UnpicklingError)]
+        if not refused:
+            raise
+        raise ValueError(f"{folder}: an item is not plain data and was not loaded (unpickling it could run code): "
+                         f"{unpickling_refusal(refused[0])}") from None
+
+
+def unpickling_refusal(error: pickle.UnpicklingError) -> str:
+    """The line of torch.load(weights_only=True)'s long message that says what was refused."""
+    lines = str(error).splitlines()
+    line = next((line.strip() for line in lines if "Unsupported global" in line), lines[0] if lines else "")
+    return line.split(". Please")[0]  # not torch's advice to allowlist the class
 
 
 def dcp_shapes(folder: str | Path, prefix: str) -> dict[str, torch.Tensor]:
