@@ -15,6 +15,7 @@ PNG files all exist is skipped, so an interrupted run continues where it stopped
 
 import argparse
 import json
+import math
 import os
 from pathlib import Path
 
@@ -117,7 +118,23 @@ def parse_args(argv):
     parser.add_argument("--vae", help="local AutoencoderKL folder, for latent models")
     parser.add_argument("--out", type=Path, default=Path("samples"))
     parser.add_argument("--grid", type=int, default=8, help="the grid PNG shows grid x grid images")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    check_args(parser, args)
+    return args
+
+
+def check_args(parser: argparse.ArgumentParser, args) -> None:
+    """Refuses, with argparse's usage message, settings that would write images nobody should evaluate."""
+    for scale in args.cfg_scale:
+        # nan or inf give black images; a scale below 1 moves samples away from their class, towards the
+        # unconditional model (1 is no guidance).
+        if not 1 <= scale < math.inf:
+            parser.error(f"--cfg-scale {scale}: a guidance scale is a finite number >= 1 (1: no guidance)")
+    for name in ("steps", "num_images", "batch_size"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    if args.grid < 0:
+        parser.error(f"--grid must be >= 0, got {args.grid}")
 
 
 def init_processes() -> tuple[int, int, torch.device]:
@@ -146,11 +163,14 @@ def main(argv=None) -> None:
     rank, world_size, device = init_processes()
     finished = []
     for label, source in labels_of.items():
-        model, config = load_model(source, args.model, args.weights)
-        model = model.to(device)
-        objective = objective_of(config, args.objective)
-        decoder = Decoder(args.vae, is_latent_model(config), device)
-        labels = draw_labels(args.num_images, model.num_classes, args.labels, args.seed)
+        try:
+            model, config = load_model(source, args.model, args.weights)
+            model = model.to(device)
+            objective = objective_of(config, args.objective)
+            decoder = Decoder(args.vae, is_latent_model(config), device)
+            labels = draw_labels(args.num_images, model.num_classes, args.labels, args.seed)
+        except (FileNotFoundError, ValueError) as error:  # a wrong path, file or option: the message says which
+            raise SystemExit(f"error: {error}") from None
         for scale in args.cfg_scale:
             folder = args.out / label / f"cfg-{scale:g}"
             settings = {"checkpoint": str(Path(source).resolve()), "weights": args.weights, "cfg_scale": scale,

@@ -48,7 +48,7 @@ def load_official(source: Path, model_name: str, weights: str) -> torch.nn.Modul
         return promoe.load_official_checkpoint(source, model_name, prefer=weights).eval()
     except pickle.UnpicklingError as error:
         raise ValueError(f"{source} holds objects other than tensors and plain data, which are not unpickled (they "
-                         f"could run code): {str(error).splitlines()[0]}") from None
+                         f"could run code): {unpickling_refusal(error)}") from None
 
 
 def load_safetensors(source: Path):

@@ -1,0 +1,85 @@
+"""Impossible inputs stop with a message that names the key or option and where it was given, never a traceback
+or a silent wrong result: model overrides, optimiser numbers, the sampling CLI."""
+
+import pytest
+
+from promoe.sample import parse_args
+from promoe.sampling import load_model
+from promoe.train_config import load_config
+from tests.test_checkpoint_config import tiny_config
+
+
+@pytest.mark.parametrize("override, message", [
+    ("depth=0", "depth: must be >= 1, got 0"),
+    ("hidden_size=-6", "hidden_size: must be >= 1, got -6"),
+    ("num_heads=0", "num_heads: must be >= 1, got 0"),
+    ("patch_size=0", "patch_size: must be >= 1, got 0"),
+    ("num_heads=5", "num_heads: hidden_size=32 is not divisible by num_heads=5"),
+    ("class_dropout_prob=2", r"class_dropout_prob: must lie in \[0, 1\), got 2.0"),
+    ("capacity_factor=0", "capacity_factor: must be > 0"),
+    ("capacity_factor=-1", "capacity_factor: must be > 0"),
+    ("mlp_ratio=.nan", "mlp_ratio: must be a finite number"),
+    ("depth=2.5", "depth: expected int, got 2.5"),
+])
+def test_an_impossible_model_override_is_refused_naming_the_key_and_the_command_line(override, message):
+    config = tiny_config("model.name=ProMoE-EC-S", f"model.overrides.{override}")
+    with pytest.raises(ValueError, match=rf"^model: {message}.* \(on the command line\)$"):
+        config.validate(world_size=1, source="configs/demo.yaml")
+
+
+def test_a_value_from_the_file_is_reported_with_the_file(tmp_path):
+    path = tmp_path / "run.yaml"
+    path.write_text("model:\n  overrides:\n    depth: 0\noptim:\n  lr: 0\n")
+    config = load_config(path)
+    with pytest.raises(ValueError, match=r"optim.lr must be a finite number > 0, got 0.0 \(in .*run.yaml\)"):
+        config.validate(world_size=1, source=str(path))
+    config = load_config(path, ["optim.lr=1e-4"])
+    with pytest.raises(ValueError, match=r"model: depth: must be >= 1, got 0 \(in .*run.yaml\)"):
+        config.validate(world_size=1, source=str(path))
+    with pytest.raises(ValueError, match=r"expected float, got 'fast' \(on the command line\)"):
+        load_config(path, ["optim.lr=fast"])
+
+
+@pytest.mark.parametrize("override, message", [
+    ("optim.lr=0", "optim.lr must be a finite number > 0, got 0.0"),
+    ("optim.lr=-1e-4", "optim.lr must be a finite number > 0"),
+    ("optim.lr=.inf", "optim.lr must be a finite number > 0, got inf"),
+    ("optim.betas=[0.9, 1.0]", r"optim.betas must be two numbers in \[0, 1\)"),
+    ("optim.weight_decay=-0.1", "optim.weight_decay must be a finite number >= 0"),
+    ("optim.grad_clip=0", "optim.grad_clip must be > 0"),
+    ("train.ema_decay=1.5", r"train.ema_decay must be in \[0, 1\]"),
+    ("train.grid_cfg_scale=.nan", "train.grid_cfg_scale must be a finite number >= 1"),
+    ("train.steps=0", "train.steps must be >= 1"),
+])
+def test_an_impossible_optimiser_or_training_number_is_refused(override, message):
+    with pytest.raises(ValueError, match=rf"^{message}.* \(on the command line\)$"):
+        tiny_config(override).validate(world_size=1, source="configs/demo.yaml")
+
+
+@pytest.mark.parametrize("option, message", [
+    (["--cfg-scale", "nan"], "--cfg-scale nan: a guidance scale is a finite number >= 1"),
+    (["--cfg-scale", "1.5", "inf"], "--cfg-scale inf"),
+    (["--cfg-scale", "0.5"], "--cfg-scale 0.5: a guidance scale is a finite number >= 1 \\(1: no guidance\\)"),
+    (["--steps", "0"], "--steps must be >= 1, got 0"),
+    (["--num-images", "0"], "--num-images must be >= 1, got 0"),
+    (["--batch-size", "-1"], "--batch-size must be >= 1"),
+])
+def test_the_sampling_cli_refuses_settings_that_would_write_useless_images(option, message, capsys):
+    with pytest.raises(SystemExit) as stop:
+        parse_args(["--ckpt", "x", *option])
+    assert stop.value.code == 2 and message.replace("\\", "") in capsys.readouterr().err
+    assert parse_args(["--ckpt", "x", "--cfg-scale", "1", "3"]).cfg_scale == [1.0, 3.0]
+
+
+def test_model_is_refused_for_a_checkpoint_that_records_its_model(tmp_path):
+    from promoe.sample import main
+    from promoe.weights import save_weights
+    from promoe.zoo import build_from_config
+
+    config = tiny_config()
+    model = build_from_config(config.model_config())
+    save_weights(tmp_path / "ema.safetensors", model.state_dict(), model.config, config)
+    with pytest.raises(ValueError, match="--model ProMoE-XL: .* records the model it holds"):
+        load_model(tmp_path / "ema.safetensors", "ProMoE-XL")
+    with pytest.raises(SystemExit, match="^error: --model ProMoE-XL"):
+        main(["--ckpt", str(tmp_path / "ema.safetensors"), "--model", "ProMoE-XL", "--out", str(tmp_path / "s")])
