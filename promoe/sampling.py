@@ -123,11 +123,16 @@ def generate(model, objective, labels: torch.Tensor, generator: torch.Generator,
     return objective.sample(model, noise, labels, steps, cfg_scale, batched_guidance=batched_guidance)
 
 
+def per_class_labels(count: int, num_classes: int) -> torch.Tensor:
+    """The labels of `generate_per_class`: the classes cycled, equal numbers per class."""
+    return torch.arange(count) % num_classes
+
+
 def generate_per_class(model, objective, count: int, steps: int, cfg_scale: float, batch_size: int = 500
                        ) -> np.ndarray:
     """uint8 [count, H, W, C] pixels of a pixel-space model, labels cycling over the classes (equal numbers per
     class), in fixed batches whose noise is seeded by the batch index: the sample set of a metric."""
-    labels = torch.arange(count) % model.num_classes
+    labels = per_class_labels(count, model.num_classes)
     return np.concatenate([to_uint8(generate(model, objective, batch, torch.Generator().manual_seed(index), steps,
                                              cfg_scale))
                            for index, batch in enumerate(tqdm(labels.split(batch_size), desc="samples", leave=False))])

@@ -43,6 +43,7 @@ class DataSection:
 @dataclass
 class OptimSection:
     lr: float = 1e-4
+    warmup_steps: int = 0  # the learning rate rises linearly from lr / warmup_steps to lr over these steps
     betas: tuple[float, float] = (0.9, 0.999)
     weight_decay: float = 0.0
     grad_clip: float = 0.5
@@ -55,6 +56,7 @@ class TrainSection:
     global_batch: int = 64
     seed: int = 0
     ema_decay: float = 0.9999
+    ema_warmup: bool = False  # decay min(ema_decay, (1 + n) / (10 + n)) at update n: early weights fade fast
     ckpt_every: int = 500
     keep_checkpoints: int = 2
     log_every: int = 10

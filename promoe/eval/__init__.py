@@ -4,6 +4,7 @@ the Fashion-MNIST feature net and its FID for the CPU demo. The CLI is `python -
 from promoe.eval.feature_net import (
     DEFAULT_FEATURE_NET,
     FeatureNet,
+    conditional_accuracy,
     load_feature_net,
     pixel_features,
     pixel_fid,
@@ -23,7 +24,8 @@ from promoe.eval.reference import InceptionFeatures, inception_features, read_re
 
 __all__ = [
     "DEFAULT_FEATURE_NET", "FIDInceptionV3", "FeatureNet", "FixedStats", "GaussianStats", "InceptionFeatures",
-    "check_state_dict", "frechet_distance", "inception_features", "inception_score", "load_feature_net",
-    "load_inception", "manifold_radii", "open_images", "pixel_features", "pixel_fid", "precision_recall",
+    "check_state_dict", "conditional_accuracy", "frechet_distance", "inception_features", "inception_score",
+    "load_feature_net", "load_inception", "manifold_radii", "open_images", "pixel_features", "pixel_fid",
+    "precision_recall",
     "read_reference", "resize_bilinear_tf1", "save_feature_net", "save_reference",
 ]

@@ -80,6 +80,16 @@ def pixel_fid(samples_u8, reference_u8, net: FeatureNet, batch_size: int = 1000)
     return stats[0].frechet_distance(stats[1])
 
 
+@torch.inference_mode()
+def conditional_accuracy(samples_u8, labels: torch.Tensor, net: FeatureNet, batch_size: int = 1000) -> float:
+    """The share of samples that the feature net classifies as the class they were conditioned on (chance: one in
+    the number of classes): whether a class-conditional model draws the class it is asked for."""
+    device = next(net.parameters()).device
+    x = grey_images(samples_u8)
+    predicted = torch.cat([net(batch.to(device)).argmax(1).cpu() for batch in x.split(batch_size)])
+    return (predicted == labels.cpu()).float().mean().item()
+
+
 def save_feature_net(net: FeatureNet, path, **info) -> None:
     """Weights as safetensors; the config (and `info`, e.g. the test accuracy) as JSON in its metadata."""
     path = Path(path)
