@@ -11,6 +11,7 @@ written to metrics.json beside the samples, with the content of a sampling.json 
 
 import argparse
 import json
+import math
 from pathlib import Path
 
 import torch
@@ -19,6 +20,8 @@ from promoe.eval.images import open_images
 from promoe.eval.inception import load_inception
 from promoe.eval.metrics import inception_score, precision_recall
 from promoe.eval.reference import inception_features, read_reference, save_reference
+
+METRICS = ("fid", "sfid", "inception_score", "precision", "recall")
 
 
 def evaluate(samples, ref, inception, batch_size: int = 64, device="cpu", save_ref=None) -> dict:
@@ -68,9 +71,13 @@ def main(argv=None) -> dict:
         metrics = evaluate(args.samples, args.ref, args.inception, args.batch_size, args.device, args.save_ref)
     except (FileNotFoundError, ValueError) as error:  # a wrong path, file or shape: the message says which
         raise SystemExit(f"error: {error}") from error
-    for name in ("fid", "sfid", "inception_score", "precision", "recall"):
+    for name in METRICS:
         value = metrics[name]
         print(f"{name:>16}: {value:.4f}" if value is not None else f"{name:>16}: n/a")
+    not_finite = [name for name in METRICS if metrics[name] is not None and not math.isfinite(metrics[name])]
+    if not_finite:  # a NaN FID must never reach a results table as if it were one
+        raise SystemExit(f"error: {', '.join(not_finite)} not finite: the samples or the reference hold NaN or "
+                         "infinite features; metrics.json not written")
     folder = results_folder(args.samples)
     sampling = folder / "sampling.json"
     if sampling.is_file():

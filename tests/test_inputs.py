@@ -1,6 +1,7 @@
 """Impossible inputs stop with a message that names the key or option and where it was given, never a traceback
-or a silent wrong result: model overrides, optimiser numbers, the sampling CLI."""
+or a silent wrong result: model overrides, optimiser numbers, the sampling CLI, evaluation."""
 
+import numpy as np
 import pytest
 
 from promoe.sample import parse_args
@@ -83,3 +84,40 @@ def test_model_is_refused_for_a_checkpoint_that_records_its_model(tmp_path):
         load_model(tmp_path / "ema.safetensors", "ProMoE-XL")
     with pytest.raises(SystemExit, match="^error: --model ProMoE-XL"):
         main(["--ckpt", str(tmp_path / "ema.safetensors"), "--model", "ProMoE-XL", "--out", str(tmp_path / "s")])
+
+
+def reference_stats(path, **damaged) -> None:
+    """A small reference .npz in the evaluator's layout (pool features included), with arrays replaced."""
+    rng = np.random.default_rng(3)
+    arrays = dict(mu=rng.normal(size=4), sigma=np.eye(4), mu_s=rng.normal(size=3), sigma_s=np.eye(3),
+                  pool=rng.normal(size=(5, 4)).astype(np.float32))
+    np.savez(path, **{**arrays, **damaged})
+
+
+@pytest.mark.parametrize("key", ["mu", "sigma", "sigma_s", "pool"])
+def test_reference_statistics_or_features_holding_nan_or_inf_are_refused_naming_the_array(tmp_path, key):
+    from promoe.eval.reference import read_reference
+
+    reference_stats(tmp_path / "fine.npz")
+    assert read_reference(tmp_path / "fine.npz").pool.shape == (5, 4)
+    with np.load(tmp_path / "fine.npz") as fine:
+        damaged = fine[key].astype(np.float64)
+    damaged.flat[1] = np.nan if key != "sigma" else np.inf
+    reference_stats(tmp_path / "ref.npz", **{key: damaged})
+    with pytest.raises(ValueError, match=rf"ref.npz: '{key}' holds 1 NaN or infinite values"):
+        read_reference(tmp_path / "ref.npz")
+
+
+def test_evaluate_exits_with_a_message_on_a_damaged_reference_or_a_non_finite_metric(tmp_path, monkeypatch):
+    import promoe.evaluate
+
+    np.savez(tmp_path / "samples.npz", arr_0=np.zeros((2, 8, 8, 3), np.uint8))
+    reference_stats(tmp_path / "ref.npz", mu=np.full(4, np.nan))
+    monkeypatch.setattr(promoe.evaluate, "load_inception", lambda path, device: None)  # not reached for the stats
+    with pytest.raises(SystemExit, match=r"^error: .*ref.npz: 'mu' holds 4 NaN"):
+        promoe.evaluate.main([str(tmp_path / "samples.npz"), "--ref", str(tmp_path / "ref.npz"), "--inception", "x"])
+    metrics = dict.fromkeys(promoe.evaluate.METRICS, 1.0) | {"sfid": float("nan"), "recall": None}
+    monkeypatch.setattr(promoe.evaluate, "evaluate", lambda *args: metrics)
+    with pytest.raises(SystemExit, match="^error: sfid not finite"):
+        promoe.evaluate.main([str(tmp_path / "samples.npz"), "--ref", str(tmp_path / "ref.npz"), "--inception", "x"])
+    assert not (tmp_path / "metrics.json").exists()

@@ -61,6 +61,7 @@ def read_reference(path, net=None, batch_size: int = 64, device="cpu", need_pool
             keys = set(npz.files)
             stats = {key: npz[key] for key in STATS_KEYS if key in keys}
             pool = npz["pool"].astype(np.float32) if "pool" in keys else None
+        check_finite({**stats, "pool": pool}, path)
         has_stats = len(stats) == len(STATS_KEYS)
         if 0 < len(stats) < len(STATS_KEYS):
             raise ValueError(f"{path}: holds {sorted(stats)} but not all of {list(STATS_KEYS)}")
@@ -81,6 +82,15 @@ def read_reference(path, net=None, batch_size: int = 64, device="cpu", need_pool
         features.pool_stats = FixedStats(stats["mu"], stats["sigma"])
         features.spatial_stats = FixedStats(stats["mu_s"], stats["sigma_s"])
     return features
+
+
+def check_finite(arrays: dict[str, np.ndarray | None], path) -> None:
+    """A reference holding NaN or inf would give NaN metrics that look like results: refuse it, naming the array."""
+    for key, array in arrays.items():
+        if array is not None and not np.isfinite(array).all():
+            bad = np.size(array) - np.isfinite(array).sum()
+            raise ValueError(f"{path}: '{key}' holds {bad} NaN or infinite values of {np.size(array)}: the reference "
+                             "is damaged; recompute it from its images (--save-ref)")
 
 
 def save_reference(path, features: InceptionFeatures) -> None:
