@@ -25,7 +25,7 @@ import torch.distributed as dist
 from PIL import Image
 from tqdm import tqdm
 
-from promoe.diffusion import RectifiedFlow
+from promoe.diffusion import GUIDANCE_MODES, OBJECTIVES, SCHEDULERS, RectifiedFlow, batches_guidance, make_scheduler
 from promoe.sampling import Decoder, generate, image_grid, is_latent_model, load_model, objective_of, save_png, to_uint8
 
 
@@ -62,7 +62,7 @@ def sample_into(folder: Path, model, objective, decoder: Decoder, labels: torch.
             continue
         generator = torch.Generator().manual_seed(args.seed * 1_000_003 + batch)
         images = generate(model, objective, labels[indices.start:indices.stop], generator, args.steps,
-                          cfg_scale, not args.two_pass)
+                          cfg_scale, args.guidance, args.scheduler)
         for image, path in zip(to_uint8(decoder(images)), paths):
             save_png(image, path)
 
@@ -105,16 +105,22 @@ def parse_args(argv):
     parser.add_argument("--ckpt", nargs="+", required=True, help="checkpoint folders, ema.safetensors or .pth files")
     parser.add_argument("--model", help="model name, needed for an official .pth checkpoint")
     parser.add_argument("--weights", choices=("ema", "model"), default="ema")
-    parser.add_argument("--objective", choices=("rf", "ddpm"),
+    parser.add_argument("--objective", choices=tuple(OBJECTIVES),
                         help="default: the one the checkpoint trained with (an official .pth needs it)")
     parser.add_argument("--cfg-scale", type=float, nargs="+", default=[1.0], help="guidance scales, >1 guides")
-    parser.add_argument("--steps", type=int, default=250, help="Euler or respaced DDPM steps")
+    parser.add_argument("--steps", type=int, default=250, help="steps of the sampler (Euler, respaced DDPM or the "
+                        "--scheduler's)")
+    parser.add_argument("--scheduler", choices=tuple(SCHEDULERS),
+                        help="a diffusers scheduler instead of the paper's sampler (Euler for rf, ancestral DDPM): "
+                        "dpm-solver++ or ddim for ddpm, flow-euler or flow-heun for rf")
     # Not `--num`: under torchrun, argparse would take it for an abbreviation of torchrun's --numa-binding.
     parser.add_argument("--num-images", type=int, default=64, help="images per checkpoint and guidance scale")
     parser.add_argument("--labels", type=int, nargs="*", help="classes to cycle through; default: drawn uniformly")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--two-pass", action="store_true", help="guidance as two passes instead of one batch")
+    parser.add_argument("--guidance", choices=GUIDANCE_MODES, default="auto",
+                        help="the conditional and null halves in one batch or in two passes; auto: two passes for "
+                        "models whose routing couples the samples of a batch (DiffMoE), one batch for the others")
     parser.add_argument("--vae", help="local AutoencoderKL folder, for latent models")
     parser.add_argument("--out", type=Path, default=Path("samples"))
     parser.add_argument("--grid", type=int, default=8, help="the grid PNG shows grid x grid images")
@@ -167,6 +173,10 @@ def main(argv=None) -> None:
             model, config = load_model(source, args.model, args.weights)
             model = model.to(device)
             objective = objective_of(config, args.objective)
+            if args.scheduler is not None:
+                make_scheduler(args.scheduler, objective, args.steps)  # refuses one that does not fit, before output
+            sampler = args.scheduler or ("euler" if isinstance(objective, RectifiedFlow) else "ddpm")
+            guidance = "batched" if batches_guidance(model, args.guidance) else "two-pass"
             decoder = Decoder(args.vae, is_latent_model(config), device)
             labels = draw_labels(args.num_images, model.num_classes, args.labels, args.seed)
         except (FileNotFoundError, ValueError) as error:  # a wrong path, file or option: the message says which
@@ -174,9 +184,10 @@ def main(argv=None) -> None:
         for scale in args.cfg_scale:
             folder = args.out / label / f"cfg-{scale:g}"
             settings = {"checkpoint": str(Path(source).resolve()), "weights": args.weights, "cfg_scale": scale,
-                        "steps": args.steps, "sampler": "euler" if isinstance(objective, RectifiedFlow) else "ddpm",
+                        "objective": args.objective or config.train.objective, "steps": args.steps,
+                        "sampler": sampler, "guidance": guidance,
                         "seed": args.seed, "num_images": args.num_images, "vae": args.vae,
-                        "batch_size": args.batch_size, "two_pass": args.two_pass, "labels": args.labels}
+                        "batch_size": args.batch_size, "labels": args.labels}
             claim_folder(folder, settings, rank)
             sample_into(folder, model, objective, decoder, labels, scale, args, rank, world_size)
             finished.append((folder, labels))

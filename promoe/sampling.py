@@ -13,7 +13,7 @@ from tqdm import tqdm
 
 import promoe
 from promoe.data.images import load_vae
-from promoe.diffusion import DDPM, make_objective
+from promoe.diffusion import DDPM, batches_guidance, make_objective, make_scheduler, sample_with_scheduler
 from promoe.train_config import RunConfig, config_from_json
 
 
@@ -112,15 +112,21 @@ def is_latent_model(config: RunConfig | None) -> bool:
 
 @torch.no_grad()
 def generate(model, objective, labels: torch.Tensor, generator: torch.Generator, steps: int, cfg_scale: float,
-             batched_guidance: bool = True) -> torch.Tensor:
-    """Samples [B, C, H, W] in the model's space (pixels in [-1, 1] or scaled latents) for `labels`."""
+             guidance: str = "auto", scheduler: str | None = None) -> torch.Tensor:
+    """Samples [B, C, H, W] in the model's space (pixels in [-1, 1] or scaled latents) for `labels`, with the
+    objective's own sampler or a diffusers `scheduler` (promoe.diffusion.SCHEDULERS); `guidance` one of
+    GUIDANCE_MODES ("auto": two passes for a model whose routing couples samples, one batch otherwise)."""
     device = next(model.parameters()).device
     size = model.config.input_size
     noise = torch.randn(len(labels), model.in_channels, size, size, generator=generator).to(device)
     labels = labels.to(device)
+    batched = batches_guidance(model, guidance)
+    if scheduler is not None:
+        return sample_with_scheduler(make_scheduler(scheduler, objective, steps), model, noise, labels, cfg_scale,
+                                     batched, generator)
     if isinstance(objective, DDPM):
-        return objective.sample(model, noise, labels, steps, cfg_scale, batched_guidance, generator=generator)
-    return objective.sample(model, noise, labels, steps, cfg_scale, batched_guidance=batched_guidance)
+        return objective.sample(model, noise, labels, steps, cfg_scale, batched, generator=generator)
+    return objective.sample(model, noise, labels, steps, cfg_scale, batched_guidance=batched)
 
 
 def per_class_labels(count: int, num_classes: int) -> torch.Tensor:
@@ -128,13 +134,14 @@ def per_class_labels(count: int, num_classes: int) -> torch.Tensor:
     return torch.arange(count) % num_classes
 
 
-def generate_per_class(model, objective, count: int, steps: int, cfg_scale: float, batch_size: int = 500
-                       ) -> np.ndarray:
+def generate_per_class(model, objective, count: int, steps: int, cfg_scale: float, batch_size: int = 500,
+                       guidance: str = "auto", scheduler: str | None = None) -> np.ndarray:
     """uint8 [count, H, W, C] pixels of a pixel-space model, labels cycling over the classes (equal numbers per
-    class), in fixed batches whose noise is seeded by the batch index: the sample set of a metric."""
+    class), in fixed batches whose noise is seeded by the batch index: the sample set of a metric. `guidance` and
+    `scheduler` as in `generate`."""
     labels = per_class_labels(count, model.num_classes)
     return np.concatenate([to_uint8(generate(model, objective, batch, torch.Generator().manual_seed(index), steps,
-                                             cfg_scale))
+                                             cfg_scale, guidance, scheduler))
                            for index, batch in enumerate(tqdm(labels.split(batch_size), desc="samples", leave=False))])
 
 

@@ -142,3 +142,22 @@ def test_pixel_models_of_image_folders_are_not_taken_for_latent_ones():
     assert not is_latent_model(config("data.kind=images", "data.folder=x"))
     assert is_latent_model(config("data.kind=images", "data.folder=x", "data.vae=vae"))
     assert is_latent_model(config("data.kind=latents", "data.folder=x")) and is_latent_model(None)
+
+
+def test_scheduler_and_guidance_are_recorded_and_an_unfitting_scheduler_is_refused_before_any_output(tiny_run,
+                                                                                                     tmp_path):
+    import json
+
+    main(["--ckpt", str(tiny_run / "ema.safetensors"), "--out", str(tmp_path), "--cfg-scale", "2", *FAST,
+          "--scheduler", "flow-heun", "--guidance", "two-pass"])
+    folder = tmp_path / checkpoint_label(tiny_run / "ema.safetensors") / "cfg-2"
+    settings = json.loads((folder / "sampling.json").read_text())
+    assert (settings["sampler"], settings["guidance"], settings["objective"]) == ("flow-heun", "two-pass", "rf")
+    assert samples(folder)[0].shape == (10, 28, 28, 1)
+    with pytest.raises(SystemExit, match="choose one of flow-euler, flow-heun"):
+        main(["--ckpt", str(tiny_run / "ema.safetensors"), "--out", str(tmp_path / "ddim"), *FAST,
+              "--scheduler", "ddim"])
+    assert not (tmp_path / "ddim").exists()
+    main(["--ckpt", str(tiny_run / "ema.safetensors"), "--out", str(tmp_path / "auto"), *FAST])
+    auto = json.loads((tmp_path / "auto" / folder.parent.name / "cfg-1" / "sampling.json").read_text())
+    assert (auto["sampler"], auto["guidance"]) == ("euler", "batched")  # ProMoE's routing does not couple samples

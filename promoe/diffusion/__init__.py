@@ -1,10 +1,16 @@
-"""Training objectives and samplers: rectified flow (logit-normal t, Euler) and DDPM (linear betas, ancestral)."""
+"""Training objectives and samplers: rectified flow (logit-normal t, Euler) and DDPM (linear betas, fixed or learned
+variance, ancestral); diffusers' schedulers for either (`schedulers`)."""
+
+from functools import partial
 
 from promoe.diffusion.ddpm import DDPM
-from promoe.diffusion.guidance import guided_prediction
+from promoe.diffusion.guidance import GUIDANCE_MODES, batches_guidance, guided_prediction
 from promoe.diffusion.rectified_flow import RectifiedFlow
+from promoe.diffusion.schedulers import SCHEDULERS, make_scheduler, sample_with_scheduler, schedulers_for
 
-OBJECTIVES = {"rf": RectifiedFlow, "ddpm": DDPM}
+# ddpm: the variance learned when the model has learn_sigma=True (as the paper's DDPM runs), fixed otherwise;
+# ddpm-fixed: the fixed variance beta-tilde and the plain MSE whatever the model.
+OBJECTIVES = {"rf": RectifiedFlow, "ddpm": DDPM, "ddpm-fixed": partial(DDPM, variance="fixed")}
 
 
 def make_objective(name: str):
@@ -14,4 +20,5 @@ def make_objective(name: str):
     return OBJECTIVES[name]()
 
 
-__all__ = ["DDPM", "OBJECTIVES", "RectifiedFlow", "guided_prediction", "make_objective"]
+__all__ = ["DDPM", "GUIDANCE_MODES", "OBJECTIVES", "SCHEDULERS", "RectifiedFlow", "batches_guidance",
+           "guided_prediction", "make_objective", "make_scheduler", "sample_with_scheduler", "schedulers_for"]

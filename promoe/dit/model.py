@@ -106,6 +106,12 @@ class DiT(nn.Module):
         nn.init.zeros_(self.final_layer.linear.weight)
         nn.init.zeros_(self.final_layer.linear.bias)
 
+    @property
+    def routing_couples_samples(self) -> bool:
+        """Whether routing makes a sample's output depend on the other samples of its batch (DiffMoE's batch-wide
+        expert capacity): then guidance in one batch of conditional and null halves is not the two passes."""
+        return any(block.is_moe and block.mlp.router.couples_samples for block in self.blocks)
+
     def unpatchify(self, x_BTP: torch.Tensor) -> torch.Tensor:
         """[B, T, p * p * C] -> [B, C, H, W]."""
         p, c = self.patch_size, self.out_channels

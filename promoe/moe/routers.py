@@ -88,6 +88,8 @@ def null_tokens_to_uncond_expert(expert_ids_NK, gates_NK, cond_N, uncond_expert:
 class TokenChoiceRouter(nn.Module):
     """Every (routed) token takes the top-K experts of its scores; gates are the raw scores, not renormalised."""
 
+    couples_samples = False  # in eval mode a token's experts depend on its own image alone
+
     def __init__(self, scorer: nn.Module, num_routed: int, top_k: int, conditional: bool,
                  rcl_weight: float = 0.0, rcl_temperature: float = 0.07, lb_weight: float = 0.0):
         super().__init__()
@@ -171,6 +173,8 @@ class ExpertChoiceRouter(nn.Module):
     With `conditional`, the images with a null label skip the routed experts and all their tokens go to the
     unconditional expert with gate 1.
     """
+
+    couples_samples = False  # the top-C runs over the tokens of one image
 
     def __init__(self, scorer: nn.Module, num_routed: int, capacity_factor: float, conditional: bool,
                  rcl_weight: float = 0.0, rcl_temperature: float = 0.07):
@@ -311,6 +315,8 @@ class DiffMoERouter(nn.Module):
     The thresholds are updated on each rank in forward; the driver averages `running_stats()` over ranks once
     per step (the official code all-reduces inside forward).
     """
+
+    couples_samples = True  # the tokens above the threshold compete over the whole batch, in training and inference
 
     def __init__(self, dim: int, num_experts: int, capacity: float, threshold_decay: float = 0.95,
                  predictor_loss_weight: float = 1.0):
