@@ -280,14 +280,20 @@ class KMeansRouter(TokenChoiceRouter):
 
     def choose(self, x_ND: torch.Tensor, cond_N: torch.Tensor, num_samples: int):
         x32_ND = x_ND.detach().float()
+        # The tokens of a broken image (NaN or inf) neither seed nor move a centroid: one bad image would otherwise
+        # make its centroid NaN for the rest of training.
+        finite_N = torch.isfinite(x32_ND).all(dim=-1)
+        finite_x_ND = torch.where(finite_N[:, None], x32_ND, 0.0)
         if self.training:
             sampled = x32_ND[torch.randint(0, x_ND.shape[0], (self.num_routed,), device=x_ND.device)]
+            finite_mean_D = finite_x_ND.sum(0) / finite_N.sum().clamp(min=1)
+            sampled = torch.where(sampled.isfinite().all(dim=-1, keepdim=True), sampled, finite_mean_D)
             self.centroids_ED.copy_(torch.where(self.initialized, self.centroids_ED, sampled))
             self.initialized.fill_(True)
         distances_NE = torch.cdist(x32_ND, self.centroids_ED)
         expert_ids_NK = (-distances_NE).topk(self.top_k, dim=-1).indices
         if self.training:
-            self.update_centroids(x32_ND, expert_ids_NK, self.routed_weight(cond_N))
+            self.update_centroids(finite_x_ND, expert_ids_NK, self.routed_weight(cond_N) * finite_N)
         return expert_ids_NK, torch.ones(expert_ids_NK.shape, device=x_ND.device), distances_NE
 
     def running_stats(self) -> list[torch.Tensor]:
@@ -337,24 +343,37 @@ class DiffMoERouter(nn.Module):
                 use_kernels: bool = False):
         num_tokens = x_ND.shape[0]
         scores_EN = self.scorer(x_ND).t()
+        # The tokens of a broken image (NaN or inf) rank last for every expert and stay out of the thresholds: they
+        # never take another image's slot, and one bad image does not poison the statistic for the rest of training.
+        finite_N = torch.isfinite(x_ND).all(dim=-1)
+        ranked_EN = scores_EN.masked_fill(~finite_N, float("-inf"))
         predicted_NE = self.capacity_predictor(x_ND.detach()).float()
         if not self.training:
-            return self.threshold_plan(scores_EN.to(x_ND.dtype), predicted_NE.sigmoid()), {}
+            return self.threshold_plan(scores_EN.to(x_ND.dtype), ranked_EN, predicted_NE.sigmoid()), {}
         capacity = max(1, min(num_tokens, int(num_tokens / self.num_routed * self.capacity)))
-        gates_EC, token_EC = scores_EN.topk(capacity, dim=-1)
+        token_EC = ranked_EN.topk(capacity, dim=-1).indices
+        gates_EC = scores_EN.gather(1, token_EC)
         taken_EN = torch.zeros_like(scores_EN).scatter_(1, token_EC, 1.0)
         with torch.no_grad():
-            kth_probability_E = predicted_NE.sigmoid().t().topk(capacity, dim=-1).values[:, -1]
-            self.expert_threshold_E.lerp_(kth_probability_E.to(self.expert_threshold_E.dtype), 1 - self.threshold_decay)
+            self.update_thresholds(predicted_NE.sigmoid().masked_fill(~finite_N[:, None], float("-inf")), capacity)
         bce = F.binary_cross_entropy_with_logits(predicted_NE, taken_EN.t())
         plan = expert_choice_plan(token_EC, gates_EC.to(x_ND.dtype), num_tokens)
         return plan, {"capacity_predictor": self.predictor_loss_weight * bce}
 
-    def threshold_plan(self, scores_EN: torch.Tensor, probability_NE: torch.Tensor) -> RoutingPlan:
-        """One slot per (expert, token); expert e keeps its count_e best-scored tokens, the rest are dropped."""
+    def update_thresholds(self, probability_NE: torch.Tensor, capacity: int) -> None:
+        """EMA of each expert's C-th largest predicted probability (-inf marks a token left out); where fewer tokens
+        than C count, there is no C-th and the threshold stays."""
+        kth_probability_E = probability_NE.t().topk(capacity, dim=-1).values[:, -1].to(self.expert_threshold_E.dtype)
+        updated_E = self.expert_threshold_E.lerp(kth_probability_E, 1 - self.threshold_decay)
+        self.expert_threshold_E.copy_(torch.where(kth_probability_E.isfinite(), updated_E, self.expert_threshold_E))
+
+    def threshold_plan(self, scores_EN: torch.Tensor, ranked_EN: torch.Tensor, probability_NE: torch.Tensor
+                       ) -> RoutingPlan:
+        """One slot per (expert, token); expert e keeps its count_e best-ranked tokens, the rest are dropped. A
+        non-finite probability is never above the threshold, so broken tokens add nothing to count_e."""
         num_experts, num_tokens = scores_EN.shape
         count_E = (probability_NE > self.expert_threshold_E).sum(0)
-        order_EN = scores_EN.argsort(dim=1, descending=True)
+        order_EN = ranked_EN.argsort(dim=1, descending=True)
         rank_EN = torch.empty_like(order_EN).scatter_(
             1, order_EN, torch.arange(num_tokens, device=scores_EN.device).expand(num_experts, -1))
         expert_EN = torch.arange(num_experts, device=scores_EN.device)[:, None].expand(-1, num_tokens)
