@@ -6,6 +6,7 @@ as ADM / DiT / ProMoE do (`center_crop_arr`), then scaled to [-1, 1]. `ImageFold
 """
 
 import os
+import sys
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -99,13 +100,19 @@ def load_vae(path: str | Path, device: str | torch.device = "cpu"):
 
 class ImageFolderDataset:
     """An ImageNet-layout folder as centre-cropped pixels: `batch` gives float [B, 3, S, S] in [-1, 1] and int64
-    labels [B], each image flipped horizontally with probability 1/2 drawn from the step's generator."""
+    labels [B], each image flipped horizontally with probability 1/2 drawn from the step's generator.
+
+    A file PIL cannot read (truncated, corrupt) is reported once and replaced, with its label, by the next readable
+    file of the folder's order: the same on every rank and every run, so a resumed run sees the same batches. A
+    check of the whole folder up front would cost a full decode of every image (a header check passes a
+    truncated JPEG), so files are found out when they are drawn."""
 
     def __init__(self, folder: str | Path, image_size: int = 256, workers: int = 8):
         self.folder = Path(folder)
         self.image_size = image_size
         self.workers = workers
         self.class_names, self.files, self.labels = scan_class_folders(self.folder, IMAGE_SUFFIXES)
+        self.unreadable: set[int] = set()  # indices of the files found unreadable so far
         self.num_classes = len(self.class_names)
         self.sample_shape = (3, image_size, image_size)
         self.name = f"images {self.folder.name} {image_size}px"
@@ -117,10 +124,26 @@ class ImageFolderDataset:
               ) -> tuple[torch.Tensor, torch.Tensor]:
         """The images of `indices[rows]` (only those are read); the flips are drawn for all of `indices`."""
         flipped = (torch.rand(len(indices), generator=generator) < 0.5)[rows]
-        files = [self.folder / self.files[i] for i in indices[rows].tolist()]
-        images = load_images(files, self.image_size, self.workers)
+        wanted = indices[rows].tolist()
+        with ThreadPoolExecutor(max(1, min(self.workers, len(wanted)))) as pool:
+            loaded = list(pool.map(self.load_readable, wanted))
+        images = torch.stack([image for image, _ in loaded])
         images = torch.where(flipped.view(-1, 1, 1, 1), images.flip(-1), images)
-        return images, self.labels[indices[rows]]
+        return images, self.labels[[index for _, index in loaded]]
+
+    def load_readable(self, index: int) -> tuple[torch.Tensor, int]:
+        """(the image of `index`, or of the next readable file after it; the index of the file read)."""
+        for offset in range(len(self.files)):
+            candidate = (index + offset) % len(self.files)
+            if candidate in self.unreadable:
+                continue
+            try:
+                return load_image(self.folder / self.files[candidate], self.image_size), candidate
+            except ValueError as error:
+                self.unreadable.add(candidate)
+                print(f"skipped an unreadable image, replaced by the next file of its folder: {error}",
+                      file=sys.stderr)
+        raise ValueError(f"{self.folder}: no image of the folder is readable")
 
 
 class EncodedImageFolder:

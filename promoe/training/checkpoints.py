@@ -1,0 +1,202 @@
+"""Checkpoints: one folder per saved step (`checkpoints/step_NNNNNNN`), written atomically and verified on load.
+
+A save writes a temporary folder (`step_NNNNNNN.tmp`): the torch distributed checkpoint of model, optimizer and
+EMA, `config.json` (the run's config, from which sampling rebuilds the model), `meta.json` (the step and the data
+set's name and size) and, last, `manifest.json`: the size and BLAKE2b digest of every other file. Then the folder
+is renamed to its final name and `latest` is pointed at it. A resume verifies the digests first: a damaged folder
+is moved aside (`.damaged`), named with its damaged file, and the newest intact one is used.
+"""
+
+import errno
+import hashlib
+import json
+import re
+import shutil
+from pathlib import Path
+
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.api import CheckpointException
+from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+from promoe.train_config import RunConfig
+from promoe.training.ema import EMA
+from promoe.training.ranks import any_rank, stop_if_any
+
+MANIFEST = "manifest.json"
+STEP_FOLDER = re.compile(r"step_(\d+)")
+DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
+
+
+def file_digest(path: Path) -> str:
+    with open(path, "rb") as file:
+        return hashlib.file_digest(file, "blake2b").hexdigest()
+
+
+def describe_files(folder: Path, names: list[str]) -> dict[str, dict]:
+    """Size and digest of each of `names`, this rank's share of them (the ranks hash a folder together)."""
+    share = names[dist.get_rank()::dist.get_world_size()]
+    mine = {name: {"bytes": (folder / name).stat().st_size, "blake2b": file_digest(folder / name)} for name in share}
+    gathered = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, mine)
+    return {name: entry for part in gathered for name, entry in sorted(part.items())}
+
+
+def disk_full_message(error: BaseException, folder: Path) -> str | None:
+    """'the disk holding FOLDER is full' when `error` (or an error it wraps, also a rank's error inside DCP's
+    CheckpointException) is ENOSPC or EDQUOT; else None."""
+    pending, seen = [error], set()
+    while pending:
+        current = pending.pop()
+        if current is None or id(current) in seen:
+            continue
+        seen.add(id(current))
+        if isinstance(current, OSError) and current.errno in DISK_FULL:
+            free = shutil.disk_usage(folder).free if folder.exists() else 0
+            return (f"the disk holding {folder} is full ({free / 2**20:.1f} MiB free; {current.strerror}): free "
+                    "space there, then run the same command again to resume")
+        if isinstance(current, CheckpointException):
+            pending += [failure[0] if isinstance(failure, tuple) else failure
+                        for failure in current.failures.values()]
+        pending += [current.__cause__, current.__context__]
+    return None
+
+
+def step_of(folder: Path) -> int:
+    return int(STEP_FOLDER.fullmatch(folder.name).group(1))
+
+
+class Checkpoints:
+    """The checkpoints of a run folder: save, find the newest intact one, load, prune. Every method is called by
+    every rank (the saves and the digests are shared); rank 0 alone renames and deletes."""
+
+    def __init__(self, out: Path, keep: int):
+        self.root = out / "checkpoints"
+        self.keep = keep
+        self.rank = dist.get_rank()
+
+    def folders(self) -> list[Path]:
+        """The committed step folders, newest first (by step number, not by name)."""
+        found = [path for path in self.root.glob("step_*") if STEP_FOLDER.fullmatch(path.name) and path.is_dir()]
+        return sorted(found, key=step_of, reverse=True)
+
+    def latest(self) -> Path | None:
+        pointer = self.root / "latest"
+        return self.root / pointer.read_text().strip() if pointer.exists() else None
+
+    def save(self, step: int, model, optimizer, ema: EMA, config: RunConfig, data: dict) -> Path:
+        """Commit a checkpoint of `step`; a failed write (a full disk named as such) stops the run on every rank
+        with `latest` and the older checkpoints untouched."""
+        final = self.root / f"step_{step:07d}"
+        tmp = final.with_name(final.name + ".tmp")
+        error = None
+        if self.rank == 0:
+            error = self._try(self._start, tmp, config, {"step": step, "data": data})
+        if not any_rank(error is not None):
+            model_state, optim_state = get_state_dict(model, optimizer)
+            error = self._try(dcp.save, {"model": model_state, "optim": optim_state, "ema": ema.params},
+                              checkpoint_id=str(tmp))
+        if not any_rank(error is not None):
+            error = self._try(self._commit, tmp, final)
+        failure = None if error is None else (disk_full_message(error, self.root)
+                                              or f"writing checkpoint {final} failed: {error}")
+        if any_rank(failure is not None) and self.rank == 0:
+            shutil.rmtree(tmp, ignore_errors=True)  # a partial folder would only take space
+        if failure is not None:
+            latest = self.latest()
+            failure += (f"; {self.root / 'latest'} still names {latest.name}, which is intact" if latest else
+                        "; no checkpoint of this run was written before")
+        stop_if_any(failure)
+        return final
+
+    @staticmethod
+    def _try(function, *args, **kwargs) -> BaseException | None:
+        try:
+            function(*args, **kwargs)
+        except (OSError, CheckpointException) as error:  # CheckpointException is a BaseException
+            return error
+        return None
+
+    @staticmethod
+    def _start(tmp: Path, config: RunConfig, meta: dict) -> None:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        (tmp / "config.json").write_text(config.to_json())  # sampling rebuilds the model from it
+        (tmp / "meta.json").write_text(json.dumps(meta))
+
+    def _commit(self, tmp: Path, final: Path) -> None:
+        """The manifest (digests shared by the ranks), then rank 0 renames, moves `latest` and prunes."""
+        names = sorted(path.name for path in tmp.iterdir() if path.is_file())
+        manifest = describe_files(tmp, names)
+        if self.rank != 0:
+            return
+        (tmp / MANIFEST).write_text(json.dumps({"files": manifest}, indent=1))
+        shutil.rmtree(final, ignore_errors=True)
+        tmp.rename(final)
+        pointer_tmp = self.root / "latest.tmp"
+        pointer_tmp.write_text(final.name)
+        pointer_tmp.replace(self.root / "latest")
+        self.prune()
+
+    def prune(self) -> None:
+        """Keep the `keep` highest steps and, whatever its step, the checkpoint `latest` names."""
+        latest = self.latest()
+        for old in self.folders()[self.keep:]:
+            if old != latest:
+                shutil.rmtree(old)
+
+    def damage(self, folder: Path) -> str | None:
+        """What is wrong with a committed folder (a file missing, truncated or changed), or None. A folder without
+        a manifest was written before digests were recorded: it is not verified."""
+        files, problem = self._check_sizes(folder)
+        if any_rank(problem is not None):  # every rank takes the same branch before hashing together
+            return problem or f"{folder} is unreadable on another rank"
+        if files is None:
+            return None
+        digests = describe_files(folder, sorted(files))
+        changed = [name for name in files if digests[name]["blake2b"] != files[name]["blake2b"]]
+        return f"{folder / changed[0]} does not match the digest recorded when it was written" if changed else None
+
+    @staticmethod
+    def _check_sizes(folder: Path) -> tuple[dict | None, str | None]:
+        """(the manifest's entries or None without a manifest, the first file missing or of another size)."""
+        manifest_path = folder / MANIFEST
+        if not manifest_path.exists():
+            return None, None
+        try:
+            files = json.loads(manifest_path.read_text())["files"]
+        except (OSError, ValueError, KeyError, TypeError) as error:
+            return None, f"{manifest_path} is unreadable ({error})"
+        for name, entry in files.items():  # sizes first: a truncated file is found without reading anything
+            path = folder / name
+            if not path.exists():
+                return files, f"{path} is missing"
+            if path.stat().st_size != entry["bytes"]:
+                return files, f"{path} holds {path.stat().st_size} bytes, {entry['bytes']} were written (truncated?)"
+        return files, None
+
+    def newest_intact(self) -> Path | None:
+        """The newest checkpoint whose files match their digests; each damaged one newer than it is named and
+        moved aside to `<name>.damaged` (kept for inspection, no longer a candidate)."""
+        for folder in self.folders():
+            problem = self.damage(folder)
+            if problem is None:
+                if not (folder / MANIFEST).exists() and self.rank == 0:
+                    print(f"note: {folder} was written before checkpoints recorded digests: not verified")
+                return folder
+            aside = folder.with_name(folder.name + ".damaged")
+            if self.rank == 0:
+                print(f"checkpoint {folder} is damaged: {problem}; moved aside to {aside.name}")
+                shutil.rmtree(aside, ignore_errors=True)
+                folder.rename(aside)
+            dist.barrier()
+        return None
+
+    def load(self, folder: Path, model, optimizer, ema: EMA) -> dict:
+        """Model, optimizer and EMA from `folder` into the sharded objects; its meta.json."""
+        model_state, optim_state = get_state_dict(model, optimizer)
+        state = {"model": model_state, "optim": optim_state, "ema": ema.params}
+        dcp.load(state, checkpoint_id=str(folder))
+        set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+        return json.loads((folder / "meta.json").read_text())
+

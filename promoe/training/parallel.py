@@ -1,0 +1,82 @@
+"""The model of a run, in torchtitan's order: built on `meta` (no storage), activation checkpointing, `fully_shard`
+per block and then the root, materialised on the device (`to_empty`) and initialised.
+
+The initial weights of a seed are those of a single-process CPU build (the model's own `initialize_weights`), on
+every rank and whatever the world size: each rank builds them seeded alike and keeps its shards. A run on two
+ranks therefore starts from the weights of a run on one, and DTensor's random ops (exact per shard only on CUDA)
+are never needed. The cost is one transient full copy of the fp32 weights in host memory per rank.
+"""
+
+import functools
+
+import torch
+from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+from torch.distributed.tensor import DTensor, distribute_tensor
+from torch.utils.checkpoint import checkpoint
+
+from promoe.train_config import RunConfig
+from promoe.zoo import build_from_config
+
+
+def compute_dtype(config: RunConfig, device: torch.device) -> torch.dtype:
+    precision = config.train.precision
+    if precision == "auto":
+        precision = "bf16" if device.type == "cuda" else "fp32"
+    return torch.bfloat16 if precision == "bf16" else torch.float32
+
+
+def running_buffers(model: torch.nn.Module) -> list[torch.Tensor]:
+    """Statistics that routers update in forward (k-means centroids, DiffMoE thresholds), averaged over ranks."""
+    return [buffer for module in model.modules() if hasattr(module, "running_stats")
+            for buffer in module.running_stats()]
+
+
+def build_on_meta(config: RunConfig) -> torch.nn.Module:
+    """The run's model with shapes and no storage: nothing is allocated before it is sharded."""
+    return build_from_config(config.model_config(), device="meta")
+
+
+def apply_activation_checkpointing(model: torch.nn.Module, config: RunConfig) -> None:
+    """With train.activation_checkpointing, each block recomputes its forward in backward."""
+    if not config.train.activation_checkpointing:
+        return
+    if running_buffers(model):
+        raise SystemExit(f"train.activation_checkpointing: the router of {config.model.name} updates running "
+                         "statistics in forward, which a recomputation would update twice; turn it off")
+    for block in model.blocks:
+        block.forward = functools.partial(checkpoint, block.forward, use_reentrant=False)
+
+
+def shard(model: torch.nn.Module, dtype: torch.dtype) -> None:
+    """fully_shard each block, then the root. Parameters are stored in fp32 and gathered in `dtype`; gradients
+    are reduced in fp32. The final layer runs right after the last block, whose parameters the backward needs
+    at once, so the last block is not resharded after forward. The root keeps its inputs as they are: a bf16
+    timestep s * 1000 would move in steps of 4 above 512, unlike the sampler's."""
+    policy = MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float32)
+    for index, block in enumerate(model.blocks):
+        fully_shard(block, mp_policy=policy, reshard_after_forward=index < len(model.blocks) - 1)
+    fully_shard(model, mp_policy=MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float32,
+                                                      cast_forward_inputs=False))
+
+
+@torch.no_grad()
+def materialise_and_initialise(model: torch.nn.Module, config: RunConfig, device: torch.device) -> None:
+    """Storage on `device` for the sharded model, then the seed's initial weights and buffers (see the module's
+    docstring): each rank keeps its shard of every parameter."""
+    model.to_empty(device=device)
+    torch.manual_seed(config.train.seed)
+    initial = build_from_config(config.model_config(), device="cpu")
+    values = {**dict(initial.named_parameters()), **dict(initial.named_buffers())}
+    for name, tensor in [*model.named_parameters(), *model.named_buffers()]:
+        value = values[name].to(device)
+        if isinstance(tensor, DTensor):
+            value = distribute_tensor(value, tensor.device_mesh, tensor.placements, src_data_rank=None)
+        tensor.copy_(value)
+
+
+def parallelise(model: torch.nn.Module, config: RunConfig, device: torch.device) -> None:
+    """A model built on `meta` made ready to train: activation checkpointing, fully_shard per block then the root,
+    materialised on `device` and initialised alike on every rank."""
+    apply_activation_checkpointing(model, config)
+    shard(model, compute_dtype(config, device))
+    materialise_and_initialise(model, config, device)
