@@ -22,7 +22,7 @@ from promoe.kernels.launch import dim_block, empty_output, row_grid, token_block
 @triton.jit
 def _permute_kernel(x_ptr, token_ptr, end_ptr, out_ptr, num_slots, dim, stride_x, stride_out,
                     BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr):
-    slots = tl.program_id(0) * BLOCK_S + tl.arange(0, BLOCK_S)
+    slots = tl.program_id(0).to(tl.int64) * BLOCK_S + tl.arange(0, BLOCK_S)  # int64: slots * D passes 2^31
     cols = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
     in_range = slots < num_slots
     valid = in_range & (slots < tl.load(end_ptr))
@@ -36,7 +36,7 @@ def _permute_kernel(x_ptr, token_ptr, end_ptr, out_ptr, num_slots, dim, stride_x
 @triton.jit
 def _combine_kernel(src_ptr, slot_ptr, gate_ptr, end_ptr, out_ptr, num_tokens, dim, stride_src, stride_out,
                     TOP_K: tl.constexpr, HAS_GATES: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
-    tokens = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    tokens = tl.program_id(0).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)  # int64: tokens * D passes 2^31
     cols = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
     token_ok = tokens < num_tokens
     col_ok = cols < dim
@@ -58,7 +58,7 @@ def _combine_kernel(src_ptr, slot_ptr, gate_ptr, end_ptr, out_ptr, num_tokens, d
 def _combine_backward_kernel(grad_y_ptr, out_ptr, token_ptr, gate_ptr, end_ptr, grad_out_ptr, grad_gate_ptr,
                              num_slots, dim, stride_gy, stride_out, stride_gout,
                              BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr):
-    slots = tl.program_id(0) * BLOCK_S + tl.arange(0, BLOCK_S)
+    slots = tl.program_id(0).to(tl.int64) * BLOCK_S + tl.arange(0, BLOCK_S)  # int64: slots * D passes 2^31
     in_range = slots < num_slots
     valid = in_range & (slots < tl.load(end_ptr))
     tokens = tl.load(token_ptr + slots, mask=valid, other=0)

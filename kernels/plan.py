@@ -9,6 +9,8 @@ Two passes over the N*K expert ids (values 0..E, E meaning dropped):
    It writes the inverse permutation slot_NK and, in slot order, each slot's choice, token and expert.
    reads S ids, writes 4 S values. The gates are gathered by the choice order in PyTorch, so that their
    gradient flows.
+An id outside 0..E counts as dropped in both passes (the routing kernel never writes one; this keeps a bad id from
+reading another block's histogram row).
 The PyTorch reference of the same signature is `promoe.moe.plan.token_choice_plan`.
 """
 
@@ -21,10 +23,20 @@ from promoe.moe.plan import RoutingPlan
 
 
 @triton.jit
-def _histogram_kernel(ids_ptr, hist_ptr, num_slots, BINS: tl.constexpr, BLOCK_S: tl.constexpr):
+def _slot_ids(ids_ptr, slots, num_slots, num_experts, BINS: tl.constexpr):
+    """The ids of a block of slots; an id outside 0..num_experts counts as dropped (num_experts), so that no
+    (block, id) lookup leaves the block's row; slots past the end get BINS and count nowhere."""
+    in_range = slots < num_slots
+    ids = tl.load(ids_ptr + slots, mask=in_range, other=BINS)
+    ids = tl.where((ids >= 0) & (ids <= num_experts), ids, num_experts)
+    return tl.where(in_range, ids, BINS)
+
+
+@triton.jit
+def _histogram_kernel(ids_ptr, hist_ptr, num_slots, num_experts, BINS: tl.constexpr, BLOCK_S: tl.constexpr):
     block = tl.program_id(0)
     slots = block * BLOCK_S + tl.arange(0, BLOCK_S)
-    ids = tl.load(ids_ptr + slots, mask=slots < num_slots, other=BINS)  # out-of-range slots count nowhere
+    ids = _slot_ids(ids_ptr, slots, num_slots, num_experts, BINS)
     bins = tl.arange(0, BINS)
     hist = tl.sum((ids[:, None] == bins[None, :]).to(tl.int32), axis=0)
     tl.store(hist_ptr + block * BINS + bins, hist)
@@ -32,11 +44,11 @@ def _histogram_kernel(ids_ptr, hist_ptr, num_slots, BINS: tl.constexpr, BLOCK_S:
 
 @triton.jit
 def _scatter_kernel(ids_ptr, block_start_ptr, slot_ptr, order_ptr, token_ptr, expert_ptr,
-                    num_slots, TOP_K: tl.constexpr, BINS: tl.constexpr, BLOCK_S: tl.constexpr):
+                    num_slots, num_experts, TOP_K: tl.constexpr, BINS: tl.constexpr, BLOCK_S: tl.constexpr):
     block = tl.program_id(0)
     slots = block * BLOCK_S + tl.arange(0, BLOCK_S)
     in_range = slots < num_slots
-    ids = tl.load(ids_ptr + slots, mask=in_range, other=BINS)
+    ids = _slot_ids(ids_ptr, slots, num_slots, num_experts, BINS)
     bins = tl.arange(0, BINS)
     onehot = (ids[:, None] == bins[None, :]).to(tl.int32)
     rank = tl.sum((tl.cumsum(onehot, axis=0) - 1) * onehot, axis=1)  # earlier slots of the same id in the block
@@ -59,7 +71,7 @@ def token_choice_plan(expert_ids_NK: torch.Tensor, gates_NK: torch.Tensor, num_e
     ids = expert_ids_NK.reshape(-1).contiguous()
     hist = empty_output((num_blocks, bins), torch.int32, device)
     if num_blocks:
-        _histogram_kernel[(num_blocks,)](ids, hist, num_slots, BINS=bins, BLOCK_S=block_s)
+        _histogram_kernel[(num_blocks,)](ids, hist, num_slots, num_experts, BINS=bins, BLOCK_S=block_s)
     hist = hist.long()
     counts = hist.sum(0)  # [bins]
     expert_start = counts.cumsum(0) - counts  # first slot of each id
@@ -68,7 +80,7 @@ def token_choice_plan(expert_ids_NK: torch.Tensor, gates_NK: torch.Tensor, num_e
     slot_S, order_S, token_S, expert_S = (empty_output((num_slots,), torch.int64, device) for _ in range(4))
     if num_blocks:
         _scatter_kernel[(num_blocks,)](ids, block_start.contiguous(), slot_S, order_S, token_S, expert_S, num_slots,
-                                       TOP_K=top_k, BINS=bins, BLOCK_S=block_s)
+                                       num_experts, TOP_K=top_k, BINS=bins, BLOCK_S=block_s)
     offsets_E1 = torch.zeros(num_experts + 1, dtype=torch.long, device=device)
     offsets_E1[1:] = counts[:num_experts].cumsum(0)
     return RoutingPlan(token_index_S=token_S, expert_index_S=expert_S, gates_S=gates_NK.reshape(-1)[order_S],

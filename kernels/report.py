@@ -2,8 +2,8 @@
 
     python -m promoe.kernels.report
 
-compiles each kernel at the dtypes and block sizes that production launches use (bf16 activations, the block
-sizes of `promoe.kernels.launch` at ProMoE-XL's D = 1152), runs the ptxas that Triton bundles with `-v` on the
+compiles each kernel at the dtypes and block sizes that production launches use (bf16 activations, fp32 gates,
+the block sizes of `promoe.kernels.launch` at ProMoE-XL's D = 1152), runs the ptxas that Triton bundles with `-v` on the
 PTX, and prints registers, spill bytes and shared memory per kernel and architecture. The test suite runs the
 same compile and fails on any spill or on shared memory over the architecture's limit.
 """
@@ -63,7 +63,7 @@ def _route_spec(num_experts: int, top_k: int, activation: int, dtype: str = "bf1
 
 
 def _combine_spec(top_k: int, has_gates: bool) -> KernelSpec:
-    signature = {"src_ptr": "*bf16", "slot_ptr": "*i64", "gate_ptr": "*bf16", "end_ptr": "*i64", "out_ptr": "*bf16",
+    signature = {"src_ptr": "*bf16", "slot_ptr": "*i64", "gate_ptr": "*fp32", "end_ptr": "*i64", "out_ptr": "*bf16",
                  "num_tokens": "i32", "dim": "i32", "stride_src": "i32", "stride_out": "i32"}
     constants = dict(TOP_K=top_k, HAS_GATES=has_gates, BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D)
     return KernelSpec(f"combine K={top_k} gates={has_gates}", _combine_kernel, signature, constants)
@@ -74,10 +74,10 @@ def _plan_specs(num_experts: int, top_k: int) -> list[KernelSpec]:
     block = dict(BINS=bins, BLOCK_S=plan_block(bins))
     return [
         KernelSpec(f"plan histogram E={num_experts}", _histogram_kernel,
-                   {"ids_ptr": "*i64", "hist_ptr": "*i32", "num_slots": "i32"}, block),
+                   {"ids_ptr": "*i64", "hist_ptr": "*i32", "num_slots": "i32", "num_experts": "i32"}, block),
         KernelSpec(f"plan scatter E={num_experts} K={top_k}", _scatter_kernel,
                    {"ids_ptr": "*i64", "block_start_ptr": "*i64", "slot_ptr": "*i64", "order_ptr": "*i64",
-                    "token_ptr": "*i64", "expert_ptr": "*i64", "num_slots": "i32"},
+                    "token_ptr": "*i64", "expert_ptr": "*i64", "num_slots": "i32", "num_experts": "i32"},
                    dict(TOP_K=top_k, **block)),
     ]
 
@@ -100,7 +100,7 @@ SPECS = [
                 "dim": "i32", "stride_x": "i32", "stride_out": "i32"}, dict(BLOCK_S=BLOCK_N, BLOCK_D=BLOCK_D)),
     _combine_spec(1, True), _combine_spec(4, True), _combine_spec(4, False),
     KernelSpec("combine backward", _combine_backward_kernel,
-               {"grad_y_ptr": "*bf16", "out_ptr": "*bf16", "token_ptr": "*i64", "gate_ptr": "*bf16", "end_ptr": "*i64",
+               {"grad_y_ptr": "*bf16", "out_ptr": "*bf16", "token_ptr": "*i64", "gate_ptr": "*fp32", "end_ptr": "*i64",
                 "grad_out_ptr": "*bf16", "grad_gate_ptr": "*fp32", "num_slots": "i32", "dim": "i32", "stride_gy": "i32",
                 "stride_out": "i32", "stride_gout": "i32"}, dict(BLOCK_S=BLOCK_N, BLOCK_D=BLOCK_D)),
 ]

@@ -64,7 +64,7 @@ def _scores_kernel(x_ptr, protos_ptr, scores_ptr, num_tokens, dim, stride_x, str
                    NUM_EXPERTS: tl.constexpr, E_PAD: tl.constexpr, ACTIVATION: tl.constexpr,
                    NATIVE_DOT: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
     """The scores alone [N, E], for the expert-choice routers (their top-C runs over tokens, not experts)."""
-    rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    rows = tl.program_id(0).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)  # int64: N*D passes 2^31
     row_ok = rows < num_tokens
     scores = _prototype_scores(x_ptr, protos_ptr, rows, row_ok, dim, stride_x, stride_p, alpha, NUM_EXPERTS, E_PAD,
                                ACTIVATION, NATIVE_DOT, BLOCK_N, BLOCK_D)
@@ -80,7 +80,7 @@ def _route_kernel(x_ptr, protos_ptr, cond_ptr, ids_ptr, gates_ptr, hist_ptr,
                   ACTIVATION: tl.constexpr, CONDITIONAL: tl.constexpr, NATIVE_DOT: tl.constexpr,
                   BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
     block = tl.program_id(0)
-    rows = block * BLOCK_N + tl.arange(0, BLOCK_N)
+    rows = block.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)  # int64: the offsets rows * D pass 2^31
     row_ok = rows < num_tokens
     experts = tl.arange(0, E_PAD)
     scores = _prototype_scores(x_ptr, protos_ptr, rows, row_ok, dim, stride_x, stride_p, alpha, NUM_EXPERTS, E_PAD,
@@ -91,11 +91,18 @@ def _route_kernel(x_ptr, protos_ptr, cond_ptr, ids_ptr, gates_ptr, hist_ptr,
     bins = tl.arange(0, HIST_PAD)  # the experts, then the unconditional and the dropped ids
     hist = tl.zeros((HIST_PAD,), dtype=tl.int32)
     for k in tl.static_range(TOP_K):
-        best = tl.max(scores, axis=1)
-        # Among ties the lowest expert index, as a stable descending sort would order them.
-        choice = tl.min(tl.where(scores == best[:, None], experts[None, :], E_PAD), axis=1)
+        # NaN ranks above every number, as in torch.sort and torch.topk: a token whose scores are NaN takes its
+        # NaN columns first (gate NaN, which the combine propagates to its own row only). Among ties the lowest
+        # expert index, as a stable descending sort orders them. The clamp keeps an id in the bank whatever the
+        # scores hold (it never acts on scores the two rules cover).
+        nan = scores != scores
+        any_nan = tl.max(nan.to(tl.int32), axis=1) > 0
+        numbers = tl.where(nan, float("-inf"), scores)
+        best = tl.max(numbers, axis=1)
+        top = tl.where(any_nan[:, None], nan, numbers == best[:, None])
+        choice = tl.minimum(tl.min(tl.where(top, experts[None, :], E_PAD), axis=1), NUM_EXPERTS - 1)
         scores = tl.where(experts[None, :] == choice[:, None], float("-inf"), scores)
-        gate = best
+        gate = tl.where(any_nan, float("nan"), best)
         if CONDITIONAL:
             # Null-label token: first slot to the unconditional expert (index NUM_EXPERTS) with gate 1,
             # the others dropped (index NUM_EXPERTS + 1).

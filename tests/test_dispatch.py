@@ -1,6 +1,8 @@
 """The `loop` (paper's Algorithm 1), `torch` (grouped_mm) and `triton` (kernels, interpreted on the CPU) backends
 compute the same outputs and gradients."""
 
+import os
+
 import pytest
 import torch
 
@@ -141,3 +143,72 @@ def test_megablocks_backend_says_how_to_install_it_when_missing(rng):
     with pytest.raises(ImportError, match=r"pip install \"\.\[gpu\]\""):
         run_backend("megablocks", torch.randn(4, DIM), torch.zeros(4, 1, dtype=torch.long), torch.ones(4, 1), bank,
                     False)
+
+
+def make_promoe_layer(dim, num_routed, top_k, rng):
+    """A ProMoE MoE layer (prototype router with conditional routing, unconditional and shared experts)."""
+    from promoe.moe.layer import MoELayer
+    from promoe.moe.routers import PrototypeScorer, TokenChoiceRouter
+
+    layer = MoELayer(TokenChoiceRouter(PrototypeScorer(dim, num_routed), num_routed, top_k, conditional=True),
+                     num_routed + 1, dim, 2 * dim, dim, top_k, null_label=10)
+    with torch.no_grad():
+        for p in layer.parameters():
+            p.copy_(torch.randn(p.shape, generator=rng) * 0.3)
+    return layer.eval()
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("top_k", [1, 2])
+def test_a_nan_image_leaves_the_other_images_rows_untouched(backend, top_k, rng):
+    """Routing, plan, experts and combine keep a NaN image's tokens in their own rows: the other images' outputs
+    and input gradients equal those of the same batch with the NaN image replaced by a finite one."""
+    layer = make_promoe_layer(DIM, 6, top_k, rng)
+    labels = torch.tensor([3, 10, 5, 1])  # one null-label image (its tokens go to the unconditional expert)
+    x = torch.randn(4, 20, DIM, generator=rng)
+    broken = x.clone()
+    broken[2] = float("nan")
+    others = [0, 1, 3]
+    with promoe.dispatch_backend(backend):
+        results = []
+        for batch in (x, broken):
+            batch = batch.clone().requires_grad_()
+            y, _ = layer(batch, labels)
+            y[others].sum().backward()
+            results.append((y.detach(), batch.grad))
+    (y, grad), (y_broken, grad_broken) = results
+    assert y_broken[2].isnan().all()  # the NaN travels honestly in its own rows
+    assert torch.isfinite(y_broken[others]).all() and torch.isfinite(grad_broken[others]).all()
+    torch.testing.assert_close(y_broken[others], y[others], rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(grad_broken[others], grad[others], rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("use_kernels", [False, True])
+def test_gates_stay_float32_in_the_plan_of_a_bfloat16_layer(use_kernels, rng):
+    """Routing is fp32 by design; the gates reach the combine in fp32 whatever the activations' dtype."""
+    layer = make_promoe_layer(DIM, 6, 2, rng).to(torch.bfloat16)
+    x = torch.randn(40, DIM, generator=rng).bfloat16()
+    cond = torch.rand(40, generator=rng) > 0.2
+    plan, _ = layer.router(x, cond, 2, torch.tensor([1, 2]), use_kernels=use_kernels)
+    assert plan.gates_S.dtype == torch.float32
+    scores = torch.nn.functional.normalize(x.float(), dim=-1) @ torch.nn.functional.normalize(
+        layer.router.scorer.prototypes.float(), dim=-1).t()
+    routed = plan.valid_slots_S() & (plan.expert_index_S < 6)
+    expected = scores[plan.token_index_S[routed], plan.expert_index_S[routed]]
+    torch.testing.assert_close(plan.gates_S[routed], expected, rtol=1e-6, atol=1e-6)  # not rounded to bf16
+
+
+@pytest.mark.parametrize("backend", ["loop", "torch", "triton"])
+def test_bfloat16_combine_multiplies_by_the_float32_gates(backend, rng):
+    bank = make_bank(4, rng, torch.bfloat16)
+    x = torch.randn(40, DIM, generator=rng).bfloat16()
+    ids = torch.randint(0, 4, (40, 1), generator=rng)
+    gates = torch.rand(40, 1, generator=rng) * 0.1 + 1  # 1 + a fraction that bf16 would round to 1/128
+    plan = token_choice_plan(ids, gates, 4)
+    with torch.no_grad():
+        y = dispatch(x, plan, bank, backend)
+        unit = dispatch(x, token_choice_plan(ids, torch.ones_like(gates), 4), bank, backend)
+    expected = (unit.float() * gates).bfloat16()  # one rounding, of the fp32 product
+    # Triton's interpreter truncates on the fp32 -> bf16 store where a GPU rounds to nearest: one ulp (2^-7) there.
+    interpreted = backend == "triton" and os.environ.get("TRITON_INTERPRET") == "1"
+    torch.testing.assert_close(y, expected, rtol=2**-7 if interpreted else 0, atol=0)

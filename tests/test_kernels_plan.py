@@ -32,3 +32,15 @@ def test_plan_kernel_equals_the_stable_sort_reference(num_tokens, num_experts, t
 def test_plan_kernel_with_one_expert_taking_all_and_empty_experts(dtype, poisoned_outputs):
     ids = torch.full((300, 2), 3)
     assert_same_plan(ids, torch.rand(300, 2).to(dtype), 12)
+
+
+def test_plan_kernel_counts_ids_outside_the_bank_as_dropped(rng, poisoned_outputs):
+    """An id past E (or negative) must not read another block's histogram row: it is a dropped slot."""
+    ids = torch.randint(0, 5, (600, 2), generator=rng)
+    bad = torch.rand(600, 2, generator=rng) < 0.1
+    gates = torch.rand(600, 2, generator=rng)
+    for bad_id in (16, 17, 1000, -1):
+        got = kernel_plan(torch.where(bad, bad_id, ids), gates, 5, True)
+        expected = reference_plan(torch.where(bad, 5, ids), gates, 5, True)
+        for field in FIELDS:
+            assert torch.equal(getattr(got, field), getattr(expected, field)), (bad_id, field)

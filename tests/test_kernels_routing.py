@@ -102,3 +102,21 @@ def test_scores_kernel_for_expert_choice_matches_reference_with_gradients(num_to
     expected_grads = torch.autograd.grad(expected, (x64, p64), upstream.double())
     for got, want in zip(grads, expected_grads):
         torch.testing.assert_close(got.double(), want, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("top_k", [1, 3])
+def test_nan_scores_rank_first_like_torch_sort_and_stay_in_the_bank(top_k, rng, poisoned_outputs):
+    """A NaN token takes experts 0..K-1 with NaN gates (torch.sort ranks NaN above every number); a NaN prototype
+    is every token's first choice. No id ever leaves the bank, and the counts add up."""
+    x = torch.randn(70, 48, generator=rng)
+    x[[3, 64]] = float("nan")
+    protos = torch.randn(12, 48, generator=rng) * 0.02
+    cond = torch.rand(70, generator=rng) > 0.2
+    cond[3] = True
+    for p in (protos, torch.where(torch.arange(12)[:, None] == 7, float("nan"), protos)):
+        ids, gates, counts = route_prototypes(x, p, cond, top_k)
+        ref_ids, ref_gates, ref_counts = route_prototypes_reference(x.double(), p.double(), cond, top_k)
+        assert torch.equal(ids, ref_ids) and torch.equal(counts, ref_counts)
+        torch.testing.assert_close(gates.double(), ref_gates, rtol=1e-5, atol=1e-6, equal_nan=True)
+        assert ids[3].tolist() == list(range(top_k)) and gates[3].isnan().all()
+        assert int(counts.sum()) == 70 * top_k - int((~cond).sum()) * (top_k - 1)

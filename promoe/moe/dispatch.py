@@ -61,23 +61,31 @@ def dispatch(x_ND: torch.Tensor, plan: RoutingPlan, experts: ExpertBank, backend
     return run(x_ND, plan, experts)
 
 
+def accumulation_dtype(x_ND: torch.Tensor) -> torch.dtype:
+    """The combine multiplies by the (fp32) gates and sums in fp32, or float64 for float64 activations."""
+    return torch.promote_types(x_ND.dtype, torch.float32)
+
+
 def _loop_dispatch(x_ND: torch.Tensor, plan: RoutingPlan, experts: ExpertBank) -> torch.Tensor:
-    y_ND = x_ND.new_zeros(x_ND.shape, dtype=torch.float32)
+    acc = accumulation_dtype(x_ND)
+    y_ND = x_ND.new_zeros(x_ND.shape, dtype=acc)
     for expert in range(experts.num_experts):
         mask_S = plan.expert_index_S == expert
         tokens = plan.token_index_S[mask_S]
-        out = experts.expert_forward(expert, x_ND[tokens]) * plan.gates_S[mask_S, None]
-        y_ND = y_ND.index_add(0, tokens, out.float())
+        out = experts.expert_forward(expert, x_ND[tokens]).to(acc) * plan.gates_S[mask_S, None].to(acc)
+        y_ND = y_ND.index_add(0, tokens, out)
     return y_ND.to(x_ND.dtype)
 
 
 def _torch_dispatch(x_ND: torch.Tensor, plan: RoutingPlan, experts: ExpertBank) -> torch.Tensor:
     keep = _dropped_slot_masker(plan)
     out_SD = _run_experts(keep(x_ND[plan.token_index_S]), plan, experts)
-    out_SD = keep(out_SD) * plan.gates_S[:, None].to(out_SD.dtype)
-    # Accumulate the K copies of a token in fp32, so bf16 sums do not depend on the slot order.
-    y_ND = x_ND.new_zeros(x_ND.shape, dtype=torch.float32)
-    return y_ND.index_add(0, plan.token_index_S, out_SD.float()).to(x_ND.dtype)
+    # Gates stay fp32 (the routing's precision) into the combine; the K copies of a token accumulate in fp32 (at
+    # least), so bf16 sums do not depend on the slot order.
+    acc = accumulation_dtype(x_ND)
+    out_SD = keep(out_SD).to(acc) * plan.gates_S[:, None].to(acc)
+    y_ND = x_ND.new_zeros(x_ND.shape, dtype=acc)
+    return y_ND.index_add(0, plan.token_index_S, out_SD).to(x_ND.dtype)
 
 
 def _triton_dispatch(x_ND: torch.Tensor, plan: RoutingPlan, experts: ExpertBank) -> torch.Tensor:
@@ -111,9 +119,10 @@ def _megablocks_dispatch(x_ND: torch.Tensor, plan: RoutingPlan, experts: ExpertB
     token_S, expert_S, gates_S = plan.token_index_S[:kept], plan.expert_index_S[:kept], plan.gates_S[:kept]
     h_SH = gelu_tanh(gmm(x_ND[token_S], experts.w_up_EDH, batch_sizes_E) + experts.b_up_EH[expert_S])
     out_SD = gmm(h_SH, experts.w_down_EHD, batch_sizes_E) + experts.b_down_ED[expert_S]
-    out_SD = out_SD * gates_S[:, None].to(out_SD.dtype)
-    y_ND = x_ND.new_zeros(x_ND.shape, dtype=torch.float32)
-    return y_ND.index_add(0, token_S, out_SD.float()).to(x_ND.dtype)
+    acc = accumulation_dtype(x_ND)
+    out_SD = out_SD.to(acc) * gates_S[:, None].to(acc)
+    y_ND = x_ND.new_zeros(x_ND.shape, dtype=acc)
+    return y_ND.index_add(0, token_S, out_SD).to(x_ND.dtype)
 
 
 def _run_experts(x_SD: torch.Tensor, plan: RoutingPlan, experts: ExpertBank) -> torch.Tensor:

@@ -127,7 +127,7 @@ class TokenChoiceRouter(nn.Module):
             from promoe.kernels.plan import token_choice_plan as build_plan
         else:
             build_plan = token_choice_plan
-        plan = build_plan(expert_ids_NK, gates_NK.to(x_ND.dtype), num_bank,
+        plan = build_plan(expert_ids_NK, gates_NK, num_bank,
                           has_dropped_slots=self.conditional and self.top_k > 1)
         aux = self.aux_losses(x_ND, cond_N, expert_ids_NK, scores, labels_B) if self.training else {}
         return plan, aux
@@ -197,7 +197,7 @@ class ExpertChoiceRouter(nn.Module):
         gates_BEC, position_BEC = scores_BEL.topk(capacity, dim=-1)
         first_token_B = torch.arange(num_samples, device=x_ND.device) * tokens_per_image
         token_BEC = position_BEC + first_token_B[:, None, None]
-        plan = self.plan(token_BEC, gates_BEC.to(x_ND.dtype), cond_N, num_tokens)
+        plan = self.plan(token_BEC, gates_BEC, cond_N, num_tokens)
         return plan, self.aux_losses(x_ND, cond_N.view(num_samples, -1)[:, 0], token_BEC)
 
     def scores(self, x_ND: torch.Tensor, use_kernels: bool) -> torch.Tensor:
@@ -349,7 +349,7 @@ class DiffMoERouter(nn.Module):
         ranked_EN = scores_EN.masked_fill(~finite_N, float("-inf"))
         predicted_NE = self.capacity_predictor(x_ND.detach()).float()
         if not self.training:
-            return self.threshold_plan(scores_EN.to(x_ND.dtype), ranked_EN, predicted_NE.sigmoid()), {}
+            return self.threshold_plan(scores_EN, ranked_EN, predicted_NE.sigmoid()), {}
         capacity = max(1, min(num_tokens, int(num_tokens / self.num_routed * self.capacity)))
         token_EC = ranked_EN.topk(capacity, dim=-1).indices
         gates_EC = scores_EN.gather(1, token_EC)
@@ -357,7 +357,7 @@ class DiffMoERouter(nn.Module):
         with torch.no_grad():
             self.update_thresholds(predicted_NE.sigmoid().masked_fill(~finite_N[:, None], float("-inf")), capacity)
         bce = F.binary_cross_entropy_with_logits(predicted_NE, taken_EN.t())
-        plan = expert_choice_plan(token_EC, gates_EC.to(x_ND.dtype), num_tokens)
+        plan = expert_choice_plan(token_EC, gates_EC, num_tokens)
         return plan, {"capacity_predictor": self.predictor_loss_weight * bce}
 
     def update_thresholds(self, probability_NE: torch.Tensor, capacity: int) -> None:
