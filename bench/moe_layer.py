@@ -85,11 +85,10 @@ def available_backends() -> list[str]:
 
 
 def counters(layer, backend, x, labels, backward):
+    """Host syncs and launches; the layer's bytes are counted by bench/traffic.py (every op, not only kernels)."""
     with OpCounter() as ops, TritonLaunchCounter(ops) as triton_launches:
         moe_step(layer, backend, x, labels, backward)
-    return dict(host_syncs=ops.host_syncs, launches=ops.launches + triton_launches.launches,
-                bytes_moved=triton_launches.bytes_moved if backend == "triton" else None,
-                bytes_minimum=triton_launches.bytes_minimum if backend == "triton" else None)
+    return dict(host_syncs=ops.host_syncs, launches=ops.launches + triton_launches.launches)
 
 
 def main(argv=None):
@@ -143,8 +142,7 @@ def main(argv=None):
                 time_vs_dense=seconds / median[("dense", mode)] if seconds else None, **counts))
     for mode in ("fwd", "fwd+bwd"):
         results.append(dict(backend="dense", mode=mode, tokens_per_s=num_tokens / median[("dense", mode)],
-                            speedup_vs_loop=None, time_vs_dense=1.0, host_syncs=None, launches=None,
-                            bytes_moved=None, bytes_minimum=None))
+                            speedup_vs_loop=None, time_vs_dense=1.0, host_syncs=None, launches=None))
     run = report.run_record(dict(bench="moe_layer", model=name, tokens=num_tokens, dtype=args.dtype, reps=args.reps,
                                  device=str(device), overrides=overrides), results)
     report.emit(run, args.json, title=f"{name} MoE layer, {num_tokens} tokens, {args.dtype}")

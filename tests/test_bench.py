@@ -10,8 +10,7 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 TINY = ["--overrides", "input_size=8", "hidden_size=64", "num_heads=4", "depth=2", "--reps", "1", "--warmup", "0"]
 RECORD_KEYS = {
-    "moe_layer": {"backend", "mode", "tokens_per_s", "speedup_vs_loop", "time_vs_dense", "host_syncs", "launches",
-                  "bytes_moved", "bytes_minimum"},
+    "moe_layer": {"backend", "mode", "tokens_per_s", "speedup_vs_loop", "time_vs_dense", "host_syncs", "launches"},
     "train_step": {"backend", "mode", "images_per_s", "speedup_vs_loop", "time_vs_dense"},
 }
 
@@ -34,4 +33,3 @@ def test_bench_script_writes_json_table_and_chart(script, extra, tmp_path):
         assert by_backend[("torch", "fwd+bwd")]["host_syncs"] == 0
         assert by_backend[("triton", "fwd+bwd")]["host_syncs"] == 0
         assert by_backend[("loop", "fwd+bwd")]["host_syncs"] > 0
-        assert by_backend[("triton", "fwd")]["bytes_moved"] >= by_backend[("triton", "fwd")]["bytes_minimum"] > 0
