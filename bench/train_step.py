@@ -25,16 +25,17 @@ def dense_name(model_name: str) -> str:
     return "DiT-" + model_name.split("-")[-1] if model_name.split("-")[-1] in ("S", "B", "L", "XL") else "DiT-S"
 
 
-def make_candidate(name, backend, overrides, batch, device, generator):
+def make_candidate(name, backend, overrides, batch, device, generator, autocast_dtype=None):
     torch.manual_seed(0)
-    model = promoe.build_model(name, **overrides).to(device).train()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    model = promoe.build_model(name, device=device, **overrides).train()  # initialised where it runs
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
     config = model.config
     x0 = torch.randn(batch, config.in_channels, config.input_size, config.input_size, generator=generator).to(device)
     labels = torch.randint(0, config.num_classes, (batch,), generator=generator).to(device)
 
     def step():
-        with promoe.dispatch_backend(backend):
+        with promoe.dispatch_backend(backend), torch.autocast(device.type, dtype=autocast_dtype,
+                                                               enabled=autocast_dtype is not None):
             loss, _ = RectifiedFlow().loss(model, x0, labels, generator)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -48,6 +49,8 @@ def main(argv=None):
     parser.add_argument("--model", default="ProMoE-S")
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--backend", nargs="+", default=["loop", "torch"])
+    parser.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32",
+                        help="bf16: the forward under bf16 autocast (fp32 weights and optimizer), as the driver")
     parser.add_argument("--reps", type=int, default=5)
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--overrides", nargs="*", default=[], help="config overrides key=value, e.g. input_size=16")
@@ -57,10 +60,11 @@ def main(argv=None):
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     overrides = dict(report.parse_override(item) for item in args.overrides)
     generator = torch.Generator().manual_seed(0)
-    candidates = {backend: make_candidate(args.model, backend, overrides, args.batch, device, generator)
+    autocast_dtype = torch.bfloat16 if args.dtype == "bf16" else None
+    candidates = {backend: make_candidate(args.model, backend, overrides, args.batch, device, generator, autocast_dtype)
                   for backend in args.backend}
     dense = dense_name(args.model)
-    candidates[dense] = make_candidate(dense, "torch", overrides, args.batch, device, generator)
+    candidates[dense] = make_candidate(dense, "torch", overrides, args.batch, device, generator, autocast_dtype)
 
     times = {name: [] for name in candidates}
     for rep in range(args.warmup + args.reps):
@@ -79,9 +83,10 @@ def main(argv=None):
                     speedup_vs_loop=median["loop"] / median[name] if "loop" in median else None,
                     time_vs_dense=median[name] / median[dense])
                for name in candidates]
-    run = report.run_record(dict(bench="train_step", model=args.model, batch=args.batch, reps=args.reps,
-                                 device=str(device), overrides=overrides, peak_memory_bytes=peak), results)
-    report.emit(run, args.json, title=f"{args.model} training step, batch {args.batch} (images/s)")
+    run = report.run_record(dict(bench="train_step", model=args.model, batch=args.batch, dtype=args.dtype,
+                                 reps=args.reps, device=str(device), overrides=overrides,
+                                 peak_memory_bytes=peak), results)
+    report.emit(run, args.json, title=f"{args.model} training step, batch {args.batch}, {args.dtype} (images/s)")
 
 
 if __name__ == "__main__":
