@@ -222,7 +222,7 @@ def test_sigterm_ends_the_run_after_the_step_with_a_checkpoint(tmp_path):
     process = run(tmp_path, "--max-steps", "500", "--ckpt-every", "400", wait=False)
     wait_for_logged_steps(process, tmp_path, 2)
     process.send_signal(signal.SIGTERM)
-    _, stderr = process.communicate(timeout=600)
+    stderr = process.communicate(timeout=600)[1].decode()
     assert process.returncode == 128 + signal.SIGTERM, stderr[-2000:]
     assert "stopped by a signal after step" in stderr and "Traceback" not in stderr
     last_logged = int((tmp_path / "metrics.csv").read_text().split()[-1].split(",")[0])
@@ -246,7 +246,7 @@ def test_sigterm_to_one_rank_stops_every_rank_after_one_checkpoint(tmp_path):
     workers = [int(pid) for pid in agent]
     assert len(workers) == 2
     os.kill(workers[1], signal.SIGTERM)  # one rank only: the flag travels in each step's all-reduce
-    _, stderr = process.communicate(timeout=600)
+    stderr = process.communicate(timeout=600)[1].decode()
     assert "stopped by a signal after step" in stderr
     last_logged = int((tmp_path / "metrics.csv").read_text().split()[-1].split(",")[0])
     assert (tmp_path / "checkpoints" / "latest").read_text() == f"step_{last_logged:07d}"
