@@ -18,7 +18,9 @@ setup(
     ],
     extras_require={
         "dev": ["pytest", "pytest-benchmark", "hypothesis", "ruff"],
-        "gpu": ["flash-attn", "megablocks"],
+        # grouped_gemm (MegaBlocks' grouped GEMM, without megablocks, whose only release pins torch 2.7.0): the
+        # `grouped_gemm` dispatch backend, bf16 only. Both build from CUDA source; no test needs them.
+        "gpu": ["flash-attn", "grouped_gemm"],
     },
     entry_points={"console_scripts": ["promoe-convert=promoe.convert:main"]},
 )

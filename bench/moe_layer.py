@@ -24,7 +24,7 @@ import report  # noqa: E402  (bench/report.py: JSON, table and chart shared by t
 
 import promoe  # noqa: E402
 from promoe.counters import OpCounter, TritonLaunchCounter  # noqa: E402
-from promoe.moe.dispatch import megablocks_gmm  # noqa: E402
+from promoe.moe.dispatch import grouped_gemm_gmm  # noqa: E402
 from promoe.moe.experts import gelu_tanh  # noqa: E402
 from promoe.zoo import build_mlp  # noqa: E402
 
@@ -74,11 +74,12 @@ def time_once(fn, device):
     return start.elapsed_time(end) / 1000
 
 
-def available_backends() -> list[str]:
+def available_backends(dtype: str = "bf16") -> list[str]:
     backends = ["loop", "torch", "triton"]
     try:
-        megablocks_gmm()
-        backends.append("megablocks")
+        grouped_gemm_gmm()
+        if dtype == "bf16":  # the grouped_gemm backend runs bf16 only
+            backends.append("grouped_gemm")
     except ImportError:
         pass
     return backends
@@ -97,13 +98,14 @@ def main(argv=None):
     parser.add_argument("--model", default="ProMoE", help="model family of the zoo, e.g. ProMoE or TC-DiT")
     parser.add_argument("--tokens", type=int, default=2048)
     parser.add_argument("--dtype", choices=DTYPES, default="fp32")
-    parser.add_argument("--backend", nargs="+", default=available_backends(),
-                        help="default: every backend available here (megablocks when installed)")
+    parser.add_argument("--backend", nargs="+", default=None,
+                        help="default: every backend available here (grouped_gemm when installed and bf16)")
     parser.add_argument("--reps", type=int, default=5)
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--overrides", nargs="*", default=[], help="config overrides key=value, e.g. hidden_size=64")
     parser.add_argument("--json", type=Path, default=None, help="write the JSON here (a .md table and .png beside)")
     args = parser.parse_args(argv)
+    args.backend = args.backend or available_backends(args.dtype)
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = DTYPES[args.dtype]

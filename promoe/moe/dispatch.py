@@ -8,9 +8,11 @@
   `promoe.kernels.permute` (token-choice plans; an expert-choice plan has no fixed K per token and takes the
   `torch` path). The routers add their kernels on this backend (see `promoe.moe.routers`). On the CPU it
   needs Triton's interpreter (TRITON_INTERPRET=1), which is for tests, not speed.
-- `megablocks`: MegaBlocks' grouped GEMM (`pip install ".[gpu]"`) for the expert GEMMs. It takes the
-  per-expert batch sizes on the host, so it costs one host synchronisation per layer: worth it only where its
-  GEMM beats `grouped_mm` (e.g. fp32/fp16 or sm_80, where `grouped_mm` itself falls back to a loop after a sync).
+- `grouped_gemm`: the expert GEMMs of the `grouped_gemm` package (MegaBlocks' grouped GEMM, CUTLASS, CUDA,
+  bf16 only; `pip install ".[gpu]"`). It takes the per-expert batch sizes on the host, so it costs one host
+  synchronisation per layer: worth it only where its GEMM beats `grouped_mm` (sm_80, where `grouped_mm` falls back
+  to a per-group loop after a sync of its own). bf16 activations and weights, or bf16 autocast; other dtypes are
+  refused.
 """
 
 import contextlib
@@ -21,7 +23,7 @@ import torch
 from promoe.moe.experts import ExpertBank, gelu_tanh, grouped_mm
 from promoe.moe.plan import RoutingPlan
 
-BACKENDS = ("loop", "torch", "triton", "megablocks")
+BACKENDS = ("loop", "torch", "triton", "grouped_gemm")
 _backend_override: list[str] = []
 
 
@@ -57,7 +59,7 @@ def dispatch(x_ND: torch.Tensor, plan: RoutingPlan, experts: ExpertBank, backend
     name = resolve_backend(backend, x_ND.device)
     check_backend(name)
     run = {"loop": _loop_dispatch, "torch": _torch_dispatch, "triton": _triton_dispatch,
-           "megablocks": _megablocks_dispatch}[name]
+           "grouped_gemm": _grouped_gemm_dispatch}[name]
     return run(x_ND, plan, experts)
 
 
@@ -99,26 +101,39 @@ def _triton_dispatch(x_ND: torch.Tensor, plan: RoutingPlan, experts: ExpertBank)
     return combine(out_SD, plan.gates_S, plan.token_index_S, plan.slot_NK, end)  # never reads dropped rows
 
 
-def megablocks_gmm():
-    """MegaBlocks' grouped GEMM, gmm(x [T, D], w [E, D, H], batch_sizes [E] on the CPU) -> [T, H]."""
+def grouped_gemm_gmm():
+    """The grouped_gemm package's GEMM: gmm(x [T, D], w [E, D, H], batch_sizes [E] int64 on the CPU) -> [T, H]."""
     try:
-        from megablocks import grouped_gemm_util
+        from grouped_gemm import ops
     except ImportError as error:
-        raise ImportError("the `megablocks` dispatch backend needs MegaBlocks: pip install \".[gpu]\"") from error
-    if not grouped_gemm_util.grouped_gemm_is_available():
-        raise ImportError("MegaBlocks is installed without its grouped_gemm extension")
-    return grouped_gemm_util.ops.gmm
+        raise ImportError("the `grouped_gemm` dispatch backend needs the grouped_gemm package (CUDA, bf16): "
+                          "pip install \".[gpu]\"") from error
+    return ops.gmm
 
 
-def _megablocks_dispatch(x_ND: torch.Tensor, plan: RoutingPlan, experts: ExpertBank) -> torch.Tensor:
-    gmm = megablocks_gmm()
+def _bf16_operands(x_ND: torch.Tensor, experts: ExpertBank) -> list[torch.Tensor]:
+    """x and the bank's tensors in bf16: as given, or cast under bf16 autocast; any other dtype is refused."""
+    tensors = [x_ND, experts.w_up_EDH, experts.b_up_EH, experts.w_down_EHD, experts.b_down_ED]
+    device = x_ND.device.type
+    if torch.is_autocast_enabled(device) and torch.get_autocast_dtype(device) == torch.bfloat16:
+        return [t.to(torch.bfloat16) for t in tensors]
+    if any(t.dtype != torch.bfloat16 for t in tensors):
+        raise TypeError(f"the `grouped_gemm` dispatch backend runs bf16 only (its GEMM kernels are bf16); got "
+                        f"activations {x_ND.dtype} and expert weights {experts.w_up_EDH.dtype}: cast the model to "
+                        "bf16, run under bf16 autocast, or choose the `triton` or `torch` backend")
+    return tensors
+
+
+def _grouped_gemm_dispatch(x_ND: torch.Tensor, plan: RoutingPlan, experts: ExpertBank) -> torch.Tensor:
+    x_bf16_ND, w_up_EDH, b_up_EH, w_down_EHD, b_down_ED = _bf16_operands(x_ND, experts)
+    gmm = grouped_gemm_gmm()
     # The host synchronisation this backend costs: its GEMM reads the batch sizes on the CPU. Knowing them,
     # the dropped slots (past the last offset) can simply be cut off.
     batch_sizes_E = plan.counts_E.cpu()
     kept = int(batch_sizes_E.sum())
     token_S, expert_S, gates_S = plan.token_index_S[:kept], plan.expert_index_S[:kept], plan.gates_S[:kept]
-    h_SH = gelu_tanh(gmm(x_ND[token_S], experts.w_up_EDH, batch_sizes_E) + experts.b_up_EH[expert_S])
-    out_SD = gmm(h_SH, experts.w_down_EHD, batch_sizes_E) + experts.b_down_ED[expert_S]
+    h_SH = gelu_tanh(gmm(x_bf16_ND[token_S], w_up_EDH, batch_sizes_E) + b_up_EH[expert_S])
+    out_SD = gmm(h_SH, w_down_EHD, batch_sizes_E) + b_down_ED[expert_S]
     acc = accumulation_dtype(x_ND)
     out_SD = out_SD.to(acc) * gates_S[:, None].to(acc)
     y_ND = x_ND.new_zeros(x_ND.shape, dtype=acc)
