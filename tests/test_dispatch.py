@@ -236,3 +236,21 @@ def test_bfloat16_combine_multiplies_by_the_float32_gates(backend, rng):
     # Triton's interpreter truncates on the fp32 -> bf16 store where a GPU rounds to nearest: one ulp (2^-7) there.
     interpreted = backend == "triton" and os.environ.get("TRITON_INTERPRET") == "1"
     torch.testing.assert_close(y, expected, rtol=2**-7 if interpreted else 0, atol=0)
+
+
+def test_row_gather_backward_is_bitwise_repeatable_on_a_multithreaded_cpu():
+    # The dispatch gathers expert biases (and token rows) per slot; the backward of plain `table[index]` sums the
+    # repeated rows with atomics across threads, which made two identical training runs drift apart.
+    from promoe.moe.dispatch import gather_rows
+
+    generator = torch.Generator().manual_seed(0)
+    table = torch.randn(8, 384, generator=generator).requires_grad_()
+    index = torch.randint(0, 8, (3136,), generator=generator)
+    upstream = torch.randn(3136, 384, generator=generator)
+    grads = []
+    for _ in range(10):
+        table.grad = None
+        gather_rows(table, index).backward(upstream)
+        grads.append(table.grad.clone())
+    assert all(torch.equal(grad, grads[0]) for grad in grads[1:])
+    torch.testing.assert_close(grads[0], torch.zeros(8, 384).index_add(0, index, upstream), rtol=1e-5, atol=1e-4)
