@@ -330,7 +330,8 @@ def test_classifier_routing_sends_each_image_to_its_predicted_superclass_expert(
                                reference.params["router.classifier.weight"].grad, rtol=1e-4, atol=1e-6)
 
 
-@pytest.mark.parametrize("superclasses, message", [(None, "needs `superclasses`"), ([0, 1], "each of the 10 classes"),
+@pytest.mark.parametrize("superclasses, message", [(None, "router 'classifier' needs a list mapping each class"),
+                                                   ([0, 1], "each of the 10 classes"),
                                                    ([0] * 10, "superclasses need as many routed experts")])
 def test_classifier_routing_rejects_a_missing_or_wrong_superclass_map(superclasses, message):
     with pytest.raises(ValueError, match=message):
