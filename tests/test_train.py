@@ -22,7 +22,7 @@ TINY_RUN = ["model.overrides.hidden_size=32", "model.overrides.num_heads=4", "mo
             "train.fid_samples=0"]
 
 
-def run(out, *extra, launcher=(sys.executable,), timeout=300, wait=True):
+def run(out, *extra, launcher=(sys.executable,), timeout=600, wait=True):
     command = [*launcher, str(ROOT / "train" / "run.py"), "--config", str(ROOT / "configs" / "demo.yaml"),
                "--out", str(out), *TINY_RUN, *extra]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
