@@ -22,6 +22,7 @@ from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_di
 from promoe.train_config import RunConfig
 from promoe.training.ema import EMA
 from promoe.training.ranks import any_rank, stop_if_any
+from promoe.weights import load_dcp
 
 MANIFEST = "manifest.json"
 STEP_FOLDER = re.compile(r"step_(\d+)")
@@ -196,7 +197,7 @@ class Checkpoints:
         """Model, optimizer and EMA from `folder` into the sharded objects; its meta.json."""
         model_state, optim_state = get_state_dict(model, optimizer)
         state = {"model": model_state, "optim": optim_state, "ema": ema.params}
-        dcp.load(state, checkpoint_id=str(folder))
+        load_dcp(state, folder)  # runs no code from the folder, though it is one's own run
         set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
         return json.loads((folder / "meta.json").read_text())
 

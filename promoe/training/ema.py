@@ -43,19 +43,16 @@ def gather_ema(model: torch.nn.Module, ema: EMA) -> dict[str, torch.Tensor]:
 
 def export_ema(model: torch.nn.Module, ema: EMA, config: RunConfig, out: Path, rank: int) -> None:
     """The EMA weights, gathered from the shards, as `ema.safetensors` (written under a temporary name, then
-    renamed) with the run's config.json beside it; rank 0 writes them."""
-    from safetensors.torch import save_file
-
+    renamed; the model and run configs in its metadata) with the run's config.json beside it; rank 0 writes them."""
     from promoe.training.checkpoints import disk_full_message
+    from promoe.weights import save_weights
 
     state = gather_ema(model, ema)
     if rank != 0:
         return
-    tmp = out / "ema.safetensors.tmp"
-    try:
-        save_file({k: v.contiguous() for k, v in state.items()}, str(tmp))
-        tmp.replace(out / "ema.safetensors")
+    try:  # the configs travel inside the file too: it can be shared alone
+        save_weights(out / "ema.safetensors", state, config.model_config(), config)
         (out / "config.json").write_text(config.to_json())
     except OSError as error:
-        tmp.unlink(missing_ok=True)
+        (out / "ema.safetensors.tmp").unlink(missing_ok=True)
         raise SystemExit(disk_full_message(error, out) or f"writing {out / 'ema.safetensors'}: {error}") from None
