@@ -8,7 +8,7 @@ setup(
     name="promoe",
     version="0.1.0",
     description="ProMoE and baseline Mixture-of-Experts Diffusion Transformers in PyTorch",
-    python_requires=">=3.10",
+    python_requires=">=3.11",  # hashlib.file_digest (checkpoint digests)
     packages=packages,
     package_dir={"promoe.kernels": "kernels"},
     # No torch pin that a CPU build fails: install torch first (e.g. `pip install torch==2.13.0`).

@@ -20,6 +20,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
+from promoe.diffusion import OBJECTIVES  # noqa: E402
 from promoe.moe.record import record_routing  # noqa: E402
 from promoe.sampling import Decoder, generate, is_latent_model, load_model, objective_of, to_uint8  # noqa: E402
 
@@ -103,7 +104,7 @@ def parse_args(argv):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--ckpt", required=True, help="checkpoint folder, ema.safetensors or official .pth")
     parser.add_argument("--model", help="model name, for an official .pth")
-    parser.add_argument("--objective", choices=("rf", "ddpm"), help="for an official .pth: its objective")
+    parser.add_argument("--objective", choices=tuple(OBJECTIVES), help="for an official .pth: its objective")
     parser.add_argument("--class", dest="label", type=int, required=True, help="the class whose maps are drawn")
     parser.add_argument("--images", type=int, default=4, help="images of that class in the map")
     parser.add_argument("--per-class", type=int, default=4,
