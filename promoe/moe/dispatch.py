@@ -90,12 +90,17 @@ def _loop_dispatch(x_ND: torch.Tensor, plan: RoutingPlan, experts: ExpertBank) -
 def _torch_dispatch(x_ND: torch.Tensor, plan: RoutingPlan, experts: ExpertBank) -> torch.Tensor:
     keep = _dropped_slot_masker(plan)
     out_SD = _run_experts(keep(gather_rows(x_ND, plan.token_index_S)), plan, experts)
-    # Gates stay fp32 (the routing's precision) into the combine; the K copies of a token accumulate in fp32 (at
-    # least), so bf16 sums do not depend on the slot order.
+    return gate_weighted_sum(keep(out_SD), plan.gates_S, plan.token_index_S, x_ND)
+
+
+def gate_weighted_sum(out_SD: torch.Tensor, gates_S: torch.Tensor, token_S: torch.Tensor, x_ND: torch.Tensor
+                      ) -> torch.Tensor:
+    """y[n] = sum over the slots s of token n of gates[s] * out[s], in x's shape and dtype. Gates stay fp32 (the
+    routing's precision) into the combine; the K copies of a token accumulate in fp32 (at least), so bf16 sums do
+    not depend on the slot order."""
     acc = accumulation_dtype(x_ND)
-    out_SD = keep(out_SD).to(acc) * plan.gates_S[:, None].to(acc)
     y_ND = x_ND.new_zeros(x_ND.shape, dtype=acc)
-    return y_ND.index_add(0, plan.token_index_S, out_SD).to(x_ND.dtype)
+    return y_ND.index_add(0, token_S, out_SD.to(acc) * gates_S[:, None].to(acc)).to(x_ND.dtype)
 
 
 def _triton_dispatch(x_ND: torch.Tensor, plan: RoutingPlan, experts: ExpertBank) -> torch.Tensor:
@@ -142,10 +147,7 @@ def _grouped_gemm_dispatch(x_ND: torch.Tensor, plan: RoutingPlan, experts: Exper
     token_S, expert_S, gates_S = plan.token_index_S[:kept], plan.expert_index_S[:kept], plan.gates_S[:kept]
     h_SH = gelu_tanh(gmm(gather_rows(x_bf16_ND, token_S), w_up_EDH, batch_sizes_E) + gather_rows(b_up_EH, expert_S))
     out_SD = gmm(h_SH, w_down_EHD, batch_sizes_E) + gather_rows(b_down_ED, expert_S)
-    acc = accumulation_dtype(x_ND)
-    out_SD = out_SD.to(acc) * gates_S[:, None].to(acc)
-    y_ND = x_ND.new_zeros(x_ND.shape, dtype=acc)
-    return y_ND.index_add(0, token_S, out_SD).to(x_ND.dtype)
+    return gate_weighted_sum(out_SD, gates_S, token_S, x_ND)
 
 
 def _run_experts(x_SD: torch.Tensor, plan: RoutingPlan, experts: ExpertBank) -> torch.Tensor:
