@@ -50,8 +50,12 @@ def save_weights(path: str | Path, state: dict[str, torch.Tensor], model_config:
         metadata["run_config"] = run_config.to_json()
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
-    save_file({name: tensor.contiguous() for name, tensor in state.items()}, str(tmp), metadata=metadata)
-    tmp.replace(path)
+    try:
+        save_file({name: tensor.contiguous() for name, tensor in state.items()}, str(tmp), metadata=metadata)
+        tmp.replace(path)
+    except OSError:
+        tmp.unlink(missing_ok=True)  # a full disk leaves no partial file behind
+        raise
 
 
 def read_weights(path: str | Path) -> tuple[dict[str, torch.Tensor], ModelConfig | None, RunConfig | None]:

@@ -54,5 +54,4 @@ def export_ema(model: torch.nn.Module, ema: EMA, config: RunConfig, out: Path, r
         save_weights(out / "ema.safetensors", state, config.model_config(), config)
         (out / "config.json").write_text(config.to_json())
     except OSError as error:
-        (out / "ema.safetensors.tmp").unlink(missing_ok=True)
         raise SystemExit(disk_full_message(error, out) or f"writing {out / 'ema.safetensors'}: {error}") from None
