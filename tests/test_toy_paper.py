@@ -1,30 +1,63 @@
-"""The toy-scale paper experiment's pipeline, 2 steps per model on a few images: it trains, evaluates and writes
-the report with its plots (about 35 s on 2 cores: kept in the default run)."""
+"""The toy-scale paper experiments' pipeline, 2 steps per model on a few images: it trains, evaluates at each
+milestone and writes the report with its plots (about 40 s on 2 cores: kept in the default run)."""
 
 import sys
 from pathlib import Path
+
+import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "bench"))
 
 
-def test_toy_paper_pipeline_writes_the_tables_and_plots(tmp_path):
-    import toy_paper
-
+@pytest.fixture(scope="module")
+def feature_net(tmp_path_factory):
     from promoe.eval.feature_net import FeatureNet, save_feature_net
 
-    net = tmp_path / "net.safetensors"
+    net = tmp_path_factory.mktemp("net") / "net.safetensors"
     save_feature_net(FeatureNet(), net)  # untrained: the pipeline, not the numbers, is under test
-    report = tmp_path / "docs" / "toy.md"
-    argv = ["--out", str(tmp_path / "runs"), "--report", str(report), "--steps", "2", "--seeds", "0",
-            "--fid-samples", "20", "--sample-steps", "2", "--val-images", "20", "--feature-net", str(net),
-            "--models", "Dense-DiT", "+ prototypical routing", "ProMoE"]
+    return net
+
+
+def tiny_argv(tmp_path, feature_net, *extra):
+    return ["--out", str(tmp_path / "runs"), "--report", str(tmp_path / "docs" / "toy.md"), "--fid-samples", "20",
+            "--sample-steps", "2", "--val-images", "20", "--feature-net", str(feature_net), *extra]
+
+
+def test_router_swap_writes_every_pair_per_seed_and_resumes_without_work(tmp_path, feature_net):
+    import toy_paper
+
+    argv = tiny_argv(tmp_path, feature_net, "--experiment", "routers", "--steps", "2", "--seeds", "0", "1",
+                     "--models", "linear softmax", "prototypes + RCL + conditional")
     toy_paper.main(argv)
-    text = report.read_text()
-    for row in ("| Dense-DiT |", "| ProMoE |", "| + prototypical routing |", "Do the paper's orderings hold"):
-        assert row in text
-    for name in ("toy_loss.png", "toy_fid.png", "toy_routing.png"):
-        assert (report.parent / name).stat().st_size > 0
-    first = (tmp_path / "runs" / "promoe_seed0" / "eval.json").stat().st_mtime_ns
+    text = (tmp_path / "docs" / "toy.md").read_text()
+    assert "| linear softmax | 0 |" in text and "| prototypes + RCL + conditional | 1 |" in text
+    for key in ("val_mse", "fid_best", "accuracy_best"):
+        assert f"prototypes + RCL + conditional better than linear softmax on {key}" in text
+    assert "of 2 seeds" in text and "I(class; expert)" in text
+    for name in ("toy_loss.png", "toy_guidance.png"):
+        assert (tmp_path / "docs" / name).stat().st_size > 0
+    cache = tmp_path / "runs" / "linear_softmax_seed1" / "eval_step0000002.json"
+    first = cache.stat().st_mtime_ns
     toy_paper.main(argv)  # resumes: nothing retrains or re-evaluates
-    assert (tmp_path / "runs" / "promoe_seed0" / "eval.json").stat().st_mtime_ns == first
+    assert cache.stat().st_mtime_ns == first
+
+
+def test_long_run_is_evaluated_at_each_milestone_and_resumed_between_them(tmp_path, feature_net):
+    import toy_paper
+
+    toy_paper.main(tiny_argv(tmp_path, feature_net, "--experiment", "long", "--steps", "1", "3", "--models",
+                             "Dense-DiT", "ProMoE"))
+    run = tmp_path / "runs" / "promoe_seed0"
+    assert (run / "eval_step0000001.json").exists() and (run / "eval_step0000003.json").exists()
+    assert (run / "checkpoints" / "latest").read_text().strip() == "step_0000003"
+    text = (tmp_path / "docs" / "toy.md").read_text()
+    assert "## After 1 steps" in text and "## After 3 steps" in text
+    assert (tmp_path / "docs" / "toy_routing.png").stat().st_size > 0
+
+
+def test_unknown_model_names_the_experiments_models(tmp_path, feature_net):
+    import toy_paper
+
+    with pytest.raises(SystemExit):
+        toy_paper.main(tiny_argv(tmp_path, feature_net, "--experiment", "routers", "--models", "ProMoE"))

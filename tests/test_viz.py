@@ -7,7 +7,13 @@ import pytest
 import torch
 
 from promoe.sampling import load_model, objective_of
-from promoe.viz.routing import expert_usage, main, sample_with_routing, usage_entropy_bits
+from promoe.viz.routing import (
+    class_expert_information_bits,
+    expert_usage,
+    main,
+    sample_with_routing,
+    usage_entropy_bits,
+)
 
 
 def test_sampling_records_one_expert_per_token_and_never_the_unconditional_one(tiny_run):
@@ -30,6 +36,21 @@ def test_usage_shares_sum_to_one_per_class_and_entropy_matches_the_formula():
     assert usage_entropy_bits(share[7, 0]) == pytest.approx(0.0)
     p = np.array([0.2, 0.3, 0.5])
     assert usage_entropy_bits(p) == pytest.approx(-(p * np.log2(p)).sum())
+
+
+def test_class_expert_information_separates_specialisation_from_imbalance():
+    rng = np.random.default_rng(0)
+    own_expert = np.eye(4)[:, None, :]  # [classes 4, layers 1, experts 4]: each class its own expert
+    shared_uneven = np.tile(rng.dirichlet(np.ones(4)), (4, 1, 1))  # every class the same uneven usage
+    assert class_expert_information_bits(own_expert) == pytest.approx([2.0])
+    assert class_expert_information_bits(shared_uneven) == pytest.approx([0.0], abs=1e-12)
+    # Against the joint-distribution formula, classes equally likely; a class without images (NaN) is left out.
+    share = rng.dirichlet(np.ones(5), size=(3, 2))  # [classes 3, layers 2, experts 5]
+    joint = share / 3
+    expected = [(joint[:, layer] * np.log2(joint[:, layer] / (np.full((3, 1), 1 / 3) * joint[:, layer].sum(0)))).sum()
+                for layer in range(2)]
+    with_missing = np.concatenate([share, np.full((1, 2, 5), np.nan)])
+    assert class_expert_information_bits(with_missing) == pytest.approx(expected)
 
 
 def test_cli_writes_the_map_and_the_usage_table(tiny_run, tmp_path):

@@ -55,6 +55,15 @@ def usage_entropy_bits(share: np.ndarray) -> np.ndarray:
     return -(np.where(p > 0, p * np.log2(np.where(p > 0, p, 1)), 0)).sum(-1)
 
 
+def class_expert_information_bits(share: np.ndarray) -> np.ndarray:
+    """I(class; expert) in bits per layer, from share [classes, layers, experts] of classes drawn equally often
+    (NaN rows, classes without images, are left out): H(expert) - H(expert | class). Unlike the per-class usage
+    entropy, it is 0 when every class uses the experts alike, however unevenly, and it is largest when each class
+    has experts of its own."""
+    share = share[~np.isnan(share).any(axis=(1, 2))]
+    return usage_entropy_bits(share.mean(axis=0)) - usage_entropy_bits(share).mean(axis=0)
+
+
 def usage_markdown(share: np.ndarray, blocks: list[int]) -> str:
     lines = []
     for layer, block in enumerate(blocks):
