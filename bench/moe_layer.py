@@ -41,7 +41,7 @@ def make_inputs(config, num_tokens, dtype, device, generator):
 
 
 def moe_step(layer, backend, x, labels, backward):
-    with promoe.dispatch_backend(backend):
+    with promoe.dispatch_backend(layer, backend):
         out, aux = layer(x, labels)
         if backward:
             (out.float().square().mean() + sum(aux.values(), torch.zeros((), device=x.device))).backward()

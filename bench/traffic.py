@@ -132,7 +132,7 @@ def count_layer(layer, backend: str, x_BLD: torch.Tensor, labels_B: torch.Tensor
                 grad_BLD: torch.Tensor) -> TrafficCounter:
     """Traffic of one forward and one backward of the layer alone (the upstream gradient is given, not computed)."""
     x = x_BLD.detach().requires_grad_()
-    with TrafficCounter() as traffic, TritonArgumentBytes(traffic), promoe.dispatch_backend(backend):
+    with TrafficCounter() as traffic, TritonArgumentBytes(traffic), promoe.dispatch_backend(layer, backend):
         out, aux = layer(x, labels_B)
         traffic.phase = "bwd"
         losses = list(aux.values())

@@ -34,7 +34,7 @@ def make_candidate(name, backend, overrides, batch, device, generator, autocast_
     labels = torch.randint(0, config.num_classes, (batch,), generator=generator).to(device)
 
     def step():
-        with promoe.dispatch_backend(backend), torch.autocast(device.type, dtype=autocast_dtype,
+        with promoe.dispatch_backend(model, backend), torch.autocast(device.type, dtype=autocast_dtype,
                                                                enabled=autocast_dtype is not None):
             loss, _ = RectifiedFlow().loss(model, x0, labels, generator)
         optimizer.zero_grad(set_to_none=True)

@@ -1,5 +1,4 @@
-"""Custom Triton kernels of promoe, installed as `promoe.kernels` (see setup.py).
-
-The fused routing, permutation and grouped-GEMM kernels are the subject of their own issue; until they
-land, the `torch` dispatch backend in `promoe.moe.dispatch` is the sync-free path.
+"""Custom Triton kernels of promoe, installed as `promoe.kernels` (see setup.py): the fused prototypical routing,
+the counting-sort plan, and the permute and combine around the expert GEMMs. `backend.py` assembles them into the
+`triton` dispatch backend; what each computes is defined by the `torch` backend (`promoe.moe.dispatch`).
 """

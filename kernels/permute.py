@@ -77,20 +77,6 @@ def _combine_backward_kernel(grad_y_ptr, out_ptr, token_ptr, gate_ptr, end_ptr, 
     tl.store(grad_gate_ptr + slots, dots, mask=in_range)
 
 
-def permute_reference(x_ND, token_S, slot_NK, end):
-    valid_S = torch.arange(token_S.numel(), device=x_ND.device) < end
-    return torch.where(valid_S[:, None], x_ND[token_S], 0)
-
-
-def combine_reference(out_SD, gates_S, token_S, slot_NK, end):
-    """Accumulates in float32 at least (float64 inputs stay float64)."""
-    dtype = torch.promote_types(out_SD.dtype, torch.float32)
-    valid_NK = slot_NK < end
-    slots = slot_NK.clamp(max=max(out_SD.shape[0] - 1, 0))
-    rows = out_SD[slots].to(dtype) * torch.where(valid_NK, gates_S[slots].to(dtype), 0)[..., None]
-    return rows.sum(1).to(out_SD.dtype)
-
-
 def _combine(src_SD, slot_NK, gates_S, end, num_tokens):
     dim = src_SD.shape[1]
     out = empty_output((num_tokens, dim), src_SD.dtype, src_SD.device)

@@ -11,7 +11,7 @@ Two passes over the N*K expert ids (values 0..E, E meaning dropped):
    gradient flows.
 An id outside 0..E counts as dropped in both passes (the routing kernel never writes one; this keeps a bad id from
 reading another block's histogram row).
-The PyTorch reference of the same signature is `promoe.moe.plan.token_choice_plan`.
+What it computes is defined by `promoe.moe.plan.token_choice_plan` (the `torch` backend), slot for slot.
 """
 
 import torch

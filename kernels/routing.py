@@ -12,13 +12,15 @@ activation.
 import os
 
 import torch
-import torch.nn.functional as F
 import triton
 import triton.language as tl
 
 from promoe.kernels.launch import empty_output, expert_block, routing_blocks
+from promoe.moe.routing import prototype_scores as prototype_scores_definition
 
 ACTIVATION_CODES = {"identity": 0, "sigmoid": 1, "softmax": 2}
+MAX_EXPERTS = 64  # the [BLOCK_N, E] score tile must fit the registers
+MAX_TOP_K = 4
 
 
 @triton.jit
@@ -115,32 +117,6 @@ def _route_kernel(x_ptr, protos_ptr, cond_ptr, ids_ptr, gates_ptr, hist_ptr,
     tl.store(hist_ptr + block * HIST_PAD + bins, hist)
 
 
-def prototype_scores_reference(x_ND, prototypes_ED, activation="identity", alpha=1.0):
-    """activation(alpha * cos(x, p)) [N, E], in float32 at least (float64 inputs stay float64)."""
-    dtype = torch.promote_types(x_ND.dtype, torch.float32)
-    cos_NE = F.normalize(x_ND.to(dtype), dim=-1) @ F.normalize(prototypes_ED.to(dtype), dim=-1).t()
-    return {"identity": lambda z: z, "sigmoid": torch.sigmoid, "softmax": lambda z: z.softmax(-1)}[activation](
-        alpha * cos_NE)
-
-
-def route_prototypes_reference(x_ND, prototypes_ED, cond_N, top_k, activation="identity", alpha=1.0,
-                               conditional=True):
-    """PyTorch reference of the same signature: (expert ids [N, K], gates [N, K], counts [E + U])."""
-    scores_NE = prototype_scores_reference(x_ND, prototypes_ED, activation, alpha)
-    dtype = scores_NE.dtype
-    # Ties: lowest index first (torch.topk leaves their order unspecified).
-    gates_NK, ids_NK = scores_NE.sort(dim=-1, descending=True, stable=True)
-    gates_NK, ids_NK = gates_NK[:, :top_k], ids_NK[:, :top_k]
-    num_experts = prototypes_ED.shape[0]
-    if conditional:
-        first_K = torch.arange(top_k, device=x_ND.device) == 0
-        ids_NK = torch.where(cond_N[:, None], ids_NK, torch.where(first_K, num_experts, num_experts + 1))
-        gates_NK = torch.where(cond_N[:, None], gates_NK, first_K.to(dtype))
-    counts = torch.zeros(num_experts + 2, dtype=torch.long, device=x_ND.device)
-    counts.scatter_add_(0, ids_NK.reshape(-1), torch.ones_like(ids_NK.reshape(-1)))
-    return ids_NK, gates_NK, counts[: num_experts + int(conditional)]
-
-
 def native_dot(x: torch.Tensor, protos: torch.Tensor) -> bool:
     """Run the similarity product in the inputs' half precision (fp32 accumulation) on a GPU; in fp32 in the
     interpreter, whose bf16 arithmetic is wrong, and for fp32 or mixed-dtype inputs."""
@@ -180,7 +156,7 @@ class _RoutePrototypes(torch.autograd.Function):
         with torch.enable_grad():
             x = x_ND.detach().requires_grad_()
             protos = prototypes_ED.detach().requires_grad_()
-            scores_NE = prototype_scores_reference(x, protos, activation, alpha)
+            scores_NE = prototype_scores_definition(x, protos, activation, alpha)
             routed_NK = ids_NK < num_experts  # unconditional and dropped slots have constant gates
             chosen_NK = scores_NE.gather(1, ids_NK.clamp(max=num_experts - 1))
             grad = torch.where(routed_NK, grad_gates_NK.float(), 0.0)
@@ -189,11 +165,12 @@ class _RoutePrototypes(torch.autograd.Function):
 
 
 def route_prototypes(x_ND, prototypes_ED, cond_N, top_k, activation="identity", alpha=1.0, conditional=True):
-    """Fused kernel with the reference's signature: (expert ids [N, K], gates [N, K] fp32, counts [E + U])."""
-    if not 1 <= top_k <= 4:
-        raise ValueError(f"the fused routing kernel supports top_k in 1..4, got {top_k}")
-    if prototypes_ED.shape[0] > 64:
-        raise ValueError(f"the fused routing kernel supports up to 64 experts, got {prototypes_ED.shape[0]}")
+    """`promoe.moe.routing.route_prototypes` as one kernel: (expert ids [N, K], gates [N, K] fp32, counts [E + U]);
+    the counts (slots per bank expert) come free from the kernel's per-block histogram."""
+    if not 1 <= top_k <= MAX_TOP_K:
+        raise ValueError(f"the fused routing kernel supports top_k in 1..{MAX_TOP_K}, got {top_k}")
+    if prototypes_ED.shape[0] > MAX_EXPERTS:
+        raise ValueError(f"the fused routing kernel supports up to {MAX_EXPERTS} experts, got {prototypes_ED.shape[0]}")
     return _RoutePrototypes.apply(x_ND, prototypes_ED, cond_N, top_k, activation, alpha, conditional)
 
 
@@ -221,13 +198,13 @@ class _PrototypeScores(torch.autograd.Function):
         with torch.enable_grad():
             x = x_ND.detach().requires_grad_()
             protos = prototypes_ED.detach().requires_grad_()
-            scores_NE = prototype_scores_reference(x, protos, activation, alpha)
+            scores_NE = prototype_scores_definition(x, protos, activation, alpha)
             grad_x, grad_protos = torch.autograd.grad(scores_NE, (x, protos), grad_scores_NE.to(scores_NE.dtype))
         return grad_x, grad_protos, None, None
 
 
 def prototype_scores(x_ND, prototypes_ED, activation="identity", alpha=1.0):
-    """The scores of `prototype_scores_reference` [N, E] fp32, by the routing kernel's similarity code."""
-    if prototypes_ED.shape[0] > 64:
-        raise ValueError(f"the fused routing kernel supports up to 64 experts, got {prototypes_ED.shape[0]}")
+    """`promoe.moe.routing.prototype_scores` [N, E] fp32, by the routing kernel's similarity code."""
+    if prototypes_ED.shape[0] > MAX_EXPERTS:
+        raise ValueError(f"the fused routing kernel supports up to {MAX_EXPERTS} experts, got {prototypes_ED.shape[0]}")
     return _PrototypeScores.apply(x_ND, prototypes_ED, activation, alpha)

@@ -86,7 +86,7 @@ class ModelConfig:
 
     def __post_init__(self):
         from promoe.moe.dispatch import check_backend
-        from promoe.moe.routers import check_activation
+        from promoe.moe.routing import check_activation
 
         self.check_types()
         self.check_ranges()

@@ -110,7 +110,7 @@ def test_guidance_in_one_batch_equals_two_passes_and_the_formula(rng):
         torch.rand(3, generator=rng) * 1000,
         torch.tensor([1, 2, 3]),
     )
-    with promoe.dispatch_backend("loop"):
+    with promoe.dispatch_backend(model, "loop"):
         batched = guided_prediction(model, x, t, y, 1.5, channels=4, batched=True)
         two_passes = guided_prediction(model, x, t, y, 1.5, channels=4, batched=False)
         cond, uncond = model(x, t, y), model(x, t, torch.full_like(y, 10))
@@ -118,7 +118,7 @@ def test_guidance_in_one_batch_equals_two_passes_and_the_formula(rng):
     torch.testing.assert_close(batched, two_passes, **tolerance)
     torch.testing.assert_close(batched[:, :4], uncond[:, :4] + 1.5 * (cond[:, :4] - uncond[:, :4]), **tolerance)
     torch.testing.assert_close(batched[:, 4:], cond[:, 4:], **tolerance)
-    with promoe.dispatch_backend("loop"):  # no guidance at scale 1
+    with promoe.dispatch_backend(model, "loop"):  # no guidance at scale 1
         assert torch.equal(guided_prediction(model, x, t, y, 1.0, channels=4), model(x, t, y))
 
 
@@ -315,7 +315,7 @@ def test_fixed_variance_sampling_is_unchanged(name, learn_sigma, rng):
     # order grows over the steps.
     model = tiny_model("ProMoE-S", learn_sigma=learn_sigma).eval().double()
     noise, y = torch.randn(3, 4, 8, 8, generator=rng).double(), torch.tensor([1, 2, 3])
-    with promoe.dispatch_backend("loop"):
+    with promoe.dispatch_backend(model, "loop"):
         got = make_objective(name).sample(model, noise, y, steps=20, generator=torch.Generator().manual_seed(5))
         expected = old_ddpm_sample(DDPM(), model, noise, y, 20, torch.Generator().manual_seed(5))
     torch.testing.assert_close(got, expected, rtol=1e-9, atol=1e-9)
@@ -347,7 +347,7 @@ def test_batched_guidance_equals_two_passes_unless_routing_couples_samples(name,
             module.expert_threshold_E.fill_(0.5)
     x, t = torch.randn(3, 4, 8, 8, generator=rng).double(), torch.rand(3, generator=rng) * 1000
     y = torch.tensor([1, 2, 3])
-    with promoe.dispatch_backend("loop"):
+    with promoe.dispatch_backend(model, "loop"):
         batched = guided_prediction(model, x, t, y, 2.0, channels=4, batched=True)
         two_passes = guided_prediction(model, x, t, y, 2.0, channels=4, batched=False)
     assert model.routing_couples_samples == (name == "DiffMoE-B-E8")

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import promoe
-from promoe.moe.dispatch import dispatch
+from promoe.moe.dispatch import backend_named
 from promoe.moe.experts import ExpertBank, grouped_mm
 from promoe.moe.plan import token_choice_plan
 
@@ -39,7 +39,7 @@ def run_backend(backend, x_ND, expert_ids_NK, gates_NK, bank, has_dropped):
     gates = gates_NK.clone().requires_grad_()
     bank.zero_grad()
     plan = token_choice_plan(expert_ids_NK, gates, bank.num_experts, has_dropped_slots=has_dropped)
-    y = dispatch(x, plan, bank, backend)
+    y = backend_named(backend).dispatch(x, plan, bank)
     y.backward(torch.randn(y.shape, generator=torch.Generator().manual_seed(7)).to(y.dtype))
     return y.detach(), x.grad, gates.grad, [p.grad.clone() for p in bank.parameters()]
 
@@ -95,18 +95,20 @@ def test_grouped_mm_backward_accepts_a_gradient_with_zero_strides(rng):
     torch.testing.assert_close(x.grad, expected_x.detach())
 
 
-def test_context_manager_overrides_the_configured_backend_and_rejects_unknown_names():
-    from promoe.moe.dispatch import resolve_backend
+def test_context_manager_sets_every_layer_for_the_block_and_rejects_unknown_names(rng):
+    from promoe.moe.dispatch import default_backend_name
+    from promoe.moe.layer import dispatch_name
 
-    assert resolve_backend("torch") == "torch"
-    with promoe.dispatch_backend("loop"):
-        assert resolve_backend("torch") == "loop"
-    assert resolve_backend(None) == "torch"
-    assert resolve_backend(None, torch.device("cpu")) == "torch"
-    assert resolve_backend(None, torch.device("cuda")) == "triton"
-    assert resolve_backend("loop", torch.device("cuda")) == "loop"
+    model = promoe.build_model("ProMoE-S", depth=4, hidden_size=32, num_heads=2, input_size=8, dispatch="torch")
+    layers = [block.mlp for block in model.blocks if hasattr(block.mlp, "router")]
+    assert len(layers) == 2 and dispatch_name(model, torch.device("cpu")) == "torch"
+    with promoe.dispatch_backend(model, "loop"):
+        assert [layer.backend for layer in layers] == ["loop", "loop"]
+    assert [layer.backend for layer in layers] == ["torch", "torch"]
+    assert default_backend_name(torch.device("cpu")) == "torch"
+    assert default_backend_name(torch.device("cuda")) == "triton"
     with pytest.raises(ValueError, match="unknown dispatch backend"):
-        with promoe.dispatch_backend("cuda-magic"):
+        with promoe.dispatch_backend(model, "cuda-magic"):
             pass
 
 
@@ -145,7 +147,7 @@ def test_grouped_gemm_backend_runs_float32_weights_under_bfloat16_autocast(monke
     gates = torch.rand(30, 1, generator=rng)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         y = run_backend("grouped_gemm", x, ids, gates, bank, False)[0]
-    assert y.dtype == torch.float32
+    assert y.dtype == torch.bfloat16  # as a dense FFN under autocast
     torch.testing.assert_close(y.double(), reference_float64(x, ids, gates, bank), rtol=3e-2, atol=3e-2)
 
 
@@ -193,7 +195,7 @@ def test_a_nan_image_leaves_the_other_images_rows_untouched(backend, top_k, rng)
     broken = x.clone()
     broken[2] = float("nan")
     others = [0, 1, 3]
-    with promoe.dispatch_backend(backend):
+    with promoe.dispatch_backend(layer, backend):
         results = []
         for batch in (x, broken):
             batch = batch.clone().requires_grad_()
@@ -207,13 +209,13 @@ def test_a_nan_image_leaves_the_other_images_rows_untouched(backend, top_k, rng)
     torch.testing.assert_close(grad_broken[others], grad[others], rtol=1e-6, atol=1e-6)
 
 
-@pytest.mark.parametrize("use_kernels", [False, True])
-def test_gates_stay_float32_in_the_plan_of_a_bfloat16_layer(use_kernels, rng):
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_gates_stay_float32_in_the_plan_of_a_bfloat16_layer(backend, rng):
     """Routing is fp32 by design; the gates reach the combine in fp32 whatever the activations' dtype."""
     layer = make_promoe_layer(DIM, 6, 2, rng).to(torch.bfloat16)
     x = torch.randn(40, DIM, generator=rng).bfloat16()
     cond = torch.rand(40, generator=rng) > 0.2
-    plan, _ = layer.router(x, cond, 2, torch.tensor([1, 2]), use_kernels=use_kernels)
+    plan, _ = layer.router(x, cond, 2, torch.tensor([1, 2]), backend_named(backend))
     assert plan.gates_S.dtype == torch.float32
     scores = torch.nn.functional.normalize(x.float(), dim=-1) @ torch.nn.functional.normalize(
         layer.router.scorer.prototypes.float(), dim=-1).t()
@@ -230,8 +232,8 @@ def test_bfloat16_combine_multiplies_by_the_float32_gates(backend, rng):
     gates = torch.rand(40, 1, generator=rng) * 0.1 + 1  # 1 + a fraction that bf16 would round to 1/128
     plan = token_choice_plan(ids, gates, 4)
     with torch.no_grad():
-        y = dispatch(x, plan, bank, backend)
-        unit = dispatch(x, token_choice_plan(ids, torch.ones_like(gates), 4), bank, backend)
+        y = backend_named(backend).dispatch(x, plan, bank)
+        unit = backend_named(backend).dispatch(x, token_choice_plan(ids, torch.ones_like(gates), 4), bank)
     expected = (unit.float() * gates).bfloat16()  # one rounding, of the fp32 product
     # Triton's interpreter truncates on the fp32 -> bf16 store where a GPU rounds to nearest: one ulp (2^-7) there.
     interpreted = backend == "triton" and os.environ.get("TRITON_INTERPRET") == "1"

@@ -106,7 +106,7 @@ def test_backends_give_the_same_model_outputs_and_gradients(rng):
     for backend in ("loop", "torch"):
         model.zero_grad()
         torch.manual_seed(0)  # same label dropout
-        with promoe.dispatch_backend(backend):
+        with promoe.dispatch_backend(model, backend):
             out, aux = model(x, t, y, return_aux=True)
         (out.square().mean() + sum(aux.values())).backward()
         results[backend] = [out.detach()] + [p.grad.clone() for p in model.parameters()]
@@ -127,7 +127,7 @@ def test_training_with_triton_kernels_matches_loop_step_by_step():
         labels = torch.tensor([0, 1, 2, 3, 10, 5])
         torch.manual_seed(0)  # the same label dropout in both runs
         losses[backend] = []
-        with promoe.dispatch_backend(backend):
+        with promoe.dispatch_backend(model, backend):
             for _ in range(6):
                 loss, _ = RectifiedFlow().loss(model, x0, labels, generator)
                 optimizer.zero_grad()

@@ -14,6 +14,7 @@ import triton
 from promoe.kernels import permute as permute_kernels
 from promoe.kernels import routing as routing_kernels
 from promoe.kernels.launch import expert_block
+from promoe.moe.routing import prototype_scores
 
 STRIDE = 2**30
 DIM = 16  # the smallest tile: one program covers every row and column below
@@ -73,7 +74,7 @@ def test_routing_reads_tokens_past_2_to_the_31(kernel, values, rng):
     num_experts = 4
     protos = torch.randn(num_experts, DIM, generator=rng).to(DTYPE)
     x_ND = far_rows(values)
-    expected_NE = routing_kernels.prototype_scores_reference(values.double(), protos.double())
+    expected_NE = prototype_scores(values.double(), protos.double())
     common = dict(NUM_EXPERTS=num_experts, E_PAD=expert_block(num_experts), ACTIVATION=0, NATIVE_DOT=False,
                   BLOCK_N=16, BLOCK_D=DIM)
     if kernel == "scores":

@@ -1,12 +1,18 @@
-"""Permute and combine kernels against their PyTorch references, under Triton's interpreter on the CPU."""
+"""The `triton` backend's permute and combine kernels against the `torch` backend's definitions of the same steps,
+under Triton's interpreter on the CPU."""
+
+import dataclasses
 
 import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from promoe.kernels.permute import combine, combine_reference, permute, permute_reference
+from promoe.kernels.backend import TritonBackend
+from promoe.moe.dispatch import TorchBackend
 from promoe.moe.plan import token_choice_plan
+
+DEFINITION, KERNELS = TorchBackend(), TritonBackend()
 
 ROUTINGS = {
     "random": lambda n, e, k, g: torch.randint(0, e, (n, k), generator=g),
@@ -31,22 +37,21 @@ def make_plan(routing, num_tokens, num_experts, top_k, rng):
 def test_permute_and_combine_match_references_forward_and_backward(routing, num_tokens, dim, top_k, dtype, rng,
                                                                    poisoned_outputs):
     plan = make_plan(routing, num_tokens, 5, top_k, rng)
-    end = plan.offsets_E1[-1:]
     x = torch.randn(num_tokens, dim, generator=rng).to(dtype).requires_grad_()
     out = torch.randn(num_tokens * top_k, dim, generator=rng).to(dtype).requires_grad_()
     gates = plan.gates_S.clone().requires_grad_()
-    args = (plan.token_index_S, plan.slot_NK, end)
+    gated = dataclasses.replace(plan, gates_S=gates)
 
     x64 = x.detach().double().requires_grad_()
-    permuted, ref_permuted = permute(x, *args), permute_reference(x64, *args)
+    permuted, ref_permuted = KERNELS.permute(x, plan), DEFINITION.permute(x64, plan)
     assert torch.equal(permuted.double(), ref_permuted)  # a copy: exact in every dtype
     upstream = torch.randn(permuted.shape, generator=rng).to(dtype)
     # The kernel sums a token's K gradient rows in fp32 and rounds once: compare with float64.
     torch.testing.assert_close(torch.autograd.grad(permuted, x, upstream)[0].double(),
                                torch.autograd.grad(ref_permuted, x64, upstream.double())[0], **DTYPES[dtype])
 
-    combined = combine(out, gates, plan.token_index_S, plan.slot_NK, end)
-    ref_combined = combine_reference(out.double(), gates.double(), plan.token_index_S, plan.slot_NK, end)
+    combined = KERNELS.combine(out, gated)
+    ref_combined = DEFINITION.combine(out.double(), dataclasses.replace(plan, gates_S=gates.double()))
     torch.testing.assert_close(combined.double(), ref_combined, **DTYPES[dtype])
     upstream = torch.randn(combined.shape, generator=rng).to(dtype)
     grad_out, grad_gates = torch.autograd.grad(combined, (out, gates), upstream)
@@ -58,12 +63,12 @@ def test_permute_and_combine_match_references_forward_and_backward(routing, num_
     torch.testing.assert_close(grad_gates.double(), ref_grad_gates.double(), **tolerance)
 
 
-def test_combine_gradient_check_in_float64_on_the_reference(rng):
+def test_combine_gradient_check_in_float64_on_the_definition(rng):
     plan = make_plan("dropped_slots", 9, 3, 2, rng)
     out = torch.randn(18, 5, generator=rng, dtype=torch.float64, requires_grad=True)
     gates = plan.gates_S.double().requires_grad_()
-    assert torch.autograd.gradcheck(
-        lambda o, g: combine_reference(o, g, plan.token_index_S, plan.slot_NK, plan.offsets_E1[-1:]), (out, gates))
+    assert torch.autograd.gradcheck(lambda o, g: DEFINITION.combine(o, dataclasses.replace(plan, gates_S=g)),
+                                    (out, gates))
 
 
 @settings(max_examples=60, deadline=None)

@@ -1,14 +1,19 @@
-"""The fused routing kernel against its PyTorch reference, under Triton's interpreter on the CPU."""
+"""The fused routing kernel against the routing's definition (`promoe.moe.routing`, what the `torch` backend runs),
+under Triton's interpreter on the CPU."""
 
 import pytest
 import torch
 
-from promoe.kernels.routing import (
-    prototype_scores,
-    prototype_scores_reference,
-    route_prototypes,
-    route_prototypes_reference,
-)
+from promoe.kernels.routing import prototype_scores, route_prototypes
+from promoe.moe import routing
+
+
+def route_prototypes_reference(x, protos, cond, top_k, activation="identity", alpha=1.0, conditional=True):
+    """The definition, and the slots per bank expert that the kernel counts on the side."""
+    ids, gates = routing.route_prototypes(x, protos, cond, top_k, activation, alpha, conditional)
+    num_bank = protos.shape[0] + int(conditional)
+    counts = torch.bincount(ids.flatten(), minlength=protos.shape[0] + 2)[:num_bank]
+    return ids, gates, counts
 
 SHAPES = [  # (tokens, dim, experts): N = 0 and 1, N not a multiple of the 16/64-token blocks, D not a power of 2
     (0, 32, 4), (1, 16, 4), (63, 40, 12), (65, 1152, 12), (130, 96, 64),
@@ -95,7 +100,7 @@ def test_scores_kernel_for_expert_choice_matches_reference_with_gradients(num_to
     protos = (torch.randn(num_experts, dim, generator=rng) * 0.02).requires_grad_()
     scores = prototype_scores(x, protos, activation, alpha=0.7)
     x64, p64 = x.detach().double().requires_grad_(), protos.detach().double().requires_grad_()
-    expected = prototype_scores_reference(x64, p64, activation, alpha=0.7)
+    expected = routing.prototype_scores(x64, p64, activation, alpha=0.7)
     torch.testing.assert_close(scores.double(), expected.detach(), rtol=1e-5, atol=1e-6)
     upstream = torch.randn(scores.shape, generator=rng)
     grads = torch.autograd.grad(scores, (x, protos), upstream)

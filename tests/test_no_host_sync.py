@@ -28,7 +28,7 @@ def run_on_meta(name, overrides, training, backend):
     model = promoe.build_model(name, device="meta", dtype=torch.bfloat16, **TINY, **overrides).train(training)
     x = torch.randn(4, 4, 8, 8, device="meta", dtype=torch.bfloat16)
     t, y = torch.rand(4, device="meta"), torch.randint(0, 11, (4,), device="meta")
-    with promoe.dispatch_backend(backend):
+    with promoe.dispatch_backend(model, backend):
         out, aux = model(x, t, y, return_aux=True)
         (out.float().sum() + sum(aux.values(), torch.zeros((), device="meta"))).backward()
 
@@ -53,7 +53,7 @@ def test_no_op_that_syncs_with_the_host_in_a_moe_layer_forward_and_backward(mode
     layer = build_mlp(promoe.model_config(name, **TINY, **overrides), block_index=1).train()
     x = torch.randn(4, 16, TINY["hidden_size"], requires_grad=True)
     labels = torch.tensor([1, 10, 3, 4])
-    with OpCounter() as recorder, promoe.dispatch_backend(backend):
+    with OpCounter() as recorder, promoe.dispatch_backend(layer, backend):
         out, aux = layer(x, labels)
         (out.square().sum() + sum(aux.values(), torch.zeros(()))).backward()
     assert recorder.syncs == []
@@ -63,6 +63,6 @@ def test_the_sync_recorder_catches_the_loop_backend():
     from promoe.zoo import build_mlp
 
     layer = build_mlp(promoe.model_config("ProMoE-S", **TINY), block_index=1)
-    with OpCounter() as recorder, promoe.dispatch_backend("loop"):
+    with OpCounter() as recorder, promoe.dispatch_backend(layer, "loop"):
         layer(torch.randn(2, 16, TINY["hidden_size"]), torch.tensor([1, 2]))
     assert "boolean-mask indexing" in recorder.syncs

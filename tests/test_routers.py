@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 
 import promoe
-from promoe.moe import layer as layer_module
+from promoe.moe.dispatch import TorchBackend
 from promoe.zoo import build_mlp
 from tests.helpers import TINY, randomize_
 
@@ -64,7 +64,7 @@ def check_layer(layer, reference, x_BLD, cond_B, reference_fn, backend):
     """Our layer in fp32 against reference_fn(x in float64) -> (out, aux): output, aux losses, every gradient."""
     layer.zero_grad()
     x = x_BLD.clone().requires_grad_()
-    with promoe.dispatch_backend(backend):
+    with promoe.dispatch_backend(layer, backend):
         out, aux = layer(x, labels_of(cond_B))
     upstream = torch.randn(out.shape, generator=torch.Generator().manual_seed(3))
     ((out * upstream).sum() + sum(aux.values(), torch.zeros(()))).backward()
@@ -208,7 +208,7 @@ def test_ec_dit_layer_matches_reference(rng):
             gates, tokens = probs[b, :, e].topk(TOKENS // 4)
             expected[b] = expected[b].index_add(0, tokens, gates[:, None] * reference.expert(e, x[b, tokens].double()))
     for backend in ("loop", "torch"):
-        with promoe.dispatch_backend(backend):
+        with promoe.dispatch_backend(layer, backend):
             out, aux = layer(x, labels_of(torch.ones(BATCH, dtype=torch.bool)))
         torch.testing.assert_close(out.double(), expected.detach(), rtol=1e-4, atol=1e-5)
         assert aux == {}
@@ -216,13 +216,13 @@ def test_ec_dit_layer_matches_reference(rng):
 
 def record_plans(monkeypatch):
     plans = []
-    original = layer_module.dispatch
+    original = TorchBackend.dispatch
 
-    def recording(x, plan, experts, backend=None):
+    def recording(self, x, plan, experts):
         plans.append(plan)
-        return original(x, plan, experts, backend)
+        return original(self, x, plan, experts)
 
-    monkeypatch.setattr(layer_module, "dispatch", recording)
+    monkeypatch.setattr(TorchBackend, "dispatch", recording)
     return plans
 
 
@@ -420,7 +420,7 @@ def test_diffmoe_inference_uses_the_thresholds_of_the_capacity_predictor(backend
     layer.router.expert_threshold_E.copy_(threshold)
     reference = Reference(layer)
     x = torch.randn(BATCH, TOKENS, DIM, generator=rng)
-    with promoe.dispatch_backend(backend):
+    with promoe.dispatch_backend(layer, backend):
         out, aux = layer(x, labels_of(torch.ones(BATCH, dtype=torch.bool)))
     expected, _, predicted = diffmoe_reference(reference, x.double(), threshold=threshold.double())
     assert aux == {}
@@ -444,7 +444,7 @@ def test_all_backends_agree_on_all_null_all_real_and_mixed_batches(name, experts
     for backend in ("loop", "torch", "triton"):
         layer.zero_grad()
         x_ = x.clone().requires_grad_()
-        with promoe.dispatch_backend(backend):
+        with promoe.dispatch_backend(layer, backend):
             out, aux = layer(x_, torch.tensor(labels))
         (out.square().sum() + sum(aux.values(), torch.zeros(()))).backward()
         results.append([out.detach(), x_.grad] + [p.grad if p.grad is not None else torch.zeros_like(p)

@@ -23,7 +23,7 @@ from tqdm import tqdm
 
 from promoe.diffusion import make_objective
 from promoe.eval.end_of_run import finish
-from promoe.moe.dispatch import resolve_backend
+from promoe.moe.layer import dispatch_name
 from promoe.moe.record import record_routing
 from promoe.train_config import RunConfig, load_config
 from promoe.training.batches import data_identity, global_batch_indices, load_dataset
@@ -57,6 +57,7 @@ def parse_args(argv):
     return args
 
 
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     rank, world_size, device = init_distributed()
@@ -78,7 +79,7 @@ def main(argv=None) -> int:
                 print(f"world size {world_size}, global batch {config.train.global_batch} "
                       f"({config.train.global_batch // world_size} per rank), data {dataset.name} ({len(dataset)} "
                       f"images), model {config.model.name} {activated / 1e6:.2f}M activated / {total / 1e6:.2f}M "
-                      f"total, {compute_dtype(config, device)}, dispatch {resolve_backend(None, device)}")
+                      f"total, {compute_dtype(config, device)}, dispatch {dispatch_name(model, device)}")
             stopped = train(model, optimizer, ema, dataset, checkpoints, config, start, resumed, device)
             if stopped is not None:
                 return stopped

@@ -1,13 +1,18 @@
-"""Dispatch: run the experts of a RoutingPlan and combine their outputs, one function, several backends.
+"""Dispatch backends: one object per way of running a MoE layer, chosen once per layer and forward.
 
-- `loop`: the paper's Algorithm 1, a boolean mask per expert. The readable spec and the benchmark
-  baseline; it synchronises with the host once per expert (boolean-mask indexing).
-- `torch`: gather rows in expert order, two `torch.nn.functional.grouped_mm` calls over the plan's
-  offsets, gate-weighted scatter back. No host synchronisation, no data-dependent shapes.
-- `triton`: the same expert GEMMs between the Triton permute and gather-form combine kernels of
-  `promoe.kernels.permute` (token-choice plans; an expert-choice plan has no fixed K per token and takes the
-  `torch` path). The routers add their kernels on this backend (see `promoe.moe.routers`). On the CPU it
-  needs Triton's interpreter (TRITON_INTERPRET=1), which is for tests, not speed.
+A backend routes (the prototypes' fused routing, the scores of expert choice), builds the plan of a token-choice
+router, permutes the tokens into expert order, runs the experts and combines their outputs. `TorchBackend` is at
+the same time the readable definition of each of these steps and the reference that every Triton kernel is tested
+against; the other backends change how a step runs, never what it computes:
+
+- `torch`: gather rows in expert order, two `torch.nn.functional.grouped_mm` calls over the plan's offsets,
+  gate-weighted sum back. No host synchronisation, no data-dependent shapes. The default off CUDA.
+- `loop`: the paper's Algorithm 1, a boolean mask per expert. The benchmark baseline; it synchronises with the
+  host once per expert (boolean-mask indexing).
+- `triton` (`promoe.kernels.backend`): the fused routing kernel, the counting-sort plan, and the permute and
+  gather-form combine kernels around the same expert GEMMs (an expert-choice plan has no fixed K per token and
+  keeps the `torch` permute and combine). The default on CUDA; on the CPU it needs Triton's interpreter
+  (TRITON_INTERPRET=1), which is for tests, not speed.
 - `grouped_gemm`: the expert GEMMs of the `grouped_gemm` package (MegaBlocks' grouped GEMM, CUTLASS, CUDA,
   bf16 only; `pip install ".[gpu]"`). It takes the per-expert batch sizes on the host, so it costs one host
   synchronisation per layer: worth it only where its GEMM beats `grouped_mm` (sm_80, where `grouped_mm` falls back
@@ -15,28 +20,16 @@
   refused.
 """
 
-import contextlib
-from collections.abc import Iterator
+import functools
 
 import torch
 import torch.nn.functional as F
 
+from promoe.moe import routing
 from promoe.moe.experts import ExpertBank, gelu_tanh, grouped_mm
-from promoe.moe.plan import RoutingPlan
+from promoe.moe.plan import RoutingPlan, token_choice_plan
 
 BACKENDS = ("loop", "torch", "triton", "grouped_gemm")
-_backend_override: list[str] = []
-
-
-@contextlib.contextmanager
-def dispatch_backend(name: str) -> Iterator[None]:
-    """Use backend `name` for every MoE layer run inside the block, whatever the config says."""
-    check_backend(name)
-    _backend_override.append(name)
-    try:
-        yield
-    finally:
-        _backend_override.pop()
 
 
 def check_backend(name: str) -> None:
@@ -44,24 +37,81 @@ def check_backend(name: str) -> None:
         raise ValueError(f"unknown dispatch backend {name!r}; choose one of {BACKENDS}")
 
 
-def resolve_backend(configured: str | None, device: torch.device | None = None) -> str:
-    """The context manager wins over the config, which wins over the device's default: `triton` on CUDA,
-    `torch` elsewhere (the fastest on the CPU: 2.2x `loop` on a ProMoE-B layer; Triton runs there only
-    interpreted)."""
-    if _backend_override:
-        return _backend_override[-1]
-    if configured:
-        return configured
-    return "triton" if device is not None and device.type == "cuda" else "torch"
+def default_backend_name(device: torch.device) -> str:
+    """`triton` on CUDA, `torch` elsewhere (the fastest on the CPU: 2.2x `loop` on a ProMoE-B layer; Triton runs
+    there only interpreted)."""
+    return "triton" if device.type == "cuda" else "torch"
 
 
-def dispatch(x_ND: torch.Tensor, plan: RoutingPlan, experts: ExpertBank, backend: str | None = None) -> torch.Tensor:
-    """y[n] = sum over the slots s of token n of gates[s] * expert[s](x[n])."""
-    name = resolve_backend(backend, x_ND.device)
+@functools.cache
+def backend_named(name: str) -> "TorchBackend":
+    """The backend object of a name (backends hold no state: one of each serves every layer)."""
     check_backend(name)
-    run = {"loop": _loop_dispatch, "torch": _torch_dispatch, "triton": _triton_dispatch,
-           "grouped_gemm": _grouped_gemm_dispatch}[name]
-    return run(x_ND, plan, experts)
+    if name == "triton":
+        from promoe.kernels.backend import TritonBackend  # the kernels build on promoe.moe, not the reverse
+
+        return TritonBackend()
+    return {"loop": LoopBackend, "torch": TorchBackend, "grouped_gemm": GroupedGemmBackend}[name]()
+
+
+class TorchBackend:
+    """Every step of a MoE layer in PyTorch: the definitions."""
+
+    name = "torch"
+
+    def route_prototypes(self, x_ND, prototypes_ED, cond_N, k, activation, alpha, conditional):
+        """ProMoE's two-step routing: (expert ids [N, K], gates [N, K])."""
+        return routing.route_prototypes(x_ND, prototypes_ED, cond_N, k, activation, alpha, conditional)
+
+    def prototype_scores(self, x_ND, prototypes_ED, activation, alpha) -> torch.Tensor:
+        return routing.prototype_scores(x_ND, prototypes_ED, activation, alpha)
+
+    def token_choice_plan(self, expert_ids_NK, gates_NK, num_experts: int, has_dropped_slots: bool) -> RoutingPlan:
+        return token_choice_plan(expert_ids_NK, gates_NK, num_experts, has_dropped_slots)
+
+    def dispatch(self, x_ND: torch.Tensor, plan: RoutingPlan, experts: ExpertBank) -> torch.Tensor:
+        """y[n] = sum over the slots s of token n of gates[s] * expert[s](x[n])."""
+        return self.combine(run_experts(self.permute(x_ND, plan), plan, experts), plan)
+
+    def permute(self, x_ND: torch.Tensor, plan: RoutingPlan) -> torch.Tensor:
+        """x_SD[s] = x[token of slot s] in slot (expert) order; zero rows for dropped slots."""
+        return mask_dropped_slots(plan)(gather_rows(x_ND, plan.token_index_S))
+
+    def combine(self, out_SD: torch.Tensor, plan: RoutingPlan) -> torch.Tensor:
+        """y [N, D] = sum over each token's slots of gate * out, in out's dtype; dropped slots add nothing."""
+        out_SD = mask_dropped_slots(plan)(out_SD)
+        return gate_weighted_sum(out_SD, plan.gates_S, plan.token_index_S, plan.num_tokens)
+
+
+class LoopBackend(TorchBackend):
+    name = "loop"
+
+    def dispatch(self, x_ND: torch.Tensor, plan: RoutingPlan, experts: ExpertBank) -> torch.Tensor:
+        acc = accumulation_dtype(x_ND)
+        y_ND = x_ND.new_zeros(x_ND.shape, dtype=acc)
+        for expert in range(experts.num_experts):
+            mask_S = plan.expert_index_S == expert
+            tokens = plan.token_index_S[mask_S]
+            out = experts.expert_forward(expert, x_ND[tokens]).to(acc) * plan.gates_S[mask_S, None].to(acc)
+            y_ND = y_ND.index_add(0, tokens, out)
+        return y_ND.to(x_ND.dtype)
+
+
+class GroupedGemmBackend(TorchBackend):
+    name = "grouped_gemm"
+
+    def dispatch(self, x_ND: torch.Tensor, plan: RoutingPlan, experts: ExpertBank) -> torch.Tensor:
+        x_bf16_ND, w_up_EDH, b_up_EH, w_down_EHD, b_down_ED = _bf16_operands(x_ND, experts)
+        gmm = grouped_gemm_gmm()
+        # The host synchronisation this backend costs: its GEMM reads the batch sizes on the CPU. Knowing them,
+        # the dropped slots (past the last offset) can simply be cut off.
+        batch_sizes_E = plan.counts_E.cpu()
+        kept = int(batch_sizes_E.sum())
+        token_S, expert_S, gates_S = plan.token_index_S[:kept], plan.expert_index_S[:kept], plan.gates_S[:kept]
+        h_SH = gelu_tanh(gmm(gather_rows(x_bf16_ND, token_S), w_up_EDH, batch_sizes_E)
+                         + gather_rows(b_up_EH, expert_S))
+        out_SD = gmm(h_SH, w_down_EHD, batch_sizes_E) + gather_rows(b_down_ED, expert_S)
+        return gate_weighted_sum(out_SD, gates_S, token_S, plan.num_tokens)
 
 
 def accumulation_dtype(x_ND: torch.Tensor) -> torch.dtype:
@@ -76,42 +126,14 @@ def gather_rows(table_RC: torch.Tensor, index_S: torch.Tensor) -> torch.Tensor:
     return F.embedding(index_S, table_RC)
 
 
-def _loop_dispatch(x_ND: torch.Tensor, plan: RoutingPlan, experts: ExpertBank) -> torch.Tensor:
-    acc = accumulation_dtype(x_ND)
-    y_ND = x_ND.new_zeros(x_ND.shape, dtype=acc)
-    for expert in range(experts.num_experts):
-        mask_S = plan.expert_index_S == expert
-        tokens = plan.token_index_S[mask_S]
-        out = experts.expert_forward(expert, x_ND[tokens]).to(acc) * plan.gates_S[mask_S, None].to(acc)
-        y_ND = y_ND.index_add(0, tokens, out)
-    return y_ND.to(x_ND.dtype)
-
-
-def _torch_dispatch(x_ND: torch.Tensor, plan: RoutingPlan, experts: ExpertBank) -> torch.Tensor:
-    keep = _dropped_slot_masker(plan)
-    out_SD = _run_experts(keep(gather_rows(x_ND, plan.token_index_S)), plan, experts)
-    return gate_weighted_sum(keep(out_SD), plan.gates_S, plan.token_index_S, x_ND)
-
-
-def gate_weighted_sum(out_SD: torch.Tensor, gates_S: torch.Tensor, token_S: torch.Tensor, x_ND: torch.Tensor
+def gate_weighted_sum(out_SD: torch.Tensor, gates_S: torch.Tensor, token_S: torch.Tensor, num_tokens: int
                       ) -> torch.Tensor:
-    """y[n] = sum over the slots s of token n of gates[s] * out[s], in x's shape and dtype. Gates stay fp32 (the
-    routing's precision) into the combine; the K copies of a token accumulate in fp32 (at least), so bf16 sums do
-    not depend on the slot order."""
-    acc = accumulation_dtype(x_ND)
-    y_ND = x_ND.new_zeros(x_ND.shape, dtype=acc)
-    return y_ND.index_add(0, token_S, out_SD.to(acc) * gates_S[:, None].to(acc)).to(x_ND.dtype)
-
-
-def _triton_dispatch(x_ND: torch.Tensor, plan: RoutingPlan, experts: ExpertBank) -> torch.Tensor:
-    if plan.slot_NK is None:
-        return _torch_dispatch(x_ND, plan, experts)
-    from promoe.kernels.permute import combine, permute
-
-    end = plan.offsets_E1[-1:]  # stays on the device: the kernels read it there
-    x_SD = permute(x_ND, plan.token_index_S, plan.slot_NK, end)  # dropped rows are zeros
-    out_SD = _run_experts(x_SD, plan, experts)
-    return combine(out_SD, plan.gates_S, plan.token_index_S, plan.slot_NK, end)  # never reads dropped rows
+    """y[n] = sum over the slots s of token n of gates[s] * out[s], [num_tokens, D] in out's dtype. Gates stay fp32
+    (the routing's precision) into the combine; the K copies of a token accumulate in fp32 (at least), so bf16 sums
+    do not depend on the slot order."""
+    acc = accumulation_dtype(out_SD)
+    y_ND = out_SD.new_zeros((num_tokens, out_SD.shape[1]), dtype=acc)
+    return y_ND.index_add(0, token_S, out_SD.to(acc) * gates_S[:, None].to(acc)).to(out_SD.dtype)
 
 
 def grouped_gemm_gmm():
@@ -137,31 +159,18 @@ def _bf16_operands(x_ND: torch.Tensor, experts: ExpertBank) -> list[torch.Tensor
     return tensors
 
 
-def _grouped_gemm_dispatch(x_ND: torch.Tensor, plan: RoutingPlan, experts: ExpertBank) -> torch.Tensor:
-    x_bf16_ND, w_up_EDH, b_up_EH, w_down_EHD, b_down_ED = _bf16_operands(x_ND, experts)
-    gmm = grouped_gemm_gmm()
-    # The host synchronisation this backend costs: its GEMM reads the batch sizes on the CPU. Knowing them,
-    # the dropped slots (past the last offset) can simply be cut off.
-    batch_sizes_E = plan.counts_E.cpu()
-    kept = int(batch_sizes_E.sum())
-    token_S, expert_S, gates_S = plan.token_index_S[:kept], plan.expert_index_S[:kept], plan.gates_S[:kept]
-    h_SH = gelu_tanh(gmm(gather_rows(x_bf16_ND, token_S), w_up_EDH, batch_sizes_E) + gather_rows(b_up_EH, expert_S))
-    out_SD = gmm(h_SH, w_down_EHD, batch_sizes_E) + gather_rows(b_down_ED, expert_S)
-    return gate_weighted_sum(out_SD, gates_S, token_S, x_ND)
-
-
-def _run_experts(x_SD: torch.Tensor, plan: RoutingPlan, experts: ExpertBank) -> torch.Tensor:
+def run_experts(x_SD: torch.Tensor, plan: RoutingPlan, experts: ExpertBank) -> torch.Tensor:
     """Each slot's row through its expert: up, GELU(tanh), down, as two grouped GEMMs over the plan's offsets."""
     ends_E = plan.offsets_E1[1:].to(torch.int32)
     # Dropped slots borrow the last expert's biases; the hidden rows of dropped slots are zeroed (forward and
     # backward) so that grouped_mm's uninitialised rows never reach the bias gradients.
     expert_S = plan.expert_index_S.clamp(max=experts.num_experts - 1)
     h_SH = grouped_mm(x_SD, experts.w_up_EDH, ends_E) + gather_rows(experts.b_up_EH, expert_S)
-    h_SH = _dropped_slot_masker(plan)(h_SH)
+    h_SH = mask_dropped_slots(plan)(h_SH)
     return grouped_mm(gelu_tanh(h_SH), experts.w_down_EHD, ends_E) + gather_rows(experts.b_down_ED, expert_S)
 
 
-def _dropped_slot_masker(plan: RoutingPlan):
+def mask_dropped_slots(plan: RoutingPlan):
     """Zero the rows of dropped slots, forward and backward.
 
     grouped_mm leaves rows past the last offset uninitialised (NaN seen), in its output and in its input

@@ -1,9 +1,12 @@
 """The MoE layer: a router, a bank of routed (+ unconditional) experts, and optional shared experts."""
 
+import contextlib
+from collections.abc import Iterator
+
 import torch
 import torch.nn as nn
 
-from promoe.moe.dispatch import dispatch, resolve_backend
+from promoe.moe.dispatch import backend_named, check_backend, default_backend_name
 from promoe.moe.experts import FFN, ExpertBank
 
 
@@ -11,12 +14,15 @@ class MoELayer(nn.Module):
     """y = shared(x) + sum over the token's slots of gate * expert(x), for tokens x [B, L, D].
 
     `activated_routed` is how many bank experts one token runs on average (top-K for token choice, the
-    capacity factor for expert choice); it only serves parameter counting.
+    capacity factor for expert choice); it only serves parameter counting. `backend` names the dispatch backend
+    (`promoe.moe.dispatch`); None takes the device's default.
     """
 
     def __init__(self, router: nn.Module, num_bank_experts: int, dim: int, expert_hidden: int, shared_hidden: int,
                  activated_routed: int, null_label: int, backend: str | None = None):
         super().__init__()
+        if backend is not None:
+            check_backend(backend)
         self.null_label = null_label
         self.router = router
         self.experts = ExpertBank(num_bank_experts, dim, expert_hidden)
@@ -34,9 +40,30 @@ class MoELayer(nn.Module):
         num_samples, tokens_per_image, dim = x_BLD.shape
         x_ND = x_BLD.reshape(-1, dim)
         cond_N = (labels_B != self.null_label).repeat_interleave(tokens_per_image)
-        backend = resolve_backend(self.backend, x_BLD.device)
-        plan, aux = self.router(x_ND, cond_N, num_samples, labels_B, use_kernels=backend == "triton")
-        y_ND = dispatch(x_ND, plan, self.experts, backend)
+        backend = backend_named(self.backend or default_backend_name(x_BLD.device))
+        plan, aux = self.router(x_ND, cond_N, num_samples, labels_B, backend)
+        y_ND = backend.dispatch(x_ND, plan, self.experts)
         if self.shared is not None:
             y_ND = y_ND + self.shared(x_ND)
         return y_ND.view_as(x_BLD), aux
+
+
+def dispatch_name(model: nn.Module, device: torch.device) -> str:
+    """The dispatch backend that the MoE layers of `model` run on ("none" for a dense model)."""
+    layers = [module for module in model.modules() if isinstance(module, MoELayer)]
+    return (layers[0].backend or default_backend_name(device)) if layers else "none"
+
+
+@contextlib.contextmanager
+def dispatch_backend(model: nn.Module, name: str) -> Iterator[nn.Module]:
+    """Run every MoE layer of `model` on backend `name` inside the block, whatever its config says."""
+    check_backend(name)
+    layers = [module for module in model.modules() if isinstance(module, MoELayer)]
+    configured = [layer.backend for layer in layers]
+    for layer in layers:
+        layer.backend = name
+    try:
+        yield model
+    finally:
+        for layer, backend in zip(layers, configured):
+            layer.backend = backend

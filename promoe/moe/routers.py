@@ -5,28 +5,21 @@ Scorers give token-expert affinities; routers decide who goes where:
 - ExpertChoiceRouter: every expert takes its top-C tokens of each image (ProMoE-EC, EC-DiT).
 Step 1 of ProMoE's two-step router, conditional routing, is shared by both: with `conditional=True` the tokens
 of null-label samples go to the unconditional expert (index num_routed in the bank) with gate 1.
-Every router's forward takes `use_kernels`: token-choice routers then build their plan with the Triton
-counting sort, and ProMoE's also routes with the fused kernel; ProMoE-EC takes its scores from the same
-similarity code (its top-C runs over tokens, in PyTorch); the other routers have no kernel and ignore it.
+The maths of the routing is in `promoe.moe.routing`. A router runs the steps that a dispatch backend can replace
+(ProMoE's fused routing, the expert-choice scores, the token-choice plan) through the backend it is given, so that
+the `triton` backend's kernels stand in for exactly those definitions.
 """
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from promoe.moe.dispatch import TorchBackend, backend_named
 from promoe.moe.losses import load_balance_loss, routing_contrastive_loss, token_centroids
-from promoe.moe.plan import RoutingPlan, expert_choice_plan, sort_slots, token_choice_plan
+from promoe.moe.plan import RoutingPlan, expert_choice_plan, sort_slots
+from promoe.moe.routing import check_activation, null_tokens_to_uncond_expert, prototype_scores, top_k
 
-ACTIVATIONS = {
-    "identity": lambda z: z,
-    "sigmoid": torch.sigmoid,
-    "softmax": lambda z: z.softmax(dim=-1),
-}
-
-
-def check_activation(name: str) -> None:
-    if name not in ACTIVATIONS:
-        raise ValueError(f"unknown router activation {name!r}; choose one of {sorted(ACTIVATIONS)}")
+TORCH = backend_named("torch")
 
 
 class PrototypeScorer(nn.Module):
@@ -47,9 +40,7 @@ class PrototypeScorer(nn.Module):
         nn.init.normal_(self.prototypes, std=0.02)
 
     def forward(self, x_ND: torch.Tensor) -> torch.Tensor:
-        # Normalise in fp32: the gates are the raw cosines, and bf16 would quantise them to 3 digits.
-        cos_NE = F.normalize(x_ND.float(), dim=-1) @ F.normalize(self.prototypes.float(), dim=-1).t()
-        return ACTIVATIONS[self.activation](self.alpha * cos_NE)
+        return prototype_scores(x_ND, self.prototypes, self.activation, self.alpha)
 
 
 class LinearScorer(nn.Module):
@@ -75,16 +66,6 @@ class LinearScorer(nn.Module):
         return self.gate(x_ND).float().softmax(dim=-1)
 
 
-def null_tokens_to_uncond_expert(expert_ids_NK, gates_NK, cond_N, uncond_expert: int):
-    """Conditional routing: a null-label token's first slot goes to the unconditional expert with gate 1,
-    its other K-1 slots are dropped (id uncond_expert + 1, one past the bank)."""
-    first_K = torch.arange(expert_ids_NK.shape[1], device=expert_ids_NK.device) == 0
-    null_ids_K = torch.where(first_K, uncond_expert, uncond_expert + 1)
-    expert_ids_NK = torch.where(cond_N[:, None], expert_ids_NK, null_ids_K)
-    gates_NK = torch.where(cond_N[:, None], gates_NK, first_K.to(gates_NK.dtype))
-    return expert_ids_NK, gates_NK
-
-
 class TokenChoiceRouter(nn.Module):
     """Every (routed) token takes the top-K experts of its scores; gates are the raw scores, not renormalised."""
 
@@ -107,42 +88,32 @@ class TokenChoiceRouter(nn.Module):
         self.rcl_temperature = rcl_temperature
         self.lb_weight = lb_weight
 
-    def choose(self, x_ND: torch.Tensor, cond_N: torch.Tensor, num_samples: int):
-        """Expert ids [N, K], gates [N, K] and the scores they came from."""
-        scores_NE = self.scorer(x_ND)
-        gates_NK, expert_ids_NK = scores_NE.topk(self.top_k, dim=-1)
-        return expert_ids_NK, gates_NK, scores_NE
-
     def forward(self, x_ND: torch.Tensor, cond_N: torch.Tensor, num_samples: int, labels_B: torch.Tensor,
-                use_kernels: bool = False):
-        num_bank = self.num_routed + int(self.conditional)
-        if use_kernels and self.has_fused_kernel():
-            expert_ids_NK, gates_NK, scores = self.choose_fused(x_ND, cond_N)
-        else:
-            expert_ids_NK, gates_NK, scores = self.choose(x_ND, cond_N, num_samples)
-            if self.conditional:
-                expert_ids_NK, gates_NK = null_tokens_to_uncond_expert(expert_ids_NK, gates_NK, cond_N,
-                                                                       self.num_routed)
-        if use_kernels:
-            from promoe.kernels.plan import token_choice_plan as build_plan
-        else:
-            build_plan = token_choice_plan
-        plan = build_plan(expert_ids_NK, gates_NK, num_bank,
-                          has_dropped_slots=self.conditional and self.top_k > 1)
+                backend: TorchBackend = TORCH):
+        expert_ids_NK, gates_NK, scores = self.route(x_ND, cond_N, num_samples, backend)
+        plan = backend.token_choice_plan(expert_ids_NK, gates_NK, self.num_routed + int(self.conditional),
+                                         has_dropped_slots=self.conditional and self.top_k > 1)
         aux = self.aux_losses(x_ND, cond_N, expert_ids_NK, scores, labels_B) if self.training else {}
         return plan, aux
 
-    def has_fused_kernel(self) -> bool:
-        return isinstance(self.scorer, PrototypeScorer) and self.top_k <= 4 and self.num_routed <= 64
+    def route(self, x_ND: torch.Tensor, cond_N: torch.Tensor, num_samples: int, backend: TorchBackend):
+        """Both routing steps: expert ids [N, K] and gates [N, K] (null-label tokens to the unconditional expert when
+        conditional), and the scores that the losses read (None where none needs them)."""
+        if isinstance(self.scorer, PrototypeScorer):  # ProMoE: one fused kernel on the triton backend
+            scorer = self.scorer
+            expert_ids_NK, gates_NK = backend.route_prototypes(x_ND, scorer.prototypes, cond_N, self.top_k,
+                                                               scorer.activation, scorer.alpha, self.conditional)
+            scores_NE = scorer(x_ND) if self.training and self.lb_weight > 0 else None
+            return expert_ids_NK, gates_NK, scores_NE
+        expert_ids_NK, gates_NK, scores = self.choose(x_ND, cond_N, num_samples)
+        if self.conditional:
+            expert_ids_NK, gates_NK = null_tokens_to_uncond_expert(expert_ids_NK, gates_NK, cond_N, self.num_routed)
+        return expert_ids_NK, gates_NK, scores
 
-    def choose_fused(self, x_ND: torch.Tensor, cond_N: torch.Tensor):
-        """choose + conditional routing in one Triton kernel; scores are recomputed only for the balance loss."""
-        from promoe.kernels.routing import route_prototypes
-
-        scorer = self.scorer
-        expert_ids_NK, gates_NK, _ = route_prototypes(x_ND, scorer.prototypes, cond_N, self.top_k, scorer.activation,
-                                                      scorer.alpha, self.conditional)
-        scores_NE = scorer(x_ND) if self.training and self.lb_weight > 0 else None
+    def choose(self, x_ND: torch.Tensor, cond_N: torch.Tensor, num_samples: int):
+        """Expert ids [N, K], gates [N, K] and the scores they came from, before conditional routing."""
+        scores_NE = self.scorer(x_ND)
+        expert_ids_NK, gates_NK = top_k(scores_NE, self.top_k)
         return expert_ids_NK, gates_NK, scores_NE
 
     def routed_weight(self, cond_N: torch.Tensor) -> torch.Tensor:
@@ -189,23 +160,21 @@ class ExpertChoiceRouter(nn.Module):
         self.rcl_temperature = rcl_temperature
 
     def forward(self, x_ND: torch.Tensor, cond_N: torch.Tensor, num_samples: int, labels_B: torch.Tensor,
-                use_kernels: bool = False):
+                backend: TorchBackend = TORCH):
         num_tokens = x_ND.shape[0]
         tokens_per_image = num_tokens // num_samples
         capacity = per_image_capacity(tokens_per_image, self.num_routed, self.capacity_factor)
-        scores_BEL = self.scores(x_ND, use_kernels).view(num_samples, tokens_per_image, -1).transpose(1, 2)
+        scores_BEL = self.scores(x_ND, backend).view(num_samples, tokens_per_image, -1).transpose(1, 2)
         gates_BEC, position_BEC = scores_BEL.topk(capacity, dim=-1)
         first_token_B = torch.arange(num_samples, device=x_ND.device) * tokens_per_image
         token_BEC = position_BEC + first_token_B[:, None, None]
         plan = self.plan(token_BEC, gates_BEC, cond_N, num_tokens)
         return plan, self.aux_losses(x_ND, cond_N.view(num_samples, -1)[:, 0], token_BEC)
 
-    def scores(self, x_ND: torch.Tensor, use_kernels: bool) -> torch.Tensor:
-        """[N, E]; prototypes' scores come from the routing kernel's similarity code on the triton backend."""
-        if use_kernels and isinstance(self.scorer, PrototypeScorer) and self.num_routed <= 64:
-            from promoe.kernels.routing import prototype_scores
-
-            return prototype_scores(x_ND, self.scorer.prototypes, self.scorer.activation, self.scorer.alpha)
+    def scores(self, x_ND: torch.Tensor, backend: TorchBackend) -> torch.Tensor:
+        """[N, E]; the prototypes' scores through the backend (the routing kernel's similarity code on triton)."""
+        if isinstance(self.scorer, PrototypeScorer):
+            return backend.prototype_scores(x_ND, self.scorer.prototypes, self.scorer.activation, self.scorer.alpha)
         return self.scorer(x_ND)
 
     def plan(self, token_BEC, gates_BEC, cond_N, num_tokens) -> RoutingPlan:
@@ -253,7 +222,7 @@ class ClassifierRouter(TokenChoiceRouter):
 
     def choose(self, x_ND: torch.Tensor, cond_N: torch.Tensor, num_samples: int):
         logits_BE = self.classifier(x_ND.view(num_samples, -1, x_ND.shape[-1]).mean(dim=1)).float()
-        expert_ids_BK = logits_BE.topk(self.top_k, dim=-1).indices
+        expert_ids_BK, _ = top_k(logits_BE, self.top_k)
         tokens_per_image = x_ND.shape[0] // num_samples
         expert_ids_NK = expert_ids_BK.repeat_interleave(tokens_per_image, dim=0)
         return expert_ids_NK, torch.ones(expert_ids_NK.shape, device=x_ND.device), logits_BE
@@ -291,7 +260,7 @@ class KMeansRouter(TokenChoiceRouter):
             self.centroids_ED.copy_(torch.where(self.initialized, self.centroids_ED, sampled))
             self.initialized.fill_(True)
         distances_NE = torch.cdist(x32_ND, self.centroids_ED)
-        expert_ids_NK = (-distances_NE).topk(self.top_k, dim=-1).indices
+        expert_ids_NK, _ = top_k(-distances_NE, self.top_k)
         if self.training:
             self.update_centroids(finite_x_ND, expert_ids_NK, self.routed_weight(cond_N) * finite_N)
         return expert_ids_NK, torch.ones(expert_ids_NK.shape, device=x_ND.device), distances_NE
@@ -340,7 +309,7 @@ class DiffMoERouter(nn.Module):
         return [self.expert_threshold_E]
 
     def forward(self, x_ND: torch.Tensor, cond_N: torch.Tensor, num_samples: int, labels_B: torch.Tensor,
-                use_kernels: bool = False):
+                backend: TorchBackend = TORCH):
         num_tokens = x_ND.shape[0]
         scores_EN = self.scorer(x_ND).t()
         # The tokens of a broken image (NaN or inf) rank last for every expert and stay out of the thresholds: they
