@@ -2,11 +2,13 @@
 
 Each method computes what the `TorchBackend` method of the same name defines (the tests hold them equal); where a
 kernel does not apply (more than 64 experts or K > 4 for the routing kernel, an expert-choice plan for permute and
-combine), the definition itself runs.
+combine), the definition itself runs. The expert bias (+ GELU) kernels read only the plan's offsets and serve every
+plan; the per-expert token sums' backward gathers through a token-choice plan's inverse slots.
 """
 
 import torch
 
+from promoe.kernels.experts import expert_bias_act, expert_token_sums
 from promoe.kernels.permute import combine, permute
 from promoe.kernels.plan import token_choice_plan
 from promoe.kernels.routing import MAX_EXPERTS, MAX_TOP_K, prototype_scores, route_prototypes
@@ -40,3 +42,15 @@ class TritonBackend(TorchBackend):
         if plan.slot_NK is None:
             return super().combine(out_SD, plan)
         return combine(out_SD, plan.gates_S, plan.token_index_S, plan.slot_NK, plan.offsets_E1[-1:])
+
+    def expert_bias_gelu(self, h_SH: torch.Tensor, b_EH: torch.Tensor, plan: RoutingPlan) -> torch.Tensor:
+        return expert_bias_act(h_SH, b_EH, plan.offsets_E1, gelu=True)
+
+    def expert_bias(self, out_SD: torch.Tensor, b_ED: torch.Tensor, plan: RoutingPlan) -> torch.Tensor:
+        return expert_bias_act(out_SD, b_ED, plan.offsets_E1, gelu=False)
+
+    def expert_token_sums(self, x_ND: torch.Tensor, plan: RoutingPlan, num_experts: int) -> torch.Tensor:
+        if plan.slot_NK is None:
+            return super().expert_token_sums(x_ND, plan, num_experts)
+        return expert_token_sums(x_ND, plan.token_index_S, plan.offsets_E1, num_experts, plan.expert_index_S,
+                                 plan.slot_NK)

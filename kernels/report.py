@@ -23,6 +23,15 @@ from triton.backends.nvidia.compiler import get_ptxas
 from triton.compiler import ASTSource
 from triton.runtime.jit import JITFunction
 
+from promoe.kernels.experts import (
+    TOKEN_SUMS_BLOCK_N,
+    _bias_act_backward_kernel,
+    _bias_act_kernel,
+    _gather_partials_kernel,
+    _segment_sum_kernel,
+    _token_sums_backward_kernel,
+)
+from promoe.kernels.experts import blocks as expert_blocks
 from promoe.kernels.launch import dim_block, expert_block, plan_block, routing_blocks, token_block
 from promoe.kernels.permute import _combine_backward_kernel, _combine_kernel, _permute_kernel
 from promoe.kernels.plan import _histogram_kernel, _scatter_kernel
@@ -103,6 +112,43 @@ SPECS = [
                {"grad_y_ptr": "*bf16", "out_ptr": "*bf16", "token_ptr": "*i64", "gate_ptr": "*fp32", "end_ptr": "*i64",
                 "grad_out_ptr": "*bf16", "grad_gate_ptr": "*fp32", "num_slots": "i32", "dim": "i32", "stride_gy": "i32",
                 "stride_out": "i32", "stride_gout": "i32"}, dict(BLOCK_S=BLOCK_N, BLOCK_D=BLOCK_D)),
+]
+
+
+def _expert_specs(num_experts: int, hidden: int) -> list[KernelSpec]:
+    """The expert bias (+ GELU) kernels and the segment sums (promoe.kernels.experts) at ProMoE-XL widths."""
+    e_pad, block_s, block_h = expert_blocks(num_experts, hidden)
+    block = dict(E_PAD=e_pad, BLOCK_S=block_s, BLOCK_H=block_h)
+    specs = []
+    for gelu in (True, False):
+        specs += [
+            KernelSpec(f"expert bias gelu={gelu} E={num_experts}", _bias_act_kernel,
+                       {"h_ptr": "*bf16", "bias_ptr": "*bf16", "offsets_ptr": "*i64", "out_ptr": "*bf16",
+                        "num_slots": "i32", "num_experts": "i32", "hidden": "i32", "stride_h": "i32",
+                        "stride_b": "i32", "stride_out": "i32"}, dict(GELU=gelu, FP64=False, **block)),
+            KernelSpec(f"expert bias backward gelu={gelu} E={num_experts}", _bias_act_backward_kernel,
+                       {"grad_ptr": "*bf16", "h_ptr": "*bf16", "bias_ptr": "*bf16", "offsets_ptr": "*i64",
+                        "grad_h_ptr": "*bf16", "partial_ptr": "*fp32", "num_slots": "i32", "num_experts": "i32",
+                        "hidden": "i32", "stride_g": "i32", "stride_h": "i32", "stride_b": "i32", "stride_gh": "i32"},
+                       dict(GELU=gelu, FP64=False, **block)),
+        ]
+    return specs + [
+        KernelSpec(f"segment sum E={num_experts}", _segment_sum_kernel,
+                   {"partial_ptr": "*fp32", "offsets_ptr": "*i64", "out_ptr": "*bf16", "num_slots": "i32",
+                    "num_experts": "i32", "hidden": "i32", "stride_out": "i32"}, block),
+        KernelSpec(f"token sums partials E={num_experts}", _gather_partials_kernel,
+                   {"x_ptr": "*bf16", "token_ptr": "*i64", "offsets_ptr": "*i64", "partial_ptr": "*fp32",
+                    "num_slots": "i32", "num_experts": "i32", "dim": "i32", "stride_x": "i32"},
+                   dict(FP64=False, E_PAD=e_pad, BLOCK_S=block_s, BLOCK_H=BLOCK_D)),
+    ]
+
+
+SPECS += [
+    *_expert_specs(13, 2 * DIM), *_expert_specs(64, 2 * DIM),
+    KernelSpec("token sums backward K=2", _token_sums_backward_kernel,
+               {"grad_ptr": "*fp32", "slot_ptr": "*i64", "expert_ptr": "*i64", "end_ptr": "*i64", "out_ptr": "*bf16",
+                "num_tokens": "i32", "num_experts": "i32", "dim": "i32", "stride_grad": "i32", "stride_out": "i32"},
+               dict(TOP_K=2, FP64=False, BLOCK_N=TOKEN_SUMS_BLOCK_N, BLOCK_D=BLOCK_D)),
 ]
 
 

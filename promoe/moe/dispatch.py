@@ -71,7 +71,7 @@ class TorchBackend:
 
     def dispatch(self, x_ND: torch.Tensor, plan: RoutingPlan, experts: ExpertBank) -> torch.Tensor:
         """y[n] = sum over the slots s of token n of gates[s] * expert[s](x[n])."""
-        return self.combine(run_experts(self.permute(x_ND, plan), plan, experts), plan)
+        return self.combine(self.run_experts(self.permute(x_ND, plan), plan, experts), plan)
 
     def permute(self, x_ND: torch.Tensor, plan: RoutingPlan) -> torch.Tensor:
         """x_SD[s] = x[token of slot s] in slot (expert) order; zero rows for dropped slots."""
@@ -81,6 +81,30 @@ class TorchBackend:
         """y [N, D] = sum over each token's slots of gate * out, in out's dtype; dropped slots add nothing."""
         out_SD = mask_dropped_slots(plan)(out_SD)
         return gate_weighted_sum(out_SD, plan.gates_S, plan.token_index_S, plan.num_tokens)
+
+    def run_experts(self, x_SD: torch.Tensor, plan: RoutingPlan, experts: ExpertBank) -> torch.Tensor:
+        """Each slot's row through its expert: up, bias + GELU(tanh), down, bias, the GEMMs grouped over the plan's
+        offsets. grouped_mm leaves the rows of dropped slots uninitialised; the bias steps zero them."""
+        ends_E = plan.offsets_E1[1:].to(torch.int32)
+        h_SH = self.expert_bias_gelu(grouped_mm(x_SD, experts.w_up_EDH, ends_E), experts.b_up_EH, plan)
+        return self.expert_bias(grouped_mm(h_SH, experts.w_down_EHD, ends_E), experts.b_down_ED, plan)
+
+    def expert_bias_gelu(self, h_SH: torch.Tensor, b_EH: torch.Tensor, plan: RoutingPlan) -> torch.Tensor:
+        """gelu_tanh(h[s] + b[expert of s]) for every slot s; zero rows (forward and backward) for dropped slots, so
+        that grouped_mm's uninitialised rows never reach the bias gradient."""
+        return gelu_tanh(mask_dropped_slots(plan)(h_SH + gather_rows(b_EH, _slot_experts(plan, b_EH))))
+
+    def expert_bias(self, out_SD: torch.Tensor, b_ED: torch.Tensor, plan: RoutingPlan) -> torch.Tensor:
+        """out[s] + b[expert of s] for every slot s; zero rows for dropped slots."""
+        return mask_dropped_slots(plan)(out_SD + gather_rows(b_ED, _slot_experts(plan, b_ED)))
+
+    def expert_token_sums(self, x_ND: torch.Tensor, plan: RoutingPlan, num_experts: int) -> torch.Tensor:
+        """sum_ED[e] = sum of x[token of s] over the slots s of expert e < num_experts, in fp32 at least (float64
+        for float64 x). A scatter by expert id over the slots; ids past num_experts (dropped, or experts left out)
+        land in a discarded row."""
+        x_SD = gather_rows(x_ND.to(accumulation_dtype(x_ND)), plan.token_index_S)
+        sums_ED = x_SD.new_zeros((plan.num_experts + 1, x_ND.shape[1]))
+        return sums_ED.index_add(0, plan.expert_index_S, x_SD)[:num_experts]
 
 
 class LoopBackend(TorchBackend):
@@ -159,15 +183,9 @@ def _bf16_operands(x_ND: torch.Tensor, experts: ExpertBank) -> list[torch.Tensor
     return tensors
 
 
-def run_experts(x_SD: torch.Tensor, plan: RoutingPlan, experts: ExpertBank) -> torch.Tensor:
-    """Each slot's row through its expert: up, GELU(tanh), down, as two grouped GEMMs over the plan's offsets."""
-    ends_E = plan.offsets_E1[1:].to(torch.int32)
-    # Dropped slots borrow the last expert's biases; the hidden rows of dropped slots are zeroed (forward and
-    # backward) so that grouped_mm's uninitialised rows never reach the bias gradients.
-    expert_S = plan.expert_index_S.clamp(max=experts.num_experts - 1)
-    h_SH = grouped_mm(x_SD, experts.w_up_EDH, ends_E) + gather_rows(experts.b_up_EH, expert_S)
-    h_SH = mask_dropped_slots(plan)(h_SH)
-    return grouped_mm(gelu_tanh(h_SH), experts.w_down_EHD, ends_E) + gather_rows(experts.b_down_ED, expert_S)
+def _slot_experts(plan: RoutingPlan, table_EC: torch.Tensor) -> torch.Tensor:
+    """The expert of each slot as a row of a per-expert table; dropped slots borrow the last row (masked later)."""
+    return plan.expert_index_S.clamp(max=table_EC.shape[0] - 1)
 
 
 def mask_dropped_slots(plan: RoutingPlan):

@@ -1,0 +1,289 @@
+"""Expert bias (+ GELU(tanh)) on the rows between the expert GEMMs, forward and backward, and the per-expert row sums.
+
+Rows are slots sorted by expert: the rows of expert e are offsets[e]:offsets[e + 1], rows at or past offsets[E] are
+dropped. The kernels work on *segment tiles*: a tile is BLOCK_S rows of one segment (an expert, or the dropped rows
+as segment E), so each tile loads its expert's bias row once, and a sum over a tile is a sum within one expert.
+Every kernel reads the offsets from device memory (no host synchronisation); the grid is sized for the worst case,
+cdiv(S, BLOCK_S) + E + 1 tiles, and the tiles past the last one do nothing.
+
+- bias_act forward:   a_SH[s] = act(h_SH[s] + b_EH[e(s)]), 0 for a dropped row.       reads S*H + E*H, writes S*H
+- bias_act backward:  grad_h[s] = grad_a[s] * act'(h[s] + b[e(s)]), 0 for a dropped row;
+                      partial_TH[t] = sum of grad_h over the rows of tile t (fp32).    reads 2*S*H, writes S*H + T*H
+                      (without the activation grad_h is grad_a itself: reads S*H, writes T*H)
+- segment sum:        sum_EH[e] = sum of the partials of e's tiles, in tile order: deterministic, no atomics.
+                                                                                       reads T*H, writes E*H
+where T = cdiv(S, BLOCK_S) + E + 1 and act is GELU(tanh) or the identity.
+
+The per-expert token sums (the routing contrastive loss's centroids) are the same two passes over gathered rows:
+- token sums forward: partial_TD[t] = sum over the rows s of tile t of x_ND[token[s]], then the segment sum.
+                                                                                       reads S*D + S*i, writes T*D
+- token sums backward (token-choice plan, gather form): grad_x[n] = sum over n's K slots s of an expert e < E' of
+  grad_ED[e].                                                                          reads 2*N*K*i + E'*D, writes N*D
+"""
+
+import torch
+import triton
+import triton.language as tl
+
+from promoe.kernels.launch import empty_output
+
+GELU_C = tl.constexpr(0.7978845608028654)  # sqrt(2 / pi)
+GELU_A = tl.constexpr(0.044715)
+TOKEN_SUMS_BLOCK_N = 32  # tokens per program of the token sums' backward
+
+
+@triton.jit
+def _segment_tile(offsets_ptr, num_experts, num_slots, tile, E_PAD: tl.constexpr, BLOCK_S: tl.constexpr):
+    """Segment (0..E-1 an expert, E the dropped rows, > E none) of segment tile `tile`, and its first and end row."""
+    seg = tl.arange(0, E_PAD)
+    starts = tl.load(offsets_ptr + seg, mask=seg <= num_experts, other=num_slots)
+    ends = tl.load(offsets_ptr + seg + 1, mask=seg < num_experts, other=num_slots)
+    tiles = (ends - starts + BLOCK_S - 1) // BLOCK_S
+    first_tile = tl.cumsum(tiles, 0) - tiles
+    mine = tile >= first_tile
+    segment = tl.sum(mine.to(tl.int32), 0) - 1  # segments with no tiles share a first tile: the last one holds it
+    is_segment = seg == segment
+    row0 = tl.sum(tl.where(is_segment, starts + (tile - first_tile) * BLOCK_S, 0), 0)
+    end = tl.minimum(tl.sum(tl.where(is_segment, ends, 0), 0), row0 + BLOCK_S)
+    return segment, row0, end
+
+
+@triton.jit
+def _gelu_tanh(z):
+    u = GELU_C * (z + GELU_A * z * z * z)
+    tanh = 1.0 - 2.0 / (tl.exp(2.0 * u) + 1.0)
+    return 0.5 * z * (1.0 + tanh), tanh
+
+
+@triton.jit
+def _bias_act_kernel(h_ptr, bias_ptr, offsets_ptr, out_ptr, num_slots, num_experts, hidden, stride_h, stride_b,
+                     stride_out, GELU: tl.constexpr, FP64: tl.constexpr, E_PAD: tl.constexpr, BLOCK_S: tl.constexpr,
+                     BLOCK_H: tl.constexpr):
+    segment, row0, end = _segment_tile(offsets_ptr, num_experts, num_slots, tl.program_id(0), E_PAD, BLOCK_S)
+    rows = row0.to(tl.int64) + tl.arange(0, BLOCK_S)  # int64: rows * H passes 2^31
+    cols = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
+    col_ok = cols < hidden
+    in_tile = (rows < end)[:, None] & col_ok[None, :]
+    is_expert = segment < num_experts
+    live = (rows < tl.where(is_expert, end, 0))[:, None] & col_ok[None, :]  # the rows of an expert
+    bias_ok = cols < tl.where(is_expert, hidden, 0)
+    z = tl.load(h_ptr + rows[:, None] * stride_h + cols[None, :], mask=live, other=0.0)
+    bias = tl.load(bias_ptr + segment.to(tl.int64) * stride_b + cols, mask=bias_ok, other=0.0)
+    if FP64:
+        z = z.to(tl.float64) + bias.to(tl.float64)[None, :]
+    else:
+        z = z.to(tl.float32) + bias.to(tl.float32)[None, :]
+    if GELU:
+        z, _ = _gelu_tanh(z)
+    z = tl.where(is_expert, z, 0.0)  # the dropped rows: zeros
+    tl.store(out_ptr + rows[:, None] * stride_out + cols[None, :], z.to(out_ptr.dtype.element_ty), mask=in_tile)
+
+
+@triton.jit
+def _bias_act_backward_kernel(grad_ptr, h_ptr, bias_ptr, offsets_ptr, grad_h_ptr, partial_ptr, num_slots,
+                              num_experts, hidden, stride_g, stride_h, stride_b, stride_gh,
+                              GELU: tl.constexpr, FP64: tl.constexpr, E_PAD: tl.constexpr, BLOCK_S: tl.constexpr,
+                              BLOCK_H: tl.constexpr):
+    tile = tl.program_id(0)
+    segment, row0, end = _segment_tile(offsets_ptr, num_experts, num_slots, tile, E_PAD, BLOCK_S)
+    rows = row0.to(tl.int64) + tl.arange(0, BLOCK_S)
+    cols = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
+    col_ok = cols < hidden
+    in_tile = (rows < end)[:, None] & col_ok[None, :]
+    is_expert = segment < num_experts
+    live = (rows < tl.where(is_expert, end, 0))[:, None] & col_ok[None, :]  # the rows of an expert
+    bias_ok = cols < tl.where(is_expert, hidden, 0)
+    grad = tl.load(grad_ptr + rows[:, None] * stride_g + cols[None, :], mask=live, other=0.0)
+    if FP64:
+        grad = grad.to(tl.float64)
+    else:
+        grad = grad.to(tl.float32)
+    if GELU:
+        z = tl.load(h_ptr + rows[:, None] * stride_h + cols[None, :], mask=live, other=0.0)
+        bias = tl.load(bias_ptr + segment.to(tl.int64) * stride_b + cols, mask=bias_ok, other=0.0)
+        if FP64:
+            z = z.to(tl.float64) + bias.to(tl.float64)[None, :]
+        else:
+            z = z.to(tl.float32) + bias.to(tl.float32)[None, :]
+        _, tanh = _gelu_tanh(z)
+        slope = 0.5 * (1.0 + tanh) + 0.5 * z * (1.0 - tanh * tanh) * GELU_C * (1.0 + 3.0 * GELU_A * z * z)
+        grad = grad * slope
+        tl.store(grad_h_ptr + rows[:, None] * stride_gh + cols[None, :], grad.to(grad_h_ptr.dtype.element_ty),
+                 mask=in_tile)
+    if segment <= num_experts:  # past the last tile: no partial (none is read)
+        tl.store(partial_ptr + tile.to(tl.int64) * hidden + cols, tl.sum(grad, 0), mask=col_ok)
+
+
+@triton.jit
+def _gather_partials_kernel(x_ptr, token_ptr, offsets_ptr, partial_ptr, num_slots, num_experts, dim, stride_x,
+                            FP64: tl.constexpr, E_PAD: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_H: tl.constexpr):
+    """partial[t] = sum over the expert rows s of tile t of x[token[s]] (the centroid sums' first pass)."""
+    tile = tl.program_id(0)
+    segment, row0, end = _segment_tile(offsets_ptr, num_experts, num_slots, tile, E_PAD, BLOCK_S)
+    rows = row0.to(tl.int64) + tl.arange(0, BLOCK_S)
+    cols = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
+    col_ok = cols < dim
+    row_ok = rows < tl.where(segment < num_experts, end, 0)
+    tokens = tl.load(token_ptr + rows, mask=row_ok, other=0)
+    x = tl.load(x_ptr + tokens[:, None] * stride_x + cols[None, :], mask=row_ok[:, None] & col_ok[None, :], other=0.0)
+    if FP64:
+        x = x.to(tl.float64)
+    else:
+        x = x.to(tl.float32)
+    if segment <= num_experts:
+        tl.store(partial_ptr + tile.to(tl.int64) * dim + cols, tl.sum(x, 0), mask=col_ok)
+
+
+@triton.jit
+def _segment_sum_kernel(partial_ptr, offsets_ptr, out_ptr, num_slots, num_experts, hidden, stride_out,
+                        E_PAD: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_H: tl.constexpr):
+    """out[e] = sum of the partials of expert e's tiles, in tile order (0 for an expert without rows)."""
+    expert = tl.program_id(0)
+    seg = tl.arange(0, E_PAD)
+    starts = tl.load(offsets_ptr + seg, mask=seg <= num_experts, other=num_slots)
+    ends = tl.load(offsets_ptr + seg + 1, mask=seg < num_experts, other=num_slots)
+    tiles = (ends - starts + BLOCK_S - 1) // BLOCK_S
+    first_tile = tl.cumsum(tiles, 0) - tiles
+    first = tl.sum(tl.where(seg == expert, first_tile, 0), 0)
+    count = tl.sum(tl.where(seg == expert, tiles, 0), 0)
+    cols = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
+    col_ok = cols < hidden
+    acc = tl.zeros((BLOCK_H,), dtype=partial_ptr.dtype.element_ty)
+    rows_ptr = partial_ptr + first.to(tl.int64) * hidden + cols
+    for _ in range(count):
+        acc += tl.load(rows_ptr, mask=col_ok, other=0.0)
+        rows_ptr += hidden
+    tl.store(out_ptr + expert.to(tl.int64) * stride_out + cols, acc.to(out_ptr.dtype.element_ty), mask=col_ok)
+
+
+@triton.jit
+def _token_sums_backward_kernel(grad_ptr, slot_ptr, expert_ptr, end_ptr, out_ptr, num_tokens, num_experts, dim,
+                                stride_grad, stride_out, TOP_K: tl.constexpr, FP64: tl.constexpr,
+                                BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+    """grad_x[n] = sum over token n's K slots s with expert(s) < num_experts of grad_sums[expert(s)] (fp32 or
+    float64 sums)."""
+    tokens = tl.program_id(0).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
+    cols = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
+    token_ok = tokens < num_tokens
+    col_ok = cols < dim
+    end = tl.load(end_ptr)
+    acc = tl.zeros((BLOCK_N, BLOCK_D), dtype=tl.float64 if FP64 else tl.float32)
+    for k in tl.static_range(TOP_K):
+        slots = tl.load(slot_ptr + tokens * TOP_K + k, mask=token_ok, other=0)
+        valid = token_ok & (slots < end)
+        experts = tl.load(expert_ptr + slots, mask=valid, other=num_experts)
+        valid = valid & (experts < num_experts)
+        acc += tl.load(grad_ptr + experts[:, None] * stride_grad + cols[None, :], mask=valid[:, None] & col_ok[None, :],
+                       other=0.0).to(acc.dtype)
+    tl.store(out_ptr + tokens[:, None] * stride_out + cols[None, :], acc.to(out_ptr.dtype.element_ty),
+             mask=token_ok[:, None] & col_ok[None, :])
+
+
+def blocks(num_experts: int, hidden: int) -> tuple[int, int, int]:
+    """(E_PAD, BLOCK_S, BLOCK_H): E_PAD holds the E + 1 segments; a 32 x 128 tile keeps the GELU backward's
+    registers without spills on sm_80 and sm_90a (see promoe.kernels.report)."""
+    return max(16, triton.next_power_of_2(num_experts + 1)), 32, min(128, max(16, triton.next_power_of_2(hidden)))
+
+
+def _grid(num_slots, num_experts, hidden, block_s, block_h):
+    return triton.cdiv(num_slots, block_s) + num_experts + 1, triton.cdiv(hidden, block_h)
+
+
+def _compute_dtype(*tensors) -> torch.dtype:
+    return torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
+
+
+def _segment_sums(partial_TH, offsets_E1, num_slots, block_s, out_dtype):
+    num_experts, hidden = offsets_E1.numel() - 1, partial_TH.shape[1]
+    e_pad, _, block_h = blocks(num_experts, hidden)
+    out = empty_output((num_experts, hidden), out_dtype, partial_TH.device)
+    if num_experts and hidden:
+        _segment_sum_kernel[(num_experts, triton.cdiv(hidden, block_h))](
+            partial_TH, offsets_E1, out, num_slots, num_experts, hidden, out.stride(0), E_PAD=e_pad, BLOCK_S=block_s,
+            BLOCK_H=block_h)
+    return out
+
+
+class _BiasAct(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, h_SH, b_EH, offsets_E1, gelu):
+        h_SH, b_EH = h_SH.contiguous(), b_EH.contiguous()
+        ctx.save_for_backward(h_SH, b_EH, offsets_E1)
+        ctx.gelu = gelu
+        num_slots, hidden = h_SH.shape
+        num_experts = b_EH.shape[0]
+        out = empty_output((num_slots, hidden), torch.promote_types(h_SH.dtype, b_EH.dtype), h_SH.device)
+        e_pad, block_s, block_h = blocks(num_experts, hidden)
+        if num_slots and hidden:
+            _bias_act_kernel[_grid(num_slots, num_experts, hidden, block_s, block_h)](
+                h_SH, b_EH, offsets_E1, out, num_slots, num_experts, hidden, h_SH.stride(0), b_EH.stride(0),
+                out.stride(0), GELU=gelu, FP64=_compute_dtype(h_SH, b_EH) == torch.float64, E_PAD=e_pad,
+                BLOCK_S=block_s, BLOCK_H=block_h)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_SH):
+        h_SH, b_EH, offsets_E1 = ctx.saved_tensors
+        grad_SH = grad_SH.contiguous()
+        num_slots, hidden = h_SH.shape
+        num_experts = b_EH.shape[0]
+        e_pad, block_s, block_h = blocks(num_experts, hidden)
+        grid = _grid(num_slots, num_experts, hidden, block_s, block_h)
+        compute = _compute_dtype(grad_SH, h_SH, b_EH)
+        # Without GELU the gradient of h is the incoming one, unmasked: the rows of dropped slots are the caller's to
+        # mask (as the torch definition leaves them); the bias gradient never reads them.
+        grad_h = empty_output((num_slots, hidden), h_SH.dtype, h_SH.device) if ctx.gelu else grad_SH.to(h_SH.dtype)
+        partial = empty_output((grid[0], hidden), compute, h_SH.device)
+        if num_slots and hidden:
+            _bias_act_backward_kernel[grid](
+                grad_SH, h_SH, b_EH, offsets_E1, grad_h, partial, num_slots, num_experts, hidden, grad_SH.stride(0),
+                h_SH.stride(0), b_EH.stride(0), grad_h.stride(0), GELU=ctx.gelu, FP64=compute == torch.float64,
+                E_PAD=e_pad, BLOCK_S=block_s, BLOCK_H=block_h)
+        return grad_h, _segment_sums(partial, offsets_E1, num_slots, block_s, b_EH.dtype), None, None
+
+
+def expert_bias_act(h_SH: torch.Tensor, b_EH: torch.Tensor, offsets_E1: torch.Tensor, gelu: bool) -> torch.Tensor:
+    """act(h[s] + b[expert of s]) for slot-sorted rows, act GELU(tanh) or the identity; rows of dropped slots are 0."""
+    return _BiasAct.apply(h_SH, b_EH, offsets_E1, gelu)
+
+
+class _TokenSums(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x_ND, token_S, offsets_E1, num_experts, expert_S, slot_NK):
+        x_ND = x_ND.contiguous()
+        ctx.save_for_backward(expert_S, slot_NK, offsets_E1[-1:])
+        ctx.num_experts, ctx.x_shape, ctx.x_dtype = num_experts, x_ND.shape, x_ND.dtype
+        num_slots, dim = token_S.numel(), x_ND.shape[1]
+        all_experts = offsets_E1.numel() - 1
+        e_pad, block_s, block_d = blocks(all_experts, dim)
+        grid = _grid(num_slots, all_experts, dim, block_s, block_d)
+        compute = _compute_dtype(x_ND)
+        partial = empty_output((grid[0], dim), compute, x_ND.device)
+        if num_slots and dim:
+            _gather_partials_kernel[grid](x_ND, token_S, offsets_E1, partial, num_slots, all_experts, dim,
+                                          x_ND.stride(0), FP64=compute == torch.float64, E_PAD=e_pad, BLOCK_S=block_s,
+                                          BLOCK_H=block_d)
+        return _segment_sums(partial, offsets_E1, num_slots, block_s, compute)[:num_experts]
+
+    @staticmethod
+    def backward(ctx, grad_ED):
+        expert_S, slot_NK, end = ctx.saved_tensors
+        grad_ED = grad_ED.contiguous()
+        (num_tokens, dim), top_k = ctx.x_shape, slot_NK.shape[1]
+        out = empty_output((num_tokens, dim), ctx.x_dtype, grad_ED.device)
+        block_n, block_d = TOKEN_SUMS_BLOCK_N, min(128, max(16, triton.next_power_of_2(dim)))
+        if num_tokens and dim:
+            _token_sums_backward_kernel[(triton.cdiv(num_tokens, block_n), triton.cdiv(dim, block_d))](
+                grad_ED, slot_NK, expert_S, end, out, num_tokens, ctx.num_experts, dim, grad_ED.stride(0),
+                out.stride(0), TOP_K=top_k, FP64=_compute_dtype(grad_ED) == torch.float64, BLOCK_N=block_n,
+                BLOCK_D=block_d)
+        return out, None, None, None, None, None
+
+
+def expert_token_sums(x_ND: torch.Tensor, token_S: torch.Tensor, offsets_E1: torch.Tensor, num_experts: int,
+                      expert_S: torch.Tensor, slot_NK: torch.Tensor) -> torch.Tensor:
+    """sum_ED[e] = sum of x[token[s]] over the slots s of expert e < num_experts (fp32, float64 for float64 x).
+    Forward: one pass over the gathered rows, tile by tile, and a per-expert sum of the tiles (no one-hot, no
+    atomics). Backward, in the gather form of a token-choice plan: each token sums the gradient rows of its K
+    experts (expert_S and slot_NK give them)."""
+    return _TokenSums.apply(x_ND, token_S, offsets_E1, num_experts, expert_S, slot_NK)
