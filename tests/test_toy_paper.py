@@ -1,5 +1,5 @@
 """The toy-scale paper experiments' pipeline, 2 steps per model on a few images: it trains, evaluates at each
-milestone and writes the report with its plots (about 40 s on 2 cores: kept in the default run)."""
+milestone and writes the report with its plots (4 tiny runs, about a minute on 2 cores: kept in the default run)."""
 
 import sys
 from pathlib import Path
@@ -27,14 +27,15 @@ def tiny_argv(tmp_path, feature_net, *extra):
 def test_router_swap_writes_every_pair_per_seed_and_resumes_without_work(tmp_path, feature_net):
     import toy_paper
 
-    argv = tiny_argv(tmp_path, feature_net, "--experiment", "routers", "--steps", "2", "--seeds", "0", "1",
+    argv = tiny_argv(tmp_path, feature_net, "--experiment", "routers", "--steps", "2", "--seeds", "1",
                      "--models", "linear softmax", "prototypes + RCL + conditional")
     toy_paper.main(argv)
     text = (tmp_path / "docs" / "toy.md").read_text()
-    assert "| linear softmax | 0 |" in text and "| prototypes + RCL + conditional | 1 |" in text
+    assert "| linear softmax | 1 |" in text and "| prototypes + RCL + conditional | 1 |" in text
     for key in ("val_mse", "fid_best", "accuracy_best"):
         assert f"prototypes + RCL + conditional better than linear softmax on {key}" in text
-    assert "of 2 seeds" in text and "I(class; expert)" in text
+    assert "(1 of 1 seeds" in text or "(0 of 1 seeds" in text
+    assert "I(class; expert)" in text
     for name in ("toy_loss.png", "toy_guidance.png"):
         assert (tmp_path / "docs" / name).stat().st_size > 0
     cache = tmp_path / "runs" / "linear_softmax_seed1" / "eval_step0000002.json"
@@ -47,7 +48,7 @@ def test_long_run_is_evaluated_at_each_milestone_and_resumed_between_them(tmp_pa
     import toy_paper
 
     toy_paper.main(tiny_argv(tmp_path, feature_net, "--experiment", "long", "--steps", "1", "3", "--models",
-                             "Dense-DiT", "ProMoE"))
+                             "ProMoE"))
     run = tmp_path / "runs" / "promoe_seed0"
     assert (run / "eval_step0000001.json").exists() and (run / "eval_step0000003.json").exists()
     assert (run / "checkpoints" / "latest").read_text().strip() == "step_0000003"
