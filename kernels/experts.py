@@ -234,11 +234,13 @@ class _BiasAct(torch.autograd.Function):
         # mask (as the torch definition leaves them); the bias gradient never reads them.
         grad_h = empty_output((num_slots, hidden), h_SH.dtype, h_SH.device) if ctx.gelu else grad_SH.to(h_SH.dtype)
         partial = empty_output((grid[0], hidden), compute, h_SH.device)
+        # Without GELU the kernel reads neither h nor writes grad_h: the bias stands in for both pointers.
+        h_arg, grad_h_arg = (h_SH, grad_h) if ctx.gelu else (b_EH, b_EH)
         if num_slots and hidden:
             _bias_act_backward_kernel[grid](
-                grad_SH, h_SH, b_EH, offsets_E1, grad_h, partial, num_slots, num_experts, hidden, grad_SH.stride(0),
-                h_SH.stride(0), b_EH.stride(0), grad_h.stride(0), GELU=ctx.gelu, FP64=compute == torch.float64,
-                E_PAD=e_pad, BLOCK_S=block_s, BLOCK_H=block_h)
+                grad_SH, h_arg, b_EH, offsets_E1, grad_h_arg, partial, num_slots, num_experts, hidden,
+                grad_SH.stride(0), h_arg.stride(0), b_EH.stride(0), grad_h_arg.stride(0), GELU=ctx.gelu,
+                FP64=compute == torch.float64, E_PAD=e_pad, BLOCK_S=block_s, BLOCK_H=block_h)
         return grad_h, _segment_sums(partial, offsets_E1, num_slots, block_s, b_EH.dtype), None, None
 
 
