@@ -9,10 +9,10 @@ against; the other backends change how a step runs, never what it computes:
   gate-weighted sum back. No host synchronisation, no data-dependent shapes. The default off CUDA.
 - `loop`: the paper's Algorithm 1, a boolean mask per expert. The benchmark baseline; it synchronises with the
   host once per expert (boolean-mask indexing).
-- `triton` (`promoe.kernels.backend`): the fused routing kernel, the counting-sort plan, and the permute and
-  gather-form combine kernels around the same expert GEMMs (an expert-choice plan has no fixed K per token and
-  keeps the `torch` permute and combine). The default on CUDA; on the CPU it needs Triton's interpreter
-  (TRITON_INTERPRET=1), which is for tests, not speed.
+- `triton` (`promoe.kernels.backend`): the fused routing kernel, the counting-sort plan, the permute and
+  gather-form combine kernels and the expert bias (+ GELU) kernels around the same expert GEMMs (an expert-choice
+  plan has no fixed K per token and keeps the `torch` permute and combine). The default on CUDA; on the CPU it
+  needs Triton's interpreter (TRITON_INTERPRET=1), which is for tests, not speed.
 - `grouped_gemm`: the expert GEMMs of the `grouped_gemm` package (MegaBlocks' grouped GEMM, CUTLASS, CUDA,
   bf16 only; `pip install ".[gpu]"`). It takes the per-expert batch sizes on the host, so it costs one host
   synchronisation per layer: worth it only where its GEMM beats `grouped_mm` (sm_80, where `grouped_mm` falls back
