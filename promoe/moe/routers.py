@@ -15,7 +15,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from promoe.moe.dispatch import TorchBackend, backend_named
-from promoe.moe.losses import load_balance_loss, routing_contrastive_loss, token_centroids
+from promoe.moe.losses import load_balance_loss, plan_centroids, routing_contrastive_loss, token_centroids
 from promoe.moe.plan import RoutingPlan, expert_choice_plan, sort_slots
 from promoe.moe.routing import check_activation, null_tokens_to_uncond_expert, prototype_scores, top_k
 
@@ -93,7 +93,7 @@ class TokenChoiceRouter(nn.Module):
         expert_ids_NK, gates_NK, scores = self.route(x_ND, cond_N, num_samples, backend)
         plan = backend.token_choice_plan(expert_ids_NK, gates_NK, self.num_routed + int(self.conditional),
                                          has_dropped_slots=self.conditional and self.top_k > 1)
-        aux = self.aux_losses(x_ND, cond_N, expert_ids_NK, scores, labels_B) if self.training else {}
+        aux = self.aux_losses(x_ND, cond_N, expert_ids_NK, scores, labels_B, plan, backend) if self.training else {}
         return plan, aux
 
     def route(self, x_ND: torch.Tensor, cond_N: torch.Tensor, num_samples: int, backend: TorchBackend):
@@ -120,11 +120,12 @@ class TokenChoiceRouter(nn.Module):
         """1 for the tokens routed among the routed experts, 0 for those sent to the unconditional expert."""
         return cond_N.float() if self.conditional else torch.ones_like(cond_N, dtype=torch.float32)
 
-    def aux_losses(self, x_ND, cond_N, expert_ids_NK, scores_NE, labels_B) -> dict[str, torch.Tensor]:
+    def aux_losses(self, x_ND, cond_N, expert_ids_NK, scores_NE, labels_B, plan: RoutingPlan,
+                   backend: TorchBackend) -> dict[str, torch.Tensor]:
         aux = {}
         weight_N = self.routed_weight(cond_N)
         if self.rcl_weight > 0:
-            centroids, active = token_centroids(x_ND, expert_ids_NK, weight_N, self.num_routed)
+            centroids, active = plan_centroids(x_ND, plan, self.num_routed, backend)
             rcl = routing_contrastive_loss(self.scorer.prototypes, centroids, active, self.rcl_temperature)
             aux["rcl"] = self.rcl_weight * rcl
         if self.lb_weight > 0:
@@ -227,7 +228,7 @@ class ClassifierRouter(TokenChoiceRouter):
         expert_ids_NK = expert_ids_BK.repeat_interleave(tokens_per_image, dim=0)
         return expert_ids_NK, torch.ones(expert_ids_NK.shape, device=x_ND.device), logits_BE
 
-    def aux_losses(self, x_ND, cond_N, expert_ids_NK, logits_BE, labels_B) -> dict[str, torch.Tensor]:
+    def aux_losses(self, x_ND, cond_N, expert_ids_NK, logits_BE, labels_B, plan, backend) -> dict[str, torch.Tensor]:
         loss = F.cross_entropy(logits_BE, self.superclass_of_label[labels_B], ignore_index=-100)
         # An all-null batch has no target: cross_entropy gives NaN there, the loss is 0.
         return {"router_cls": self.loss_weight * torch.nan_to_num(loss, nan=0.0)}
