@@ -9,7 +9,9 @@ nothing synchronises with the host.
             Gather form: every output row is written once, no atomics, deterministic. reads N*K*D, writes N*D
 - combine backward, one pass per slot: grad_out_SD[s] = gate_S[s] * grad_y[token_S[s]] and
   grad_gate_S[s] = <grad_y[token_S[s]], out_SD[s]>.                  reads 2*S*D, writes S*D
-The backward of permute is a combine without gates.
+The backward of permute is a combine without gates, and that of a combine without gates is a permute.
+Each entry point is a `torch.library` custom op (namespace `promoe`) with a fake and an autograd registration, so
+that `torch.compile` traces through it.
 """
 
 import torch
@@ -77,18 +79,9 @@ def _combine_backward_kernel(grad_y_ptr, out_ptr, token_ptr, gate_ptr, end_ptr, 
     tl.store(grad_gate_ptr + slots, dots, mask=in_range)
 
 
-def _combine(src_SD, slot_NK, gates_S, end, num_tokens):
-    dim = src_SD.shape[1]
-    out = empty_output((num_tokens, dim), src_SD.dtype, src_SD.device)
-    block_n, block_d = token_block(num_tokens), dim_block(dim)
-    if num_tokens:
-        _combine_kernel[row_grid(num_tokens, block_n, dim, block_d)](
-            src_SD, slot_NK, src_SD if gates_S is None else gates_S, end, out, num_tokens, dim, src_SD.stride(0),
-            out.stride(0), TOP_K=slot_NK.shape[1], HAS_GATES=gates_S is not None, BLOCK_N=block_n, BLOCK_D=block_d)
-    return out
-
-
-def _permute(x_ND, token_S, end):
+@torch.library.custom_op("promoe::permute", mutates_args=())
+def _permute_op(x_ND: torch.Tensor, token_S: torch.Tensor, slot_NK: torch.Tensor, end: torch.Tensor) -> torch.Tensor:
+    x_ND = x_ND.contiguous()
     num_slots, dim = token_S.numel(), x_ND.shape[1]
     out = empty_output((num_slots, dim), x_ND.dtype, x_ND.device)
     block_s, block_d = token_block(num_slots), dim_block(dim)
@@ -98,46 +91,88 @@ def _permute(x_ND, token_S, end):
     return out
 
 
-class _Permute(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x_ND, token_S, slot_NK, end):
-        ctx.save_for_backward(slot_NK, end)
-        ctx.num_tokens = x_ND.shape[0]
-        return _permute(x_ND.contiguous(), token_S, end)
-
-    @staticmethod
-    def backward(ctx, grad_SD):
-        slot_NK, end = ctx.saved_tensors
-        return _combine(grad_SD.contiguous(), slot_NK, None, end, ctx.num_tokens), None, None, None
+@_permute_op.register_fake
+def _(x_ND, token_S, slot_NK, end):
+    return x_ND.new_empty((token_S.shape[0], x_ND.shape[1]))
 
 
-class _Combine(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, out_SD, gates_S, token_S, slot_NK, end):
-        out_SD = out_SD.contiguous()
-        ctx.save_for_backward(out_SD, gates_S, token_S, end)
-        return _combine(out_SD, slot_NK, gates_S.contiguous(), end, slot_NK.shape[0])
+def _permute_setup_context(ctx, inputs, output):
+    _, token_S, slot_NK, end = inputs
+    ctx.save_for_backward(token_S, slot_NK, end)
 
-    @staticmethod
-    def backward(ctx, grad_y_ND):
-        out_SD, gates_S, token_S, end = ctx.saved_tensors
-        grad_y_ND = grad_y_ND.contiguous()
-        num_slots, dim = out_SD.shape
-        grad_out = empty_output(out_SD.shape, out_SD.dtype, out_SD.device)
-        grad_gates = empty_output((num_slots,), torch.float32, out_SD.device)
-        block_s, block_d = token_block(num_slots), dim_block(dim)
-        if num_slots:
-            _combine_backward_kernel[(triton.cdiv(num_slots, block_s),)](
-                grad_y_ND, out_SD, token_S, gates_S, end, grad_out, grad_gates, num_slots, dim, grad_y_ND.stride(0),
-                out_SD.stride(0), grad_out.stride(0), BLOCK_S=block_s, BLOCK_D=block_d)
-        return grad_out, grad_gates.to(gates_S.dtype), None, None, None
+
+def _permute_backward(ctx, grad_SD):
+    """The backward of permute is a combine without gates."""
+    token_S, slot_NK, end = ctx.saved_tensors
+    return _combine_op(grad_SD, None, token_S, slot_NK, end), None, None, None
+
+
+_permute_op.register_autograd(_permute_backward, setup_context=_permute_setup_context)
+
+
+@torch.library.custom_op("promoe::combine", mutates_args=())
+def _combine_op(out_SD: torch.Tensor, gates_S: torch.Tensor | None, token_S: torch.Tensor, slot_NK: torch.Tensor,
+                end: torch.Tensor) -> torch.Tensor:
+    """The gate-weighted combine; without gates, the plain sum of each token's slots (the backward of permute)."""
+    out_SD = out_SD.contiguous()
+    (num_tokens, top_k), dim = slot_NK.shape, out_SD.shape[1]
+    y = empty_output((num_tokens, dim), out_SD.dtype, out_SD.device)
+    block_n, block_d = token_block(num_tokens), dim_block(dim)
+    if num_tokens:
+        _combine_kernel[row_grid(num_tokens, block_n, dim, block_d)](
+            out_SD, slot_NK, out_SD if gates_S is None else gates_S.contiguous(), end, y, num_tokens, dim,
+            out_SD.stride(0), y.stride(0), TOP_K=top_k, HAS_GATES=gates_S is not None, BLOCK_N=block_n,
+            BLOCK_D=block_d)
+    return y
+
+
+@_combine_op.register_fake
+def _(out_SD, gates_S, token_S, slot_NK, end):
+    return out_SD.new_empty((slot_NK.shape[0], out_SD.shape[1]))
+
+
+def _combine_setup_context(ctx, inputs, output):
+    out_SD, gates_S, token_S, slot_NK, end = inputs
+    ctx.save_for_backward(out_SD, gates_S, token_S, slot_NK, end)
+
+
+def _combine_backward(ctx, grad_y_ND):
+    out_SD, gates_S, token_S, slot_NK, end = ctx.saved_tensors
+    if gates_S is None:  # a plain sum: its backward is a permute
+        return _permute_op(grad_y_ND, token_S, slot_NK, end), None, None, None, None
+    grad_out_SD, grad_gates_S = _combine_backward_op(grad_y_ND, out_SD, gates_S, token_S, end)
+    return grad_out_SD, grad_gates_S, None, None, None
+
+
+_combine_op.register_autograd(_combine_backward, setup_context=_combine_setup_context)
+
+
+@torch.library.custom_op("promoe::combine_backward", mutates_args=())
+def _combine_backward_op(grad_y_ND: torch.Tensor, out_SD: torch.Tensor, gates_S: torch.Tensor, token_S: torch.Tensor,
+                         end: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(grad out [S, D] in out's dtype, grad gates [S] in the gates' dtype) of the gate-weighted combine."""
+    grad_y_ND, out_SD = grad_y_ND.contiguous(), out_SD.contiguous()
+    num_slots, dim = out_SD.shape
+    grad_out = empty_output(out_SD.shape, out_SD.dtype, out_SD.device)
+    grad_gates = empty_output((num_slots,), torch.float32, out_SD.device)
+    block_s, block_d = token_block(num_slots), dim_block(dim)
+    if num_slots:
+        _combine_backward_kernel[(triton.cdiv(num_slots, block_s),)](
+            grad_y_ND, out_SD, token_S, gates_S, end, grad_out, grad_gates, num_slots, dim, grad_y_ND.stride(0),
+            out_SD.stride(0), grad_out.stride(0), BLOCK_S=block_s, BLOCK_D=block_d)
+    return grad_out, grad_gates.to(gates_S.dtype)
+
+
+@_combine_backward_op.register_fake
+def _(grad_y_ND, out_SD, gates_S, token_S, end):
+    return torch.empty_like(out_SD, memory_format=torch.contiguous_format), gates_S.new_empty(gates_S.shape)
 
 
 def permute(x_ND, token_S, slot_NK, end):
     """Rows of x in slot order [S, D]; rows of dropped slots are zeros. `end` is a 1-element device tensor."""
-    return _Permute.apply(x_ND, token_S, slot_NK, end)
+    return _permute_op(x_ND, token_S, slot_NK, end)
 
 
 def combine(out_SD, gates_S, token_S, slot_NK, end):
     """y [N, D] = sum over each token's K slots of gate * out (dropped slots contribute nothing)."""
-    return _Combine.apply(out_SD, gates_S, token_S, slot_NK, end)
+    return _combine_op(out_SD, gates_S, token_S, slot_NK, end)

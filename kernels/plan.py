@@ -11,6 +11,8 @@ Two passes over the N*K expert ids (values 0..E, E meaning dropped):
    gradient flows.
 An id outside 0..E counts as dropped in both passes (the routing kernel never writes one; this keeps a bad id from
 reading another block's histogram row).
+The two kernels are `torch.library` custom ops (`promoe::plan_histogram`, `promoe::plan_scatter`) with fake
+registrations, so that `torch.compile` traces the plan; the glue between them is plain PyTorch.
 What it computes is defined by `promoe.moe.plan.token_choice_plan` (the `torch` backend), slot for slot.
 """
 
@@ -60,28 +62,59 @@ def _scatter_kernel(ids_ptr, block_start_ptr, slot_ptr, order_ptr, token_ptr, ex
     tl.store(expert_ptr + position, ids, mask=in_range)
 
 
+def _plan_blocks(num_slots: int, num_experts: int) -> tuple[int, int, int]:
+    """(BINS, BLOCK_S, number of programs) of the plan kernels."""
+    bins = expert_block(num_experts + 1)  # the experts and the dropped id
+    block_s = plan_block(bins)
+    return bins, block_s, triton.cdiv(num_slots, block_s)
+
+
+@torch.library.custom_op("promoe::plan_histogram", mutates_args=())
+def _histogram_op(ids_S: torch.Tensor, num_experts: int) -> torch.Tensor:
+    """Per-program histograms of the ids [number of programs, BINS] int32."""
+    bins, block_s, num_blocks = _plan_blocks(ids_S.numel(), num_experts)
+    hist = empty_output((num_blocks, bins), torch.int32, ids_S.device)
+    if num_blocks:
+        _histogram_kernel[(num_blocks,)](ids_S, hist, ids_S.numel(), num_experts, BINS=bins, BLOCK_S=block_s)
+    return hist
+
+
+@_histogram_op.register_fake
+def _(ids_S, num_experts):
+    bins, _, num_blocks = _plan_blocks(ids_S.shape[0], num_experts)
+    return ids_S.new_empty((num_blocks, bins), dtype=torch.int32)
+
+
+@torch.library.custom_op("promoe::plan_scatter", mutates_args=())
+def _scatter_op(ids_S: torch.Tensor, block_start: torch.Tensor, num_experts: int, top_k: int
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(slot [S], choice [S], token [S], expert [S]) int64: the inverse permutation, then each slot's choice, token
+    and expert in slot order."""
+    num_slots, device = ids_S.numel(), ids_S.device
+    bins, block_s, num_blocks = _plan_blocks(num_slots, num_experts)
+    slot_S, order_S, token_S, expert_S = (empty_output((num_slots,), torch.int64, device) for _ in range(4))
+    if num_blocks:
+        _scatter_kernel[(num_blocks,)](ids_S, block_start.contiguous(), slot_S, order_S, token_S, expert_S, num_slots,
+                                       num_experts, TOP_K=top_k, BINS=bins, BLOCK_S=block_s)
+    return slot_S, order_S, token_S, expert_S
+
+
+@_scatter_op.register_fake
+def _(ids_S, block_start, num_experts, top_k):
+    return tuple(ids_S.new_empty(ids_S.shape, dtype=torch.int64) for _ in range(4))
+
+
 def token_choice_plan(expert_ids_NK: torch.Tensor, gates_NK: torch.Tensor, num_experts: int,
                       has_dropped_slots: bool = False) -> RoutingPlan:
     """The kernel version of `promoe.moe.plan.token_choice_plan`: the same plan, slot for slot."""
     num_tokens, top_k = expert_ids_NK.shape
-    num_slots, device = num_tokens * top_k, expert_ids_NK.device
-    bins = expert_block(num_experts + 1)  # the experts and the dropped id
-    block_s = plan_block(bins)
-    num_blocks = triton.cdiv(num_slots, block_s)
-    ids = expert_ids_NK.reshape(-1).contiguous()
-    hist = empty_output((num_blocks, bins), torch.int32, device)
-    if num_blocks:
-        _histogram_kernel[(num_blocks,)](ids, hist, num_slots, num_experts, BINS=bins, BLOCK_S=block_s)
-    hist = hist.long()
+    ids_S = expert_ids_NK.reshape(-1).contiguous()
+    hist = _histogram_op(ids_S, num_experts).long()
     counts = hist.sum(0)  # [bins]
     expert_start = counts.cumsum(0) - counts  # first slot of each id
     block_start = expert_start[None, :] + hist.cumsum(0) - hist  # first slot of each (block, id)
-
-    slot_S, order_S, token_S, expert_S = (empty_output((num_slots,), torch.int64, device) for _ in range(4))
-    if num_blocks:
-        _scatter_kernel[(num_blocks,)](ids, block_start.contiguous(), slot_S, order_S, token_S, expert_S, num_slots,
-                                       num_experts, TOP_K=top_k, BINS=bins, BLOCK_S=block_s)
-    offsets_E1 = torch.zeros(num_experts + 1, dtype=torch.long, device=device)
+    slot_S, order_S, token_S, expert_S = _scatter_op(ids_S, block_start, num_experts, top_k)
+    offsets_E1 = torch.zeros(num_experts + 1, dtype=torch.long, device=ids_S.device)
     offsets_E1[1:] = counts[:num_experts].cumsum(0)
     return RoutingPlan(token_index_S=token_S, expert_index_S=expert_S, gates_S=gates_NK.reshape(-1)[order_S],
                        offsets_E1=offsets_E1, num_tokens=num_tokens, has_dropped_slots=has_dropped_slots,

@@ -6,7 +6,8 @@ per-block expert histogram [num_blocks, E_bank + 1] (no atomics: the counts are 
 
 Backward recomputes the similarities in PyTorch (one N x E x D product, as cheap as the forward) and
 differentiates the gather of the chosen gates: gradients reach the tokens and the prototypes, for every
-activation.
+activation. Both entry points are `torch.library` custom ops (`promoe::route_prototypes`, `promoe::prototype_scores`)
+with fake and autograd registrations, so that `torch.compile` traces through them.
 """
 
 import os
@@ -124,44 +125,58 @@ def native_dot(x: torch.Tensor, protos: torch.Tensor) -> bool:
     return half and os.environ.get("TRITON_INTERPRET") != "1"
 
 
-class _RoutePrototypes(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x_ND, prototypes_ED, cond_N, top_k, activation, alpha, conditional):
-        num_tokens, dim = x_ND.shape
-        num_experts = prototypes_ED.shape[0]
-        hist_pad = expert_block(num_experts + 2)  # room for the unconditional and dropped ids
-        block_n, block_d = routing_blocks(num_tokens, dim, num_experts, x_ND.element_size())
-        num_blocks = triton.cdiv(num_tokens, block_n)
-        x = x_ND.contiguous()
-        protos = prototypes_ED.contiguous()
-        ids = empty_output((num_tokens, top_k), torch.int64, x.device)
-        gates = empty_output((num_tokens, top_k), torch.float32, x.device)
-        hist = empty_output((num_blocks, hist_pad), torch.int32, x.device)
-        if num_blocks:
-            _route_kernel[(num_blocks,)](
-                x, protos, cond_N.to(torch.int8).contiguous(), ids, gates, hist, num_tokens, dim, x.stride(0),
-                protos.stride(0), float(alpha), NUM_EXPERTS=num_experts, E_PAD=expert_block(num_experts),
-                HIST_PAD=hist_pad, TOP_K=top_k, ACTIVATION=ACTIVATION_CODES[activation], CONDITIONAL=conditional,
-                NATIVE_DOT=native_dot(x, protos), BLOCK_N=block_n, BLOCK_D=block_d)
-        counts = hist.sum(0, dtype=torch.int64)[: num_experts + int(conditional)]
-        ctx.save_for_backward(x_ND, prototypes_ED, ids, cond_N)
-        ctx.settings = (activation, alpha, conditional, num_experts)
-        ctx.mark_non_differentiable(ids, counts)
-        return ids, gates, counts
+@torch.library.custom_op("promoe::route_prototypes", mutates_args=())
+def _route_prototypes_op(x_ND: torch.Tensor, prototypes_ED: torch.Tensor, cond_N: torch.Tensor, top_k: int,
+                         activation: str, alpha: float, conditional: bool
+                         ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(gates, ids, counts): the floating output first, as opcheck's gradient check sums the outputs in order."""
+    num_tokens, dim = x_ND.shape
+    num_experts = prototypes_ED.shape[0]
+    hist_pad = expert_block(num_experts + 2)  # room for the unconditional and dropped ids
+    block_n, block_d = routing_blocks(num_tokens, dim, num_experts, x_ND.element_size())
+    num_blocks = triton.cdiv(num_tokens, block_n)
+    x = x_ND.contiguous()
+    protos = prototypes_ED.contiguous()
+    ids = empty_output((num_tokens, top_k), torch.int64, x.device)
+    gates = empty_output((num_tokens, top_k), torch.float32, x.device)
+    hist = empty_output((num_blocks, hist_pad), torch.int32, x.device)
+    if num_blocks:
+        _route_kernel[(num_blocks,)](
+            x, protos, cond_N.to(torch.int8).contiguous(), ids, gates, hist, num_tokens, dim, x.stride(0),
+            protos.stride(0), float(alpha), NUM_EXPERTS=num_experts, E_PAD=expert_block(num_experts),
+            HIST_PAD=hist_pad, TOP_K=top_k, ACTIVATION=ACTIVATION_CODES[activation], CONDITIONAL=conditional,
+            NATIVE_DOT=native_dot(x, protos), BLOCK_N=block_n, BLOCK_D=block_d)
+    counts = hist[:, : num_experts + int(conditional)].sum(0, dtype=torch.int64)
+    return gates, ids, counts
 
-    @staticmethod
-    def backward(ctx, grad_ids, grad_gates_NK, grad_counts):
-        x_ND, prototypes_ED, ids_NK, cond_N = ctx.saved_tensors
-        activation, alpha, conditional, num_experts = ctx.settings
-        with torch.enable_grad():
-            x = x_ND.detach().requires_grad_()
-            protos = prototypes_ED.detach().requires_grad_()
-            scores_NE = prototype_scores_definition(x, protos, activation, alpha)
-            routed_NK = ids_NK < num_experts  # unconditional and dropped slots have constant gates
-            chosen_NK = scores_NE.gather(1, ids_NK.clamp(max=num_experts - 1))
-            grad = torch.where(routed_NK, grad_gates_NK.float(), 0.0)
-            grad_x, grad_protos = torch.autograd.grad(chosen_NK, (x, protos), grad)
-        return grad_x, grad_protos, None, None, None, None, None
+
+@_route_prototypes_op.register_fake
+def _(x_ND, prototypes_ED, cond_N, top_k, activation, alpha, conditional):
+    num_tokens, num_counted = x_ND.shape[0], prototypes_ED.shape[0] + int(conditional)
+    return (x_ND.new_empty((num_tokens, top_k), dtype=torch.float32),
+            x_ND.new_empty((num_tokens, top_k), dtype=torch.int64),
+            x_ND.new_empty((num_counted,), dtype=torch.int64))
+
+
+def _route_setup_context(ctx, inputs, output):
+    x_ND, prototypes_ED, _, _, activation, alpha, _ = inputs
+    ctx.save_for_backward(x_ND, prototypes_ED, output[1])
+    ctx.settings = (activation, alpha)
+
+
+def _route_backward(ctx, grad_gates_NK, grad_ids, grad_counts):
+    """The gates are the chosen scores: the gradient of a gather of the similarities, recomputed in PyTorch."""
+    x_ND, prototypes_ED, ids_NK = ctx.saved_tensors
+    activation, alpha = ctx.settings
+    num_experts = prototypes_ED.shape[0]
+    routed_NK = ids_NK < num_experts  # unconditional and dropped slots have constant gates
+    grad_NE = torch.zeros((x_ND.shape[0], num_experts), dtype=torch.float32, device=x_ND.device)
+    grad_NE = grad_NE.scatter_add(1, ids_NK.clamp(max=num_experts - 1), torch.where(routed_NK, grad_gates_NK, 0.0))
+    grad_x, grad_protos = _scores_backward(x_ND, prototypes_ED, grad_NE, activation, alpha)
+    return grad_x, grad_protos, None, None, None, None, None
+
+
+_route_prototypes_op.register_autograd(_route_backward, setup_context=_route_setup_context)
 
 
 def route_prototypes(x_ND, prototypes_ED, cond_N, top_k, activation="identity", alpha=1.0, conditional=True):
@@ -171,40 +186,57 @@ def route_prototypes(x_ND, prototypes_ED, cond_N, top_k, activation="identity", 
         raise ValueError(f"the fused routing kernel supports top_k in 1..{MAX_TOP_K}, got {top_k}")
     if prototypes_ED.shape[0] > MAX_EXPERTS:
         raise ValueError(f"the fused routing kernel supports up to {MAX_EXPERTS} experts, got {prototypes_ED.shape[0]}")
-    return _RoutePrototypes.apply(x_ND, prototypes_ED, cond_N, top_k, activation, alpha, conditional)
+    gates_NK, ids_NK, counts = _route_prototypes_op(x_ND, prototypes_ED, cond_N, top_k, activation, float(alpha),
+                                                    conditional)
+    return ids_NK, gates_NK, counts
 
 
-class _PrototypeScores(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x_ND, prototypes_ED, activation, alpha):
-        num_tokens, dim = x_ND.shape
-        num_experts = prototypes_ED.shape[0]
-        x, protos = x_ND.contiguous(), prototypes_ED.contiguous()
-        block_n, block_d = routing_blocks(num_tokens, dim, num_experts, x.element_size())
-        scores = empty_output((num_tokens, num_experts), torch.float32, x.device)
-        if num_tokens:
-            _scores_kernel[(triton.cdiv(num_tokens, block_n),)](
-                x, protos, scores, num_tokens, dim, x.stride(0), protos.stride(0), float(alpha),
-                NUM_EXPERTS=num_experts, E_PAD=expert_block(num_experts), ACTIVATION=ACTIVATION_CODES[activation],
-                NATIVE_DOT=native_dot(x, protos), BLOCK_N=block_n, BLOCK_D=block_d)
-        ctx.save_for_backward(x_ND, prototypes_ED)
-        ctx.settings = (activation, alpha)
-        return scores
+@torch.library.custom_op("promoe::prototype_scores", mutates_args=())
+def _prototype_scores_op(x_ND: torch.Tensor, prototypes_ED: torch.Tensor, activation: str, alpha: float
+                         ) -> torch.Tensor:
+    num_tokens, dim = x_ND.shape
+    num_experts = prototypes_ED.shape[0]
+    x, protos = x_ND.contiguous(), prototypes_ED.contiguous()
+    block_n, block_d = routing_blocks(num_tokens, dim, num_experts, x.element_size())
+    scores = empty_output((num_tokens, num_experts), torch.float32, x.device)
+    if num_tokens:
+        _scores_kernel[(triton.cdiv(num_tokens, block_n),)](
+            x, protos, scores, num_tokens, dim, x.stride(0), protos.stride(0), float(alpha),
+            NUM_EXPERTS=num_experts, E_PAD=expert_block(num_experts), ACTIVATION=ACTIVATION_CODES[activation],
+            NATIVE_DOT=native_dot(x, protos), BLOCK_N=block_n, BLOCK_D=block_d)
+    return scores
 
-    @staticmethod
-    def backward(ctx, grad_scores_NE):
-        x_ND, prototypes_ED = ctx.saved_tensors
-        activation, alpha = ctx.settings
-        with torch.enable_grad():
-            x = x_ND.detach().requires_grad_()
-            protos = prototypes_ED.detach().requires_grad_()
-            scores_NE = prototype_scores_definition(x, protos, activation, alpha)
-            grad_x, grad_protos = torch.autograd.grad(scores_NE, (x, protos), grad_scores_NE.to(scores_NE.dtype))
-        return grad_x, grad_protos, None, None
+
+@_prototype_scores_op.register_fake
+def _(x_ND, prototypes_ED, activation, alpha):
+    return x_ND.new_empty((x_ND.shape[0], prototypes_ED.shape[0]), dtype=torch.float32)
+
+
+def _scores_setup_context(ctx, inputs, output):
+    x_ND, prototypes_ED, activation, alpha = inputs
+    ctx.save_for_backward(x_ND, prototypes_ED)
+    ctx.settings = (activation, alpha)
+
+
+def _scores_backward_from_ctx(ctx, grad_scores_NE):
+    x_ND, prototypes_ED = ctx.saved_tensors
+    return (*_scores_backward(x_ND, prototypes_ED, grad_scores_NE, *ctx.settings), None, None)
+
+
+_prototype_scores_op.register_autograd(_scores_backward_from_ctx, setup_context=_scores_setup_context)
+
+
+def _scores_backward(x_ND, prototypes_ED, grad_scores_NE, activation, alpha):
+    """(grad x, grad prototypes) of the scores, by differentiating their PyTorch definition (recomputed: one
+    N x E x D product, as cheap as the forward). torch.func.vjp, unlike torch.autograd.grad, traces under
+    torch.compile."""
+    _, vjp = torch.func.vjp(lambda x, protos: prototype_scores_definition(x, protos, activation, alpha),
+                            x_ND, prototypes_ED)
+    return vjp(grad_scores_NE.float())
 
 
 def prototype_scores(x_ND, prototypes_ED, activation="identity", alpha=1.0):
     """`promoe.moe.routing.prototype_scores` [N, E] fp32, by the routing kernel's similarity code."""
     if prototypes_ED.shape[0] > MAX_EXPERTS:
         raise ValueError(f"the fused routing kernel supports up to {MAX_EXPERTS} experts, got {prototypes_ED.shape[0]}")
-    return _PrototypeScores.apply(x_ND, prototypes_ED, activation, alpha)
+    return _prototype_scores_op(x_ND, prototypes_ED, activation, float(alpha))

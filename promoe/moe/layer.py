@@ -21,8 +21,6 @@ class MoELayer(nn.Module):
     def __init__(self, router: nn.Module, num_bank_experts: int, dim: int, expert_hidden: int, shared_hidden: int,
                  activated_routed: int, null_label: int, backend: str | None = None):
         super().__init__()
-        if backend is not None:
-            check_backend(backend)
         self.null_label = null_label
         self.router = router
         self.experts = ExpertBank(num_bank_experts, dim, expert_hidden)
@@ -30,6 +28,20 @@ class MoELayer(nn.Module):
         self.shared = FFN(dim, shared_hidden) if shared_hidden > 0 else None
         self.activated_routed = activated_routed
         self.backend = backend
+
+    @property
+    def backend(self) -> str | None:
+        """The dispatch backend's name; None takes the device's default."""
+        return self._backend_name
+
+    @backend.setter
+    def backend(self, name: str | None) -> None:
+        # The object is resolved here, once, so that forward (and torch.compile's trace of it) holds the backend
+        # instead of looking its name up.
+        if name is not None:
+            check_backend(name)
+        self._backend_name = name
+        self._backend_object = None if name is None else backend_named(name)
 
     def inactive_param_count(self) -> int:
         """Parameters of the bank experts that a token does not run (counted in total, not in activated)."""
@@ -40,7 +52,9 @@ class MoELayer(nn.Module):
         num_samples, tokens_per_image, dim = x_BLD.shape
         x_ND = x_BLD.reshape(-1, dim)
         cond_N = (labels_B != self.null_label).repeat_interleave(tokens_per_image)
-        backend = backend_named(self.backend or default_backend_name(x_BLD.device))
+        backend = self._backend_object
+        if backend is None:
+            backend = backend_named(default_backend_name(x_BLD.device))
         plan, aux = self.router(x_ND, cond_N, num_samples, labels_B, backend)
         y_ND = backend.dispatch(x_ND, plan, self.experts)
         if self.shared is not None:
