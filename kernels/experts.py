@@ -56,23 +56,38 @@ def _gelu_tanh(z):
 
 
 @triton.jit
-def _bias_act_kernel(h_ptr, bias_ptr, offsets_ptr, out_ptr, num_slots, num_experts, hidden, stride_h, stride_b,
-                     stride_out, GELU: tl.constexpr, FP64: tl.constexpr, E_PAD: tl.constexpr, BLOCK_S: tl.constexpr,
-                     BLOCK_H: tl.constexpr):
-    segment, row0, end = _segment_tile(offsets_ptr, num_experts, num_slots, tl.program_id(0), E_PAD, BLOCK_S)
+def _bias_tile(offsets_ptr, num_experts, num_slots, hidden, tile, E_PAD: tl.constexpr, BLOCK_S: tl.constexpr,
+               BLOCK_H: tl.constexpr):
+    """A bias kernel's tile: its segment, rows and columns, and the masks of the rows it writes (in_tile), of the
+    rows of an expert (live) and of the bias columns to read (none for the dropped rows)."""
+    segment, row0, end = _segment_tile(offsets_ptr, num_experts, num_slots, tile, E_PAD, BLOCK_S)
     rows = row0.to(tl.int64) + tl.arange(0, BLOCK_S)  # int64: rows * H passes 2^31
     cols = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
     col_ok = cols < hidden
     in_tile = (rows < end)[:, None] & col_ok[None, :]
     is_expert = segment < num_experts
-    live = (rows < tl.where(is_expert, end, 0))[:, None] & col_ok[None, :]  # the rows of an expert
+    live = (rows < tl.where(is_expert, end, 0))[:, None] & col_ok[None, :]
     bias_ok = cols < tl.where(is_expert, hidden, 0)
+    return segment, rows, cols, col_ok, in_tile, is_expert, live, bias_ok
+
+
+@triton.jit
+def _biased_rows(h_ptr, bias_ptr, segment, rows, cols, stride_h, stride_b, live, bias_ok, FP64: tl.constexpr):
+    """h + the segment's bias row, in fp32 (float64 for float64 inputs)."""
     z = tl.load(h_ptr + rows[:, None] * stride_h + cols[None, :], mask=live, other=0.0)
     bias = tl.load(bias_ptr + segment.to(tl.int64) * stride_b + cols, mask=bias_ok, other=0.0)
     if FP64:
-        z = z.to(tl.float64) + bias.to(tl.float64)[None, :]
-    else:
-        z = z.to(tl.float32) + bias.to(tl.float32)[None, :]
+        return z.to(tl.float64) + bias.to(tl.float64)[None, :]
+    return z.to(tl.float32) + bias.to(tl.float32)[None, :]
+
+
+@triton.jit
+def _bias_act_kernel(h_ptr, bias_ptr, offsets_ptr, out_ptr, num_slots, num_experts, hidden, stride_h, stride_b,
+                     stride_out, GELU: tl.constexpr, FP64: tl.constexpr, E_PAD: tl.constexpr, BLOCK_S: tl.constexpr,
+                     BLOCK_H: tl.constexpr):
+    segment, rows, cols, col_ok, in_tile, is_expert, live, bias_ok = _bias_tile(
+        offsets_ptr, num_experts, num_slots, hidden, tl.program_id(0), E_PAD, BLOCK_S, BLOCK_H)
+    z = _biased_rows(h_ptr, bias_ptr, segment, rows, cols, stride_h, stride_b, live, bias_ok, FP64)
     if GELU:
         z, _ = _gelu_tanh(z)
     z = tl.where(is_expert, z, 0.0)  # the dropped rows: zeros
@@ -85,26 +100,15 @@ def _bias_act_backward_kernel(grad_ptr, h_ptr, bias_ptr, offsets_ptr, grad_h_ptr
                               GELU: tl.constexpr, FP64: tl.constexpr, E_PAD: tl.constexpr, BLOCK_S: tl.constexpr,
                               BLOCK_H: tl.constexpr):
     tile = tl.program_id(0)
-    segment, row0, end = _segment_tile(offsets_ptr, num_experts, num_slots, tile, E_PAD, BLOCK_S)
-    rows = row0.to(tl.int64) + tl.arange(0, BLOCK_S)
-    cols = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
-    col_ok = cols < hidden
-    in_tile = (rows < end)[:, None] & col_ok[None, :]
-    is_expert = segment < num_experts
-    live = (rows < tl.where(is_expert, end, 0))[:, None] & col_ok[None, :]  # the rows of an expert
-    bias_ok = cols < tl.where(is_expert, hidden, 0)
+    segment, rows, cols, col_ok, in_tile, is_expert, live, bias_ok = _bias_tile(
+        offsets_ptr, num_experts, num_slots, hidden, tile, E_PAD, BLOCK_S, BLOCK_H)
     grad = tl.load(grad_ptr + rows[:, None] * stride_g + cols[None, :], mask=live, other=0.0)
     if FP64:
         grad = grad.to(tl.float64)
     else:
         grad = grad.to(tl.float32)
     if GELU:
-        z = tl.load(h_ptr + rows[:, None] * stride_h + cols[None, :], mask=live, other=0.0)
-        bias = tl.load(bias_ptr + segment.to(tl.int64) * stride_b + cols, mask=bias_ok, other=0.0)
-        if FP64:
-            z = z.to(tl.float64) + bias.to(tl.float64)[None, :]
-        else:
-            z = z.to(tl.float32) + bias.to(tl.float32)[None, :]
+        z = _biased_rows(h_ptr, bias_ptr, segment, rows, cols, stride_h, stride_b, live, bias_ok, FP64)
         _, tanh = _gelu_tanh(z)
         slope = 0.5 * (1.0 + tanh) + 0.5 * z * (1.0 - tanh * tanh) * GELU_C * (1.0 + 3.0 * GELU_A * z * z)
         grad = grad * slope
