@@ -63,6 +63,7 @@ class TrainSection:
     out: str = "runs/demo"
     precision: str = "auto"  # auto (bf16 on CUDA, fp32 on CPU) | fp32 | bf16: FSDP2 parameter dtype in compute
     activation_checkpointing: bool = False  # recompute each block in backward
+    compile: bool = False  # torch.compile each DiT block (compile time at the first steps, then faster steps)
     grid_steps: int = 100  # sampling steps of the class grid drawn at the end of training; 0: no grid
     grid_cfg_scale: float = 1.5
     fid_samples: int = 0  # Fashion-MNIST runs: the Fashion-MNIST FID of this many samples at the end (grid settings)

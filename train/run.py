@@ -2,8 +2,9 @@
 (`torchrun --nproc_per_node=N train/run.py --config FILE`), FSDP2, EMA, verified resumable checkpoints.
 
 Pipeline: config -> the run folder (locked) -> data -> model built on `meta` -> parallelised (activation
-checkpointing, fully_shard per block, then the root) -> materialised and initialised alike on every rank ->
-restored from the newest intact checkpoint -> trained -> EMA export, plots, sample grid, Fashion-MNIST FID.
+checkpointing, torch.compile per block, fully_shard per block, then the root) -> materialised and initialised alike
+on every rank -> restored from the newest intact checkpoint -> trained -> EMA export, plots, sample grid,
+Fashion-MNIST FID.
 
 Every random draw of a step (the sample order, label dropout, timesteps, noise) is made for the global batch from
 a generator seeded by (seed, step), and each rank takes its slice: a resumed run, or a run on another number of
@@ -79,7 +80,8 @@ def main(argv=None) -> int:
                 print(f"world size {world_size}, global batch {config.train.global_batch} "
                       f"({config.train.global_batch // world_size} per rank), data {dataset.name} ({len(dataset)} "
                       f"images), model {config.model.name} {activated / 1e6:.2f}M activated / {total / 1e6:.2f}M "
-                      f"total, {compute_dtype(config, device)}, dispatch {dispatch_name(model, device)}")
+                      f"total, {compute_dtype(config, device)}, dispatch {dispatch_name(model, device)}"
+                      f"{', torch.compile per block' if config.train.compile else ''}")
             stopped = train(model, optimizer, ema, dataset, checkpoints, config, start, resumed, device)
             if stopped is not None:
                 return stopped

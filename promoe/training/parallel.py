@@ -1,5 +1,5 @@
-"""The model of a run, in torchtitan's order: built on `meta` (no storage), activation checkpointing, `fully_shard`
-per block and then the root, materialised on the device (`to_empty`) and initialised.
+"""The model of a run, in torchtitan's order: built on `meta` (no storage), activation checkpointing, torch.compile
+per block, `fully_shard` per block and then the root, materialised on the device (`to_empty`) and initialised.
 
 The initial weights of a seed are those of a single-process CPU build (the model's own `initialize_weights`), on
 every rank and whatever the world size: each rank builds them seeded alike and keeps its shards. A run on two
@@ -47,14 +47,34 @@ def apply_activation_checkpointing(model: torch.nn.Module, config: RunConfig) ->
         block.forward = functools.partial(checkpoint, block.forward, use_reentrant=False)
 
 
-def shard(model: torch.nn.Module, dtype: torch.dtype) -> None:
+def compile_blocks(model: torch.nn.Module, dtype: torch.dtype) -> None:
+    """Each block compiled in place (`Module.compile`: the state-dict keys keep their names, with no `_orig_mod.`).
+    PyTorch's fake `_grouped_mm` (torch 2.13) accepts bf16 only, although the CPU kernel runs fp32 too: in other
+    dtypes the expert GEMMs run eagerly between compiled graphs (a promoe::grouped_mm custom op with a fake of every
+    dtype would keep them in)."""
+    if dtype != torch.bfloat16:
+        torch._dynamo.disallow_in_graph(torch._grouped_mm)
+    for block in model.blocks:
+        block.compile()
+
+
+def apply_compile(model: torch.nn.Module, config: RunConfig, dtype: torch.dtype) -> None:
+    """With train.compile, each block is compiled over its checkpointed forward; FSDP's hooks, which `fully_shard`
+    adds next, stay out of the graphs (Dynamo skips them). The routers' running statistics are buffer updates that
+    compile as such: k-means and DiffMoE train to the eager losses."""
+    if config.train.compile:
+        compile_blocks(model, dtype)
+
+
+def shard(model: torch.nn.Module, dtype: torch.dtype, reshard: bool = True) -> None:
     """fully_shard each block, then the root. Parameters are stored in fp32 and gathered in `dtype`; gradients
-    are reduced in fp32. The final layer runs right after the last block, whose parameters the backward needs
-    at once, so the last block is not resharded after forward. The root keeps its inputs as they are: a bf16
-    timestep s * 1000 would move in steps of 4 above 512, unlike the sampler's."""
+    are reduced in fp32. With `reshard`, a block's gathered parameters are freed after its forward and gathered
+    again in backward; the final layer runs right after the last block, whose parameters the backward needs at
+    once, so the last block is never resharded. The root keeps its inputs as they are: a bf16 timestep s * 1000
+    would move in steps of 4 above 512, unlike the sampler's."""
     policy = MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float32)
     for index, block in enumerate(model.blocks):
-        fully_shard(block, mp_policy=policy, reshard_after_forward=index < len(model.blocks) - 1)
+        fully_shard(block, mp_policy=policy, reshard_after_forward=reshard and index < len(model.blocks) - 1)
     fully_shard(model, mp_policy=MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float32,
                                                       cast_forward_inputs=False))
 
@@ -75,8 +95,10 @@ def materialise_and_initialise(model: torch.nn.Module, config: RunConfig, device
 
 
 def parallelise(model: torch.nn.Module, config: RunConfig, device: torch.device) -> None:
-    """A model built on `meta` made ready to train: activation checkpointing, fully_shard per block then the root,
-    materialised on `device` and initialised alike on every rank."""
+    """A model built on `meta` made ready to train: activation checkpointing, torch.compile per block, fully_shard
+    per block then the root, materialised on `device` and initialised alike on every rank."""
+    dtype = compute_dtype(config, device)
     apply_activation_checkpointing(model, config)
-    shard(model, compute_dtype(config, device))
+    apply_compile(model, config, dtype)
+    shard(model, dtype)
     materialise_and_initialise(model, config, device)
