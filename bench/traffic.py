@@ -92,13 +92,23 @@ class TrafficCounter(OpCounter):
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         name = func._schema.name
-        # promoe's own custom ops (promoe::permute, ...) wrap Triton launches, which are charged per launch below.
-        if self.paused or name in _VIEWS or name.startswith("promoe::"):
+        if name.startswith("promoe::") and not self.paused:
+            return self.inside_custom_op(func, args, kwargs)
+        if self.paused or name in _VIEWS:
             return super().__torch_dispatch__(func, types, args, kwargs)
         out = super().__torch_dispatch__(func, types, args, kwargs)
         self.add("gemm" if name in GEMMS else "aten", name.removeprefix("aten::"),
                  tensor_bytes((args, kwargs)) + tensor_bytes(out))
         return out
+
+    def inside_custom_op(self, func, args, kwargs):
+        """promoe's custom ops (promoe::permute, ...) are charged for what runs inside them: their Triton launches
+        (below) and the aten ops of their Python implementation, which the dispatcher would hide from this mode."""
+        device = next((leaf.device for leaf in torch.utils._pytree.tree_leaves(args)
+                       if isinstance(leaf, torch.Tensor)), torch.device("cpu"))
+        key = torch._C.DispatchKey.CUDA if device.type == "cuda" else torch._C.DispatchKey.CPU
+        with self:
+            return func.redispatch(torch._C.DispatchKeySet(key), *args, **kwargs)
 
     def total(self, kind: str, phase: str | None = None) -> int:
         return sum(b for (p, k, _), (b, _) in self.items.items() if k == kind and phase in (None, p))

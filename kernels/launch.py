@@ -26,6 +26,16 @@ def routing_blocks(num_tokens: int, dim: int, num_experts: int, itemsize: int) -
     return token_block(num_tokens), min(64 if itemsize >= 4 else 128, dim_block(dim))
 
 
+def routing_backward_blocks(num_tokens: int, dim: int, num_experts: int) -> tuple[int, int]:
+    """(BLOCK_N, BLOCK_D) of the routing backward, which holds a d-token tile and an [E, BLOCK_D] partial beside the
+    forward's tiles: smaller than the forward's so that sm_80 and sm_90a compile it without spills. Each block
+    writes E x D fp32 partial sums, so BLOCK_N stays as large as the registers allow (E * D * 4 / BLOCK_N bytes per
+    token)."""
+    if expert_block(num_experts) >= 64:
+        return 16, min(32, dim_block(dim))
+    return 16 if num_tokens < 32 else 32, min(64, dim_block(dim))
+
+
 def plan_block(bins: int) -> int:
     """Slots per program of the plan kernels: their [BLOCK_S, bins] one-hot tile stays within 4096 elements."""
     return max(16, min(256, 4096 // bins))

@@ -32,10 +32,17 @@ from promoe.kernels.experts import (
     _token_sums_backward_kernel,
 )
 from promoe.kernels.experts import blocks as expert_blocks
-from promoe.kernels.launch import dim_block, expert_block, plan_block, routing_blocks, token_block
+from promoe.kernels.launch import (
+    dim_block,
+    expert_block,
+    plan_block,
+    routing_backward_blocks,
+    routing_blocks,
+    token_block,
+)
 from promoe.kernels.permute import _combine_backward_kernel, _combine_kernel, _permute_kernel
 from promoe.kernels.plan import _histogram_kernel, _scatter_kernel
-from promoe.kernels.routing import _route_kernel, _scores_kernel
+from promoe.kernels.routing import _route_kernel, _scores_backward_kernel, _scores_kernel
 
 ARCHITECTURES = {"sm_80": 80, "sm_90a": 90}
 SHARED_MEMORY_LIMIT = {80: 163 * 1024, 90: 227 * 1024}  # bytes per block, opt-in maximum
@@ -100,8 +107,20 @@ def _scores_spec(num_experts: int) -> KernelSpec:
     return KernelSpec(f"scores bf16 E={num_experts} identity", _scores_kernel, signature, constants)
 
 
+def _scores_backward_spec(num_experts: int, activation: int, dtype: str = "bf16") -> KernelSpec:
+    signature = {"x_ptr": f"*{dtype}", "protos_ptr": f"*{dtype}", "grad_ptr": "*fp32", "grad_x_ptr": f"*{dtype}",
+                 "partial_p_ptr": "*fp32", "partial_c_ptr": "*fp32", "num_tokens": "i32", "dim": "i32",
+                 "stride_x": "i32", "stride_p": "i32", "stride_gx": "i32", "alpha": "fp32"}
+    block_n, block_d = routing_backward_blocks(4096, DIM, num_experts)
+    constants = dict(NUM_EXPERTS=num_experts, E_PAD=expert_block(num_experts), ACTIVATION=activation,
+                     NATIVE_DOT=dtype != "fp32", BLOCK_N=block_n, BLOCK_D=block_d)
+    label = f"scores backward {dtype} E={num_experts} {['identity', 'sigmoid', 'softmax'][activation]}"
+    return KernelSpec(label, _scores_backward_kernel, signature, constants)
+
+
 SPECS = [
     _scores_spec(12), _scores_spec(64),
+    _scores_backward_spec(12, 0), _scores_backward_spec(64, 2), _scores_backward_spec(12, 0, "fp32"),
     *_plan_specs(13, 1), *_plan_specs(64, 4),
     _route_spec(12, 1, 0), _route_spec(12, 2, 2), _route_spec(64, 4, 1), _route_spec(12, 1, 0, "fp32"),
     KernelSpec("permute", _permute_kernel,

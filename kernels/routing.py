@@ -4,10 +4,12 @@ One pass over the tokens. Each program reads a block of BLOCK_N token rows (N*D 
 prototypes (E*D, re-read by every program: E*D is tiny next to N*D), and writes expert ids and gates [N, K] and a
 per-block expert histogram [num_blocks, E_bank + 1] (no atomics: the counts are the column sums).
 
-Backward recomputes the similarities in PyTorch (one N x E x D product, as cheap as the forward) and
-differentiates the gather of the chosen gates: gradients reach the tokens and the prototypes, for every
-activation. Both entry points are `torch.library` custom ops (`promoe::route_prototypes`, `promoe::prototype_scores`)
-with fake and autograd registrations, so that `torch.compile` traces through them.
+The backward is one more kernel over the tokens (`_scores_backward_kernel`): it recomputes the cosines, reads the
+upstream gradient of the scores [N, E] (for the routing, that of the chosen gates, scattered to their columns) and
+writes d tokens, and per block of tokens the sums from which d prototypes is finished as [E, D] work. Gradients
+reach the tokens and the prototypes for every activation. Every entry point is a `torch.library` custom op
+(`promoe::route_prototypes`, `promoe::prototype_scores`, `promoe::prototype_scores_backward`) with fake and
+autograd registrations, so that `torch.compile` traces through them.
 """
 
 import os
@@ -16,8 +18,7 @@ import torch
 import triton
 import triton.language as tl
 
-from promoe.kernels.launch import empty_output, expert_block, routing_blocks
-from promoe.moe.routing import prototype_scores as prototype_scores_definition
+from promoe.kernels.launch import empty_output, expert_block, routing_backward_blocks, routing_blocks
 
 ACTIVATION_CODES = {"identity": 0, "sigmoid": 1, "softmax": 2}
 MAX_EXPERTS = 64  # the [BLOCK_N, E] score tile must fit the registers
@@ -25,10 +26,11 @@ MAX_TOP_K = 4
 
 
 @triton.jit
-def _prototype_scores(x_ptr, protos_ptr, rows, row_ok, dim, stride_x, stride_p, alpha,
-                      NUM_EXPERTS: tl.constexpr, E_PAD: tl.constexpr, ACTIVATION: tl.constexpr,
-                      NATIVE_DOT: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
-    """activation(alpha * cos(x_n, p_e)) for a block of rows: [BLOCK_N, E_PAD] fp32, padding columns -inf."""
+def _cosines(x_ptr, protos_ptr, rows, row_ok, dim, stride_x, stride_p,
+             NUM_EXPERTS: tl.constexpr, E_PAD: tl.constexpr, NATIVE_DOT: tl.constexpr,
+             BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+    """(cos(x_n, p_e) [BLOCK_N, E_PAD], ||x_n|| [BLOCK_N], ||p_e|| [E_PAD]) fp32 for a block of rows; the norms as
+    F.normalize divides by them (at least 1e-12). Padding rows and columns hold 0."""
     experts = tl.arange(0, E_PAD)
     expert_ok = experts < NUM_EXPERTS
     dots = tl.zeros((BLOCK_N, E_PAD), dtype=tl.float32)
@@ -50,9 +52,14 @@ def _prototype_scores(x_ptr, protos_ptr, rows, row_ok, dim, stride_x, stride_p, 
             dots = tl.dot(x, tl.trans(p), dots, input_precision="ieee")
         x_sq += tl.sum(x * x, axis=1)
         p_sq += tl.sum(p * p, axis=1)
-    x_norm = tl.maximum(tl.sqrt(x_sq), 1e-12)  # as F.normalize
+    x_norm = tl.maximum(tl.sqrt(x_sq), 1e-12)
     p_norm = tl.maximum(tl.sqrt(p_sq), 1e-12)
-    z = alpha * dots / (x_norm[:, None] * p_norm[None, :])
+    return dots / (x_norm[:, None] * p_norm[None, :]), x_norm, p_norm
+
+
+@triton.jit
+def _activate(z, expert_ok, ACTIVATION: tl.constexpr):
+    """The router's activation of the scaled cosines z [BLOCK_N, E_PAD]; padding columns -inf."""
     if ACTIVATION == 1:
         z = tl.sigmoid(z)
     elif ACTIVATION == 2:
@@ -60,6 +67,16 @@ def _prototype_scores(x_ptr, protos_ptr, rows, row_ok, dim, stride_x, stride_p, 
         z = tl.exp(z - tl.max(z, axis=1)[:, None])
         z = z / tl.sum(z, axis=1)[:, None]
     return tl.where(expert_ok[None, :], z, float("-inf"))
+
+
+@triton.jit
+def _prototype_scores(x_ptr, protos_ptr, rows, row_ok, dim, stride_x, stride_p, alpha,
+                      NUM_EXPERTS: tl.constexpr, E_PAD: tl.constexpr, ACTIVATION: tl.constexpr,
+                      NATIVE_DOT: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+    """activation(alpha * cos(x_n, p_e)) for a block of rows: [BLOCK_N, E_PAD] fp32, padding columns -inf."""
+    cos, _, _ = _cosines(x_ptr, protos_ptr, rows, row_ok, dim, stride_x, stride_p, NUM_EXPERTS, E_PAD, NATIVE_DOT,
+                         BLOCK_N, BLOCK_D)
+    return _activate(alpha * cos, tl.arange(0, E_PAD) < NUM_EXPERTS, ACTIVATION)
 
 
 @triton.jit
@@ -116,6 +133,57 @@ def _route_kernel(x_ptr, protos_ptr, cond_ptr, ids_ptr, gates_ptr, hist_ptr,
         hit = (bins[None, :] == choice[:, None]) & row_ok[:, None]
         hist += tl.sum(hit.to(tl.int32), axis=0)
     tl.store(hist_ptr + block * HIST_PAD + bins, hist)
+
+
+@triton.jit
+def _scores_backward_kernel(x_ptr, protos_ptr, grad_ptr, grad_x_ptr, partial_p_ptr, partial_c_ptr,
+                            num_tokens, dim, stride_x, stride_p, stride_gx, alpha,
+                            NUM_EXPERTS: tl.constexpr, E_PAD: tl.constexpr, ACTIVATION: tl.constexpr,
+                            NATIVE_DOT: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+    """The backward of activation(alpha * cos(x_n, p_e)) for a block of rows, given d scores [N, E] fp32.
+
+    Reads the block's token rows twice (the cosines, then the gradient tile by tile), the prototypes twice and
+    d scores once; writes d x [N, D] and, per block, the sums from which the host finishes d prototypes:
+    sum_n g_ne x_n / ||x_n|| [E, D] and sum_n g_ne cos_ne [E] (g = d cos). No atomics: the host adds the blocks."""
+    block = tl.program_id(0)
+    rows = block.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
+    row_ok = rows < num_tokens
+    experts = tl.arange(0, E_PAD)
+    expert_ok = experts < NUM_EXPERTS
+    cos, x_norm, p_norm = _cosines(x_ptr, protos_ptr, rows, row_ok, dim, stride_x, stride_p, NUM_EXPERTS, E_PAD,
+                                   NATIVE_DOT, BLOCK_N, BLOCK_D)
+    grad_scores = tl.load(grad_ptr + rows[:, None] * NUM_EXPERTS + experts[None, :],
+                          mask=row_ok[:, None] & expert_ok[None, :], other=0.0)
+    if ACTIVATION == 0:
+        grad_z = grad_scores
+    else:
+        a = tl.where(expert_ok[None, :], _activate(alpha * cos, expert_ok, ACTIVATION), 0.0)
+        if ACTIVATION == 1:
+            grad_z = grad_scores * a * (1 - a)
+        else:
+            grad_z = a * (grad_scores - tl.sum(grad_scores * a, axis=1)[:, None])
+    grad_cos = alpha * grad_z  # zero in padding rows and columns
+    # d x_n = (sum_e g_ne p_e / ||p_e|| - (sum_e g_ne cos_ne) x_n / ||x_n||) / ||x_n||; where F.normalize clamps
+    # the norm, the second term is absent (the clamp passes no gradient to the norm).
+    weighted_cos = grad_cos * cos
+    radial = tl.where(x_norm > 1e-12, tl.sum(weighted_cos, axis=1) / (x_norm * x_norm), 0.0)
+    to_rows = grad_cos / p_norm[None, :]
+    to_protos = grad_cos / x_norm[:, None]
+    for d0 in range(0, dim, BLOCK_D):
+        cols = d0 + tl.arange(0, BLOCK_D)
+        col_ok = cols < dim
+        x = tl.load(x_ptr + rows[:, None] * stride_x + cols[None, :], mask=row_ok[:, None] & col_ok[None, :],
+                    other=0.0).to(tl.float32)
+        p = tl.load(protos_ptr + experts[:, None] * stride_p + cols[None, :],
+                    mask=expert_ok[:, None] & col_ok[None, :], other=0.0).to(tl.float32)
+        grad_x = tl.dot(to_rows, p, input_precision="ieee") / x_norm[:, None] - radial[:, None] * x
+        tl.store(grad_x_ptr + rows[:, None] * stride_gx + cols[None, :], grad_x,
+                 mask=row_ok[:, None] & col_ok[None, :])
+        partial = tl.dot(tl.trans(to_protos), x, input_precision="ieee")  # [E_PAD, BLOCK_D]
+        partial_rows = (block * NUM_EXPERTS + experts).to(tl.int64)
+        tl.store(partial_p_ptr + partial_rows[:, None] * dim + cols[None, :], partial,
+                 mask=expert_ok[:, None] & col_ok[None, :])
+    tl.store(partial_c_ptr + block * NUM_EXPERTS + experts, tl.sum(weighted_cos, axis=0), mask=expert_ok)
 
 
 def native_dot(x: torch.Tensor, protos: torch.Tensor) -> bool:
@@ -226,13 +294,40 @@ def _scores_backward_from_ctx(ctx, grad_scores_NE):
 _prototype_scores_op.register_autograd(_scores_backward_from_ctx, setup_context=_scores_setup_context)
 
 
-def _scores_backward(x_ND, prototypes_ED, grad_scores_NE, activation, alpha):
-    """(grad x, grad prototypes) of the scores, by differentiating their PyTorch definition (recomputed: one
-    N x E x D product, as cheap as the forward). torch.func.vjp, unlike torch.autograd.grad, traces under
-    torch.compile."""
-    _, vjp = torch.func.vjp(lambda x, protos: prototype_scores_definition(x, protos, activation, alpha),
-                            x_ND, prototypes_ED)
-    return vjp(grad_scores_NE.float())
+@torch.library.custom_op("promoe::prototype_scores_backward", mutates_args=())
+def _scores_backward(x_ND: torch.Tensor, prototypes_ED: torch.Tensor, grad_scores_NE: torch.Tensor, activation: str,
+                     alpha: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(d x, d prototypes) of the scores, by one kernel over the tokens and an [E, D] finish on the host."""
+    num_tokens, dim = x_ND.shape
+    num_experts = prototypes_ED.shape[0]
+    x, protos = x_ND.contiguous(), prototypes_ED.contiguous()
+    block_n, block_d = routing_backward_blocks(num_tokens, dim, num_experts)
+    num_blocks = triton.cdiv(num_tokens, block_n)
+    grad_x = empty_output((num_tokens, dim), x.dtype, x.device)
+    weighted_tokens = empty_output((num_blocks, num_experts, dim), torch.float32, x.device)
+    weighted_cos = empty_output((num_blocks, num_experts), torch.float32, x.device)
+    if num_blocks:
+        _scores_backward_kernel[(num_blocks,)](
+            x, protos, grad_scores_NE.float().contiguous(), grad_x, weighted_tokens, weighted_cos, num_tokens, dim,
+            x.stride(0), protos.stride(0), grad_x.stride(0), float(alpha), NUM_EXPERTS=num_experts,
+            E_PAD=expert_block(num_experts), ACTIVATION=ACTIVATION_CODES[activation],
+            NATIVE_DOT=native_dot(x, protos), BLOCK_N=block_n, BLOCK_D=block_d)
+    return grad_x, _prototype_gradient(protos, weighted_tokens.sum(0), weighted_cos.sum(0))
+
+
+@_scores_backward.register_fake
+def _(x_ND, prototypes_ED, grad_scores_NE, activation, alpha):
+    return torch.empty_like(x_ND), torch.empty_like(prototypes_ED)
+
+
+def _prototype_gradient(prototypes_ED, weighted_tokens_ED, weighted_cos_E):
+    """d p_e = (sum_n g_ne x_n / ||x_n|| - (sum_n g_ne cos_ne) p_e / ||p_e||) / ||p_e||, the second term absent where
+    F.normalize clamps the norm: the prototypes' half of the normalisation's backward, [E, D] work."""
+    p = prototypes_ED.float()
+    norm = p.norm(dim=1)
+    clamped = norm.clamp_min(1e-12)
+    radial = torch.where(norm >= 1e-12, weighted_cos_E / clamped.square(), 0.0)
+    return (weighted_tokens_ED / clamped[:, None] - radial[:, None] * p).to(prototypes_ED.dtype)
 
 
 def prototype_scores(x_ND, prototypes_ED, activation="identity", alpha=1.0):

@@ -125,3 +125,58 @@ def test_nan_scores_rank_first_like_torch_sort_and_stay_in_the_bank(top_k, rng, 
         torch.testing.assert_close(gates.double(), ref_gates, rtol=1e-5, atol=1e-6, equal_nan=True)
         assert ids[3].tolist() == list(range(top_k)) and gates[3].isnan().all()
         assert int(counts.sum()) == 70 * top_k - int((~cond).sum()) * (top_k - 1)
+
+
+def routing_gradients(route, x, protos, cond, upstream, **settings):
+    x = x.detach().requires_grad_()
+    protos = protos.detach().requires_grad_()
+    gates = route(x, protos, cond, upstream.shape[1], **settings)[1]
+    return torch.autograd.grad(gates, (x, protos), upstream.to(gates.dtype))
+
+
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")  # the NaN token, in the interpreter
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+@pytest.mark.parametrize("activation", ["identity", "softmax"])
+def test_routing_backward_kernel_with_a_nan_image_a_zero_token_and_uneven_experts(dtype, activation, rng):
+    """The backward kernel against the vjp of the definition on the same values in float64: 70 tokens (not a
+    multiple of the block), expert 4 taking most tokens and experts 1 and 3 none, a zero token (F.normalize clamps its
+    norm: only the tangential term remains) and a NaN token, which must not leak into the other tokens' gradients."""
+    protos = torch.randn(6, 96, generator=rng) * 0.02
+    protos[[1, 3]] = -protos[4] + torch.randn(2, 96, generator=rng) * 1e-3  # opposite every token: empty experts
+    x = (protos[4] * 40).repeat(70, 1) + torch.randn(70, 96, generator=rng) * 0.3
+    x[5] = 0.0
+    x[9] = float("nan")
+    x, protos = x.to(dtype), protos.to(dtype)
+    cond = torch.rand(70, generator=rng) > 0.2
+    cond[[5, 9]] = True  # routed: a null-label token's gate is the constant 1
+    upstream = torch.randn(70, 2, generator=rng)
+    settings = dict(activation=activation, alpha=1.5)
+    grad_x, grad_p = routing_gradients(route_prototypes, x, protos, cond, upstream, **settings)
+    ref_x, ref_p = routing_gradients(route_prototypes_reference, x.double(), protos.double(), cond, upstream,
+                                     **settings)
+    assert grad_x.dtype == dtype and grad_p.dtype == dtype
+    clean = torch.arange(70) != 9
+    assert grad_x[9].isnan().all() and not grad_x[clean].isnan().any()
+    tolerance = dict(rtol=2e-2, atol=1e-2) if dtype == torch.bfloat16 else dict(rtol=1e-4, atol=1e-6)  # bf16 d x
+    # The zero token's gradient is scaled by 1 / 1e-12: compare it relative to its own size.
+    scale = ref_x[5].abs().max()
+    torch.testing.assert_close(grad_x[5].double() / scale, ref_x[5] / scale, **tolerance)
+    others = clean & (torch.arange(70) != 5)
+    torch.testing.assert_close(grad_x[others].double(), ref_x[others], **tolerance)
+    assert grad_p.isnan().any() == ref_p.isnan().any()  # a NaN token reaches the prototypes it was scored against
+    _, clean_p = routing_gradients(route_prototypes, x[others], protos, cond[others], upstream[others], **settings)
+    _, clean_ref_p = routing_gradients(route_prototypes_reference, x[others].double(), protos.double(), cond[others],
+                                       upstream[others], **settings)
+    torch.testing.assert_close(clean_p.double(), clean_ref_p, **tolerance)
+    if activation == "identity":
+        assert clean_p[[1, 3]].abs().max() == 0  # nobody chose them
+
+
+def test_routing_backward_op_passes_opcheck(rng):
+    from promoe.kernels.routing import _scores_backward
+
+    x = torch.randn(37, 40, generator=rng)
+    protos = torch.randn(5, 40, generator=rng) * 0.02
+    grad_scores = torch.randn(37, 5, generator=rng)
+    for activation in ("identity", "sigmoid", "softmax"):
+        torch.library.opcheck(_scores_backward, (x, protos, grad_scores, activation, 1.5))

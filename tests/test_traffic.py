@@ -45,6 +45,19 @@ def test_a_triton_launch_is_charged_its_tensor_arguments_under_its_name(rng):
     assert dict(counter.items) == {("fwd", "triton", "permute_kernel"): [(50 * 24 + 70 * 24) * 4 + 70 * 8 + 8, 1]}
 
 
+def test_the_aten_ops_inside_a_promoe_custom_op_are_charged_and_the_op_itself_is_not(rng):
+    from promoe.kernels.routing import route_prototypes
+
+    x, protos = torch.randn(50, 24, generator=rng), torch.randn(5, 24, generator=rng)
+    with traffic.TrafficCounter() as counter, traffic.TritonArgumentBytes(counter):
+        route_prototypes(x, protos, torch.ones(50, dtype=torch.bool), 1)
+    # 50 tokens in 4 blocks of 16: the counts are the column sums of the [4, E + 1] slice of the per-block
+    # histogram (int32), written as E + 1 int64 counts
+    assert counter.items[("fwd", "aten", "sum")] == [4 * 6 * 4 + 6 * 8, 1]
+    assert ("fwd", "triton", "route_kernel") in counter.items
+    assert not any(name.startswith("promoe::") for _, _, name in counter.items)
+
+
 def test_floor_formula_by_hand():
     # K = 1, D = 4, fp32: 11 rows of 16 bytes, plus the plan: 2 (8 + 4) + 4 (16 + 4) = 104 bytes, per token
     assert traffic.nongemm_floor(3, 4, 1, 4) == 3 * (11 * 16 + 104)
