@@ -19,6 +19,8 @@ The per-expert token sums (the routing contrastive loss's centroids) are the sam
                                                                                        reads S*D + S*i, writes T*D
 - token sums backward (token-choice plan, gather form): grad_x[n] = sum over n's K slots s of an expert e < E' of
   grad_ED[e].                                                                          reads 2*N*K*i + E'*D, writes N*D
+Each entry point and each backward is a `torch.library` custom op (namespace `promoe`) with a fake registration,
+the entry points with an autograd one, so that `torch.compile` traces through them.
 """
 
 import torch
@@ -197,93 +199,166 @@ def _compute_dtype(*tensors) -> torch.dtype:
     return torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
 
 
-def _segment_sums(partial_TH, offsets_E1, num_slots, block_s, out_dtype):
+def _segment_sums(partial_TH, offsets_E1, num_slots, block_s, num_out, out_dtype):
+    """[num_out, H]: the segment sums of the first num_out experts (the tile layout is that of all the experts)."""
     num_experts, hidden = offsets_E1.numel() - 1, partial_TH.shape[1]
     e_pad, _, block_h = blocks(num_experts, hidden)
-    out = empty_output((num_experts, hidden), out_dtype, partial_TH.device)
-    if num_experts and hidden:
-        _segment_sum_kernel[(num_experts, triton.cdiv(hidden, block_h))](
+    out = empty_output((num_out, hidden), out_dtype, partial_TH.device)
+    if num_out and hidden:
+        _segment_sum_kernel[(num_out, triton.cdiv(hidden, block_h))](
             partial_TH, offsets_E1, out, num_slots, num_experts, hidden, out.stride(0), E_PAD=e_pad, BLOCK_S=block_s,
             BLOCK_H=block_h)
     return out
 
 
-class _BiasAct(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, h_SH, b_EH, offsets_E1, gelu):
-        h_SH, b_EH = h_SH.contiguous(), b_EH.contiguous()
-        ctx.save_for_backward(h_SH, b_EH, offsets_E1)
-        ctx.gelu = gelu
-        num_slots, hidden = h_SH.shape
-        num_experts = b_EH.shape[0]
-        out = empty_output((num_slots, hidden), torch.promote_types(h_SH.dtype, b_EH.dtype), h_SH.device)
-        e_pad, block_s, block_h = blocks(num_experts, hidden)
-        if num_slots and hidden:
-            _bias_act_kernel[_grid(num_slots, num_experts, hidden, block_s, block_h)](
-                h_SH, b_EH, offsets_E1, out, num_slots, num_experts, hidden, h_SH.stride(0), b_EH.stride(0),
-                out.stride(0), GELU=gelu, FP64=_compute_dtype(h_SH, b_EH) == torch.float64, E_PAD=e_pad,
-                BLOCK_S=block_s, BLOCK_H=block_h)
-        return out
+@torch.library.custom_op("promoe::expert_bias_act", mutates_args=())
+def _bias_act_op(h_SH: torch.Tensor, b_EH: torch.Tensor, offsets_E1: torch.Tensor, gelu: bool) -> torch.Tensor:
+    h_SH, b_EH = h_SH.contiguous(), b_EH.contiguous()
+    num_slots, hidden = h_SH.shape
+    num_experts = b_EH.shape[0]
+    out = empty_output((num_slots, hidden), torch.promote_types(h_SH.dtype, b_EH.dtype), h_SH.device)
+    e_pad, block_s, block_h = blocks(num_experts, hidden)
+    if num_slots and hidden:
+        _bias_act_kernel[_grid(num_slots, num_experts, hidden, block_s, block_h)](
+            h_SH, b_EH, offsets_E1, out, num_slots, num_experts, hidden, h_SH.stride(0), b_EH.stride(0),
+            out.stride(0), GELU=gelu, FP64=_compute_dtype(h_SH, b_EH) == torch.float64, E_PAD=e_pad,
+            BLOCK_S=block_s, BLOCK_H=block_h)
+    return out
 
-    @staticmethod
-    def backward(ctx, grad_SH):
-        h_SH, b_EH, offsets_E1 = ctx.saved_tensors
-        grad_SH = grad_SH.contiguous()
-        num_slots, hidden = h_SH.shape
-        num_experts = b_EH.shape[0]
-        e_pad, block_s, block_h = blocks(num_experts, hidden)
-        grid = _grid(num_slots, num_experts, hidden, block_s, block_h)
-        compute = _compute_dtype(grad_SH, h_SH, b_EH)
+
+@_bias_act_op.register_fake
+def _(h_SH, b_EH, offsets_E1, gelu):
+    return h_SH.new_empty(h_SH.shape, dtype=torch.promote_types(h_SH.dtype, b_EH.dtype))
+
+
+def _bias_act_setup_context(ctx, inputs, output):
+    h_SH, b_EH, offsets_E1, gelu = inputs
+    ctx.save_for_backward(h_SH if gelu else None, b_EH, offsets_E1)  # without GELU the backward never reads h
+    ctx.gelu, ctx.h_dtype = gelu, h_SH.dtype
+
+
+def _bias_act_backward(ctx, grad_SH):
+    h_SH, b_EH, offsets_E1 = ctx.saved_tensors
+    if ctx.gelu:
+        grad_h_SH, grad_b_EH = _bias_gelu_backward_op(grad_SH, h_SH, b_EH, offsets_E1)
+    else:
         # Without GELU the gradient of h is the incoming one, unmasked: the rows of dropped slots are the caller's to
         # mask (as the torch definition leaves them); the bias gradient never reads them.
-        grad_h = empty_output((num_slots, hidden), h_SH.dtype, h_SH.device) if ctx.gelu else grad_SH.to(h_SH.dtype)
-        partial = empty_output((grid[0], hidden), compute, h_SH.device)
-        # Without GELU the kernel reads neither h nor writes grad_h: the bias stands in for both pointers.
-        h_arg, grad_h_arg = (h_SH, grad_h) if ctx.gelu else (b_EH, b_EH)
-        if num_slots and hidden:
-            _bias_act_backward_kernel[grid](
-                grad_SH, h_arg, b_EH, offsets_E1, grad_h_arg, partial, num_slots, num_experts, hidden,
-                grad_SH.stride(0), h_arg.stride(0), b_EH.stride(0), grad_h_arg.stride(0), GELU=ctx.gelu,
-                FP64=compute == torch.float64, E_PAD=e_pad, BLOCK_S=block_s, BLOCK_H=block_h)
-        return grad_h, _segment_sums(partial, offsets_E1, num_slots, block_s, b_EH.dtype), None, None
+        grad_h_SH, grad_b_EH = grad_SH.to(ctx.h_dtype), _bias_backward_op(grad_SH, b_EH, offsets_E1)
+    return grad_h_SH, grad_b_EH, None, None
+
+
+_bias_act_op.register_autograd(_bias_act_backward, setup_context=_bias_act_setup_context)
+
+
+def _bias_backward(grad_SH, h_SH, b_EH, offsets_E1):
+    """(grad h or None, grad b): the backward kernel, through GELU(tanh) when h is given, then the segment sums."""
+    grad_SH, b_EH = grad_SH.contiguous(), b_EH.contiguous()
+    gelu = h_SH is not None
+    num_slots, hidden = grad_SH.shape
+    num_experts = b_EH.shape[0]
+    e_pad, block_s, block_h = blocks(num_experts, hidden)
+    grid = _grid(num_slots, num_experts, hidden, block_s, block_h)
+    compute = _compute_dtype(grad_SH, b_EH, *([h_SH] if gelu else []))
+    partial = empty_output((grid[0], hidden), compute, grad_SH.device)
+    if gelu:
+        h_arg = h_SH = h_SH.contiguous()
+        grad_h_arg = grad_h = empty_output((num_slots, hidden), h_SH.dtype, h_SH.device)
+    else:  # the kernel reads neither h nor writes grad_h: the bias stands in for both pointers
+        grad_h, h_arg, grad_h_arg = None, b_EH, b_EH
+    if num_slots and hidden:
+        _bias_act_backward_kernel[grid](
+            grad_SH, h_arg, b_EH, offsets_E1, grad_h_arg, partial, num_slots, num_experts, hidden,
+            grad_SH.stride(0), h_arg.stride(0), b_EH.stride(0), grad_h_arg.stride(0), GELU=gelu,
+            FP64=compute == torch.float64, E_PAD=e_pad, BLOCK_S=block_s, BLOCK_H=block_h)
+    grad_b = _segment_sums(partial, offsets_E1, num_slots, block_s, num_experts, b_EH.dtype)
+    return grad_h, grad_b
+
+
+@torch.library.custom_op("promoe::expert_bias_gelu_backward", mutates_args=())
+def _bias_gelu_backward_op(grad_SH: torch.Tensor, h_SH: torch.Tensor, b_EH: torch.Tensor, offsets_E1: torch.Tensor
+                           ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(grad h [S, H] in h's dtype, grad b [E, H] in b's dtype) of the bias + GELU(tanh) step."""
+    return _bias_backward(grad_SH, h_SH, b_EH, offsets_E1)
+
+
+@_bias_gelu_backward_op.register_fake
+def _(grad_SH, h_SH, b_EH, offsets_E1):
+    return (torch.empty_like(h_SH, memory_format=torch.contiguous_format),
+            torch.empty_like(b_EH, memory_format=torch.contiguous_format))
+
+
+@torch.library.custom_op("promoe::expert_bias_backward", mutates_args=())
+def _bias_backward_op(grad_SH: torch.Tensor, b_EH: torch.Tensor, offsets_E1: torch.Tensor) -> torch.Tensor:
+    """grad b [E, H] in b's dtype of the bias step without GELU (the gradient of h is the incoming one)."""
+    return _bias_backward(grad_SH, None, b_EH, offsets_E1)[1]
+
+
+@_bias_backward_op.register_fake
+def _(grad_SH, b_EH, offsets_E1):
+    return torch.empty_like(b_EH, memory_format=torch.contiguous_format)
 
 
 def expert_bias_act(h_SH: torch.Tensor, b_EH: torch.Tensor, offsets_E1: torch.Tensor, gelu: bool) -> torch.Tensor:
     """act(h[s] + b[expert of s]) for slot-sorted rows, act GELU(tanh) or the identity; rows of dropped slots are 0."""
-    return _BiasAct.apply(h_SH, b_EH, offsets_E1, gelu)
+    return _bias_act_op(h_SH, b_EH, offsets_E1, gelu)
 
 
-class _TokenSums(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x_ND, token_S, offsets_E1, num_experts, expert_S, slot_NK):
-        x_ND = x_ND.contiguous()
-        ctx.save_for_backward(expert_S, slot_NK, offsets_E1[-1:])
-        ctx.num_experts, ctx.x_shape, ctx.x_dtype = num_experts, x_ND.shape, x_ND.dtype
-        num_slots, dim = token_S.numel(), x_ND.shape[1]
-        all_experts = offsets_E1.numel() - 1
-        e_pad, block_s, block_d = blocks(all_experts, dim)
-        grid = _grid(num_slots, all_experts, dim, block_s, block_d)
-        compute = _compute_dtype(x_ND)
-        partial = empty_output((grid[0], dim), compute, x_ND.device)
-        if num_slots and dim:
-            _gather_partials_kernel[grid](x_ND, token_S, offsets_E1, partial, num_slots, all_experts, dim,
-                                          x_ND.stride(0), FP64=compute == torch.float64, E_PAD=e_pad, BLOCK_S=block_s,
-                                          BLOCK_H=block_d)
-        return _segment_sums(partial, offsets_E1, num_slots, block_s, compute)[:num_experts]
+@torch.library.custom_op("promoe::expert_token_sums", mutates_args=())
+def _token_sums_op(x_ND: torch.Tensor, token_S: torch.Tensor, offsets_E1: torch.Tensor, num_experts: int,
+                   expert_S: torch.Tensor, slot_NK: torch.Tensor) -> torch.Tensor:
+    """The forward reads neither expert_S nor slot_NK: they are inputs for the backward's gather."""
+    x_ND = x_ND.contiguous()
+    num_slots, dim = token_S.numel(), x_ND.shape[1]
+    all_experts = offsets_E1.numel() - 1
+    e_pad, block_s, block_d = blocks(all_experts, dim)
+    grid = _grid(num_slots, all_experts, dim, block_s, block_d)
+    compute = _compute_dtype(x_ND)
+    partial = empty_output((grid[0], dim), compute, x_ND.device)
+    if num_slots and dim:
+        _gather_partials_kernel[grid](x_ND, token_S, offsets_E1, partial, num_slots, all_experts, dim, x_ND.stride(0),
+                                      FP64=compute == torch.float64, E_PAD=e_pad, BLOCK_S=block_s, BLOCK_H=block_d)
+    return _segment_sums(partial, offsets_E1, num_slots, block_s, num_experts, compute)
 
-    @staticmethod
-    def backward(ctx, grad_ED):
-        expert_S, slot_NK, end = ctx.saved_tensors
-        grad_ED = grad_ED.contiguous()
-        (num_tokens, dim), top_k = ctx.x_shape, slot_NK.shape[1]
-        out = empty_output((num_tokens, dim), ctx.x_dtype, grad_ED.device)
-        block_n, block_d = TOKEN_SUMS_BLOCK_N, min(128, max(16, triton.next_power_of_2(dim)))
-        if num_tokens and dim:
-            _token_sums_backward_kernel[(triton.cdiv(num_tokens, block_n), triton.cdiv(dim, block_d))](
-                grad_ED, slot_NK, expert_S, end, out, num_tokens, ctx.num_experts, dim, grad_ED.stride(0),
-                out.stride(0), TOP_K=top_k, FP64=_compute_dtype(grad_ED) == torch.float64, BLOCK_N=block_n,
-                BLOCK_D=block_d)
-        return out, None, None, None, None, None
+
+@_token_sums_op.register_fake
+def _(x_ND, token_S, offsets_E1, num_experts, expert_S, slot_NK):
+    return x_ND.new_empty((num_experts, x_ND.shape[1]), dtype=_compute_dtype(x_ND))
+
+
+def _token_sums_setup_context(ctx, inputs, output):
+    x_ND, _, offsets_E1, _, expert_S, slot_NK = inputs
+    ctx.save_for_backward(expert_S, slot_NK, offsets_E1)
+    ctx.x_dtype = x_ND.dtype
+
+
+def _token_sums_backward(ctx, grad_ED):
+    expert_S, slot_NK, offsets_E1 = ctx.saved_tensors
+    grad_x_ND = _token_sums_backward_op(grad_ED, expert_S, slot_NK, offsets_E1[-1:], ctx.x_dtype)
+    return grad_x_ND, None, None, None, None, None
+
+
+_token_sums_op.register_autograd(_token_sums_backward, setup_context=_token_sums_setup_context)
+
+
+@torch.library.custom_op("promoe::expert_token_sums_backward", mutates_args=())
+def _token_sums_backward_op(grad_ED: torch.Tensor, expert_S: torch.Tensor, slot_NK: torch.Tensor, end: torch.Tensor,
+                            x_dtype: torch.dtype) -> torch.Tensor:
+    """grad x [N, D] in x's dtype: each token sums the gradient rows of its slots' experts e < E' (E' = grad rows)."""
+    grad_ED = grad_ED.contiguous()
+    (num_experts, dim), (num_tokens, top_k) = grad_ED.shape, slot_NK.shape
+    out = empty_output((num_tokens, dim), x_dtype, grad_ED.device)
+    block_n, block_d = TOKEN_SUMS_BLOCK_N, min(128, max(16, triton.next_power_of_2(dim)))
+    if num_tokens and dim:
+        _token_sums_backward_kernel[(triton.cdiv(num_tokens, block_n), triton.cdiv(dim, block_d))](
+            grad_ED, slot_NK, expert_S, end, out, num_tokens, num_experts, dim, grad_ED.stride(0), out.stride(0),
+            TOP_K=top_k, FP64=_compute_dtype(grad_ED) == torch.float64, BLOCK_N=block_n, BLOCK_D=block_d)
+    return out
+
+
+@_token_sums_backward_op.register_fake
+def _(grad_ED, expert_S, slot_NK, end, x_dtype):
+    return grad_ED.new_empty((slot_NK.shape[0], grad_ED.shape[1]), dtype=x_dtype)
 
 
 def expert_token_sums(x_ND: torch.Tensor, token_S: torch.Tensor, offsets_E1: torch.Tensor, num_experts: int,
@@ -292,4 +367,4 @@ def expert_token_sums(x_ND: torch.Tensor, token_S: torch.Tensor, offsets_E1: tor
     Forward: one pass over the gathered rows, tile by tile, and a per-expert sum of the tiles (no one-hot, no
     atomics). Backward, in the gather form of a token-choice plan: each token sums the gradient rows of its K
     experts (expert_S and slot_NK give them)."""
-    return _TokenSums.apply(x_ND, token_S, offsets_E1, num_experts, expert_S, slot_NK)
+    return _token_sums_op(x_ND, token_S, offsets_E1, num_experts, expert_S, slot_NK)

@@ -16,6 +16,7 @@ from promoe.moe.plan import token_choice_plan
 from tests.helpers import randomize_
 
 DIM, EXPERTS = 16, 6
+HIDDEN = 24  # the bias kernels' columns: a partial column block
 ops = torch.ops.promoe
 
 
@@ -32,6 +33,14 @@ def plan_tensors(rng, dropped: bool, num_tokens=20, top_k=2):
     if dropped:
         ids[torch.rand(num_tokens, top_k, generator=rng) < 0.3] = EXPERTS
     return token_choice_plan(ids, torch.rand(num_tokens, top_k, generator=rng), EXPERTS, has_dropped_slots=dropped)
+
+
+def bias_plan(rng, num_tokens=19):
+    """A plan with dropped slots and an empty expert (expert 1), whose 38 slots are not a multiple of the bias
+    kernels' 32-row tile."""
+    ids = torch.randint(0, EXPERTS + 1, (num_tokens, 2), generator=rng)  # the id EXPERTS marks a dropped slot
+    ids[ids == 1], ids[0, 1] = 0, EXPERTS
+    return token_choice_plan(ids, torch.rand(num_tokens, 2, generator=rng), EXPERTS, has_dropped_slots=True)
 
 
 @pytest.mark.parametrize("top_k, activation, conditional", [(2, "sigmoid", True), (1, "identity", False)],
@@ -72,28 +81,36 @@ def test_permute_and_combine_ops_pass_opcheck(dropped, rng):
                           (grad_y, out.detach(), gates.detach(), plan.token_index_S, end))
 
 
-# kernels/experts.py (the expert bias + GELU and per-expert token-sum kernels) launches its kernels from
-# torch.autograd.Function classes (_BiasAct, _TokenSums): dynamo traces into the Triton launch and stops there. Until
-# they are custom ops too, the whole triton backend does not compile; the first case swaps those three steps for their
-# torch definitions so that it checks the ops of routing.py, plan.py and permute.py.
-EXPERT_STEPS = ("expert_bias_gelu", "expert_bias", "expert_token_sums")
+@pytest.mark.parametrize("gelu", [True, False], ids=["bias_gelu", "bias"])
+def test_expert_bias_ops_pass_opcheck(gelu, rng):
+    plan = bias_plan(rng)
+    num_slots = plan.token_index_S.numel()
+    h = torch.randn(num_slots, HIDDEN, generator=rng, requires_grad=True)
+    b = torch.randn(EXPERTS, HIDDEN, generator=rng, requires_grad=True)
+    torch.library.opcheck(ops.expert_bias_act.default, (h, b, plan.offsets_E1, gelu))
+    grad = torch.randn(num_slots, HIDDEN, generator=rng)
+    if gelu:
+        torch.library.opcheck(ops.expert_bias_gelu_backward.default, (grad, h.detach(), b.detach(), plan.offsets_E1))
+    else:
+        torch.library.opcheck(ops.expert_bias_backward.default, (grad, b.detach(), plan.offsets_E1))
 
 
-@pytest.mark.parametrize("expert_kernels", [
-    False,
-    pytest.param(True, marks=pytest.mark.xfail(strict=True, reason="kernels/experts.py uses autograd.Function")),
-], ids=["routing_plan_permute_combine_ops", "whole_triton_backend"])
-def test_compile_traces_a_promoe_block_forward_and_backward_without_a_graph_break(expert_kernels, monkeypatch, rng):
+def test_expert_token_sums_ops_pass_opcheck(rng):
+    plan = bias_plan(rng)
+    x = torch.randn(plan.num_tokens, HIDDEN, generator=rng, requires_grad=True)
+    routed = EXPERTS - 1  # the last expert left out, as the unconditional expert is from the centroids
+    torch.library.opcheck(ops.expert_token_sums.default,
+                          (x, plan.token_index_S, plan.offsets_E1, routed, plan.expert_index_S, plan.slot_NK))
+    grad = torch.randn(routed, HIDDEN, generator=rng)
+    torch.library.opcheck(ops.expert_token_sums_backward.default,
+                          (grad, plan.expert_index_S, plan.slot_NK, plan.offsets_E1[-1:], x.dtype))
+
+
+def test_compile_traces_a_promoe_block_forward_and_backward_without_a_graph_break(rng):
     """One ProMoE DiT block (attention, conditional top-2 routing with dropped slots and an unconditional expert, the
     routing contrastive loss) on the triton backend, compiled whole (fullgraph: any graph break raises), matches
     eager. bf16, because PyTorch's fake implementation of `_grouped_mm` (torch 2.13) accepts bf16 only, although the
     CPU kernel also runs fp32; in bf16 both paths run the same ops, so they agree to bf16 rounding."""
-    from promoe.kernels.backend import TritonBackend
-    from promoe.moe.dispatch import TorchBackend
-
-    if not expert_kernels:
-        for step in EXPERT_STEPS:
-            monkeypatch.setattr(TritonBackend, step, getattr(TorchBackend, step))
     model = promoe.build_model("ProMoE-S", depth=2, hidden_size=32, num_heads=2, input_size=8, experts="E6A2S1U1",
                                dispatch="triton")
     block = next(block for block in randomize_(model).blocks if block.is_moe).to(torch.bfloat16).train()
