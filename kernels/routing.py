@@ -233,7 +233,8 @@ def _route_setup_context(ctx, inputs, output):
 
 
 def _route_backward(ctx, grad_gates_NK, grad_ids, grad_counts):
-    """The gates are the chosen scores: the gradient of a gather of the similarities, recomputed in PyTorch."""
+    """The gates are the chosen scores: their gradients scattered to their columns [N, E] (E floats per token, small
+    next to D) are the scores' gradient, which the backward kernel takes through the similarities."""
     x_ND, prototypes_ED, ids_NK = ctx.saved_tensors
     activation, alpha = ctx.settings
     num_experts = prototypes_ED.shape[0]
