@@ -5,7 +5,7 @@
     counter.host_syncs, counter.launches
 
 Every aten op that reaches the dispatcher is one launch (on a GPU, about one kernel); Triton kernels launched
-by promoe's kernels count too (`triton_launches`, with the bytes their tensor arguments span).
+by promoe's kernels count too (`TritonLaunchCounter`).
 """
 
 import torch
@@ -64,29 +64,15 @@ class OpCounter(TorchDispatchMode):
 
 
 class TritonLaunchCounter:
-    """Counts promoe's Triton kernel launches and the bytes their tensor arguments span.
-
-    `bytes_moved` adds each tensor argument of each launch (what the kernels may read or write);
-    `bytes_minimum` counts each distinct tensor once (every input read once, every output written once).
-    """
+    """Counts promoe's Triton kernel launches. Their bytes are counted with every other op's by `bench/traffic.py`
+    (counting only the launches' arguments hid the eager traffic around them)."""
 
     def __init__(self, op_counter: OpCounter | None = None):
         self.launches = 0
-        self.bytes_moved = 0
-        self._distinct: dict[int, int] = {}
         self._op_counter = op_counter  # paused during each launch
-
-    @property
-    def bytes_minimum(self) -> int:
-        return sum(self._distinct.values())
 
     def record(self, args) -> None:
         self.launches += 1
-        for arg in args:
-            if isinstance(arg, torch.Tensor):
-                size = arg.numel() * arg.element_size()
-                self.bytes_moved += size
-                self._distinct[arg.data_ptr()] = max(size, self._distinct.get(arg.data_ptr(), 0))
 
     def __enter__(self):
         from triton.runtime.interpreter import InterpretedFunction
