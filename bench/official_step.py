@@ -173,6 +173,11 @@ def our_candidate(name: str, x0, labels, fsdp: bool):
         torch.manual_seed(config.train.seed)
         model = build_from_config(config.model_config(), device="cpu")
     counts = count_params(build_on_meta(config))
+    return driver_step(model, config, x0, labels, device), counts, dispatch_name(model, device)
+
+
+def driver_step(model, config, x0, labels, device):
+    """train/run.py's train_step on `model` with its optimizer and EMA, over the in-memory batch, as a closure."""
     model.train()
     optimizer = make_optimizer(model, config.optim)
     ema = EMA(model, config.train.ema_decay, config.train.ema_warmup)
@@ -182,7 +187,7 @@ def our_candidate(name: str, x0, labels, fsdp: bool):
     def step():
         driver.train_step(model, optimizer, ema, objective, dataset, stats, config, next(steps), device)
 
-    return step, counts, dispatch_name(model, device)
+    return step
 
 
 def time_interleaved(candidates: dict, warmup: int, repeats: int) -> tuple[dict, dict]:
