@@ -316,8 +316,11 @@ def ordering(runs, candidate: str, reference: str, key: str, lower_is_better: bo
     if not differences:
         return f"- {candidate} vs {reference} on {key}: not measured"
     wins = sum((d < 0) == lower_is_better and d != 0 for d in differences)
-    verdict = ("**holds** in every seed" if wins == len(differences) else
-               "**does not hold** in any seed" if wins == 0 else "**mixed**")
+    if len(differences) == 1:  # a single run cannot separate a difference from the seed's noise
+        verdict = f"**{'holds' if wins else 'does not hold'}** in its one seed (no evidence either way)"
+    else:
+        verdict = ("**holds** in every seed" if wins == len(differences) else
+                   "**does not hold** in any seed" if wins == 0 else "**mixed**")
     return (f"- {candidate} better than {reference} on {key}: {verdict} ({wins} of {len(differences)} seeds; "
             f"mean difference {np.mean(differences):+.{digits}f})")
 

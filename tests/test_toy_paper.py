@@ -62,3 +62,16 @@ def test_unknown_model_names_the_experiments_models(tmp_path, feature_net):
 
     with pytest.raises(SystemExit):
         toy_paper.main(tiny_argv(tmp_path, feature_net, "--experiment", "routers", "--models", "ProMoE"))
+
+
+def test_an_ordering_on_one_seed_is_not_called_a_hold_in_every_seed():
+    import toy_paper
+
+    one = {"A": [{"seed": 0, "val_mse": 0.20}], "B": [{"seed": 0, "val_mse": 0.21}]}
+    line = toy_paper.ordering(one, "A", "B", "val_mse", True, 4)
+    assert "in its one seed (no evidence either way)" in line and "every seed" not in line
+    two = {"A": [{"seed": 0, "val_mse": 0.20}, {"seed": 1, "val_mse": 0.22}],
+           "B": [{"seed": 0, "val_mse": 0.21}, {"seed": 1, "val_mse": 0.21}]}
+    assert "**mixed** (1 of 2 seeds" in toy_paper.ordering(two, "A", "B", "val_mse", True, 4)
+    two["A"][1]["val_mse"] = 0.19
+    assert "**holds** in every seed (2 of 2 seeds" in toy_paper.ordering(two, "A", "B", "val_mse", True, 4)
