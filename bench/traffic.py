@@ -193,7 +193,11 @@ def main(argv=None):
     overrides = dict(report.parse_override(item) for item in args.overrides)
     config = promoe.model_config(args.model, **overrides)
     torch.manual_seed(0)
-    layer = build_mlp(config, block_index=1).to(dtype).train()
+    layer = build_mlp(config, block_index=1)
+    with torch.no_grad():  # initialize_weights belongs to whole models: a lone layer's storage is uninitialised
+        for param in layer.parameters():
+            param.normal_(std=0.02)
+    layer = layer.to(dtype).train()
     g = torch.Generator().manual_seed(0)
     tokens_per_image = min(args.tokens, (config.input_size // config.patch_size) ** 2)
     num_images = max(1, args.tokens // tokens_per_image)
