@@ -27,7 +27,7 @@ import torch
 import triton
 import triton.language as tl
 
-from promoe.kernels.launch import empty_output
+from promoe.kernels.launch import dim_block, empty_output, expert_block
 
 GELU_C = tl.constexpr(0.7978845608028654)  # sqrt(2 / pi)
 GELU_A = tl.constexpr(0.044715)
@@ -188,7 +188,7 @@ def _token_sums_backward_kernel(grad_ptr, slot_ptr, expert_ptr, end_ptr, out_ptr
 def blocks(num_experts: int, hidden: int) -> tuple[int, int, int]:
     """(E_PAD, BLOCK_S, BLOCK_H): E_PAD holds the E + 1 segments; a 32 x 128 tile keeps the GELU backward's
     registers without spills on sm_80 and sm_90a (see promoe.kernels.report)."""
-    return max(16, triton.next_power_of_2(num_experts + 1)), 32, min(128, max(16, triton.next_power_of_2(hidden)))
+    return expert_block(num_experts + 1), 32, dim_block(hidden)
 
 
 def _grid(num_slots, num_experts, hidden, block_s, block_h):
@@ -348,7 +348,7 @@ def _token_sums_backward_op(grad_ED: torch.Tensor, expert_S: torch.Tensor, slot_
     grad_ED = grad_ED.contiguous()
     (num_experts, dim), (num_tokens, top_k) = grad_ED.shape, slot_NK.shape
     out = empty_output((num_tokens, dim), x_dtype, grad_ED.device)
-    block_n, block_d = TOKEN_SUMS_BLOCK_N, min(128, max(16, triton.next_power_of_2(dim)))
+    block_n, block_d = TOKEN_SUMS_BLOCK_N, dim_block(dim)
     if num_tokens and dim:
         _token_sums_backward_kernel[(triton.cdiv(num_tokens, block_n), triton.cdiv(dim, block_d))](
             grad_ED, slot_NK, expert_S, end, out, num_tokens, num_experts, dim, grad_ED.stride(0), out.stride(0),
