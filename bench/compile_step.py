@@ -46,7 +46,7 @@ def train_candidate(overrides: list[str], x0, labels, compiled: bool, reshard: b
     config = load_config(None, [*overrides, f"train.global_batch={len(x0)}", "train.precision=fp32",
                                 f"train.compile={compiled}"])
     model = build_on_meta(config)
-    apply_compile(model, config, torch.float32)
+    apply_compile(model, config)
     shard(model, torch.float32, reshard)
     materialise_and_initialise(model, config, DEVICE)
     return driver_step(model, config, x0, labels, DEVICE), config
@@ -107,7 +107,7 @@ def bench_sample(args, overrides, x0, labels) -> list[dict]:
     torch.manual_seed(0)
     eager = build_from_config(config.model_config()).eval()
     compiled = copy.deepcopy(eager)
-    compile_blocks(compiled, torch.float32)
+    compile_blocks(compiled)
     outputs = {}
     candidates = {name: sample_candidate(model, labels, args.sample_steps, outputs, name)
                   for name, model in (("eager", eager), ("compiled", compiled))}

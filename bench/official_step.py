@@ -15,7 +15,8 @@ restated below from it, line for line in effect:
   parameters, buffers copied.
 Ours is `train_step` of train/run.py itself (FSDP2 over a process group of one, dispatch `torch`, fused AdamW,
 clip 0.5, EMA 0.9999, the logged scalars reduced), on an in-memory data set of the batch's latents.
-Both wrappers run on a gloo group of one process, as each train.py would on one device. With --diagnostics
+Both wrappers run on a gloo group of one process, as each train.py would on one device. With --compile, our two
+models also run with train.compile (each block compiled; compared with the compiled DiT-S too). With --diagnostics
 (default) the two models also run unwrapped (no DDP / no FSDP2), to tell the wrappers' cost from the model's.
 
 The candidates run interleaved (A, B, C, A, B, C, ...) after --warmup steps each; medians, min and max per step.
@@ -161,10 +162,12 @@ class Latents:
         return self.x0[indices[rows]], self.labels[indices[rows]]
 
 
-def our_candidate(name: str, x0, labels, fsdp: bool):
-    """train/run.py's train_step on model `name`, built as its main() builds it (FSDP2 unless fsdp=False)."""
+def our_candidate(name: str, x0, labels, fsdp: bool, compiled: bool = False):
+    """train/run.py's train_step on model `name`, built as its main() builds it (FSDP2 unless fsdp=False; each
+    block compiled with `compiled`, as train.compile does)."""
     config = load_config(ROOT / "configs" / ("promoe_s.yaml" if name == "ProMoE-S" else "dit_s.yaml"),
-                         [f"train.global_batch={len(x0)}", "train.precision=fp32", "train.seed=0"])
+                         [f"train.global_batch={len(x0)}", "train.precision=fp32", "train.seed=0",
+                          f"train.compile={compiled}"])
     device = torch.device("cpu")
     if fsdp:
         model = build_on_meta(config)
@@ -245,7 +248,11 @@ def main(argv=None):
     parser.add_argument("--no-diagnostics", dest="diagnostics", action="store_false",
                         help="leave out the unwrapped (no DDP / no FSDP2) runs of both models")
     parser.add_argument("--profile", type=int, default=0, metavar="STEPS",
-                        help="then profile STEPS steps of the official and of our ProMoE-S step (torch.profiler)")
+                        help="then profile STEPS steps of the official ProMoE-S, our ProMoE-S and our DiT-S step "
+                             "(torch.profiler): ours against each of the others")
+    parser.add_argument("--compile", action="store_true",
+                        help="also our ProMoE-S and DiT-S with train.compile (their first step, the compile, is a "
+                             "warm-up step)")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's own)")
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args(argv)
@@ -265,6 +272,9 @@ def main(argv=None):
     candidates = {"official ProMoE-S": (*official_candidate(DiT, x0, labels, ddp=True), "official loop")}
     candidates["ours ProMoE-S"] = our_candidate("ProMoE-S", x0, labels, fsdp=True)
     candidates["ours DiT-S"] = our_candidate("DiT-S", x0, labels, fsdp=True)
+    if args.compile:
+        candidates["ours ProMoE-S, compiled"] = our_candidate("ProMoE-S", x0, labels, fsdp=True, compiled=True)
+        candidates["ours DiT-S, compiled"] = our_candidate("DiT-S", x0, labels, fsdp=True, compiled=True)
     if args.diagnostics:
         candidates["official ProMoE-S, no DDP"] = (*official_candidate(DiT, x0, labels, ddp=False), "official loop")
         candidates["ours ProMoE-S, no FSDP2"] = our_candidate("ProMoE-S", x0, labels, fsdp=False)
@@ -291,9 +301,10 @@ def main(argv=None):
     report.emit(run, args.json, title)
 
     if args.profile:
-        names = ["official ProMoE-S", "ours ProMoE-S"]
+        names = ["official ProMoE-S", "ours ProMoE-S", "ours DiT-S"]
         profiles = {name: profile(candidates[name][0], args.profile) for name in names}
-        table = profile_table(profiles, *names, top=20)
+        table = (profile_table(profiles, "official ProMoE-S", "ours ProMoE-S", top=20) + "\n"
+                 + profile_table(profiles, "ours DiT-S", "ours ProMoE-S", top=20))
         print(table)
         if args.json is not None:
             args.json.with_name(args.json.stem + "_profile.md").write_text(table)

@@ -176,7 +176,7 @@ def main(argv=None) -> None:
             model, config = load_model(source, args.model, args.weights)
             model = model.to(device)
             if args.compile:
-                compile_blocks(model, next(model.parameters()).dtype)
+                compile_blocks(model)
             objective = objective_of(config, args.objective)
             if args.scheduler is not None:
                 make_scheduler(args.scheduler, objective, args.steps)  # refuses one that does not fit, before output

@@ -95,6 +95,67 @@ def test_grouped_mm_backward_accepts_a_gradient_with_zero_strides(rng):
     torch.testing.assert_close(x.grad, expected_x.detach())
 
 
+def grouped_mm_reference(x_SA, w_EAB, ends_E):
+    """Each expert's rows times its weight in float64, one expert at a time; rows past the last end are 0."""
+    out = torch.zeros(x_SA.shape[0], w_EAB.shape[2], dtype=torch.float64)
+    starts = [0, *ends_E.tolist()[:-1]]
+    for e, (start, end) in enumerate(zip(starts, ends_E.tolist())):
+        out[start:end] = x_SA[start:end].double() @ w_EAB[e].double()
+    return out
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])  # grouped_mm's dtypes
+def test_grouped_mm_op_matches_per_expert_matmuls_forward_and_backward(dtype, rng):
+    """An empty expert (1), one expert with most rows, and 3 rows past the last end (a dropped slot's rows):
+    their output and x-gradient rows are unspecified, and they must not reach the weight gradients."""
+    ends = torch.tensor([4, 4, 17, 18], dtype=torch.int32)
+    x = torch.randn(21, DIM, generator=rng).to(dtype).requires_grad_()
+    w = torch.randn(4, DIM, HIDDEN, generator=rng).to(dtype).requires_grad_()
+    grad = torch.randn(21, HIDDEN, generator=rng).to(dtype)
+    x64, w64 = x.detach().double().requires_grad_(), w.detach().double().requires_grad_()
+    (grouped_mm_reference(x64, w64, ends) * grad.double()).sum().backward()
+    y = grouped_mm(x, w, ends)
+    y.backward(grad)
+    tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=2e-2, atol=5e-2)
+    kept = slice(0, 18)
+    torch.testing.assert_close(y[kept].double(), grouped_mm_reference(x, w, ends)[kept], **tol)
+    torch.testing.assert_close(x.grad[kept].double(), x64.grad[kept], **tol)
+    torch.testing.assert_close(w.grad.double(), w64.grad, **tol)
+    assert torch.equal(w.grad[1], torch.zeros_like(w.grad[1]))  # the empty expert
+
+
+def test_grouped_mm_ops_pass_opcheck(rng):
+    ends = torch.tensor([5, 5, 12], dtype=torch.int32)
+    x = torch.randn(12, DIM, generator=rng, requires_grad=True)
+    w = torch.randn(3, DIM, HIDDEN, generator=rng, requires_grad=True)
+    torch.library.opcheck(torch.ops.promoe.grouped_mm.default, (x, w, ends))
+    grad = torch.randn(12, HIDDEN, generator=rng)
+    torch.library.opcheck(torch.ops.promoe.grouped_mm_weight_grad.default, (x.detach(), grad, ends))
+
+
+def test_compile_traces_the_torch_backend_in_fp32_without_a_graph_break(rng):
+    """PyTorch's fake `_grouped_mm` (torch 2.13) takes bf16 only; the promoe::grouped_mm op's fake takes fp32."""
+    bank = make_bank(4, rng)
+    x = torch.randn(29, DIM, generator=rng)
+    ids = torch.where(torch.rand(29, 2, generator=rng) < 0.2, 4, torch.randint(0, 4, (29, 2), generator=rng))
+    gates = torch.rand(29, 2, generator=rng)
+    backend = backend_named("torch")
+
+    def run(x_ND):
+        plan = token_choice_plan(ids, gates, bank.num_experts, has_dropped_slots=True)
+        return backend.dispatch(x_ND, plan, bank)
+
+    def step(fn):
+        bank.zero_grad()
+        x_in = x.clone().requires_grad_()
+        y = fn(x_in)
+        y.square().sum().backward()
+        return [y, x_in.grad, *(p.grad.clone() for p in bank.parameters())]
+
+    for got, expected in zip(step(torch.compile(run, fullgraph=True, backend="aot_eager")), step(run), strict=True):
+        torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+
+
 def test_context_manager_sets_every_layer_for_the_block_and_rejects_unknown_names(rng):
     from promoe.moe.dispatch import default_backend_name
     from promoe.moe.layer import dispatch_name

@@ -60,21 +60,45 @@ class ExpertBank(nn.Module):
         return h_TH @ self.w_down_EHD[expert] + self.b_down_ED[expert]
 
 
-class _ContiguousGrad(torch.autograd.Function):
-    """Identity whose backward makes the gradient contiguous.
+@torch.library.custom_op("promoe::grouped_mm", mutates_args=())
+def _grouped_mm_op(x_SA: torch.Tensor, w_EAB: torch.Tensor, ends_E: torch.Tensor) -> torch.Tensor:
+    return F.grouped_mm(x_SA, w_EAB, offs=ends_E)
 
-    `grouped_mm`'s CPU backward fails on a gradient with zero strides (e.g. straight from `.sum()`).
-    """
 
-    @staticmethod
-    def forward(ctx, x):
-        return x
+@_grouped_mm_op.register_fake
+def _(x_SA, w_EAB, ends_E):
+    # PyTorch's own fake of `_grouped_mm` (torch 2.13) takes bf16 only, although the CPU kernel runs every float
+    # dtype: this one lets torch.compile trace the expert GEMMs in fp32 too.
+    return x_SA.new_empty((x_SA.shape[0], w_EAB.shape[2]))
 
-    @staticmethod
-    def backward(ctx, grad):
-        return grad.contiguous()
+
+@torch.library.custom_op("promoe::grouped_mm_weight_grad", mutates_args=())
+def _grouped_mm_weight_grad_op(x_SA: torch.Tensor, grad_SB: torch.Tensor, ends_E: torch.Tensor) -> torch.Tensor:
+    """[E, A, B]: expert e's rows of x, transposed, times the same rows of grad."""
+    return F.grouped_mm(x_SA.t(), grad_SB, offs=ends_E)
+
+
+@_grouped_mm_weight_grad_op.register_fake
+def _(x_SA, grad_SB, ends_E):
+    return x_SA.new_empty((ends_E.shape[0], x_SA.shape[1], grad_SB.shape[1]))
+
+
+def _grouped_mm_setup_context(ctx, inputs, output):
+    ctx.save_for_backward(*inputs)
+
+
+def _grouped_mm_backward(ctx, grad_SB):
+    x_SA, w_EAB, ends_E = ctx.saved_tensors
+    grad_SB = grad_SB.contiguous()  # the CPU kernel fails on a gradient with zero strides (straight from .sum())
+    grad_x = _grouped_mm_op(grad_SB, w_EAB.transpose(1, 2), ends_E) if ctx.needs_input_grad[0] else None
+    grad_w = _grouped_mm_weight_grad_op(x_SA, grad_SB, ends_E) if ctx.needs_input_grad[1] else None
+    return grad_x, grad_w, None
+
+
+_grouped_mm_op.register_autograd(_grouped_mm_backward, setup_context=_grouped_mm_setup_context)
 
 
 def grouped_mm(x_SA: torch.Tensor, w_EAB: torch.Tensor, ends_E: torch.Tensor) -> torch.Tensor:
-    """Rows ends_E[e-1]:ends_E[e] of x times w_EAB[e]. Output rows past ends_E[-1] are left uninitialised."""
-    return _ContiguousGrad.apply(F.grouped_mm(x_SA, w_EAB, offs=ends_E))
+    """Rows ends_E[e-1]:ends_E[e] of x times w_EAB[e]. Output rows past ends_E[-1] are left uninitialised (so are
+    those of x's gradient)."""
+    return _grouped_mm_op(x_SA, w_EAB, ends_E)

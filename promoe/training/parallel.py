@@ -48,23 +48,18 @@ def apply_activation_checkpointing(model: torch.nn.Module, config: RunConfig) ->
         block.forward = functools.partial(checkpoint, block.forward, use_reentrant=False)
 
 
-def compile_blocks(model: torch.nn.Module, dtype: torch.dtype) -> None:
-    """Each block compiled in place (`Module.compile`: the state-dict keys keep their names, with no `_orig_mod.`).
-    PyTorch's fake `_grouped_mm` (torch 2.13) accepts bf16 only, although the CPU kernel runs fp32 too: in other
-    dtypes the expert GEMMs run eagerly between compiled graphs (a promoe::grouped_mm custom op with a fake of every
-    dtype would keep them in)."""
-    if dtype != torch.bfloat16:
-        torch._dynamo.disallow_in_graph(torch._grouped_mm)
+def compile_blocks(model: torch.nn.Module) -> None:
+    """Each block compiled in place (`Module.compile`: the state-dict keys keep their names, with no `_orig_mod.`)."""
     for block in model.blocks:
         block.compile()
 
 
-def apply_compile(model: torch.nn.Module, config: RunConfig, dtype: torch.dtype) -> None:
+def apply_compile(model: torch.nn.Module, config: RunConfig) -> None:
     """With train.compile, each block is compiled over its checkpointed forward; FSDP's hooks, which `fully_shard`
     adds next, stay out of the graphs (Dynamo skips them). The routers' running statistics are buffer updates that
     compile as such: k-means and DiffMoE train to the eager losses."""
     if config.train.compile:
-        compile_blocks(model, dtype)
+        compile_blocks(model)
 
 
 def shard(model: torch.nn.Module, dtype: torch.dtype, reshard: bool = True) -> None:
@@ -100,7 +95,7 @@ def parallelise(model: torch.nn.Module, config: RunConfig, device: torch.device)
     per block then the root, materialised on `device` and initialised alike on every rank."""
     dtype = compute_dtype(config, device)
     apply_activation_checkpointing(model, config)
-    apply_compile(model, config, dtype)
+    apply_compile(model, config)
     # On one process "sharded" is whole, and regathering a block in backward is only a copy: keeping the blocks
     # gathered made the fp32 ProMoE-S step on 2 CPU cores 4-5% faster (7 of 8 alternating rounds, eager and
     # compiled; bench/compile_step.py) for one more copy of the parameters held from forward to backward.
