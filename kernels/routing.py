@@ -318,7 +318,7 @@ def _scores_backward(x_ND: torch.Tensor, prototypes_ED: torch.Tensor, grad_score
 
 @_scores_backward.register_fake
 def _(x_ND, prototypes_ED, grad_scores_NE, activation, alpha):
-    return torch.empty_like(x_ND), torch.empty_like(prototypes_ED)
+    return x_ND.new_empty(x_ND.shape), prototypes_ED.new_empty(prototypes_ED.shape)  # contiguous, as the kernel's
 
 
 def _prototype_gradient(prototypes_ED, weighted_tokens_ED, weighted_cos_E):

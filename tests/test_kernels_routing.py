@@ -180,3 +180,6 @@ def test_routing_backward_op_passes_opcheck(rng):
     grad_scores = torch.randn(37, 5, generator=rng)
     for activation in ("identity", "sigmoid", "softmax"):
         torch.library.opcheck(_scores_backward, (x, protos, grad_scores, activation, 1.5))
+    # A non-contiguous x: the kernel writes a contiguous d x, and the fake must say so (its strides are checked).
+    x_strided = torch.randn(40, 37, generator=rng).t()
+    torch.library.opcheck(_scores_backward, (x_strided, protos, grad_scores, "identity", 1.5))

@@ -55,20 +55,30 @@ def driver(out, *extra, timeout=600):
 
 # -- initialisation (issue 12 item 3): built on meta, the weights of today's single-process CPU build -------------
 
-def test_the_sharded_model_starts_from_the_weights_of_a_seeded_cpu_build(group):
+@pytest.mark.parametrize("sharded", [False, True], ids=["plain (one fp32 process)", "fully_shard"])
+def test_the_model_starts_from_the_weights_of_a_seeded_cpu_build(group, sharded):
     import promoe
+    from promoe.training.parallel import build_on_meta, materialise_and_initialise, parallelise, shard
+    from promoe.training.ranks import full
 
-    config, model, _, _ = tiny_state("model.name=DiffMoE-S", "model.overrides.experts=E4A1S0U0")
+    config = load_config(DEMO, [*TINY_RUN, "model.name=DiffMoE-S", "model.overrides.experts=E4A1S0U0"])
+    model = build_on_meta(config)
+    if sharded:  # as on several ranks or in bf16
+        shard(model, torch.float32)
+        materialise_and_initialise(model, config, torch.device("cpu"))
+    else:
+        parallelise(model, config, torch.device("cpu"))
     torch.manual_seed(config.train.seed)
     reference = promoe.build_model(config.model.name, **config.model.overrides)
     expected = {**dict(reference.named_parameters()), **dict(reference.named_buffers())}
     got = [*model.named_parameters(), *model.named_buffers()]
     assert {name for name, _ in got} == set(expected)
+    assert all(hasattr(tensor, "full_tensor") == sharded for _, tensor in model.named_parameters())
     for name, tensor in got:
-        assert torch.equal(tensor.full_tensor() if hasattr(tensor, "full_tensor") else tensor, expected[name]), name
+        assert torch.equal(full(tensor), expected[name]), name
     # The init rules hold: adaLN modulation and the output layer start at zero.
-    assert not model.final_layer.linear.weight.full_tensor().any()
-    assert not model.blocks[0].adaLN_modulation[-1].weight.full_tensor().any()
+    assert not full(model.final_layer.linear.weight).any()
+    assert not full(model.blocks[0].adaLN_modulation[-1].weight).any()
 
 
 # -- item 2: digests --------------------------------------------------------------------------------------------

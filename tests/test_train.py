@@ -107,12 +107,15 @@ def test_resume_refuses_a_checkpoint_of_another_model(tmp_path):
     assert result.returncode != 0 and "was trained with model" in result.stderr
 
 
-def test_a_run_saved_on_two_ranks_resumes_on_one(tmp_path):
+@pytest.mark.parametrize("first_ranks, then_ranks", [(2, 1), (1, 2)])
+def test_a_run_resumes_on_another_number_of_ranks(tmp_path, first_ranks, then_ranks):
+    """One fp32 process trains without FSDP2 (plain tensors), two ranks with it (DTensor shards): the checkpoint of
+    either loads into the other."""
     no_rcl = "model.overrides.rcl_weight=0"
+    launchers = {1: (sys.executable,), 2: torchrun()}
     run(tmp_path / "one", "--max-steps", "4", no_rcl)
-    run(tmp_path / "moved", "--max-steps", "2", no_rcl,
-        launcher=torchrun())
-    result = run(tmp_path / "moved", "--max-steps", "4", no_rcl)
+    run(tmp_path / "moved", "--max-steps", "2", no_rcl, launcher=launchers[first_ranks])
+    result = run(tmp_path / "moved", "--max-steps", "4", no_rcl, launcher=launchers[then_ranks])
     assert "resumed from" in result.stdout
     one, moved = losses(tmp_path / "one"), losses(tmp_path / "moved")
     assert sorted(moved) == [1, 2, 3, 4]

@@ -2,9 +2,9 @@
 (`torchrun --nproc_per_node=N train/run.py --config FILE`), FSDP2, EMA, verified resumable checkpoints.
 
 Pipeline: config -> the run folder (locked) -> data -> model built on `meta` -> parallelised (activation
-checkpointing, torch.compile per block, fully_shard per block, then the root) -> materialised and initialised alike
-on every rank -> restored from the newest intact checkpoint -> trained -> EMA export, plots, sample grid,
-Fashion-MNIST FID.
+checkpointing, torch.compile per block, fully_shard per block, then the root, where it does work: on several ranks
+or in bf16) -> materialised and initialised alike on every rank -> restored from the newest intact checkpoint ->
+trained -> EMA export, plots, sample grid, Fashion-MNIST FID.
 
 Every random draw of a step (the sample order, label dropout, timesteps, noise) is made for the global batch from
 a generator seeded by (seed, step), and each rank takes its slice: a resumed run, or a run on another number of

@@ -1,5 +1,6 @@
 """The model of a run, in torchtitan's order: built on `meta` (no storage), activation checkpointing, torch.compile
-per block, `fully_shard` per block and then the root, materialised on the device (`to_empty`) and initialised.
+per block, `fully_shard` per block and then the root (on several ranks, or to compute in bf16), materialised on the
+device (`to_empty`) and initialised.
 
 The initial weights of a seed are those of a single-process CPU build (the model's own `initialize_weights`), on
 every rank and whatever the world size: each rank builds them seeded alike and keeps its shards. A run on two
@@ -90,14 +91,24 @@ def materialise_and_initialise(model: torch.nn.Module, config: RunConfig, device
         tensor.copy_(value)
 
 
+def needs_sharding(dtype: torch.dtype) -> bool:
+    """fully_shard only where it does work: across ranks, or to gather fp32 parameters in a lower precision. On
+    one process in fp32 it would only copy (the gather and the reduce-scatter of one rank) and wrap every parameter
+    in a DTensor, whose Python dispatch slows the optimizer, the EMA and the gradient clipping: on 2 CPU cores it
+    made the ProMoE-S step 13% slower (bench/official_step.py). torchtitan also shards only when dp_shard > 1.
+    Checkpoints are alike either way, so a run moves between world sizes."""
+    return dist.get_world_size() > 1 or dtype != torch.float32
+
+
 def parallelise(model: torch.nn.Module, config: RunConfig, device: torch.device) -> None:
     """A model built on `meta` made ready to train: activation checkpointing, torch.compile per block, fully_shard
-    per block then the root, materialised on `device` and initialised alike on every rank."""
+    per block then the root (where it does work), materialised on `device` and initialised alike on every rank."""
     dtype = compute_dtype(config, device)
     apply_activation_checkpointing(model, config)
     apply_compile(model, config)
-    # On one process "sharded" is whole, and regathering a block in backward is only a copy: keeping the blocks
-    # gathered made the fp32 ProMoE-S step on 2 CPU cores 4-5% faster (7 of 8 alternating rounds, eager and
-    # compiled; bench/compile_step.py) for one more copy of the parameters held from forward to backward.
-    shard(model, dtype, reshard=dist.get_world_size() > 1)
+    if needs_sharding(dtype):
+        # On one process (bf16) "sharded" is whole, and regathering a block in backward is only a copy: keeping
+        # the blocks gathered made the ProMoE-S step on 2 CPU cores 4-5% faster (bench/compile_step.py) for one
+        # more copy of the parameters held from forward to backward.
+        shard(model, dtype, reshard=dist.get_world_size() > 1)
     materialise_and_initialise(model, config, device)
