@@ -38,10 +38,10 @@ class TritonBackend(TorchBackend):
             return super().permute(x_ND, plan)
         return permute(x_ND, plan.token_index_S, plan.slot_NK, plan.offsets_E1[-1:])  # the end stays on the device
 
-    def combine(self, out_SD: torch.Tensor, plan: RoutingPlan) -> torch.Tensor:
+    def combine(self, out_SD: torch.Tensor, plan: RoutingPlan, base_ND: torch.Tensor | None = None) -> torch.Tensor:
         if plan.slot_NK is None:
-            return super().combine(out_SD, plan)
-        return combine(out_SD, plan.gates_S, plan.token_index_S, plan.slot_NK, plan.offsets_E1[-1:])
+            return super().combine(out_SD, plan, base_ND)
+        return combine(out_SD, plan.gates_S, plan.token_index_S, plan.slot_NK, plan.offsets_E1[-1:], base_ND)
 
     def expert_bias_gelu(self, h_SH: torch.Tensor, b_EH: torch.Tensor, plan: RoutingPlan) -> torch.Tensor:
         return expert_bias_act(h_SH, b_EH, plan.offsets_E1, gelu=True)

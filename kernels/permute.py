@@ -5,8 +5,9 @@ slot_NK[n]; slots at or past `end` (= offsets[-1]) are dropped. Every kernel rea
 nothing synchronises with the host.
 
 - permute:  x_SD[s] = x_ND[token_S[s]] (0 for a dropped slot).       reads S*D, writes S*D
-- combine:  y_ND[n] = sum_k gate_S[slot_NK[n, k]] * out_SD[slot_NK[n, k]], fp32 accumulation.
-            Gather form: every output row is written once, no atomics, deterministic. reads N*K*D, writes N*D
+- combine:  y_ND[n] = base_ND[n] + sum_k gate_S[slot_NK[n, k]] * out_SD[slot_NK[n, k]], fp32 accumulation; the
+            base (the shared experts' output) is optional. Gather form: every output row is written once, no
+            atomics, deterministic.                                  reads N*K*D (+ N*D), writes N*D
 - combine backward, one pass per slot: grad_out_SD[s] = gate_S[s] * grad_y[token_S[s]] and
   grad_gate_S[s] = <grad_y[token_S[s]], out_SD[s]>.                  reads 2*S*D, writes S*D
 The backward of permute is a combine without gates, and that of a combine without gates is a permute.
@@ -36,14 +37,19 @@ def _permute_kernel(x_ptr, token_ptr, end_ptr, out_ptr, num_slots, dim, stride_x
 
 
 @triton.jit
-def _combine_kernel(src_ptr, slot_ptr, gate_ptr, end_ptr, out_ptr, num_tokens, dim, stride_src, stride_out,
-                    TOP_K: tl.constexpr, HAS_GATES: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+def _combine_kernel(src_ptr, slot_ptr, gate_ptr, end_ptr, base_ptr, out_ptr, num_tokens, dim, stride_src, stride_base,
+                    stride_out, TOP_K: tl.constexpr, HAS_GATES: tl.constexpr, HAS_BASE: tl.constexpr,
+                    BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
     tokens = tl.program_id(0).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)  # int64: tokens * D passes 2^31
     cols = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
     token_ok = tokens < num_tokens
     col_ok = cols < dim
     end = tl.load(end_ptr)
-    acc = tl.zeros((BLOCK_N, BLOCK_D), dtype=tl.float32)
+    if HAS_BASE:
+        acc = tl.load(base_ptr + tokens[:, None] * stride_base + cols[None, :],
+                      mask=token_ok[:, None] & col_ok[None, :], other=0.0).to(tl.float32)
+    else:
+        acc = tl.zeros((BLOCK_N, BLOCK_D), dtype=tl.float32)
     for k in tl.static_range(TOP_K):
         slots = tl.load(slot_ptr + tokens * TOP_K + k, mask=token_ok, other=0)
         valid = token_ok & (slots < end)
@@ -104,7 +110,7 @@ def _permute_setup_context(ctx, inputs, output):
 def _permute_backward(ctx, grad_SD):
     """The backward of permute is a combine without gates."""
     token_S, slot_NK, end = ctx.saved_tensors
-    return _combine_op(grad_SD, None, token_S, slot_NK, end), None, None, None
+    return _combine_op(grad_SD, None, token_S, slot_NK, end, None), None, None, None
 
 
 _permute_op.register_autograd(_permute_backward, setup_context=_permute_setup_context)
@@ -112,36 +118,43 @@ _permute_op.register_autograd(_permute_backward, setup_context=_permute_setup_co
 
 @torch.library.custom_op("promoe::combine", mutates_args=())
 def _combine_op(out_SD: torch.Tensor, gates_S: torch.Tensor | None, token_S: torch.Tensor, slot_NK: torch.Tensor,
-                end: torch.Tensor) -> torch.Tensor:
-    """The gate-weighted combine; without gates, the plain sum of each token's slots (the backward of permute)."""
+                end: torch.Tensor, base_ND: torch.Tensor | None) -> torch.Tensor:
+    """The gate-weighted combine added to base_ND; without gates, the plain sum of each token's slots (the backward
+    of permute)."""
     out_SD = out_SD.contiguous()
+    # An absent gate or base vector is never read (HAS_GATES / HAS_BASE): `end` stands in, one element, so that
+    # the byte count of the launch charges nothing for it.
+    gates = end if gates_S is None else gates_S.contiguous()
+    base = end if base_ND is None else base_ND.contiguous()
     (num_tokens, top_k), dim = slot_NK.shape, out_SD.shape[1]
     y = empty_output((num_tokens, dim), out_SD.dtype, out_SD.device)
     block_n, block_d = token_block(num_tokens), dim_block(dim)
     if num_tokens:
         _combine_kernel[row_grid(num_tokens, block_n, dim, block_d)](
-            out_SD, slot_NK, out_SD if gates_S is None else gates_S.contiguous(), end, y, num_tokens, dim,
-            out_SD.stride(0), y.stride(0), TOP_K=top_k, HAS_GATES=gates_S is not None, BLOCK_N=block_n,
+            out_SD, slot_NK, gates, end, base, y, num_tokens, dim, out_SD.stride(0), base.stride(0), y.stride(0),
+            TOP_K=top_k, HAS_GATES=gates_S is not None, HAS_BASE=base_ND is not None, BLOCK_N=block_n,
             BLOCK_D=block_d)
     return y
 
 
 @_combine_op.register_fake
-def _(out_SD, gates_S, token_S, slot_NK, end):
+def _(out_SD, gates_S, token_S, slot_NK, end, base_ND):
     return out_SD.new_empty((slot_NK.shape[0], out_SD.shape[1]))
 
 
 def _combine_setup_context(ctx, inputs, output):
-    out_SD, gates_S, token_S, slot_NK, end = inputs
+    out_SD, gates_S, token_S, slot_NK, end, base_ND = inputs
     ctx.save_for_backward(out_SD, gates_S, token_S, slot_NK, end)
+    ctx.has_base = base_ND is not None
 
 
 def _combine_backward(ctx, grad_y_ND):
     out_SD, gates_S, token_S, slot_NK, end = ctx.saved_tensors
+    grad_base_ND = grad_y_ND if ctx.has_base else None  # the base is added as it is
     if gates_S is None:  # a plain sum: its backward is a permute
-        return _permute_op(grad_y_ND, token_S, slot_NK, end), None, None, None, None
+        return _permute_op(grad_y_ND, token_S, slot_NK, end), None, None, None, None, grad_base_ND
     grad_out_SD, grad_gates_S = _combine_backward_op(grad_y_ND, out_SD, gates_S, token_S, end)
-    return grad_out_SD, grad_gates_S, None, None, None
+    return grad_out_SD, grad_gates_S, None, None, None, grad_base_ND
 
 
 _combine_op.register_autograd(_combine_backward, setup_context=_combine_setup_context)
@@ -173,6 +186,6 @@ def permute(x_ND, token_S, slot_NK, end):
     return _permute_op(x_ND, token_S, slot_NK, end)
 
 
-def combine(out_SD, gates_S, token_S, slot_NK, end):
-    """y [N, D] = sum over each token's K slots of gate * out (dropped slots contribute nothing)."""
-    return _combine_op(out_SD, gates_S, token_S, slot_NK, end)
+def combine(out_SD, gates_S, token_S, slot_NK, end, base_ND=None):
+    """y [N, D] = base + sum over each token's K slots of gate * out (dropped slots contribute nothing)."""
+    return _combine_op(out_SD, gates_S, token_S, slot_NK, end, base_ND)

@@ -78,11 +78,12 @@ def _route_spec(num_experts: int, top_k: int, activation: int, dtype: str = "bf1
     return KernelSpec(label, _route_kernel, signature, constants)
 
 
-def _combine_spec(top_k: int, has_gates: bool) -> KernelSpec:
-    signature = {"src_ptr": "*bf16", "slot_ptr": "*i64", "gate_ptr": "*fp32", "end_ptr": "*i64", "out_ptr": "*bf16",
-                 "num_tokens": "i32", "dim": "i32", "stride_src": "i32", "stride_out": "i32"}
-    constants = dict(TOP_K=top_k, HAS_GATES=has_gates, BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D)
-    return KernelSpec(f"combine K={top_k} gates={has_gates}", _combine_kernel, signature, constants)
+def _combine_spec(top_k: int, has_gates: bool, has_base: bool) -> KernelSpec:
+    signature = {"src_ptr": "*bf16", "slot_ptr": "*i64", "gate_ptr": "*fp32", "end_ptr": "*i64", "base_ptr": "*bf16",
+                 "out_ptr": "*bf16", "num_tokens": "i32", "dim": "i32", "stride_src": "i32", "stride_base": "i32",
+                 "stride_out": "i32"}
+    constants = dict(TOP_K=top_k, HAS_GATES=has_gates, HAS_BASE=has_base, BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D)
+    return KernelSpec(f"combine K={top_k} gates={has_gates} base={has_base}", _combine_kernel, signature, constants)
 
 
 def _plan_specs(num_experts: int, top_k: int) -> list[KernelSpec]:
@@ -126,7 +127,7 @@ SPECS = [
     KernelSpec("permute", _permute_kernel,
                {"x_ptr": "*bf16", "token_ptr": "*i64", "end_ptr": "*i64", "out_ptr": "*bf16", "num_slots": "i32",
                 "dim": "i32", "stride_x": "i32", "stride_out": "i32"}, dict(BLOCK_S=BLOCK_N, BLOCK_D=BLOCK_D)),
-    _combine_spec(1, True), _combine_spec(4, True), _combine_spec(4, False),
+    _combine_spec(1, True, True), _combine_spec(4, True, False), _combine_spec(4, False, False),
     KernelSpec("combine backward", _combine_backward_kernel,
                {"grad_y_ptr": "*bf16", "out_ptr": "*bf16", "token_ptr": "*i64", "gate_ptr": "*fp32", "end_ptr": "*i64",
                 "grad_out_ptr": "*bf16", "grad_gate_ptr": "*fp32", "num_slots": "i32", "dim": "i32", "stride_gy": "i32",

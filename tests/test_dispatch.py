@@ -95,6 +95,21 @@ def test_grouped_mm_backward_accepts_a_gradient_with_zero_strides(rng):
     torch.testing.assert_close(x.grad, expected_x.detach())
 
 
+@pytest.mark.parametrize("backend", ["loop", "torch", "triton"])
+def test_every_backend_adds_the_base_as_it_combines(backend, rng):
+    """dispatch(x, plan, bank, base) = dispatch(x, plan, bank) + base, and base's gradient is the output's."""
+    bank = make_bank(4, rng)
+    x = torch.randn(29, DIM, generator=rng)
+    ids = torch.where(torch.rand(29, 2, generator=rng) < 0.2, 4, torch.randint(0, 4, (29, 2), generator=rng))
+    plan = token_choice_plan(ids, torch.rand(29, 2, generator=rng), bank.num_experts, has_dropped_slots=True)
+    base = torch.randn(29, DIM, generator=rng, requires_grad=True)
+    y = backend_named(backend).dispatch(x, plan, bank, base)
+    expected = backend_named(backend).dispatch(x, plan, bank) + base
+    torch.testing.assert_close(y, expected, rtol=1e-6, atol=1e-6)
+    upstream = torch.randn(y.shape, generator=rng)
+    assert torch.equal(torch.autograd.grad(y, base, upstream)[0], upstream)
+
+
 def grouped_mm_reference(x_SA, w_EAB, ends_E):
     """Each expert's rows times its weight in float64, one expert at a time; rows past the last end are 0."""
     out = torch.zeros(x_SA.shape[0], w_EAB.shape[2], dtype=torch.float64)

@@ -74,8 +74,10 @@ def test_permute_and_combine_ops_pass_opcheck(dropped, rng):
     out = torch.randn(num_slots, DIM, generator=rng, requires_grad=True)
     gates = plan.gates_S.clone().requires_grad_()
     torch.library.opcheck(ops.permute.default, (x, plan.token_index_S, plan.slot_NK, end))
-    torch.library.opcheck(ops.combine.default, (out, gates, plan.token_index_S, plan.slot_NK, end))
-    torch.library.opcheck(ops.combine.default, (out, None, plan.token_index_S, plan.slot_NK, end))  # permute's grad
+    base = torch.randn(plan.num_tokens, DIM, generator=rng, requires_grad=True)  # the shared experts' output
+    torch.library.opcheck(ops.combine.default, (out, gates, plan.token_index_S, plan.slot_NK, end, None))
+    torch.library.opcheck(ops.combine.default, (out, gates, plan.token_index_S, plan.slot_NK, end, base))
+    torch.library.opcheck(ops.combine.default, (out, None, plan.token_index_S, plan.slot_NK, end, None))  # permute's
     grad_y = torch.randn(plan.num_tokens, DIM, generator=rng)
     torch.library.opcheck(ops.combine_backward.default,
                           (grad_y, out.detach(), gates.detach(), plan.token_index_S, end))

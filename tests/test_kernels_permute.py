@@ -63,12 +63,35 @@ def test_permute_and_combine_match_references_forward_and_backward(routing, num_
     torch.testing.assert_close(grad_gates.double(), ref_grad_gates.double(), **tolerance)
 
 
+@pytest.mark.parametrize("routing", ROUTINGS)
+@pytest.mark.parametrize("top_k", [1, 2])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_combine_adds_a_base_in_its_accumulation(routing, top_k, dtype, rng):
+    """The shared experts' output enters the combine's fp32 accumulation, y = base + sum of gate * out, rounded
+    once; the base's gradient is y's, passed on as it is."""
+    plan = make_plan(routing, 67, 5, top_k, rng)
+    out = torch.randn(67 * top_k, 40, generator=rng).to(dtype).requires_grad_()
+    base = torch.randn(67, 40, generator=rng).to(dtype).requires_grad_()
+    combined = KERNELS.combine(out, plan, base)
+    ref_combined = DEFINITION.combine(out.double(), dataclasses.replace(plan, gates_S=plan.gates_S.double()),
+                                      base.double())
+    torch.testing.assert_close(combined.double(), ref_combined, **DTYPES[dtype])
+    upstream = torch.randn(combined.shape, generator=rng).to(dtype)
+    grad_out, grad_base = torch.autograd.grad(combined, (out, base), upstream)
+    ref_grad_out, ref_grad_base = torch.autograd.grad(ref_combined, (out, base), upstream.double())
+    assert torch.equal(grad_base, upstream) and torch.equal(ref_grad_base, upstream)
+    torch.testing.assert_close(grad_out.double(), ref_grad_out.double(), **DTYPES[dtype])
+
+
 def test_combine_gradient_check_in_float64_on_the_definition(rng):
     plan = make_plan("dropped_slots", 9, 3, 2, rng)
     out = torch.randn(18, 5, generator=rng, dtype=torch.float64, requires_grad=True)
     gates = plan.gates_S.double().requires_grad_()
+    base = torch.randn(9, 5, generator=rng, dtype=torch.float64, requires_grad=True)
     assert torch.autograd.gradcheck(lambda o, g: DEFINITION.combine(o, dataclasses.replace(plan, gates_S=g)),
                                     (out, gates))
+    assert torch.autograd.gradcheck(lambda o, g, b: DEFINITION.combine(o, dataclasses.replace(plan, gates_S=g), b),
+                                    (out, gates, base))
 
 
 @settings(max_examples=60, deadline=None)

@@ -218,9 +218,9 @@ def record_plans(monkeypatch):
     plans = []
     original = TorchBackend.dispatch
 
-    def recording(self, x, plan, experts):
+    def recording(self, x, plan, experts, base=None):
         plans.append(plan)
-        return original(self, x, plan, experts)
+        return original(self, x, plan, experts, base)
 
     monkeypatch.setattr(TorchBackend, "dispatch", recording)
     return plans

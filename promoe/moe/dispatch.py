@@ -69,18 +69,20 @@ class TorchBackend:
     def token_choice_plan(self, expert_ids_NK, gates_NK, num_experts: int, has_dropped_slots: bool) -> RoutingPlan:
         return token_choice_plan(expert_ids_NK, gates_NK, num_experts, has_dropped_slots)
 
-    def dispatch(self, x_ND: torch.Tensor, plan: RoutingPlan, experts: ExpertBank) -> torch.Tensor:
-        """y[n] = sum over the slots s of token n of gates[s] * expert[s](x[n])."""
-        return self.combine(self.run_experts(self.permute(x_ND, plan), plan, experts), plan)
+    def dispatch(self, x_ND: torch.Tensor, plan: RoutingPlan, experts: ExpertBank,
+                 base_ND: torch.Tensor | None = None) -> torch.Tensor:
+        """y[n] = base[n] + sum over the slots s of token n of gates[s] * expert[s](x[n]). The base (the shared
+        experts' output) is added as the combine writes y, not by a pass of its own."""
+        return self.combine(self.run_experts(self.permute(x_ND, plan), plan, experts), plan, base_ND)
 
     def permute(self, x_ND: torch.Tensor, plan: RoutingPlan) -> torch.Tensor:
         """x_SD[s] = x[token of slot s] in slot (expert) order; zero rows for dropped slots."""
         return mask_dropped_slots(plan)(gather_rows(x_ND, plan.token_index_S))
 
-    def combine(self, out_SD: torch.Tensor, plan: RoutingPlan) -> torch.Tensor:
-        """y [N, D] = sum over each token's slots of gate * out, in out's dtype; dropped slots add nothing."""
+    def combine(self, out_SD: torch.Tensor, plan: RoutingPlan, base_ND: torch.Tensor | None = None) -> torch.Tensor:
+        """y [N, D] = base + sum over each token's slots of gate * out, in out's dtype; dropped slots add nothing."""
         out_SD = mask_dropped_slots(plan)(out_SD)
-        return gate_weighted_sum(out_SD, plan.gates_S, plan.token_index_S, plan.num_tokens)
+        return gate_weighted_sum(out_SD, plan.gates_S, plan.token_index_S, plan.num_tokens, base_ND)
 
     def run_experts(self, x_SD: torch.Tensor, plan: RoutingPlan, experts: ExpertBank) -> torch.Tensor:
         """Each slot's row through its expert: up, bias + GELU(tanh), down, bias, the GEMMs grouped over the plan's
@@ -110,9 +112,10 @@ class TorchBackend:
 class LoopBackend(TorchBackend):
     name = "loop"
 
-    def dispatch(self, x_ND: torch.Tensor, plan: RoutingPlan, experts: ExpertBank) -> torch.Tensor:
+    def dispatch(self, x_ND: torch.Tensor, plan: RoutingPlan, experts: ExpertBank,
+                 base_ND: torch.Tensor | None = None) -> torch.Tensor:
         acc = accumulation_dtype(x_ND)
-        y_ND = x_ND.new_zeros(x_ND.shape, dtype=acc)
+        y_ND = x_ND.new_zeros(x_ND.shape, dtype=acc) if base_ND is None else base_ND.to(acc)
         for expert in range(experts.num_experts):
             mask_S = plan.expert_index_S == expert
             tokens = plan.token_index_S[mask_S]
@@ -124,7 +127,8 @@ class LoopBackend(TorchBackend):
 class GroupedGemmBackend(TorchBackend):
     name = "grouped_gemm"
 
-    def dispatch(self, x_ND: torch.Tensor, plan: RoutingPlan, experts: ExpertBank) -> torch.Tensor:
+    def dispatch(self, x_ND: torch.Tensor, plan: RoutingPlan, experts: ExpertBank,
+                 base_ND: torch.Tensor | None = None) -> torch.Tensor:
         x_bf16_ND, w_up_EDH, b_up_EH, w_down_EHD, b_down_ED = _bf16_operands(x_ND, experts)
         gmm = grouped_gemm_gmm()
         # The host synchronisation this backend costs: its GEMM reads the batch sizes on the CPU. Knowing them,
@@ -135,7 +139,7 @@ class GroupedGemmBackend(TorchBackend):
         h_SH = gelu_tanh(gmm(gather_rows(x_bf16_ND, token_S), w_up_EDH, batch_sizes_E)
                          + gather_rows(b_up_EH, expert_S))
         out_SD = gmm(h_SH, w_down_EHD, batch_sizes_E) + gather_rows(b_down_ED, expert_S)
-        return gate_weighted_sum(out_SD, gates_S, token_S, plan.num_tokens)
+        return gate_weighted_sum(out_SD, gates_S, token_S, plan.num_tokens, base_ND)
 
 
 def accumulation_dtype(x_ND: torch.Tensor) -> torch.dtype:
@@ -150,13 +154,16 @@ def gather_rows(table_RC: torch.Tensor, index_S: torch.Tensor) -> torch.Tensor:
     return F.embedding(index_S, table_RC)
 
 
-def gate_weighted_sum(out_SD: torch.Tensor, gates_S: torch.Tensor, token_S: torch.Tensor, num_tokens: int
-                      ) -> torch.Tensor:
-    """y[n] = sum over the slots s of token n of gates[s] * out[s], [num_tokens, D] in out's dtype. Gates stay fp32
-    (the routing's precision) into the combine; the K copies of a token accumulate in fp32 (at least), so bf16 sums
-    do not depend on the slot order."""
+def gate_weighted_sum(out_SD: torch.Tensor, gates_S: torch.Tensor, token_S: torch.Tensor, num_tokens: int,
+                      base_ND: torch.Tensor | None = None) -> torch.Tensor:
+    """y[n] = base[n] + sum over the slots s of token n of gates[s] * out[s], [num_tokens, D] in out's dtype. Gates
+    stay fp32 (the routing's precision) into the combine; the K copies of a token accumulate in fp32 (at least) onto
+    the base, so bf16 sums do not depend on the slot order."""
     acc = accumulation_dtype(out_SD)
-    y_ND = out_SD.new_zeros((num_tokens, out_SD.shape[1]), dtype=acc)
+    if base_ND is None:
+        y_ND = out_SD.new_zeros((num_tokens, out_SD.shape[1]), dtype=acc)
+    else:
+        y_ND = base_ND.to(acc)
     return y_ND.index_add(0, token_S, out_SD.to(acc) * gates_S[:, None].to(acc)).to(out_SD.dtype)
 
 

@@ -56,10 +56,8 @@ class MoELayer(nn.Module):
         if backend is None:
             backend = backend_named(default_backend_name(x_BLD.device))
         plan, aux = self.router(x_ND, cond_N, num_samples, labels_B, backend)
-        y_ND = backend.dispatch(x_ND, plan, self.experts)
-        if self.shared is not None:
-            y_ND = y_ND + self.shared(x_ND)
-        return y_ND.view_as(x_BLD), aux
+        shared_ND = None if self.shared is None else self.shared(x_ND)
+        return backend.dispatch(x_ND, plan, self.experts, shared_ND).view_as(x_BLD), aux
 
 
 def dispatch_name(model: nn.Module, device: torch.device) -> str:
