@@ -1,13 +1,12 @@
-"""What `train.compile`, `python -m promoe.sample --compile` and FSDP2's resharding cost or save on this machine:
-the driver's training step (`train_step` of train/run.py on the model `parallelise` builds, FSDP2 over a gloo group
-of one process) eager and with each block compiled, each with and without resharding after forward; then sampling
-throughput (Euler, guidance 1.5) eager and compiled.
+"""What `train.compile` and `python -m promoe.sample --compile` cost or save on this machine: the driver's training
+step (`train_step` of train/run.py on the model its `parallelise` builds: on one fp32 process, the plain model)
+eager and with each block compiled; then sampling throughput (Euler, guidance 1.5) eager and compiled.
 
     python bench/compile_step.py --model ProMoE-S --batch 8 --rounds 5 --json bench/results/compile_step_S.json
 
 The first step (or sampling batch) of each candidate, which compiles, is timed on its own; then the candidates
-alternate (A, B, C, D, A, ...) for --rounds rounds after one warm-up round. Ratios are of per-round times against
-the eager (resharded) candidate of the same round, so that a change of the machine's load between rounds cancels.
+alternate (A, B, A, B, ...) for --rounds rounds after one warm-up round. Ratios are of per-round times against the
+eager candidate of the same round, so that a change of the machine's load between rounds cancels.
 """
 
 import argparse
@@ -28,27 +27,19 @@ from official_step import driver_step, time_interleaved  # noqa: E402
 from promoe.diffusion import RectifiedFlow  # noqa: E402
 from promoe.sampling import generate  # noqa: E402
 from promoe.train_config import load_config  # noqa: E402
-from promoe.training.parallel import (  # noqa: E402
-    apply_compile,
-    build_on_meta,
-    compile_blocks,
-    materialise_and_initialise,
-    shard,
-)
+from promoe.training.parallel import build_on_meta, compile_blocks, parallelise  # noqa: E402
 from promoe.training.ranks import init_distributed  # noqa: E402
 from promoe.zoo import build_from_config  # noqa: E402
 
 DEVICE = torch.device("cpu")
 
 
-def train_candidate(overrides: list[str], x0, labels, compiled: bool, reshard: bool):
-    """train/run.py's step on a model built by `parallelise`'s steps, compiled or not, resharded or not."""
+def train_candidate(overrides: list[str], x0, labels, compiled: bool):
+    """train/run.py's step on the model `parallelise` builds, each block compiled or not (train.compile)."""
     config = load_config(None, [*overrides, f"train.global_batch={len(x0)}", "train.precision=fp32",
                                 f"train.compile={compiled}"])
     model = build_on_meta(config)
-    apply_compile(model, config)
-    shard(model, torch.float32, reshard)
-    materialise_and_initialise(model, config, DEVICE)
+    parallelise(model, config, DEVICE)
     return driver_step(model, config, x0, labels, DEVICE), config
 
 
@@ -92,14 +83,11 @@ def rows(wall, cpu, first, baseline: str, unit: str, images: int) -> list[dict]:
 
 
 def bench_train(args, overrides, x0, labels) -> list[dict]:
-    candidates = {}
-    for compiled in (False, True):
-        for reshard in (True, False):
-            name = f"{'compiled' if compiled else 'eager'}, reshard {'on' if reshard else 'off'}"
-            candidates[name] = train_candidate(overrides, x0, labels, compiled, reshard)
+    candidates = {name: train_candidate(overrides, x0, labels, compiled)
+                  for name, compiled in (("eager", False), ("compiled", True))}
     first = first_calls(candidates)
     wall, cpu = time_interleaved(candidates, 1, args.rounds)
-    return rows(wall, cpu, first, "eager, reshard on", "train step", len(x0))
+    return rows(wall, cpu, first, "eager", "train step", len(x0))
 
 
 def bench_sample(args, overrides, x0, labels) -> list[dict]:
@@ -131,7 +119,7 @@ def main(argv=None):
     parser.add_argument("--skip", choices=("train", "sample"), default=None)
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args(argv)
-    init_distributed()  # FSDP2 needs a group, of one process here
+    init_distributed()  # the driver's step all-reduces its logged scalars: a group of one process
     overrides = [f"model.name={args.model}", *(f"model.overrides.{item}" for item in args.overrides)]
     model_config = load_config(None, overrides).model_config()
     size, channels = model_config.input_size, model_config.in_channels
@@ -146,8 +134,8 @@ def main(argv=None):
     run = report.run_record(dict(bench="compile_step", model=args.model, overrides=args.overrides, batch=args.batch,
                                  rounds=args.rounds, dtype="fp32", threads=torch.get_num_threads()), results)
     shape = f" ({' '.join(args.overrides)})" if args.overrides else ""
-    report.emit(run, args.json, f"{args.model}{shape}: compile and resharding, batch {args.batch}, fp32 (ratios to "
-                "eager)")
+    report.emit(run, args.json,
+                f"{args.model}{shape}: train.compile and --compile, batch {args.batch}, fp32 (ratios to eager)")
 
 
 if __name__ == "__main__":

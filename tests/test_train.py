@@ -132,13 +132,15 @@ def test_activation_checkpointing_gives_the_same_losses(tmp_path):
 
 
 @pytest.mark.slow  # two compiles of the tiny model: minutes on 2 cores
-def test_compiled_blocks_train_to_the_eager_losses_and_resume(tmp_path):
-    run(tmp_path / "eager", "--max-steps", "4")
+@pytest.mark.parametrize("checkpointing", [False, True], ids=["plain", "activation_checkpointing"])
+def test_compiled_blocks_train_to_the_eager_losses_and_resume(tmp_path, checkpointing):
+    recompute = f"train.activation_checkpointing={checkpointing}"  # compiled over the checkpointed forward
+    run(tmp_path / "eager", "--max-steps", "4", recompute)
     compiled = tmp_path / "compiled"
-    assert "torch.compile per block" in run(compiled, "--max-steps", "2", "train.compile=true").stdout
+    assert "torch.compile per block" in run(compiled, "--max-steps", "2", "train.compile=true", recompute).stdout
     # The checkpoint keeps the eager names (no `_orig_mod.`): load_model checks its index against a fresh model.
     load_model(compiled / "checkpoints" / "step_0000002", weights="model")
-    assert "resumed from" in run(compiled, "--max-steps", "4", "train.compile=true").stdout
+    assert "resumed from" in run(compiled, "--max-steps", "4", "train.compile=true", recompute).stdout
     eager, got = losses(tmp_path / "eager"), losses(compiled)
     # Inductor fuses the fp32 norms, softmax and GELU and may sum in another order: last-bit differences (1e-7
     # relative measured) that 4 steps of AdamW do not grow past 1e-5, the tolerance of runs repeated on this CPU.
