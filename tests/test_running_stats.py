@@ -1,6 +1,7 @@
 """Running statistics that routers update in forward (DiffMoE's thresholds, k-means centroids) leave out the
 tokens of a broken image (NaN or inf), and such tokens never take another image's expert slot."""
 
+import pytest
 import torch
 
 from promoe.moe.routers import DiffMoERouter, KMeansRouter
@@ -79,3 +80,19 @@ def test_kmeans_centroids_ignore_broken_tokens_when_seeded_and_when_updated():
     route(twin, x_ND[TOKENS:])  # the same step without the broken image
     torch.testing.assert_close(router.centroids_ED, twin.centroids_ED, rtol=1e-6, atol=1e-6)
     assert router.centroids_ED.isfinite().all()
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])
+def test_kmeans_routes_with_its_buffers_in_another_dtype(dtype):
+    """A router cast with its model (`.double()` for a float64 check, `.bfloat16()` for sampling) measures the
+    distances in its buffers' dtype promoted to fp32 at least, and each token goes to its nearest centroid."""
+    torch.manual_seed(0)
+    router = KMeansRouter(DIM, EXPERTS, top_k=1, conditional=False).to(dtype).train()
+    x_ND = batch(6, broken=()).to(dtype)
+    route(router, x_ND)  # seeds the centroids and moves them
+    assert router.centroids_ED.dtype == dtype and router.centroids_ED.isfinite().all()
+    plan, _ = route(router.eval(), x_ND)
+    compute = torch.promote_types(dtype, torch.float32)
+    nearest_N = torch.cdist(x_ND.to(compute), router.centroids_ED.to(compute)).argmin(dim=1)
+    valid = plan.valid_slots_S()
+    assert torch.equal(plan.expert_index_S[valid], nearest_N[plan.token_index_S[valid]])

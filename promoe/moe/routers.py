@@ -249,7 +249,9 @@ class KMeansRouter(TokenChoiceRouter):
         self.register_buffer("initialized", torch.zeros((), dtype=torch.bool))
 
     def choose(self, x_ND: torch.Tensor, cond_N: torch.Tensor, num_samples: int):
-        x32_ND = x_ND.detach().float()
+        # Distances and means in fp32 at least, float64 for a float64 router, whatever dtype the model was cast to.
+        compute = torch.promote_types(self.centroids_ED.dtype, torch.float32)
+        x32_ND = x_ND.detach().to(compute)
         # The tokens of a broken image (NaN or inf) neither seed nor move a centroid: one bad image would otherwise
         # make its centroid NaN for the rest of training.
         finite_N = torch.isfinite(x32_ND).all(dim=-1)
@@ -260,7 +262,7 @@ class KMeansRouter(TokenChoiceRouter):
             sampled = torch.where(sampled.isfinite().all(dim=-1, keepdim=True), sampled, finite_mean_D)
             self.centroids_ED.copy_(torch.where(self.initialized, self.centroids_ED, sampled))
             self.initialized.fill_(True)
-        distances_NE = torch.cdist(x32_ND, self.centroids_ED)
+        distances_NE = torch.cdist(x32_ND, self.centroids_ED.to(compute))
         expert_ids_NK, _ = top_k(-distances_NE, self.top_k)
         if self.training:
             self.update_centroids(finite_x_ND, expert_ids_NK, self.routed_weight(cond_N) * finite_N)
