@@ -144,8 +144,12 @@ def test_compiled_blocks_train_to_the_eager_losses_and_resume(tmp_path, checkpoi
     eager, got = losses(tmp_path / "eager"), losses(compiled)
     # Inductor fuses the fp32 norms, softmax and GELU and may sum in another order: last-bit differences (1e-7
     # relative measured) that 4 steps of AdamW do not grow past 1e-5, the tolerance of runs repeated on this CPU.
-    for step in eager:
-        assert got[step] == pytest.approx(eager[step], rel=1e-5), step
+    # A token whose two best experts tie to the last bit can take the other one, though: in one run the logged
+    # expert loads showed one token of 784 moving from expert 5 to expert 1 at step 4, whose loss moved by 1.1e-4
+    # (relative), and steps 5 and 6 agreed to 6e-7 again. One step may differ that much, no more.
+    relative = {step: abs(got[step] - eager[step]) / abs(eager[step]) for step in eager}
+    assert max(relative.values()) < 1e-3, relative
+    assert sum(error > 1e-5 for error in relative.values()) <= 1, relative
 
 
 def test_run_logs_expert_loads_and_leaves_plots_grid_and_export(tmp_path):
