@@ -139,6 +139,25 @@ def test_grouped_mm_op_matches_per_expert_matmuls_forward_and_backward(dtype, rn
     assert torch.equal(w.grad[1], torch.zeros_like(w.grad[1]))  # the empty expert
 
 
+def test_grouped_mm_runs_in_the_autocast_dtype_and_hands_fp32_gradients_to_fp32_weights(rng):
+    ends = torch.tensor([4, 4, 17], dtype=torch.int32)
+    x = torch.randn(17, DIM, generator=rng, requires_grad=True)
+    w = torch.randn(3, DIM, HIDDEN, generator=rng, requires_grad=True)
+    grad = torch.randn(17, HIDDEN, generator=rng)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = grouped_mm(x, w, ends)
+    assert y.dtype == torch.bfloat16
+    y.backward(grad.bfloat16())
+    assert x.grad.dtype == w.grad.dtype == torch.float32
+    x16, w16 = x.detach().bfloat16().double().requires_grad_(), w.detach().bfloat16().double().requires_grad_()
+    expected = grouped_mm_reference(x16, w16, ends)
+    (expected * grad.bfloat16().double()).sum().backward()
+    tol = dict(rtol=2e-2, atol=5e-2)
+    torch.testing.assert_close(y.double(), expected, **tol)
+    torch.testing.assert_close(x.grad.double(), x16.grad, **tol)
+    torch.testing.assert_close(w.grad.double(), w16.grad, **tol)
+
+
 def test_grouped_mm_ops_pass_opcheck(rng):
     ends = torch.tensor([5, 5, 12], dtype=torch.int32)
     x = torch.randn(12, DIM, generator=rng, requires_grad=True)
