@@ -47,13 +47,15 @@ def test_permute_writes_slots_past_2_to_the_31(values):
     assert torch.equal(out_SD, values[token_S])
 
 
-def test_combine_reads_slots_and_writes_tokens_past_2_to_the_31(values):
+def test_combine_reads_slots_and_the_base_and_writes_tokens_past_2_to_the_31(values):
     src_SD, slot_NK, end = far_rows(values), torch.tensor([[1], [2], [0]]), torch.tensor([3])
     gates_S = torch.tensor([0.5, 2.0, -1.0])
+    base_ND = far_rows(values.flip(0))
     out_ND = empty_far_rows(3)
-    permute_kernels._combine_kernel[(1, 1)](src_SD, slot_NK, gates_S, end, out_ND, 3, DIM, src_SD.stride(0),
-                                            out_ND.stride(0), TOP_K=1, HAS_GATES=True, BLOCK_N=16, BLOCK_D=DIM)
-    expected = (values.float()[slot_NK[:, 0]] * gates_S[slot_NK[:, 0], None]).to(DTYPE)
+    permute_kernels._combine_kernel[(1, 1)](src_SD, slot_NK, gates_S, end, base_ND, out_ND, 3, DIM, src_SD.stride(0),
+                                            base_ND.stride(0), out_ND.stride(0), TOP_K=1, HAS_GATES=True,
+                                            HAS_BASE=True, BLOCK_N=16, BLOCK_D=DIM)
+    expected = (values.flip(0).float() + values.float()[slot_NK[:, 0]] * gates_S[slot_NK[:, 0], None]).to(DTYPE)
     assert torch.equal(out_ND, expected)
 
 

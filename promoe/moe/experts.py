@@ -104,7 +104,7 @@ def grouped_mm(x_SA: torch.Tensor, w_EAB: torch.Tensor, ends_E: torch.Tensor) ->
     not see inside a custom op, and the casts here are what autograd records, so the backward runs in that dtype
     too and hands fp32 gradients to fp32 weights."""
     device = x_SA.device.type
-    if torch.is_autocast_enabled(device):
+    if torch.amp.is_autocast_available(device) and torch.is_autocast_enabled(device):  # not on `meta`
         dtype = torch.get_autocast_dtype(device)
         x_SA, w_EAB = x_SA.to(dtype), w_EAB.to(dtype)
     return _grouped_mm_op(x_SA, w_EAB, ends_E)
