@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from promoe.moe import routing
-from promoe.moe.experts import ExpertBank, gelu_tanh, grouped_mm
+from promoe.moe.experts import ExpertBank, autocast_dtype, gelu_tanh, grouped_mm
 from promoe.moe.plan import RoutingPlan, token_choice_plan
 
 BACKENDS = ("loop", "torch", "triton", "grouped_gemm")
@@ -180,8 +180,7 @@ def grouped_gemm_gmm():
 def _bf16_operands(x_ND: torch.Tensor, experts: ExpertBank) -> list[torch.Tensor]:
     """x and the bank's tensors in bf16: as given, or cast under bf16 autocast; any other dtype is refused."""
     tensors = [x_ND, experts.w_up_EDH, experts.b_up_EH, experts.w_down_EHD, experts.b_down_ED]
-    device = x_ND.device.type
-    if torch.is_autocast_enabled(device) and torch.get_autocast_dtype(device) == torch.bfloat16:
+    if autocast_dtype(x_ND) == torch.bfloat16:
         return [t.to(torch.bfloat16) for t in tensors]
     if any(t.dtype != torch.bfloat16 for t in tensors):
         raise TypeError(f"the `grouped_gemm` dispatch backend runs bf16 only (its GEMM kernels are bf16); got "

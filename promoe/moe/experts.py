@@ -98,13 +98,20 @@ def _grouped_mm_backward(ctx, grad_SB):
 _grouped_mm_op.register_autograd(_grouped_mm_backward, setup_context=_grouped_mm_setup_context)
 
 
+def autocast_dtype(tensor: torch.Tensor) -> torch.dtype | None:
+    """The dtype autocast runs matmuls in on `tensor`'s device, or None where it is off (or absent, as on `meta`)."""
+    device = tensor.device.type
+    if torch.amp.is_autocast_available(device) and torch.is_autocast_enabled(device):
+        return torch.get_autocast_dtype(device)
+    return None
+
+
 def grouped_mm(x_SA: torch.Tensor, w_EAB: torch.Tensor, ends_E: torch.Tensor) -> torch.Tensor:
     """Rows ends_E[e-1]:ends_E[e] of x times w_EAB[e]. Output rows past ends_E[-1] are left uninitialised (so are
     those of x's gradient). Under autocast it runs in the autocast dtype, as every matmul does there: autocast does
     not see inside a custom op, and the casts here are what autograd records, so the backward runs in that dtype
     too and hands fp32 gradients to fp32 weights."""
-    device = x_SA.device.type
-    if torch.amp.is_autocast_available(device) and torch.is_autocast_enabled(device):  # not on `meta`
-        dtype = torch.get_autocast_dtype(device)
+    dtype = autocast_dtype(x_SA)
+    if dtype is not None:
         x_SA, w_EAB = x_SA.to(dtype), w_EAB.to(dtype)
     return _grouped_mm_op(x_SA, w_EAB, ends_E)

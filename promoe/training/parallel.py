@@ -95,7 +95,7 @@ def needs_sharding(dtype: torch.dtype) -> bool:
     """fully_shard only where it does work: across ranks, or to gather fp32 parameters in a lower precision. On
     one process in fp32 it would only copy (the gather and the reduce-scatter of one rank) and wrap every parameter
     in a DTensor, whose Python dispatch slows the optimizer, the EMA and the gradient clipping: on 2 CPU cores it
-    made the ProMoE-S step 13% slower (bench/official_step.py). torchtitan also shards only when dp_shard > 1.
+    made the ProMoE-S step 5-11% slower (bench/official_step.py). torchtitan also shards only when dp_shard > 1.
     Checkpoints are alike either way, so a run moves between world sizes."""
     return dist.get_world_size() > 1 or dtype != torch.float32
 
