@@ -43,7 +43,7 @@ import report  # noqa: E402
 import run as driver  # noqa: E402  (train/run.py)
 
 from promoe.diffusion import make_objective  # noqa: E402
-from promoe.moe.layer import dispatch_name  # noqa: E402
+from promoe.moe.layer import describe_dispatch, place_dispatch  # noqa: E402
 from promoe.train_config import load_config  # noqa: E402
 from promoe.training.ema import EMA  # noqa: E402
 from promoe.training.optimizer import make_optimizer  # noqa: E402
@@ -183,8 +183,9 @@ def our_candidate(name: str, x0, labels, compiled: bool = False, forced_fsdp: bo
         materialise_and_initialise(model, config, device)
     else:
         parallelise(model, config, device)
+    place_dispatch(model, device)
     counts = count_params(build_on_meta(config))
-    return driver_step(model, config, x0, labels, device), counts, dispatch_name(model, device)
+    return driver_step(model, config, x0, labels, device), counts, describe_dispatch(model)
 
 
 def driver_step(model, config, x0, labels, device):

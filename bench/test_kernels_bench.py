@@ -8,7 +8,7 @@ kernels only on CUDA.
 import pytest
 import torch
 
-from promoe.moe.dispatch import backend_named
+from promoe.moe.dispatch import make_backend
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 DTYPE = torch.bfloat16 if DEVICE == "cuda" else torch.float32
@@ -31,8 +31,8 @@ def inputs():
     x = torch.randn(NUM_TOKENS, DIM, generator=g).to(DEVICE, DTYPE)
     protos = (torch.randn(EXPERTS, DIM, generator=g) * 0.02).to(DEVICE, DTYPE)
     cond = (torch.rand(NUM_TOKENS, generator=g) > 0.1).to(DEVICE)
-    torch_backend = backend_named("torch")
-    ids, gates = torch_backend.route_prototypes(x, protos, cond, TOP_K, "identity", 1.0, True)
+    torch_backend = make_backend("torch")
+    ids, gates = torch_backend.routing_ops().route_prototypes(x, protos, cond, TOP_K, "identity", 1.0, True)
     plan = torch_backend.token_choice_plan(ids, gates, EXPERTS + 1, has_dropped_slots=False)
     return x, protos, cond, ids, gates, plan
 
@@ -40,19 +40,19 @@ def inputs():
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_routing(benchmark, inputs, backend):
     x, protos, cond, *_ = inputs
-    route = backend_named(backend).route_prototypes
+    route = make_backend(backend).routing_ops().route_prototypes
     benchmark(synchronized(lambda: route(x, protos, cond, TOP_K, "identity", 1.0, True)))
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_plan(benchmark, inputs, backend):
     *_, ids, gates, _ = inputs
-    plan = backend_named(backend).token_choice_plan
+    plan = make_backend(backend).token_choice_plan
     benchmark(synchronized(lambda: plan(ids, gates, EXPERTS + 1, False)))
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_permute_and_combine(benchmark, inputs, backend):
     x, *_, plan = inputs
-    steps = backend_named(backend)
+    steps = make_backend(backend)
     benchmark(synchronized(lambda: steps.combine(steps.permute(x, plan), plan)))

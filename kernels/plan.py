@@ -13,7 +13,8 @@ An id outside 0..E counts as dropped in both passes (the routing kernel never wr
 reading another block's histogram row).
 The two kernels are `torch.library` custom ops (`promoe::plan_histogram`, `promoe::plan_scatter`) with fake
 registrations, so that `torch.compile` traces the plan; the glue between them is plain PyTorch.
-What it computes is defined by `promoe.moe.plan.token_choice_plan` (the `torch` backend), slot for slot.
+What it computes is defined by `promoe.moe.plan.token_choice_plan` (the `torch` backend), slot for slot; being a
+leaf, it returns the plan's tensors and the caller wraps them in a `RoutingPlan`.
 """
 
 import torch
@@ -21,7 +22,6 @@ import triton
 import triton.language as tl
 
 from promoe.kernels.launch import empty_output, expert_block, plan_block
-from promoe.moe.plan import RoutingPlan
 
 
 @triton.jit
@@ -104,9 +104,10 @@ def _(ids_S, block_start, num_experts, top_k):
     return tuple(ids_S.new_empty(ids_S.shape, dtype=torch.int64) for _ in range(4))
 
 
-def token_choice_plan(expert_ids_NK: torch.Tensor, gates_NK: torch.Tensor, num_experts: int,
-                      has_dropped_slots: bool = False) -> RoutingPlan:
-    """The kernel version of `promoe.moe.plan.token_choice_plan`: the same plan, slot for slot."""
+def token_choice_plan(expert_ids_NK: torch.Tensor, gates_NK: torch.Tensor, num_experts: int
+                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The kernel form of `promoe.moe.plan.token_choice_plan`, slot for slot: the plan's tensors (token_index_S,
+    expert_index_S, gates_S, offsets_E1, slot_NK)."""
     num_tokens, top_k = expert_ids_NK.shape
     ids_S = expert_ids_NK.reshape(-1).contiguous()
     hist = _histogram_op(ids_S, num_experts).long()
@@ -116,6 +117,4 @@ def token_choice_plan(expert_ids_NK: torch.Tensor, gates_NK: torch.Tensor, num_e
     slot_S, order_S, token_S, expert_S = _scatter_op(ids_S, block_start, num_experts, top_k)
     offsets_E1 = torch.zeros(num_experts + 1, dtype=torch.long, device=ids_S.device)
     offsets_E1[1:] = counts[:num_experts].cumsum(0)
-    return RoutingPlan(token_index_S=token_S, expert_index_S=expert_S, gates_S=gates_NK.reshape(-1)[order_S],
-                       offsets_E1=offsets_E1, num_tokens=num_tokens, has_dropped_slots=has_dropped_slots,
-                       slot_NK=slot_S.view(num_tokens, top_k))
+    return token_S, expert_S, gates_NK.reshape(-1)[order_S], offsets_E1, slot_S.view(num_tokens, top_k)

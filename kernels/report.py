@@ -68,12 +68,11 @@ class Resources:
 
 def _route_spec(num_experts: int, top_k: int, activation: int, dtype: str = "bf16") -> KernelSpec:
     signature = {"x_ptr": f"*{dtype}", "protos_ptr": f"*{dtype}", "cond_ptr": "*i8", "ids_ptr": "*i64",
-                 "gates_ptr": "*fp32", "hist_ptr": "*i32", "num_tokens": "i32", "dim": "i32", "stride_x": "i32",
-                 "stride_p": "i32", "alpha": "fp32"}
+                 "gates_ptr": "*fp32", "num_tokens": "i32", "dim": "i32", "stride_x": "i32", "stride_p": "i32",
+                 "alpha": "fp32"}
     block_n, block_d = routing_blocks(4096, DIM, num_experts, 4 if dtype == "fp32" else 2)
-    constants = dict(NUM_EXPERTS=num_experts, E_PAD=expert_block(num_experts), HIST_PAD=expert_block(num_experts + 2),
-                     TOP_K=top_k, ACTIVATION=activation, CONDITIONAL=True, NATIVE_DOT=dtype != "fp32",
-                     BLOCK_N=block_n, BLOCK_D=block_d)
+    constants = dict(NUM_EXPERTS=num_experts, E_PAD=expert_block(num_experts), TOP_K=top_k, ACTIVATION=activation,
+                     CONDITIONAL=True, NATIVE_DOT=dtype != "fp32", BLOCK_N=block_n, BLOCK_D=block_d)
     label = f"route {dtype} E={num_experts} K={top_k} {['identity', 'sigmoid', 'softmax'][activation]}"
     return KernelSpec(label, _route_kernel, signature, constants)
 

@@ -1,8 +1,9 @@
-"""Fused prototypical routing: cosine similarity to prototypes, activation, top-K, conditional routing, counts.
+"""Fused prototypical routing: cosine similarity to prototypes, activation, top-K, conditional routing.
 
 One pass over the tokens. Each program reads a block of BLOCK_N token rows (N*D elements in all) and the
-prototypes (E*D, re-read by every program: E*D is tiny next to N*D), and writes expert ids and gates [N, K] and a
-per-block expert histogram [num_blocks, E_bank + 1] (no atomics: the counts are the column sums).
+prototypes (E*D, re-read by every program: E*D is tiny next to N*D), and writes expert ids and gates [N, K]: the
+signature of `promoe.moe.routing.route_prototypes`, the definition it replaces. The per-expert counts are left to
+the plan's kernels, whose stable counting sort needs them per block of slots anyway.
 
 The backward is one more kernel over the tokens (`_scores_backward_kernel`): it recomputes the cosines, reads the
 upstream gradient of the scores [N, E] (for the routing, that of the chosen gates, scattered to their columns) and
@@ -94,9 +95,9 @@ def _scores_kernel(x_ptr, protos_ptr, scores_ptr, num_tokens, dim, stride_x, str
 
 
 @triton.jit
-def _route_kernel(x_ptr, protos_ptr, cond_ptr, ids_ptr, gates_ptr, hist_ptr,
+def _route_kernel(x_ptr, protos_ptr, cond_ptr, ids_ptr, gates_ptr,
                   num_tokens, dim, stride_x, stride_p, alpha,
-                  NUM_EXPERTS: tl.constexpr, E_PAD: tl.constexpr, HIST_PAD: tl.constexpr, TOP_K: tl.constexpr,
+                  NUM_EXPERTS: tl.constexpr, E_PAD: tl.constexpr, TOP_K: tl.constexpr,
                   ACTIVATION: tl.constexpr, CONDITIONAL: tl.constexpr, NATIVE_DOT: tl.constexpr,
                   BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
     block = tl.program_id(0)
@@ -108,8 +109,6 @@ def _route_kernel(x_ptr, protos_ptr, cond_ptr, ids_ptr, gates_ptr, hist_ptr,
 
     if CONDITIONAL:
         cond = tl.load(cond_ptr + rows, mask=row_ok, other=1) != 0
-    bins = tl.arange(0, HIST_PAD)  # the experts, then the unconditional and the dropped ids
-    hist = tl.zeros((HIST_PAD,), dtype=tl.int32)
     for k in tl.static_range(TOP_K):
         # NaN ranks above every number, as in torch.sort and torch.topk: a token whose scores are NaN takes its
         # NaN columns first (gate NaN, which the combine propagates to its own row only). Among ties the lowest
@@ -130,9 +129,6 @@ def _route_kernel(x_ptr, protos_ptr, cond_ptr, ids_ptr, gates_ptr, hist_ptr,
             gate = tl.where(cond, gate, 1.0 if k == 0 else 0.0)
         tl.store(ids_ptr + rows * TOP_K + k, choice, mask=row_ok)
         tl.store(gates_ptr + rows * TOP_K + k, gate, mask=row_ok)
-        hit = (bins[None, :] == choice[:, None]) & row_ok[:, None]
-        hist += tl.sum(hit.to(tl.int32), axis=0)
-    tl.store(hist_ptr + block * HIST_PAD + bins, hist)
 
 
 @triton.jit
@@ -196,34 +192,30 @@ def native_dot(x: torch.Tensor, protos: torch.Tensor) -> bool:
 @torch.library.custom_op("promoe::route_prototypes", mutates_args=())
 def _route_prototypes_op(x_ND: torch.Tensor, prototypes_ED: torch.Tensor, cond_N: torch.Tensor, top_k: int,
                          activation: str, alpha: float, conditional: bool
-                         ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(gates, ids, counts): the floating output first, as opcheck's gradient check sums the outputs in order."""
+                         ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(gates, ids): the floating output first, as opcheck's gradient check sums the outputs in order."""
     num_tokens, dim = x_ND.shape
     num_experts = prototypes_ED.shape[0]
-    hist_pad = expert_block(num_experts + 2)  # room for the unconditional and dropped ids
     block_n, block_d = routing_blocks(num_tokens, dim, num_experts, x_ND.element_size())
     num_blocks = triton.cdiv(num_tokens, block_n)
     x = x_ND.contiguous()
     protos = prototypes_ED.contiguous()
     ids = empty_output((num_tokens, top_k), torch.int64, x.device)
     gates = empty_output((num_tokens, top_k), torch.float32, x.device)
-    hist = empty_output((num_blocks, hist_pad), torch.int32, x.device)
     if num_blocks:
         _route_kernel[(num_blocks,)](
-            x, protos, cond_N.to(torch.int8).contiguous(), ids, gates, hist, num_tokens, dim, x.stride(0),
+            x, protos, cond_N.to(torch.int8).contiguous(), ids, gates, num_tokens, dim, x.stride(0),
             protos.stride(0), float(alpha), NUM_EXPERTS=num_experts, E_PAD=expert_block(num_experts),
-            HIST_PAD=hist_pad, TOP_K=top_k, ACTIVATION=ACTIVATION_CODES[activation], CONDITIONAL=conditional,
+            TOP_K=top_k, ACTIVATION=ACTIVATION_CODES[activation], CONDITIONAL=conditional,
             NATIVE_DOT=native_dot(x, protos), BLOCK_N=block_n, BLOCK_D=block_d)
-    counts = hist[:, : num_experts + int(conditional)].sum(0, dtype=torch.int64)
-    return gates, ids, counts
+    return gates, ids
 
 
 @_route_prototypes_op.register_fake
 def _(x_ND, prototypes_ED, cond_N, top_k, activation, alpha, conditional):
-    num_tokens, num_counted = x_ND.shape[0], prototypes_ED.shape[0] + int(conditional)
+    num_tokens = x_ND.shape[0]
     return (x_ND.new_empty((num_tokens, top_k), dtype=torch.float32),
-            x_ND.new_empty((num_tokens, top_k), dtype=torch.int64),
-            x_ND.new_empty((num_counted,), dtype=torch.int64))
+            x_ND.new_empty((num_tokens, top_k), dtype=torch.int64))
 
 
 def _route_setup_context(ctx, inputs, output):
@@ -232,7 +224,7 @@ def _route_setup_context(ctx, inputs, output):
     ctx.settings = (activation, alpha)
 
 
-def _route_backward(ctx, grad_gates_NK, grad_ids, grad_counts):
+def _route_backward(ctx, grad_gates_NK, grad_ids):
     """The gates are the chosen scores: their gradients scattered to their columns [N, E] (E floats per token, small
     next to D) are the scores' gradient, which the backward kernel takes through the similarities."""
     x_ND, prototypes_ED, ids_NK = ctx.saved_tensors
@@ -249,15 +241,13 @@ _route_prototypes_op.register_autograd(_route_backward, setup_context=_route_set
 
 
 def route_prototypes(x_ND, prototypes_ED, cond_N, top_k, activation="identity", alpha=1.0, conditional=True):
-    """`promoe.moe.routing.route_prototypes` as one kernel: (expert ids [N, K], gates [N, K] fp32, counts [E + U]);
-    the counts (slots per bank expert) come free from the kernel's per-block histogram."""
+    """`promoe.moe.routing.route_prototypes` as one kernel: (expert ids [N, K], gates [N, K] fp32)."""
     if not 1 <= top_k <= MAX_TOP_K:
         raise ValueError(f"the fused routing kernel supports top_k in 1..{MAX_TOP_K}, got {top_k}")
     if prototypes_ED.shape[0] > MAX_EXPERTS:
         raise ValueError(f"the fused routing kernel supports up to {MAX_EXPERTS} experts, got {prototypes_ED.shape[0]}")
-    gates_NK, ids_NK, counts = _route_prototypes_op(x_ND, prototypes_ED, cond_N, top_k, activation, float(alpha),
-                                                    conditional)
-    return ids_NK, gates_NK, counts
+    gates_NK, ids_NK = _route_prototypes_op(x_ND, prototypes_ED, cond_N, top_k, activation, float(alpha), conditional)
+    return ids_NK, gates_NK
 
 
 @torch.library.custom_op("promoe::prototype_scores", mutates_args=())

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import promoe
-import promoe.kernels.backend  # noqa: F401  (registers the promoe:: ops)
+import promoe.moe.dispatch  # noqa: F401  (imports the kernels, which register the promoe:: ops)
 from promoe.moe.plan import token_choice_plan
 from tests.helpers import randomize_
 

@@ -5,10 +5,9 @@ import pytest
 import torch
 
 import promoe.kernels.experts
-from promoe.kernels.backend import TritonBackend
-from promoe.moe.dispatch import TorchBackend
+from promoe.moe.dispatch import LayerRouting, TorchBackend, TritonBackend
 from promoe.moe.losses import plan_centroids, token_centroids
-from promoe.moe.plan import expert_choice_plan, token_choice_plan
+from promoe.moe.plan import expert_choice_plan, expert_token_sums, token_choice_plan
 from promoe.moe.routing import null_tokens_to_uncond_expert
 
 DEFINITION, KERNELS = TorchBackend(), TritonBackend()
@@ -113,26 +112,30 @@ def test_expert_token_sums_match_definition_forward_and_backward(routing, dtype,
     plan = make_plan(routing, 37, 2, rng)
     x = torch.randn(37, HIDDEN, generator=rng).to(dtype).requires_grad_()
     routed = NUM_EXPERTS - 1  # the last expert left out, as the unconditional expert is from the centroids
-    sums = KERNELS.expert_token_sums(x, plan, routed)
+    slots = plan.token_index_S, plan.offsets_E1, routed, plan.expert_index_S, plan.slot_NK
+    sums = promoe.kernels.experts.expert_token_sums(x, *slots)
     assert sums.shape == (routed, HIDDEN) and sums.dtype == torch.promote_types(dtype, torch.float32)
     upstream = torch.randn(sums.shape, generator=rng).to(sums.dtype)
     grad = torch.autograd.grad(sums, x, upstream)[0]
     assert grad.dtype == dtype
     x64 = x.detach().double().requires_grad_()
-    expected = DEFINITION.expert_token_sums(x64, plan, routed)
+    expected = expert_token_sums(x64, *slots)
     tolerance = TOLERANCES[torch.float64 if dtype == torch.float64 else torch.float32]
     torch.testing.assert_close(sums.double(), expected, **tolerance)
     torch.testing.assert_close(grad.double(), torch.autograd.grad(expected, x64, upstream.double())[0],
                                **TOLERANCES[dtype])
 
 
-def test_expert_token_sums_of_an_expert_choice_plan_take_the_definition(rng):
+def test_an_expert_choice_layer_runs_the_definitions_of_the_token_sums_permute_and_combine(rng):
+    """Its plans have no slot_NK, which the kernels gather through: decided once, when the backend is made."""
+    backend = TritonBackend(LayerRouting(token_choice=False, num_prototypes=NUM_EXPERTS))
+    assert backend.routing_ops().expert_token_sums is expert_token_sums
     plan = expert_choice_plan(torch.randint(0, 20, (NUM_EXPERTS, 7), generator=rng),
                               torch.rand(NUM_EXPERTS, 7, generator=rng), 20)
     x = torch.randn(20, HIDDEN, generator=rng)
-    assert plan.slot_NK is None
-    torch.testing.assert_close(KERNELS.expert_token_sums(x, plan, NUM_EXPERTS),
-                               DEFINITION.expert_token_sums(x, plan, NUM_EXPERTS))
+    torch.testing.assert_close(backend.combine(backend.permute(x, plan), plan),
+                               DEFINITION.combine(DEFINITION.permute(x, plan), plan))
+    assert "expert-choice plan -> torch permute" in backend.describe()
 
 
 @pytest.mark.parametrize("top_k", [1, 2])
@@ -148,7 +151,7 @@ def test_plan_centroids_equal_the_one_hot_centroids_of_conditional_routing(top_k
     upstream = torch.randn(expected.shape, generator=rng)
     expected_grad = torch.autograd.grad(expected, x, upstream)[0]
     for backend in (DEFINITION, KERNELS):
-        centroids, active = plan_centroids(x, plan, num_routed, backend)
+        centroids, active = plan_centroids(x, plan, num_routed, backend.routing_ops().expert_token_sums)
         assert torch.equal(active, expected_active)
         torch.testing.assert_close(centroids, expected, **TOLERANCES[torch.float32])
         torch.testing.assert_close(torch.autograd.grad(centroids, x, upstream)[0], expected_grad,

@@ -8,8 +8,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from promoe.kernels.backend import TritonBackend
-from promoe.moe.dispatch import TorchBackend
+from promoe.moe.dispatch import TorchBackend, TritonBackend
 from promoe.moe.plan import token_choice_plan
 
 DEFINITION, KERNELS = TorchBackend(), TritonBackend()

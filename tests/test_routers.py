@@ -216,13 +216,13 @@ def test_ec_dit_layer_matches_reference(rng):
 
 def record_plans(monkeypatch):
     plans = []
-    original = TorchBackend.dispatch
+    original = TorchBackend.permute
 
-    def recording(self, x, plan, experts, base=None):
+    def recording(self, x, plan):
         plans.append(plan)
-        return original(self, x, plan, experts, base)
+        return original(self, x, plan)
 
-    monkeypatch.setattr(TorchBackend, "dispatch", recording)
+    monkeypatch.setattr(TorchBackend, "permute", recording)
     return plans
 
 

@@ -1,35 +1,56 @@
-"""Dispatch backends: one object per way of running a MoE layer, chosen once per layer and forward.
+"""Dispatch backends: how a MoE layer runs its plan, one object per layer, chosen once when the layer is built.
 
-A backend routes (the prototypes' fused routing, the scores of expert choice), builds the plan of a token-choice
-router, permutes the tokens into expert order, runs the experts and combines their outputs. `TorchBackend` is at
-the same time the readable definition of each of these steps and the reference that every Triton kernel is tested
-against; the other backends change how a step runs, never what it computes:
+A backend builds a token-choice plan, permutes the tokens into expert order, runs the expert MLP and combines the
+experts' outputs onto the shared experts' output; `routing_ops` hands the layer's router the routing maths it runs
+(`promoe.moe.routing.RoutingOps`). `TorchBackend` is at the same time the readable definition of each step and the
+reference that every Triton kernel is tested against; the others change how a step runs, never what it computes:
 
-- `torch`: gather rows in expert order, two `torch.nn.functional.grouped_mm` calls over the plan's offsets,
-  gate-weighted sum back. No host synchronisation, no data-dependent shapes. The default off CUDA.
-- `loop`: the paper's Algorithm 1, a boolean mask per expert. The benchmark baseline; it synchronises with the
-  host once per expert (boolean-mask indexing).
-- `triton` (`promoe.kernels.backend`): the fused routing kernel, the counting-sort plan, the permute and
-  gather-form combine kernels and the expert bias (+ GELU) kernels around the same expert GEMMs (an expert-choice
-  plan has no fixed K per token and keeps the `torch` permute and combine). The default on CUDA; on the CPU it
-  needs Triton's interpreter (TRITON_INTERPRET=1), which is for tests, not speed.
-- `grouped_gemm`: the expert GEMMs of the `grouped_gemm` package (MegaBlocks' grouped GEMM, CUTLASS, CUDA,
-  bf16 only; `pip install ".[gpu]"`). It takes the per-expert batch sizes on the host, so it costs one host
-  synchronisation per layer: worth it only where its GEMM beats `grouped_mm` (sm_80, where `grouped_mm` falls back
-  to a per-group loop after a sync of its own). bf16 activations and weights, or bf16 autocast; other dtypes are
+- `torch`: gather rows in expert order, two `grouped_mm` GEMMs over the plan's offsets, gate-weighted sum back. No
+  host synchronisation, no data-dependent shapes. The default off CUDA.
+- `loop`: the paper's Algorithm 1, the expert GEMMs as a loop over experts with a boolean mask each. The benchmark
+  baseline; it synchronises with the host once per expert (boolean-mask indexing).
+- `triton`: the kernels of `promoe.kernels` in place of the definitions: the fused routing kernel, the
+  counting-sort plan, the permute and gather-form combine, the expert bias (+ GELU) and the RCL's token sums, around
+  the same expert GEMMs. Where a kernel does not apply to a layer (more than 64 experts or K > 4 for the routing
+  kernel; an expert-choice plan, which has no fixed K per token, for permute, combine and token sums), the layer
+  runs the definition, decided when the backend is made and said by `describe()`. The default on CUDA; on the CPU
+  it needs Triton's interpreter (TRITON_INTERPRET=1 before triton is imported), which is for tests, not speed.
+- `grouped_gemm`: the expert GEMMs of the `grouped_gemm` package (MegaBlocks' grouped GEMM, CUTLASS, CUDA, bf16
+  only; `pip install ".[gpu]"`). It takes the per-expert batch sizes on the host, so it costs one host
+  synchronisation per GEMM: worth it only where its GEMM beats `grouped_mm` (sm_80, where `grouped_mm` falls back to
+  a per-group loop after a sync of its own). bf16 activations and weights, or bf16 autocast; other dtypes are
   refused.
 """
 
-import functools
+from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 
-from promoe.moe import routing
+from promoe.kernels.experts import expert_bias_act
+from promoe.kernels.experts import expert_token_sums as kernel_token_sums
+from promoe.kernels.permute import combine as kernel_combine
+from promoe.kernels.permute import permute as kernel_permute
+from promoe.kernels.plan import token_choice_plan as kernel_plan
+from promoe.kernels.routing import MAX_EXPERTS, MAX_TOP_K
+from promoe.kernels.routing import prototype_scores as kernel_scores
+from promoe.kernels.routing import route_prototypes as kernel_routing
 from promoe.moe.experts import ExpertBank, autocast_dtype, gelu_tanh, grouped_mm
-from promoe.moe.plan import RoutingPlan, token_choice_plan
+from promoe.moe.plan import RoutingPlan, accumulation_dtype, gather_rows, token_choice_plan
+from promoe.moe.routing import RoutingOps
 
 BACKENDS = ("loop", "torch", "triton", "grouped_gemm")
+
+
+@dataclass(frozen=True)
+class LayerRouting:
+    """What a backend must know of a layer's router to choose its kernels."""
+
+    token_choice: bool  # K slots per token (a plan with slot_NK); False for expert choice
+    num_prototypes: int = 0  # routed experts scored by prototypes; 0 for other scorers
+    top_k: int = 1
+
+
+TOKEN_CHOICE = LayerRouting(token_choice=True)  # a plan of K slots per token: every kernel applies
 
 
 def check_backend(name: str) -> None:
@@ -43,115 +64,146 @@ def default_backend_name(device: torch.device) -> str:
     return "triton" if device.type == "cuda" else "torch"
 
 
-@functools.cache
-def backend_named(name: str) -> "TorchBackend":
-    """The backend object of a name (backends hold no state: one of each serves every layer)."""
+def make_backend(name: str, routing: LayerRouting = TOKEN_CHOICE) -> "TorchBackend":
+    """The backend object for one layer (by default, one that runs token-choice plans)."""
     check_backend(name)
-    if name == "triton":
-        from promoe.kernels.backend import TritonBackend  # the kernels build on promoe.moe, not the reverse
-
-        return TritonBackend()
-    return {"loop": LoopBackend, "torch": TorchBackend, "grouped_gemm": GroupedGemmBackend}[name]()
+    return {"loop": LoopBackend, "torch": TorchBackend, "triton": TritonBackend,
+            "grouped_gemm": GroupedGemmBackend}[name](routing)
 
 
 class TorchBackend:
-    """Every step of a MoE layer in PyTorch: the definitions."""
+    """Every step of a MoE layer's dispatch in PyTorch: the definitions."""
 
     name = "torch"
 
-    def route_prototypes(self, x_ND, prototypes_ED, cond_N, k, activation, alpha, conditional):
-        """ProMoE's two-step routing: (expert ids [N, K], gates [N, K])."""
-        return routing.route_prototypes(x_ND, prototypes_ED, cond_N, k, activation, alpha, conditional)
+    def __init__(self, routing: LayerRouting = TOKEN_CHOICE):
+        self.routing = routing
 
-    def prototype_scores(self, x_ND, prototypes_ED, activation, alpha) -> torch.Tensor:
-        return routing.prototype_scores(x_ND, prototypes_ED, activation, alpha)
+    def describe(self) -> str:
+        return self.name
+
+    def routing_ops(self) -> RoutingOps:
+        return RoutingOps()
 
     def token_choice_plan(self, expert_ids_NK, gates_NK, num_experts: int, has_dropped_slots: bool) -> RoutingPlan:
         return token_choice_plan(expert_ids_NK, gates_NK, num_experts, has_dropped_slots)
 
     def dispatch(self, x_ND: torch.Tensor, plan: RoutingPlan, experts: ExpertBank,
                  base_ND: torch.Tensor | None = None) -> torch.Tensor:
-        """y[n] = base[n] + sum over the slots s of token n of gates[s] * expert[s](x[n]). The base (the shared
-        experts' output) is added as the combine writes y, not by a pass of its own."""
+        """y[n] = base[n] + sum over the slots s of token n of gates[s] * expert[s](x[n]): permute -> expert MLP ->
+        combine. The base (the shared experts' output) is added as the combine writes y, not by a pass of its own."""
         return self.combine(self.run_experts(self.permute(x_ND, plan), plan, experts), plan, base_ND)
 
     def permute(self, x_ND: torch.Tensor, plan: RoutingPlan) -> torch.Tensor:
-        """x_SD[s] = x[token of slot s] in slot (expert) order; zero rows for dropped slots."""
+        """x_SD[s] = x[token of s] in slot (expert) order; zero rows for dropped slots."""
         return mask_dropped_slots(plan)(gather_rows(x_ND, plan.token_index_S))
 
-    def combine(self, out_SD: torch.Tensor, plan: RoutingPlan, base_ND: torch.Tensor | None = None) -> torch.Tensor:
-        """y [N, D] = base + sum over each token's slots of gate * out, in out's dtype; dropped slots add nothing."""
-        out_SD = mask_dropped_slots(plan)(out_SD)
-        return gate_weighted_sum(out_SD, plan.gates_S, plan.token_index_S, plan.num_tokens, base_ND)
-
     def run_experts(self, x_SD: torch.Tensor, plan: RoutingPlan, experts: ExpertBank) -> torch.Tensor:
-        """Each slot's row through its expert: up, bias + GELU(tanh), down, bias, the GEMMs grouped over the plan's
-        offsets. grouped_mm leaves the rows of dropped slots uninitialised; the bias steps zero them."""
-        ends_E = plan.offsets_E1[1:].to(torch.int32)
-        h_SH = self.expert_bias_gelu(grouped_mm(x_SD, experts.w_up_EDH, ends_E), experts.b_up_EH, plan)
-        return self.expert_bias(grouped_mm(h_SH, experts.w_down_EHD, ends_E), experts.b_down_ED, plan)
+        """The expert MLP of each slot's expert: up, bias + GELU(tanh), down, bias. The one definition of it; a
+        backend changes its GEMM (`gemm`) or its bias steps, never the order."""
+        h_SH = self.expert_bias_gelu(self.gemm(x_SD, experts.w_up_EDH, plan), experts.b_up_EH, plan)
+        return self.expert_bias(self.gemm(h_SH, experts.w_down_EHD, plan), experts.b_down_ED, plan)
+
+    def gemm(self, x_SA: torch.Tensor, w_EAB: torch.Tensor, plan: RoutingPlan) -> torch.Tensor:
+        """out[s] = x[s] @ w[expert of s], grouped over the plan's offsets. Rows of dropped slots are left
+        uninitialised; the bias steps zero them."""
+        return grouped_mm(x_SA, w_EAB, plan.offsets_E1[1:].to(torch.int32))
 
     def expert_bias_gelu(self, h_SH: torch.Tensor, b_EH: torch.Tensor, plan: RoutingPlan) -> torch.Tensor:
         """gelu_tanh(h[s] + b[expert of s]) for every slot s; zero rows (forward and backward) for dropped slots, so
-        that grouped_mm's uninitialised rows never reach the bias gradient."""
+        that the GEMM's uninitialised rows never reach the bias gradient."""
         return gelu_tanh(mask_dropped_slots(plan)(h_SH + gather_rows(b_EH, _slot_experts(plan, b_EH))))
 
     def expert_bias(self, out_SD: torch.Tensor, b_ED: torch.Tensor, plan: RoutingPlan) -> torch.Tensor:
         """out[s] + b[expert of s] for every slot s; zero rows for dropped slots."""
         return mask_dropped_slots(plan)(out_SD + gather_rows(b_ED, _slot_experts(plan, b_ED)))
 
-    def expert_token_sums(self, x_ND: torch.Tensor, plan: RoutingPlan, num_experts: int) -> torch.Tensor:
-        """sum_ED[e] = sum of x[token of s] over the slots s of expert e < num_experts, in fp32 at least (float64
-        for float64 x). A scatter by expert id over the slots; ids past num_experts (dropped, or experts left out)
-        land in a discarded row."""
-        x_SD = gather_rows(x_ND.to(accumulation_dtype(x_ND)), plan.token_index_S)
-        sums_ED = x_SD.new_zeros((plan.num_experts + 1, x_ND.shape[1]))
-        return sums_ED.index_add(0, plan.expert_index_S, x_SD)[:num_experts]
+    def combine(self, out_SD: torch.Tensor, plan: RoutingPlan, base_ND: torch.Tensor | None = None) -> torch.Tensor:
+        """y [N, D] = base + sum over each token's slots of gate * out, in out's dtype; dropped slots add nothing."""
+        out_SD = mask_dropped_slots(plan)(out_SD)
+        return gate_weighted_sum(out_SD, plan.gates_S, plan.token_index_S, plan.num_tokens, base_ND)
 
 
 class LoopBackend(TorchBackend):
+    """The expert GEMMs as the paper's Algorithm 1: one boolean mask and one matmul per expert."""
+
     name = "loop"
 
-    def dispatch(self, x_ND: torch.Tensor, plan: RoutingPlan, experts: ExpertBank,
-                 base_ND: torch.Tensor | None = None) -> torch.Tensor:
-        acc = accumulation_dtype(x_ND)
-        y_ND = x_ND.new_zeros(x_ND.shape, dtype=acc) if base_ND is None else base_ND.to(acc)
-        for expert in range(experts.num_experts):
-            mask_S = plan.expert_index_S == expert
-            tokens = plan.token_index_S[mask_S]
-            out = experts.expert_forward(expert, x_ND[tokens]).to(acc) * plan.gates_S[mask_S, None].to(acc)
-            y_ND = y_ND.index_add(0, tokens, out)
-        return y_ND.to(x_ND.dtype)
+    def gemm(self, x_SA: torch.Tensor, w_EAB: torch.Tensor, plan: RoutingPlan) -> torch.Tensor:
+        dtype = autocast_dtype(x_SA) or torch.result_type(x_SA, w_EAB)
+        out_SB = x_SA.new_zeros((x_SA.shape[0], w_EAB.shape[2]), dtype=dtype)
+        for expert in range(w_EAB.shape[0]):
+            mask_S = plan.expert_index_S == expert  # indexing by it syncs with the host: its size is data
+            out_SB = out_SB.index_put((mask_S,), (x_SA[mask_S] @ w_EAB[expert]).to(dtype))
+        return out_SB
 
 
 class GroupedGemmBackend(TorchBackend):
+    """The expert GEMMs of the grouped_gemm package; every other step is the definition."""
+
     name = "grouped_gemm"
 
-    def dispatch(self, x_ND: torch.Tensor, plan: RoutingPlan, experts: ExpertBank,
-                 base_ND: torch.Tensor | None = None) -> torch.Tensor:
-        x_bf16_ND, w_up_EDH, b_up_EH, w_down_EHD, b_down_ED = _bf16_operands(x_ND, experts)
-        gmm = grouped_gemm_gmm()
-        # The host synchronisation this backend costs: its GEMM reads the batch sizes on the CPU. Knowing them,
-        # the dropped slots (past the last offset) can simply be cut off.
+    def gemm(self, x_SA: torch.Tensor, w_EAB: torch.Tensor, plan: RoutingPlan) -> torch.Tensor:
+        x_SA, w_EAB = _bf16_operands(x_SA, w_EAB)
+        # The host synchronisation this backend costs: its GEMM reads the batch sizes on the CPU. Its rows must
+        # be exactly the kept slots, so the dropped ones (past the last offset) are cut off and come back as zeros.
         batch_sizes_E = plan.counts_E.cpu()
         kept = int(batch_sizes_E.sum())
-        token_S, expert_S, gates_S = plan.token_index_S[:kept], plan.expert_index_S[:kept], plan.gates_S[:kept]
-        h_SH = gelu_tanh(gmm(gather_rows(x_bf16_ND, token_S), w_up_EDH, batch_sizes_E)
-                         + gather_rows(b_up_EH, expert_S))
-        out_SD = gmm(h_SH, w_down_EHD, batch_sizes_E) + gather_rows(b_down_ED, expert_S)
-        return gate_weighted_sum(out_SD, gates_S, token_S, plan.num_tokens, base_ND)
+        out_KB = grouped_gemm_gmm()(x_SA[:kept], w_EAB, batch_sizes_E)
+        return torch.cat([out_KB, out_KB.new_zeros((x_SA.shape[0] - kept, out_KB.shape[1]))])
 
 
-def accumulation_dtype(x_ND: torch.Tensor) -> torch.dtype:
-    """The combine multiplies by the (fp32) gates and sums in fp32, or float64 for float64 activations."""
-    return torch.promote_types(x_ND.dtype, torch.float32)
+class TritonBackend(TorchBackend):
+    """The `torch` backend's steps, each replaced by its kernel where the kernel applies to the layer."""
 
+    name = "triton"
 
-def gather_rows(table_RC: torch.Tensor, index_S: torch.Tensor) -> torch.Tensor:
-    """table[index], rows of a 2-D tensor. As `F.embedding`, whose backward sums the gradients of repeated rows in
-    a fixed order: the backward of `table[index]` adds them with atomics on a multi-threaded CPU, so two identical
-    runs drifted apart (by 1e-4 in loss within 250 steps) through the expert biases' gradients."""
-    return F.embedding(index_S, table_RC)
+    def __init__(self, routing: LayerRouting = TOKEN_CHOICE):
+        super().__init__(routing)
+        self.kernel_scores = 0 < routing.num_prototypes <= MAX_EXPERTS
+        self.kernel_routing = self.kernel_scores and routing.token_choice and routing.top_k <= MAX_TOP_K
+        self.kernel_slots = routing.token_choice  # permute, combine and token sums gather through slot_NK
+
+    def describe(self) -> str:
+        fallbacks = []
+        if self.routing.num_prototypes and not self.kernel_scores:
+            fallbacks.append(f"{self.routing.num_prototypes} prototypes > {MAX_EXPERTS} -> torch routing")
+        elif self.routing.token_choice and self.kernel_scores and not self.kernel_routing:
+            fallbacks.append(f"top-{self.routing.top_k} > {MAX_TOP_K} -> torch routing")
+        if not self.kernel_slots:
+            fallbacks.append("expert-choice plan -> torch permute, combine and token sums")
+        kernels_used = ["routing kernel"] if self.kernel_routing else []
+        kernels_used += ["scores kernel"] if self.kernel_scores and not self.routing.token_choice else []
+        kernels_used += ["plan, permute, combine kernels"] if self.kernel_slots else []
+        kernels_used.append("expert bias kernels")
+        return f"triton ({', '.join(kernels_used)}" + (f"; {'; '.join(fallbacks)})" if fallbacks else ")")
+
+    def routing_ops(self) -> RoutingOps:
+        definitions = RoutingOps()
+        return RoutingOps(
+            route_prototypes=kernel_routing if self.kernel_routing else definitions.route_prototypes,
+            prototype_scores=kernel_scores if self.kernel_scores else definitions.prototype_scores,
+            expert_token_sums=kernel_token_sums if self.kernel_slots else definitions.expert_token_sums)
+
+    def token_choice_plan(self, expert_ids_NK, gates_NK, num_experts: int, has_dropped_slots: bool) -> RoutingPlan:
+        token_S, expert_S, gates_S, offsets_E1, slot_NK = kernel_plan(expert_ids_NK, gates_NK, num_experts)
+        return RoutingPlan(token_S, expert_S, gates_S, offsets_E1, expert_ids_NK.shape[0], has_dropped_slots, slot_NK)
+
+    def permute(self, x_ND: torch.Tensor, plan: RoutingPlan) -> torch.Tensor:
+        if not self.kernel_slots:
+            return super().permute(x_ND, plan)
+        return kernel_permute(x_ND, plan.token_index_S, plan.slot_NK, plan.offsets_E1[-1:])  # the end stays on device
+
+    def combine(self, out_SD: torch.Tensor, plan: RoutingPlan, base_ND: torch.Tensor | None = None) -> torch.Tensor:
+        if not self.kernel_slots:
+            return super().combine(out_SD, plan, base_ND)
+        return kernel_combine(out_SD, plan.gates_S, plan.token_index_S, plan.slot_NK, plan.offsets_E1[-1:], base_ND)
+
+    def expert_bias_gelu(self, h_SH: torch.Tensor, b_EH: torch.Tensor, plan: RoutingPlan) -> torch.Tensor:
+        return expert_bias_act(h_SH, b_EH, plan.offsets_E1, gelu=True)
+
+    def expert_bias(self, out_SD: torch.Tensor, b_ED: torch.Tensor, plan: RoutingPlan) -> torch.Tensor:
+        return expert_bias_act(out_SD, b_ED, plan.offsets_E1, gelu=False)
 
 
 def gate_weighted_sum(out_SD: torch.Tensor, gates_S: torch.Tensor, token_S: torch.Tensor, num_tokens: int,
@@ -177,16 +229,15 @@ def grouped_gemm_gmm():
     return ops.gmm
 
 
-def _bf16_operands(x_ND: torch.Tensor, experts: ExpertBank) -> list[torch.Tensor]:
-    """x and the bank's tensors in bf16: as given, or cast under bf16 autocast; any other dtype is refused."""
-    tensors = [x_ND, experts.w_up_EDH, experts.b_up_EH, experts.w_down_EHD, experts.b_down_ED]
-    if autocast_dtype(x_ND) == torch.bfloat16:
-        return [t.to(torch.bfloat16) for t in tensors]
-    if any(t.dtype != torch.bfloat16 for t in tensors):
+def _bf16_operands(x_SA: torch.Tensor, w_EAB: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """x and the expert weights in bf16: as given, or cast under bf16 autocast; any other dtype is refused."""
+    if autocast_dtype(x_SA) == torch.bfloat16:
+        return x_SA.to(torch.bfloat16), w_EAB.to(torch.bfloat16)
+    if x_SA.dtype != torch.bfloat16 or w_EAB.dtype != torch.bfloat16:
         raise TypeError(f"the `grouped_gemm` dispatch backend runs bf16 only (its GEMM kernels are bf16); got "
-                        f"activations {x_ND.dtype} and expert weights {experts.w_up_EDH.dtype}: cast the model to "
-                        "bf16, run under bf16 autocast, or choose the `triton` or `torch` backend")
-    return tensors
+                        f"activations {x_SA.dtype} and expert weights {w_EAB.dtype}: cast the model to bf16, run "
+                        "under bf16 autocast, or choose the `triton` or `torch` backend")
+    return x_SA, w_EAB
 
 
 def _slot_experts(plan: RoutingPlan, table_EC: torch.Tensor) -> torch.Tensor:

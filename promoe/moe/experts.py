@@ -26,7 +26,8 @@ class FFN(nn.Module):
 class ExpertBank(nn.Module):
     """E experts of the same shape, stacked so that one grouped GEMM runs them all.
 
-    Expert e computes `gelu_tanh(x @ w_up_EDH[e] + b_up_EH[e]) @ w_down_EHD[e] + b_down_ED[e]`.
+    Expert e computes `gelu_tanh(x @ w_up_EDH[e] + b_up_EH[e]) @ w_down_EHD[e] + b_down_ED[e]`; the dispatch backends
+    run it on the slots of every expert at once (`TorchBackend.run_experts`, the one definition).
     """
 
     def __init__(self, num_experts: int, dim: int, hidden: int):
@@ -53,11 +54,6 @@ class ExpertBank(nn.Module):
         self.w_down_EHD.uniform_(-bound, bound)
         self.b_up_EH.zero_()
         self.b_down_ED.zero_()
-
-    def expert_forward(self, expert: int, x_TD: torch.Tensor) -> torch.Tensor:
-        """One expert on its own rows: the readable form the `loop` backend uses."""
-        h_TH = gelu_tanh(x_TD @ self.w_up_EDH[expert] + self.b_up_EH[expert])
-        return h_TH @ self.w_down_EHD[expert] + self.b_down_ED[expert]
 
 
 @torch.library.custom_op("promoe::grouped_mm", mutates_args=())

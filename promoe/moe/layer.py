@@ -1,13 +1,21 @@
-"""The MoE layer: a router, a bank of routed (+ unconditional) experts, and optional shared experts."""
+"""The MoE layer: a router, a bank of routed (+ unconditional) experts, optional shared experts, and the dispatch
+backend that runs them, chosen once when the layer is built (or placed on its device).
+
+One forward, in the order of the algorithm: route (the router's choices, conditional routing included) -> plan
+(the slots sorted by expert) -> auxiliary losses (from the choice and the plan) -> dispatch the tokens to the
+experts -> combine their outputs onto the shared experts' output.
+"""
 
 import contextlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import torch
 import torch.nn as nn
 
-from promoe.moe.dispatch import backend_named, check_backend, default_backend_name
+from promoe.moe.dispatch import LayerRouting, TorchBackend, check_backend, default_backend_name, make_backend
 from promoe.moe.experts import FFN, ExpertBank
+from promoe.moe.plan import RoutingPlan
+from promoe.moe.routers import PrototypeScorer
 
 
 class MoELayer(nn.Module):
@@ -15,7 +23,7 @@ class MoELayer(nn.Module):
 
     `activated_routed` is how many bank experts one token runs on average (top-K for token choice, the
     capacity factor for expert choice); it only serves parameter counting. `backend` names the dispatch backend
-    (`promoe.moe.dispatch`); None takes the device's default.
+    (`promoe.moe.dispatch`); None takes the default of the device the layer is built on (see `place_dispatch`).
     """
 
     def __init__(self, router: nn.Module, num_bank_experts: int, dim: int, expert_hidden: int, shared_hidden: int,
@@ -27,21 +35,20 @@ class MoELayer(nn.Module):
         # S shared experts of width H are one FFN of width S*H: the sum of their outputs is the same function.
         self.shared = FFN(dim, shared_hidden) if shared_hidden > 0 else None
         self.activated_routed = activated_routed
-        self.backend = backend
+        self.configured_backend = backend
+        self.plan_hooks: list[Callable[[RoutingPlan], None]] = []  # called with each plan (`promoe.moe.record`)
+        self.use_backend(backend or default_backend_name(torch.get_default_device()))
 
-    @property
-    def backend(self) -> str | None:
-        """The dispatch backend's name; None takes the device's default."""
-        return self._backend_name
+    def use_backend(self, name: str) -> None:
+        """Run on backend `name` from now on: the backend decides here, once, which kernels apply to this layer,
+        and hands the router the routing functions it runs."""
+        self.backend: TorchBackend = make_backend(name, self.layer_routing())
+        self.router.ops = self.backend.routing_ops()
 
-    @backend.setter
-    def backend(self, name: str | None) -> None:
-        # The object is resolved here, once, so that forward (and torch.compile's trace of it) holds the backend
-        # instead of looking its name up.
-        if name is not None:
-            check_backend(name)
-        self._backend_name = name
-        self._backend_object = None if name is None else backend_named(name)
+    def layer_routing(self) -> LayerRouting:
+        scorer = getattr(self.router, "scorer", None)
+        prototypes = scorer.prototypes.shape[0] if isinstance(scorer, PrototypeScorer) else 0
+        return LayerRouting(self.router.token_choice, prototypes, getattr(self.router, "top_k", 1))
 
     def inactive_param_count(self) -> int:
         """Parameters of the bank experts that a token does not run (counted in total, not in activated)."""
@@ -52,30 +59,50 @@ class MoELayer(nn.Module):
         num_samples, tokens_per_image, dim = x_BLD.shape
         x_ND = x_BLD.reshape(-1, dim)
         cond_N = (labels_B != self.null_label).repeat_interleave(tokens_per_image)
-        backend = self._backend_object
-        if backend is None:
-            backend = backend_named(default_backend_name(x_BLD.device))
-        plan, aux = self.router(x_ND, cond_N, num_samples, labels_B, backend)
+        choice = self.router(x_ND, cond_N, num_samples)
+        if self.router.token_choice:  # each token chose K experts: sort its slots by expert
+            plan = self.backend.token_choice_plan(choice.expert_ids_NK, choice.gates_NK, self.experts.num_experts,
+                                                  self.router.has_dropped_slots)
+        else:  # each expert chose its tokens: the choice is the plan
+            plan = choice.plan
+        for hook in self.plan_hooks:
+            hook(plan)
+        # The losses read only the choice and the plan. Taken before the dispatch, as they always were: autograd sums
+        # x's gradients in the reverse order of x's uses, and this order keeps every loss bit-identical.
+        aux = self.router.aux_losses(x_ND, cond_N, choice, plan, labels_B) if self.training else {}
         shared_ND = None if self.shared is None else self.shared(x_ND)
-        return backend.dispatch(x_ND, plan, self.experts, shared_ND).view_as(x_BLD), aux
+        # permute into expert order -> the expert MLP -> combine, gate-weighted, onto the shared experts' output
+        y_ND = self.backend.dispatch(x_ND, plan, self.experts, shared_ND)
+        return y_ND.view_as(x_BLD), aux
 
 
-def dispatch_name(model: nn.Module, device: torch.device) -> str:
-    """The dispatch backend that the MoE layers of `model` run on ("none" for a dense model)."""
-    layers = [module for module in model.modules() if isinstance(module, MoELayer)]
-    return (layers[0].backend or default_backend_name(device)) if layers else "none"
+def moe_layers(model: nn.Module) -> list[MoELayer]:
+    return [module for module in model.modules() if isinstance(module, MoELayer)]
+
+
+def place_dispatch(model: nn.Module, device: torch.device) -> None:
+    """Once the model is on `device`: every MoE layer runs its configured backend, else the device's default."""
+    for layer in moe_layers(model):
+        layer.use_backend(layer.configured_backend or default_backend_name(device))
+
+
+def describe_dispatch(model: nn.Module) -> str:
+    """The dispatch backends of the MoE layers, with the steps that fall back to the definitions ("none" for a
+    dense model)."""
+    descriptions = list(dict.fromkeys(layer.backend.describe() for layer in moe_layers(model)))
+    return " | ".join(descriptions) or "none"
 
 
 @contextlib.contextmanager
 def dispatch_backend(model: nn.Module, name: str) -> Iterator[nn.Module]:
     """Run every MoE layer of `model` on backend `name` inside the block, whatever its config says."""
     check_backend(name)
-    layers = [module for module in model.modules() if isinstance(module, MoELayer)]
-    configured = [layer.backend for layer in layers]
+    layers = moe_layers(model)
+    previous = [layer.backend.name for layer in layers]
     for layer in layers:
-        layer.backend = name
+        layer.use_backend(name)
     try:
         yield model
     finally:
-        for layer, backend in zip(layers, configured):
-            layer.backend = backend
+        for layer, backend in zip(layers, previous):
+            layer.use_backend(backend)

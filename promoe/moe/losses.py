@@ -37,16 +37,18 @@ def token_centroids(x_ND: torch.Tensor, expert_ids_NK: torch.Tensor, weight_N: t
     return centroids_ED[None], (counts_E > 0)[None]
 
 
-def plan_centroids(x_ND: torch.Tensor, plan, num_routed: int, backend) -> tuple[torch.Tensor, torch.Tensor]:
+def plan_centroids(x_ND: torch.Tensor, plan, num_routed: int, expert_token_sums) -> tuple[torch.Tensor, torch.Tensor]:
     """`token_centroids` read off a token-choice plan: the mean of the rows each routed expert (< num_routed)
-    received, from the backend's per-expert sums over the expert-sorted slots (no [N, E] one-hot GEMM).
+    received, from the per-expert sums over the expert-sorted slots (`expert_token_sums`: the definition in
+    `promoe.moe.plan` or its kernel; no [N, E] one-hot GEMM).
 
     The same centroids as `token_centroids(x_ND, expert_ids_NK, routed_weight_N, num_routed)` when a token's K
     experts are distinct and the tokens of weight 0 reach no routed expert (conditional routing sends them to the
     unconditional expert, index num_routed, and drops their other slots): the plan holds exactly the weighted
     (token, routed expert) pairs. Returns centroids [1, E, D] (fp32) and the experts that received a token [1, E].
     """
-    sums_ED = backend.expert_token_sums(x_ND, plan, num_routed).float()
+    sums_ED = expert_token_sums(x_ND, plan.token_index_S, plan.offsets_E1, num_routed, plan.expert_index_S,
+                                plan.slot_NK).float()
     counts_E = plan.counts_E[:num_routed].to(sums_ED.dtype)
     return (sums_ED / counts_E.clamp(min=1)[:, None])[None], (counts_E > 0)[None]
 

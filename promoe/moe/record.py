@@ -1,7 +1,7 @@
 """Watching a model route: which expert each token ran, and how many slots each expert took, per MoE layer.
 
-A forward hook on each MoE layer's router reads the RoutingPlan it returns; nothing in the model changes and
-nothing is recorded outside the `record_routing` block. The training driver logs the loads; the routing maps
+A plan hook on each MoE layer reads the RoutingPlan of every forward; nothing in the model changes and nothing is
+recorded outside the `record_routing` block. The training driver logs the loads; the routing maps
 (`promoe.viz.routing`) draw the per-token experts.
 """
 
@@ -39,22 +39,22 @@ def record_routing(model: torch.nn.Module, tokens: bool = False):
 
     tokens=True also keeps each token's top expert (an [N] tensor per forward; for routing maps, not training).
     """
-    records, handles = [], []
+    records, hooked = [], []
     for index, block in enumerate(model.blocks):
         if not isinstance(block.mlp, MoELayer):
             continue
         record = LayerRouting(block=index)
         records.append(record)
 
-        def hook(router, inputs, outputs, record=record):
-            plan = outputs[0]
+        def hook(plan: RoutingPlan, record=record):
             record.loads_E.append(plan.counts_E.detach())
             if tokens:
                 record.top_expert_N.append(top_expert_per_token(plan))
 
-        handles.append(block.mlp.router.register_forward_hook(hook))
+        block.mlp.plan_hooks.append(hook)
+        hooked.append((block.mlp, hook))
     try:
         yield records
     finally:
-        for handle in handles:
-            handle.remove()
+        for layer, hook in hooked:
+            layer.plan_hooks.remove(hook)

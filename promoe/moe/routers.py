@@ -1,25 +1,43 @@
-"""Routers: each turns the tokens of one MoE layer into a RoutingPlan and its auxiliary losses.
+"""Routers: each decides which experts run the tokens of one MoE layer, and computes its auxiliary losses.
 
 Scorers give token-expert affinities; routers decide who goes where:
-- TokenChoiceRouter: every token takes its top-K experts (ProMoE, TC-DiT, k-means and classifier routing).
-- ExpertChoiceRouter: every expert takes its top-C tokens of each image (ProMoE-EC, EC-DiT).
+- token choice (`TokenChoiceRouter` and its kinds): every token takes its top-K experts (ProMoE, TC-DiT, k-means and
+  classifier routing); the result is a `TokenChoice`, from which the layer builds the plan;
+- expert choice (`ExpertChoiceRouter`, `DiffMoERouter`): every expert takes its tokens (ProMoE-EC, EC-DiT, DiffMoE);
+  the choice is itself the plan (`ExpertChoice`).
 Step 1 of ProMoE's two-step router, conditional routing, is shared by both: with `conditional=True` the tokens
 of null-label samples go to the unconditional expert (index num_routed in the bank) with gate 1.
-The maths of the routing is in `promoe.moe.routing`. A router runs the steps that a dispatch backend can replace
-(ProMoE's fused routing, the expert-choice scores, the token-choice plan) through the backend it is given, so that
-the `triton` backend's kernels stand in for exactly those definitions.
+The maths of the routing is in `promoe.moe.routing`; a router runs it through `self.ops` (`RoutingOps`), the
+definitions unless its layer's backend handed it kernels of the same signatures. A router knows no backend.
 """
+
+from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from promoe.moe.dispatch import TorchBackend, backend_named
 from promoe.moe.losses import load_balance_loss, plan_centroids, routing_contrastive_loss, token_centroids
 from promoe.moe.plan import RoutingPlan, expert_choice_plan, sort_slots
-from promoe.moe.routing import check_activation, null_tokens_to_uncond_expert, prototype_scores, top_k
+from promoe.moe.routing import RoutingOps, check_activation, null_tokens_to_uncond_expert, prototype_scores, top_k
 
-TORCH = backend_named("torch")
+
+@dataclass
+class TokenChoice:
+    """Each token's K experts and gates (after conditional routing), and the scores its losses read (or None)."""
+
+    expert_ids_NK: torch.Tensor
+    gates_NK: torch.Tensor
+    scores: torch.Tensor | None
+
+
+@dataclass
+class ExpertChoice:
+    """The experts' picks as a plan, and what the router's losses read of them."""
+
+    plan: RoutingPlan
+    token_BEC: torch.Tensor | None = None  # per image, each expert's C tokens (per-image expert choice)
+    predictor_loss: torch.Tensor | None = None  # DiffMoE's capacity predictor BCE (training only)
 
 
 class PrototypeScorer(nn.Module):
@@ -70,6 +88,7 @@ class TokenChoiceRouter(nn.Module):
     """Every (routed) token takes the top-K experts of its scores; gates are the raw scores, not renormalised."""
 
     couples_samples = False  # in eval mode a token's experts depend on its own image alone
+    token_choice = True
 
     def __init__(self, scorer: nn.Module, num_routed: int, top_k: int, conditional: bool,
                  rcl_weight: float = 0.0, rcl_temperature: float = 0.07, lb_weight: float = 0.0):
@@ -87,28 +106,26 @@ class TokenChoiceRouter(nn.Module):
         self.rcl_weight = rcl_weight
         self.rcl_temperature = rcl_temperature
         self.lb_weight = lb_weight
+        self.ops = RoutingOps()
 
-    def forward(self, x_ND: torch.Tensor, cond_N: torch.Tensor, num_samples: int, labels_B: torch.Tensor,
-                backend: TorchBackend = TORCH):
-        expert_ids_NK, gates_NK, scores = self.route(x_ND, cond_N, num_samples, backend)
-        plan = backend.token_choice_plan(expert_ids_NK, gates_NK, self.num_routed + int(self.conditional),
-                                         has_dropped_slots=self.conditional and self.top_k > 1)
-        aux = self.aux_losses(x_ND, cond_N, expert_ids_NK, scores, labels_B, plan, backend) if self.training else {}
-        return plan, aux
+    @property
+    def has_dropped_slots(self) -> bool:
+        """A null-label token runs only the unconditional expert: its other K-1 slots are dropped."""
+        return self.conditional and self.top_k > 1
 
-    def route(self, x_ND: torch.Tensor, cond_N: torch.Tensor, num_samples: int, backend: TorchBackend):
+    def forward(self, x_ND: torch.Tensor, cond_N: torch.Tensor, num_samples: int) -> TokenChoice:
         """Both routing steps: expert ids [N, K] and gates [N, K] (null-label tokens to the unconditional expert when
         conditional), and the scores that the losses read (None where none needs them)."""
-        if isinstance(self.scorer, PrototypeScorer):  # ProMoE: one fused kernel on the triton backend
+        if isinstance(self.scorer, PrototypeScorer):  # ProMoE: one function, which the triton backend fuses
             scorer = self.scorer
-            expert_ids_NK, gates_NK = backend.route_prototypes(x_ND, scorer.prototypes, cond_N, self.top_k,
-                                                               scorer.activation, scorer.alpha, self.conditional)
+            expert_ids_NK, gates_NK = self.ops.route_prototypes(x_ND, scorer.prototypes, cond_N, self.top_k,
+                                                                scorer.activation, scorer.alpha, self.conditional)
             scores_NE = scorer(x_ND) if self.training and self.lb_weight > 0 else None
-            return expert_ids_NK, gates_NK, scores_NE
+            return TokenChoice(expert_ids_NK, gates_NK, scores_NE)
         expert_ids_NK, gates_NK, scores = self.choose(x_ND, cond_N, num_samples)
         if self.conditional:
             expert_ids_NK, gates_NK = null_tokens_to_uncond_expert(expert_ids_NK, gates_NK, cond_N, self.num_routed)
-        return expert_ids_NK, gates_NK, scores
+        return TokenChoice(expert_ids_NK, gates_NK, scores)
 
     def choose(self, x_ND: torch.Tensor, cond_N: torch.Tensor, num_samples: int):
         """Expert ids [N, K], gates [N, K] and the scores they came from, before conditional routing."""
@@ -120,17 +137,16 @@ class TokenChoiceRouter(nn.Module):
         """1 for the tokens routed among the routed experts, 0 for those sent to the unconditional expert."""
         return cond_N.float() if self.conditional else torch.ones_like(cond_N, dtype=torch.float32)
 
-    def aux_losses(self, x_ND, cond_N, expert_ids_NK, scores_NE, labels_B, plan: RoutingPlan,
-                   backend: TorchBackend) -> dict[str, torch.Tensor]:
+    def aux_losses(self, x_ND, cond_N, choice: TokenChoice, plan: RoutingPlan, labels_B) -> dict[str, torch.Tensor]:
         aux = {}
-        weight_N = self.routed_weight(cond_N)
         if self.rcl_weight > 0:
-            centroids, active = plan_centroids(x_ND, plan, self.num_routed, backend)
+            centroids, active = plan_centroids(x_ND, plan, self.num_routed, self.ops.expert_token_sums)
             rcl = routing_contrastive_loss(self.scorer.prototypes, centroids, active, self.rcl_temperature)
             aux["rcl"] = self.rcl_weight * rcl
         if self.lb_weight > 0:
-            probs_NE = scores_NE if self.scorer.scores_are_probs else scores_NE.softmax(dim=-1)
-            aux["load_balance"] = self.lb_weight * load_balance_loss(probs_NE, expert_ids_NK, weight_N)
+            probs_NE = choice.scores if self.scorer.scores_are_probs else choice.scores.softmax(dim=-1)
+            weight_N = self.routed_weight(cond_N)
+            aux["load_balance"] = self.lb_weight * load_balance_loss(probs_NE, choice.expert_ids_NK, weight_N)
         return aux
 
 
@@ -147,6 +163,7 @@ class ExpertChoiceRouter(nn.Module):
     """
 
     couples_samples = False  # the top-C runs over the tokens of one image
+    token_choice = False
 
     def __init__(self, scorer: nn.Module, num_routed: int, capacity_factor: float, conditional: bool,
                  rcl_weight: float = 0.0, rcl_temperature: float = 0.07):
@@ -159,23 +176,22 @@ class ExpertChoiceRouter(nn.Module):
         self.conditional = conditional
         self.rcl_weight = rcl_weight
         self.rcl_temperature = rcl_temperature
+        self.ops = RoutingOps()
 
-    def forward(self, x_ND: torch.Tensor, cond_N: torch.Tensor, num_samples: int, labels_B: torch.Tensor,
-                backend: TorchBackend = TORCH):
+    def forward(self, x_ND: torch.Tensor, cond_N: torch.Tensor, num_samples: int) -> ExpertChoice:
         num_tokens = x_ND.shape[0]
         tokens_per_image = num_tokens // num_samples
         capacity = per_image_capacity(tokens_per_image, self.num_routed, self.capacity_factor)
-        scores_BEL = self.scores(x_ND, backend).view(num_samples, tokens_per_image, -1).transpose(1, 2)
+        scores_BEL = self.scores(x_ND).view(num_samples, tokens_per_image, -1).transpose(1, 2)
         gates_BEC, position_BEC = scores_BEL.topk(capacity, dim=-1)
         first_token_B = torch.arange(num_samples, device=x_ND.device) * tokens_per_image
         token_BEC = position_BEC + first_token_B[:, None, None]
-        plan = self.plan(token_BEC, gates_BEC, cond_N, num_tokens)
-        return plan, self.aux_losses(x_ND, cond_N.view(num_samples, -1)[:, 0], token_BEC)
+        return ExpertChoice(self.plan(token_BEC, gates_BEC, cond_N, num_tokens), token_BEC)
 
-    def scores(self, x_ND: torch.Tensor, backend: TorchBackend) -> torch.Tensor:
-        """[N, E]; the prototypes' scores through the backend (the routing kernel's similarity code on triton)."""
+    def scores(self, x_ND: torch.Tensor) -> torch.Tensor:
+        """[N, E]; the prototypes' scores through `ops` (the routing kernel's similarity code on triton)."""
         if isinstance(self.scorer, PrototypeScorer):
-            return backend.prototype_scores(x_ND, self.scorer.prototypes, self.scorer.activation, self.scorer.alpha)
+            return self.ops.prototype_scores(x_ND, self.scorer.prototypes, self.scorer.activation, self.scorer.alpha)
         return self.scorer(x_ND)
 
     def plan(self, token_BEC, gates_BEC, cond_N, num_tokens) -> RoutingPlan:
@@ -197,9 +213,11 @@ class ExpertChoiceRouter(nn.Module):
             num_tokens=num_tokens,
         )
 
-    def aux_losses(self, x_ND, cond_B, token_BEC) -> dict[str, torch.Tensor]:
-        if not self.training or self.rcl_weight <= 0:
+    def aux_losses(self, x_ND, cond_N, choice: ExpertChoice, plan: RoutingPlan, labels_B) -> dict[str, torch.Tensor]:
+        if self.rcl_weight <= 0:
             return {}
+        token_BEC = choice.token_BEC
+        cond_B = cond_N.view(token_BEC.shape[0], -1)[:, 0]
         centroids_BED = x_ND[token_BEC].float().mean(dim=2)
         routed_B = cond_B if self.conditional else torch.ones_like(cond_B)
         active_BE = routed_B[:, None].expand(-1, self.num_routed)
@@ -228,8 +246,8 @@ class ClassifierRouter(TokenChoiceRouter):
         expert_ids_NK = expert_ids_BK.repeat_interleave(tokens_per_image, dim=0)
         return expert_ids_NK, torch.ones(expert_ids_NK.shape, device=x_ND.device), logits_BE
 
-    def aux_losses(self, x_ND, cond_N, expert_ids_NK, logits_BE, labels_B, plan, backend) -> dict[str, torch.Tensor]:
-        loss = F.cross_entropy(logits_BE, self.superclass_of_label[labels_B], ignore_index=-100)
+    def aux_losses(self, x_ND, cond_N, choice: TokenChoice, plan, labels_B) -> dict[str, torch.Tensor]:
+        loss = F.cross_entropy(choice.scores, self.superclass_of_label[labels_B], ignore_index=-100)
         # An all-null batch has no target: cross_entropy gives NaN there, the loss is 0.
         return {"router_cls": self.loss_weight * torch.nan_to_num(loss, nan=0.0)}
 
@@ -295,6 +313,7 @@ class DiffMoERouter(nn.Module):
     """
 
     couples_samples = True  # the tokens above the threshold compete over the whole batch, in training and inference
+    token_choice = False
 
     def __init__(self, dim: int, num_experts: int, capacity: float, threshold_decay: float = 0.95,
                  predictor_loss_weight: float = 1.0):
@@ -311,8 +330,7 @@ class DiffMoERouter(nn.Module):
         """Buffers the training driver averages over ranks once per step."""
         return [self.expert_threshold_E]
 
-    def forward(self, x_ND: torch.Tensor, cond_N: torch.Tensor, num_samples: int, labels_B: torch.Tensor,
-                backend: TorchBackend = TORCH):
+    def forward(self, x_ND: torch.Tensor, cond_N: torch.Tensor, num_samples: int) -> ExpertChoice:
         num_tokens = x_ND.shape[0]
         scores_EN = self.scorer(x_ND).t()
         # The tokens of a broken image (NaN or inf) rank last for every expert and stay out of the thresholds: they
@@ -321,7 +339,7 @@ class DiffMoERouter(nn.Module):
         ranked_EN = scores_EN.masked_fill(~finite_N, float("-inf"))
         predicted_NE = self.capacity_predictor(x_ND.detach()).float()
         if not self.training:
-            return self.threshold_plan(scores_EN, ranked_EN, predicted_NE.sigmoid()), {}
+            return ExpertChoice(self.threshold_plan(scores_EN, ranked_EN, predicted_NE.sigmoid()))
         capacity = max(1, min(num_tokens, int(num_tokens / self.num_routed * self.capacity)))
         token_EC = ranked_EN.topk(capacity, dim=-1).indices
         gates_EC = scores_EN.gather(1, token_EC)
@@ -329,8 +347,10 @@ class DiffMoERouter(nn.Module):
         with torch.no_grad():
             self.update_thresholds(predicted_NE.sigmoid().masked_fill(~finite_N[:, None], float("-inf")), capacity)
         bce = F.binary_cross_entropy_with_logits(predicted_NE, taken_EN.t())
-        plan = expert_choice_plan(token_EC, gates_EC, num_tokens)
-        return plan, {"capacity_predictor": self.predictor_loss_weight * bce}
+        return ExpertChoice(expert_choice_plan(token_EC, gates_EC, num_tokens), predictor_loss=bce)
+
+    def aux_losses(self, x_ND, cond_N, choice: ExpertChoice, plan: RoutingPlan, labels_B) -> dict[str, torch.Tensor]:
+        return {"capacity_predictor": self.predictor_loss_weight * choice.predictor_loss}
 
     def update_thresholds(self, probability_NE: torch.Tensor, capacity: int) -> None:
         """EMA of each expert's C-th largest predicted probability (-inf marks a token left out); where fewer tokens

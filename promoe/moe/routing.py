@@ -6,10 +6,18 @@ ProMoE routes in two steps (the paper's Sec. 3):
 2. prototypical routing: a routed token's scores are activation(alpha * cos(x, p_e)) against learnable prototypes
    (`prototype_scores`), and it takes its top-K experts with the raw scores as gates (`top_k`).
 `route_prototypes` is the two composed, the function that the `triton` backend runs as one fused kernel.
+
+A router runs its maths through `RoutingOps`: the definitions below by default, or kernels of the same signatures
+that a dispatch backend hands the layer once, when it is built. The router never learns which.
 """
+
+from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+
+from promoe.moe.plan import expert_token_sums
 
 ACTIVATIONS = {
     "identity": lambda z: z,
@@ -60,3 +68,12 @@ def route_prototypes(x_ND: torch.Tensor, prototypes_ED: torch.Tensor, cond_N: to
     if conditional:
         expert_ids_NK, gates_NK = null_tokens_to_uncond_expert(expert_ids_NK, gates_NK, cond_N, prototypes_ED.shape[0])
     return expert_ids_NK, gates_NK
+
+
+@dataclass(frozen=True)
+class RoutingOps:
+    """The tensor functions a router runs; a backend may swap in kernels of the same signatures."""
+
+    route_prototypes: Callable = route_prototypes
+    prototype_scores: Callable = prototype_scores
+    expert_token_sums: Callable = expert_token_sums  # the RCL's per-expert sums of a plan's token rows [E, D]
