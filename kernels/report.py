@@ -32,6 +32,7 @@ from promoe.kernels.experts import (
     _token_sums_backward_kernel,
 )
 from promoe.kernels.experts import blocks as expert_blocks
+from promoe.kernels.fan_out import SUM_BLOCK, _sum_kernel
 from promoe.kernels.launch import (
     dim_block,
     expert_block,
@@ -168,6 +169,10 @@ SPECS += [
                {"grad_ptr": "*fp32", "slot_ptr": "*i64", "expert_ptr": "*i64", "end_ptr": "*i64", "out_ptr": "*bf16",
                 "num_tokens": "i32", "num_experts": "i32", "dim": "i32", "stride_grad": "i32", "stride_out": "i32"},
                dict(TOP_K=2, FP64=False, BLOCK_N=TOKEN_SUMS_BLOCK_N, BLOCK_D=BLOCK_D)),
+    *(KernelSpec(f"sum gradients {dtype} terms=4", _sum_kernel,
+                 {"a_ptr": f"*{dtype}", "b_ptr": f"*{dtype}", "c_ptr": f"*{dtype}", "d_ptr": f"*{dtype}",
+                  "out_ptr": f"*{dtype}", "numel": "i32"}, dict(TERMS=4, FP64=False, BLOCK=SUM_BLOCK))
+      for dtype in ("bf16", "fp32")),
 ]
 
 

@@ -28,6 +28,7 @@ import torch
 
 from promoe.kernels.experts import expert_bias_act
 from promoe.kernels.experts import expert_token_sums as kernel_token_sums
+from promoe.kernels.fan_out import fan_out as kernel_fan_out
 from promoe.kernels.permute import combine as kernel_combine
 from promoe.kernels.permute import permute as kernel_permute
 from promoe.kernels.plan import token_choice_plan as kernel_plan
@@ -84,6 +85,11 @@ class TorchBackend:
 
     def routing_ops(self) -> RoutingOps:
         return RoutingOps()
+
+    def fan_out(self, x_ND: torch.Tensor, readers: int) -> tuple[torch.Tensor, ...]:
+        """x for each of its readers in the layer; x's gradient is the sum of theirs (autograd adds them as they
+        arrive, one [N, D] pass per reader after the first)."""
+        return (x_ND,) * readers
 
     def token_choice_plan(self, expert_ids_NK, gates_NK, num_experts: int, has_dropped_slots: bool) -> RoutingPlan:
         return token_choice_plan(expert_ids_NK, gates_NK, num_experts, has_dropped_slots)
@@ -175,7 +181,7 @@ class TritonBackend(TorchBackend):
         kernels_used = ["routing kernel"] if self.kernel_routing else []
         kernels_used += ["scores kernel"] if self.kernel_scores and not self.routing.token_choice else []
         kernels_used += ["plan, permute, combine kernels"] if self.kernel_slots else []
-        kernels_used.append("expert bias kernels")
+        kernels_used.append("expert bias and x-gradient kernels")
         return f"triton ({', '.join(kernels_used)}" + (f"; {'; '.join(fallbacks)})" if fallbacks else ")")
 
     def routing_ops(self) -> RoutingOps:
@@ -184,6 +190,9 @@ class TritonBackend(TorchBackend):
             route_prototypes=kernel_routing if self.kernel_routing else definitions.route_prototypes,
             prototype_scores=kernel_scores if self.kernel_scores else definitions.prototype_scores,
             expert_token_sums=kernel_token_sums if self.kernel_slots else definitions.expert_token_sums)
+
+    def fan_out(self, x_ND: torch.Tensor, readers: int) -> tuple[torch.Tensor, ...]:
+        return kernel_fan_out(x_ND, readers)  # the readers' gradients summed in one pass
 
     def token_choice_plan(self, expert_ids_NK, gates_NK, num_experts: int, has_dropped_slots: bool) -> RoutingPlan:
         token_S, expert_S, gates_S, offsets_E1, slot_NK = kernel_plan(expert_ids_NK, gates_NK, num_experts)

@@ -59,7 +59,9 @@ class MoELayer(nn.Module):
         num_samples, tokens_per_image, dim = x_BLD.shape
         x_ND = x_BLD.reshape(-1, dim)
         cond_N = (labels_B != self.null_label).repeat_interleave(tokens_per_image)
-        choice = self.router(x_ND, cond_N, num_samples)
+        # Four ops read x; each takes its own view, so that the backend can sum their gradients in one pass.
+        x_route_ND, x_losses_ND, x_shared_ND, x_dispatch_ND = self.backend.fan_out(x_ND, 4)
+        choice = self.router(x_route_ND, cond_N, num_samples)
         if self.router.token_choice:  # each token chose K experts: sort its slots by expert
             plan = self.backend.token_choice_plan(choice.expert_ids_NK, choice.gates_NK, self.experts.num_experts,
                                                   self.router.has_dropped_slots)
@@ -69,10 +71,10 @@ class MoELayer(nn.Module):
             hook(plan)
         # The losses read only the choice and the plan. Taken before the dispatch, as they always were: autograd sums
         # x's gradients in the reverse order of x's uses, and this order keeps every loss bit-identical.
-        aux = self.router.aux_losses(x_ND, cond_N, choice, plan, labels_B) if self.training else {}
-        shared_ND = None if self.shared is None else self.shared(x_ND)
+        aux = self.router.aux_losses(x_losses_ND, cond_N, choice, plan, labels_B) if self.training else {}
+        shared_ND = None if self.shared is None else self.shared(x_shared_ND)
         # permute into expert order -> the expert MLP -> combine, gate-weighted, onto the shared experts' output
-        y_ND = self.backend.dispatch(x_ND, plan, self.experts, shared_ND)
+        y_ND = self.backend.dispatch(x_dispatch_ND, plan, self.experts, shared_ND)
         return y_ND.view_as(x_BLD), aux
 
 
