@@ -43,6 +43,7 @@ import report  # noqa: E402
 import run as driver  # noqa: E402  (train/run.py)
 
 from promoe.diffusion import make_objective  # noqa: E402
+from promoe.distributed import init_distributed  # noqa: E402
 from promoe.moe.layer import describe_dispatch, place_dispatch  # noqa: E402
 from promoe.train_config import load_config  # noqa: E402
 from promoe.training.ema import EMA  # noqa: E402
@@ -54,7 +55,6 @@ from promoe.training.parallel import (  # noqa: E402
     running_buffers,
     shard,
 )
-from promoe.training.ranks import init_distributed  # noqa: E402
 from promoe.zoo import count_params  # noqa: E402
 
 OFFICIAL_MODEL = Path("models/models_ProMoE_TC.py")

@@ -1,11 +1,26 @@
-"""The model configuration: one typed dataclass, validated on construction, the source of truth for a model."""
+"""The model configuration: one typed dataclass, validated on construction, the source of truth for a model; and
+`coerce`, the type check of a config value that the run config (promoe.train_config) uses too."""
 
 import dataclasses
 import math
 import re
+import types
+import typing
 from dataclasses import dataclass
 
 ROUTERS = ("dense", "promoe", "promoe_ec", "tc", "ec", "diffmoe", "classifier", "kmeans")
+BACKENDS = ("loop", "torch", "triton", "grouped_gemm")  # the dispatch backends of promoe.moe.dispatch
+ACTIVATIONS = ("identity", "sigmoid", "softmax")  # ProMoE's router activations (promoe.moe.routing)
+
+
+def check_backend(name: str) -> None:
+    if name not in BACKENDS:
+        raise ValueError(f"unknown dispatch backend {name!r}; choose one of {BACKENDS}")
+
+
+def check_activation(name: str) -> None:
+    if name not in ACTIVATIONS:
+        raise ValueError(f"unknown router activation {name!r}; choose one of {sorted(ACTIVATIONS)}")
 _EXPERT_STRING = re.compile(r"E(\d+)A(\d+)S(\d+)U(\d+)")
 
 
@@ -48,7 +63,36 @@ class FieldError(ValueError):
         self.field = field
 
 
-_SCALAR_TYPES = {int: int, float: float, bool: bool, str: str, float | None: float}
+def coerce(value, annotation):
+    """`value` checked against a field's type annotation, and the value to store: ints are accepted for floats,
+    lists for tuples, and strings such as '1e-3' for floats (YAML 1.1 reads 1e-3 without a dot as a string).
+    A value of another type is a ValueError that says what was expected; the caller names the field."""
+    origin = typing.get_origin(annotation)
+    if annotation is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if annotation is float and isinstance(value, str):
+        try:
+            return float(value)
+        except ValueError:
+            pass
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)) or len(value) != len(typing.get_args(annotation)):
+            raise ValueError(f"expected a list of {len(typing.get_args(annotation))} numbers, got {value!r}")
+        return tuple(coerce(v, t) for v, t in zip(value, typing.get_args(annotation)))
+    if origin in (typing.Union, types.UnionType):
+        for option in typing.get_args(annotation):
+            if option is type(None) and value is None:
+                return None
+            if option is not type(None):
+                try:
+                    return coerce(value, option)
+                except ValueError:
+                    pass
+        raise ValueError(f"{value!r} is not a {annotation}")
+    expected = origin or annotation
+    if not isinstance(value, expected) or (expected is int and isinstance(value, bool)):
+        raise ValueError(f"expected {getattr(expected, '__name__', expected)}, got {value!r}")
+    return value
 
 
 @dataclass
@@ -82,12 +126,9 @@ class ModelConfig:
     superclasses: list[int] | str | None = None  # classifier routing: class -> superclass list, or a file
     classifier_loss_weight: float = 1.0  # classifier routing: weight of its cross-entropy
     kmeans_decay: float = 0.0  # k-means routing: 0 replaces a centroid by its tokens' mean, as the paper
-    dispatch: str | None = None  # loop | torch; None = the device's default
+    dispatch: str | None = None  # one of BACKENDS; None = the default of the device the model is placed on
 
     def __post_init__(self):
-        from promoe.moe.dispatch import check_backend
-        from promoe.moe.routing import check_activation
-
         self.check_types()
         self.check_ranges()
         if self.router not in ROUTERS:
@@ -111,17 +152,14 @@ class ModelConfig:
                                              "or the path of a file holding one")
 
     def check_types(self) -> None:
-        """Ints where the field is an int, numbers where it is a float (ints become floats), finite floats."""
+        """Every field of its type (`coerce`: ints become floats where the field is a float), floats finite."""
         for field in dataclasses.fields(self):
-            value, expected = getattr(self, field.name), _SCALAR_TYPES.get(field.type)
-            if value is None or expected is None:
-                continue
-            if expected is float and isinstance(value, int) and not isinstance(value, bool):
-                value = float(value)
-                setattr(self, field.name, value)
-            if not isinstance(value, expected) or (expected is int and isinstance(value, bool)):
-                raise FieldError(field.name, f"expected {expected.__name__}, got {value!r}")
-            if expected is float and not math.isfinite(value):
+            try:
+                value = coerce(getattr(self, field.name), field.type)
+            except ValueError as error:
+                raise FieldError(field.name, str(error)) from None
+            setattr(self, field.name, value)
+            if isinstance(value, float) and not math.isfinite(value):
                 raise FieldError(field.name, f"must be a finite number, got {value!r}")
 
     def check_ranges(self) -> None:

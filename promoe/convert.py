@@ -28,6 +28,7 @@ import torch
 
 from promoe.dit.model import DiT
 from promoe.moe.routers import DiffMoERouter
+from promoe.weights import check_fits, save_weights
 from promoe.zoo import build_model
 
 
@@ -155,19 +156,6 @@ def promoe_to_official(model: DiT) -> dict[str, torch.Tensor]:
     return official
 
 
-def check_fits(given: dict[str, torch.Tensor], expected: dict[str, torch.Tensor], model_name: str) -> None:
-    """Raise naming the first missing, unexpected or mis-shaped key."""
-    for key, value in expected.items():
-        if key not in given:
-            raise KeyError(f"checkpoint does not fit {model_name}: missing key {key!r} (shape {list(value.shape)})")
-        if given[key].shape != value.shape:
-            raise ValueError(f"checkpoint does not fit {model_name}: key {key!r} has shape "
-                             f"{list(given[key].shape)}, the model expects {list(value.shape)}")
-    for key in given:
-        if key not in expected:
-            raise KeyError(f"checkpoint does not fit {model_name}: unexpected key {key!r}")
-
-
 def check_constants(official: dict[str, torch.Tensor], expected: dict[str, torch.Tensor], model_name: str) -> None:
     """The official entries that promoe fixes rather than learns must hold the model's values."""
     for key, value in expected.items():
@@ -202,9 +190,6 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", type=Path, required=True, help="output .safetensors file")
     parser.add_argument("--weights", choices=("ema", "model"), default="ema", help="which weights to take")
     args = parser.parse_args(argv)
-
-    from promoe.weights import save_weights
-
     model = load_official_checkpoint(args.checkpoint, args.model, prefer=args.weights)
     state = model.state_dict()
     # The resolved model config travels in the file's metadata: `promoe.sample --ckpt OUT` rebuilds the model alone.

@@ -16,7 +16,6 @@ PNG files all exist is skipped, so an interrupted run continues where it stopped
 import argparse
 import json
 import math
-import os
 from pathlib import Path
 
 import numpy as np
@@ -26,8 +25,10 @@ from PIL import Image
 from tqdm import tqdm
 
 from promoe.diffusion import GUIDANCE_MODES, OBJECTIVES, SCHEDULERS, RectifiedFlow, batches_guidance, make_scheduler
+from promoe.distributed import init_distributed
+from promoe.dit.model import compile_blocks
+from promoe.moe.layer import place_dispatch
 from promoe.sampling import Decoder, generate, image_grid, is_latent_model, load_model, objective_of, save_png, to_uint8
-from promoe.training.parallel import compile_blocks
 
 
 def checkpoint_label(source: str | Path) -> str:
@@ -146,19 +147,6 @@ def check_args(parser: argparse.ArgumentParser, args) -> None:
         parser.error(f"--grid must be >= 0, got {args.grid}")
 
 
-def init_processes() -> tuple[int, int, torch.device]:
-    """(rank, world size, device); a process group only under torchrun (for the barriers)."""
-    cuda = torch.cuda.is_available()
-    if "RANK" not in os.environ:
-        return 0, 1, torch.device("cuda" if cuda else "cpu")
-    local_rank = int(os.environ["LOCAL_RANK"])
-    device = torch.device("cuda", local_rank) if cuda else torch.device("cpu")
-    if cuda:
-        torch.cuda.set_device(device)
-    dist.init_process_group("nccl" if cuda else "gloo")
-    return dist.get_rank(), dist.get_world_size(), device
-
-
 def barrier() -> None:
     if dist.is_initialized():
         dist.barrier()
@@ -169,12 +157,13 @@ def main(argv=None) -> None:
     labels_of = {checkpoint_label(source): source for source in args.ckpt}
     if len(labels_of) < len(args.ckpt):
         raise SystemExit("two --ckpt entries would write to the same folder: sample them with different --out")
-    rank, world_size, device = init_processes()
+    rank, world_size, device = init_distributed(group_of_one=False)  # a group only under torchrun, for the barriers
     finished = []
     for label, source in labels_of.items():
         try:
             model, config = load_model(source, args.model, args.weights)
             model = model.to(device)
+            place_dispatch(model, device)
             if args.compile:
                 compile_blocks(model)
             objective = objective_of(config, args.objective)

@@ -1,9 +1,11 @@
 """The sampling library: a model from any checkpoint form, samples from it, and their conversion to pictures.
 
-`promoe.sample` is its command-line interface; the training driver, the routing maps and the toy experiment use
-these functions directly.
+`promoe.sample` is its command-line interface; the training driver's end of a run, the routing maps and the toy
+experiment use these functions directly. Our checkpoint folders are read by promoe.checkpoint_format, the format's
+one reader; nothing here imports training.
 """
 
+import pickle
 from pathlib import Path
 
 import numpy as np
@@ -12,9 +14,11 @@ from PIL import Image
 from tqdm import tqdm
 
 import promoe
-from promoe.data.images import load_vae
+from promoe.checkpoint_format import CONFIG, load_training_checkpoint, read_run_config
+from promoe.data.vae import load_vae
 from promoe.diffusion import DDPM, batches_guidance, make_objective, make_scheduler, sample_with_scheduler
-from promoe.train_config import RunConfig, config_from_json
+from promoe.train_config import RunConfig
+from promoe.weights import check_fits, read_weights, unpickling_refusal
 
 
 def load_model(source: str | Path, model_name: str | None = None, weights: str = "ema"):
@@ -34,16 +38,12 @@ def load_model(source: str | Path, model_name: str | None = None, weights: str =
         if weights != "ema":
             raise ValueError(f"{source} holds the EMA weights only; the live weights are in the checkpoint folders")
         return load_safetensors(source)
-    config = read_run_config(source / "config.json")
+    config = read_run_config(source / CONFIG)
     return load_training_checkpoint(source, config, weights), config
 
 
 def load_official(source: Path, model_name: str, weights: str) -> torch.nn.Module:
     """An official .pth, unpickled with torch.load(weights_only=True): tensors, numbers, strings and containers."""
-    import pickle
-
-    from promoe.weights import unpickling_refusal
-
     try:
         return promoe.load_official_checkpoint(source, model_name, prefer=weights).eval()
     except pickle.UnpicklingError as error:
@@ -54,46 +54,14 @@ def load_official(source: Path, model_name: str, weights: str) -> torch.nn.Modul
 def load_safetensors(source: Path):
     """(model, RunConfig or None) from a safetensors file whose metadata holds its config (a `config.json` beside
     the file serves for exports of before that)."""
-    from promoe.weights import check_fits, read_weights
-
     state, model_config, config = read_weights(source)
     if model_config is None:
-        config = read_run_config(source.parent / "config.json")
+        config = read_run_config(source.parent / CONFIG)
         model_config = config.model_config()
     model = promoe.zoo.build_from_config(model_config)
-    check_fits(state, model.state_dict(), str(source))
+    check_fits(state, model.state_dict(), f"the model its config describes ({source})")
     model.load_state_dict(state)
     return model.eval(), config
-
-
-def read_run_config(path: Path) -> RunConfig:
-    if not path.exists():
-        raise FileNotFoundError(f"{path} is missing: it holds the config that rebuilds the trained model")
-    return config_from_json(path.read_text(), str(path))
-
-
-def build_from_config(config: RunConfig) -> torch.nn.Module:
-    """The model a run config describes: the one stored with a checkpoint, else the zoo's."""
-    return promoe.zoo.build_from_config(config.model_config())
-
-
-def load_training_checkpoint(folder: Path, config: RunConfig, weights: str = "ema") -> torch.nn.Module:
-    """A model from one of our distributed checkpoints, in one process whatever the number of ranks that saved it:
-    the buffers (e.g. DiffMoE's thresholds) from the model state, the parameters from the EMA (or the model). The
-    folder's index is checked against the model first, and read without unpickling code (promoe.weights)."""
-    from promoe.weights import check_fits, dcp_shapes, load_dcp
-
-    model = build_from_config(config)
-    check_fits(dcp_shapes(folder, "model."), model.state_dict(), str(folder))
-    state = {"model": model.state_dict()}
-    if weights == "ema":
-        state["ema"] = {name: torch.empty_like(p) for name, p in model.named_parameters()}
-        check_fits(dcp_shapes(folder, "ema."), state["ema"], f"{folder}, its EMA")
-    load_dcp(state, folder)
-    model.load_state_dict(state["model"])
-    if weights == "ema":
-        model.load_state_dict(state["ema"], strict=False)
-    return model.eval()
 
 
 def objective_of(config: RunConfig | None, override: str | None):

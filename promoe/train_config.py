@@ -1,22 +1,21 @@
 """The run configuration: one typed dataclass tree, filled from YAML and dotted command-line overrides.
 
-Unknown keys, wrong types and impossible values stop the run before any work, naming the key and the file.
+Unknown keys, wrong types and impossible values stop the run before any work, naming the key and the file. A value
+is checked against its field's type by `promoe.config.coerce`, the model config's own check.
 """
 
 import dataclasses
 import json
 import math
-import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import yaml
 
-from promoe.config import FieldError, ModelConfig
+from promoe.config import FieldError, ModelConfig, coerce
 from promoe.data.build import KINDS
 from promoe.diffusion import OBJECTIVES
-from promoe.eval.feature_net import DEFAULT_FEATURE_NET
 from promoe.zoo import model_config
 
 # config.json 1: the model as zoo name + overrides only (rebuilt from today's zoo); 2: also every ModelConfig field.
@@ -67,7 +66,7 @@ class TrainSection:
     grid_steps: int = 100  # sampling steps of the class grid drawn at the end of training; 0: no grid
     grid_cfg_scale: float = 1.5
     fid_samples: int = 0  # Fashion-MNIST runs: the Fashion-MNIST FID of this many samples at the end (grid settings)
-    feature_net: str = str(DEFAULT_FEATURE_NET)  # python -m promoe.eval.train_feature_net writes it
+    feature_net: str | None = None  # the FID's classifier; None: the end of a run takes promoe.eval's default path
 
 
 # Numbers with which a run would train nothing, or diverge at once: (key, the test, the rule in words).
@@ -152,38 +151,6 @@ def _where(source: str) -> str:
     return "(on the command line)" if source == COMMAND_LINE else f"(in {source})"
 
 
-def _coerce(value, annotation, key: str, source: str):
-    """value checked against the field's type; ints are accepted for floats, lists for tuples, and strings such
-    as '1e-3' for floats (YAML 1.1 reads 1e-3 without a dot as a string)."""
-    origin = typing.get_origin(annotation)
-    if annotation is float and isinstance(value, int) and not isinstance(value, bool):
-        return float(value)
-    if annotation is float and isinstance(value, str):
-        try:
-            return float(value)
-        except ValueError:
-            pass
-    if origin is tuple:
-        if not isinstance(value, (list, tuple)) or len(value) != len(typing.get_args(annotation)):
-            raise ValueError(f"{key}: expected a list of {len(typing.get_args(annotation))} numbers, got {value!r} "
-                             f"{_where(source)}")
-        return tuple(_coerce(v, t, key, source) for v, t in zip(value, typing.get_args(annotation)))
-    if origin in (typing.Union, types.UnionType):
-        for option in typing.get_args(annotation):
-            if option is type(None) and value is None:
-                return None
-            if option is not type(None):
-                try:
-                    return _coerce(value, option, key, source)
-                except ValueError:
-                    pass
-        raise ValueError(f"{key}: {value!r} is not a {annotation} {_where(source)}")
-    expected = origin or annotation
-    if not isinstance(value, expected) or (expected is int and isinstance(value, bool)):
-        raise ValueError(f"{key}: expected {getattr(expected, '__name__', expected)}, got {value!r} {_where(source)}")
-    return value
-
-
 def _fill(section, values: dict, prefix: str, source: str):
     if not isinstance(values, dict):
         raise ValueError(f"{prefix or 'config'}: expected a mapping, got {values!r} {_where(source)}")
@@ -197,7 +164,10 @@ def _fill(section, values: dict, prefix: str, source: str):
         if dataclasses.is_dataclass(current):
             _fill(current, value, f"{dotted}.", source)
         else:
-            setattr(section, key, _coerce(value, hints[key], dotted, source))
+            try:
+                setattr(section, key, coerce(value, hints[key]))
+            except ValueError as error:
+                raise ValueError(f"{dotted}: {error} {_where(source)}") from None
 
 
 def config_from_json(text: str, source: str) -> RunConfig:

@@ -1,4 +1,5 @@
-"""Files of trained weights, written and read without running code from them.
+"""Files of trained weights, written and read without running code from them, and the one check that a state dict
+fits a model (`check_fits`), used by every loader (ours and the official checkpoints' in promoe.convert).
 
 - A safetensors file (a run's EMA export, a converted official checkpoint) holds tensors and string metadata only.
   Its metadata carries the resolved model config (every ModelConfig field) and, for our runs, the whole run config:
@@ -16,9 +17,12 @@ import pickle
 from pathlib import Path
 
 import torch
+import torch.distributed.checkpoint as dcp
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch.distributed.checkpoint import FileSystemReader
+from torch.distributed.checkpoint._traverse import set_element  # as the default planner
+from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
 from torch.distributed.checkpoint.metadata import Metadata, StorageMeta
 
@@ -78,15 +82,18 @@ def read_weights(path: str | Path) -> tuple[dict[str, torch.Tensor], ModelConfig
     return load_file(str(path)), model_config, run_config
 
 
-def check_fits(given: dict[str, torch.Tensor], expected: dict[str, torch.Tensor], source: str) -> None:
+def check_fits(given: dict[str, torch.Tensor], expected: dict[str, torch.Tensor], model: str) -> None:
     """Raise ValueError naming the first tensor of `expected` (a model's state) that `given` lacks or holds in
-    another shape, or a tensor of `given` the model has no place for."""
-    from promoe.convert import check_fits as check_keys
-
-    try:
-        check_keys(given, expected, f"the model its config describes ({source})")
-    except KeyError as error:
-        raise ValueError(error.args[0]) from None
+    another shape, or a tensor of `given` the model has no place for; `model` says which model, e.g. "ProMoE-S"."""
+    for key, value in expected.items():
+        if key not in given:
+            raise ValueError(f"checkpoint does not fit {model}: missing key {key!r} (shape {list(value.shape)})")
+        if given[key].shape != value.shape:
+            raise ValueError(f"checkpoint does not fit {model}: key {key!r} has shape {list(given[key].shape)}, the "
+                             f"model expects {list(value.shape)}")
+    for key in given:
+        if key not in expected:
+            raise ValueError(f"checkpoint does not fit {model}: unexpected key {key!r}")
 
 
 class _DCPMetadataUnpickler(pickle.Unpickler):
@@ -120,8 +127,6 @@ class SafePlanner(DefaultLoadPlanner):
     """DefaultLoadPlanner whose non-tensor items load with torch.load(weights_only=True) (plain data only)."""
 
     def load_bytes(self, read_item, value: io.BytesIO) -> None:
-        from torch.distributed.checkpoint._traverse import set_element  # as the default planner
-
         item = torch.load(value, weights_only=True)
         if self.flatten_state_dict:
             set_element(self.original_state_dict, self.mappings[read_item.dest_index.fqn], item)
@@ -135,9 +140,6 @@ def read_dcp_metadata(folder: str | Path) -> Metadata:
 
 def load_dcp(state: dict, folder: str | Path) -> None:
     """dcp.load(state, folder) that runs no code from the folder (see the module's docstring)."""
-    import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.api import CheckpointException
-
     try:
         dcp.load(state, storage_reader=SafeReader(str(folder)), planner=SafePlanner())
     except CheckpointException as error:  # DCP wraps each rank's exception

@@ -207,6 +207,14 @@ def test_context_manager_sets_every_layer_for_the_block_and_rejects_unknown_name
             pass
 
 
+def test_every_backend_named_in_the_config_exists():
+    from promoe.config import ACTIVATIONS, BACKENDS
+    from promoe.moe.dispatch import BACKEND_CLASSES
+    from promoe.moe.routing import ACTIVATION_FUNCTIONS
+
+    assert tuple(BACKEND_CLASSES) == BACKENDS and tuple(ACTIVATION_FUNCTIONS) == ACTIVATIONS
+
+
 def loop_gmm(x_TD, w_EDH, batch_sizes_E):
     """A stand-in with grouped_gemm's gmm contract (bf16, batch sizes on the CPU), to test our side of the backend."""
     assert batch_sizes_E.device.type == "cpu" and int(batch_sizes_E.sum()) == x_TD.shape[0]

@@ -23,18 +23,19 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 from promoe.diffusion import make_objective
-from promoe.eval.end_of_run import finish
-from promoe.moe.layer import dispatch_name
+from promoe.distributed import init_distributed
+from promoe.moe.layer import describe_dispatch, place_dispatch
 from promoe.moe.record import record_routing
 from promoe.train_config import RunConfig, load_config
 from promoe.training.batches import data_identity, global_batch_indices, load_dataset
-from promoe.training.checkpoints import Checkpoints
-from promoe.training.ema import EMA, export_ema
+from promoe.training.checkpoints import Checkpoints, export_ema
+from promoe.training.ema import EMA
+from promoe.training.end_of_run import finish
 from promoe.training.folder import lock_folder, move_aside, previous_run, remove_leftovers
 from promoe.training.metrics import MetricsLog, reduce_logged
 from promoe.training.optimizer import apply_config, make_optimizer
 from promoe.training.parallel import build_on_meta, compute_dtype, parallelise, running_buffers
-from promoe.training.ranks import average_over_ranks, full, init_distributed, said_once, stop_if_any
+from promoe.training.ranks import average_over_ranks, full, said_once, stop_if_any
 from promoe.training.resume import check_resumable
 from promoe.training.stop import StopRequest
 from promoe.zoo import count_params
@@ -71,6 +72,7 @@ def main(argv=None) -> int:
             model = build_on_meta(config)
             activated, total = count_params(model)
             parallelise(model, config, device)
+            place_dispatch(model, device)
             optimizer = make_optimizer(model, config.optim)
             ema = EMA(model, config.train.ema_decay, config.train.ema_warmup)
             checkpoints = Checkpoints(out, config.train.keep_checkpoints)
@@ -80,7 +82,7 @@ def main(argv=None) -> int:
                 print(f"world size {world_size}, global batch {config.train.global_batch} "
                       f"({config.train.global_batch // world_size} per rank), data {dataset.name} ({len(dataset)} "
                       f"images), model {config.model.name} {activated / 1e6:.2f}M activated / {total / 1e6:.2f}M "
-                      f"total, {compute_dtype(config, device)}, dispatch {dispatch_name(model, device)}"
+                      f"total, {compute_dtype(config, device)}, dispatch {describe_dispatch(model)}"
                       f"{', torch.compile per block' if config.train.compile else ''}")
             stopped = train(model, optimizer, ema, dataset, checkpoints, config, start, resumed, device)
             if stopped is not None:

@@ -2,7 +2,8 @@
 
 Every image is read with PIL, converted to RGB (grey is replicated, an alpha channel is dropped) and centre-cropped
 as ADM / DiT / ProMoE do (`center_crop_arr`), then scaled to [-1, 1]. `ImageFolderDataset` gives these pixels;
-`EncodedImageFolder` encodes them with a local diffusers `AutoencoderKL` on the fly and samples the posterior.
+`EncodedImageFolder` encodes them with a local diffusers `AutoencoderKL` on the fly and samples the posterior
+(promoe.data.vae).
 """
 
 import os
@@ -13,6 +14,8 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image
+
+from promoe.data.vae import load_vae, sample_posterior, vae_downsampling
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")  # compared lower-case: ImageNet's .JPEG counts
 
@@ -74,28 +77,6 @@ def load_images(paths: list[Path], image_size: int, workers: int = 8) -> torch.T
         return torch.stack([load_image(path, image_size) for path in paths])
     with ThreadPoolExecutor(min(workers, len(paths))) as pool:
         return torch.stack(list(pool.map(lambda path: load_image(path, image_size), paths)))
-
-
-def vae_downsampling(vae) -> int:
-    """How many pixels one latent covers along a side (8 for SD's VAE)."""
-    return 2 ** (len(vae.config.block_out_channels) - 1)
-
-
-def load_vae(path: str | Path, device: str | torch.device = "cpu"):
-    """A diffusers `AutoencoderKL` from a local folder (its own, or a pipeline folder with a `vae/` sub-folder),
-    in eval mode on `device`. Nothing is downloaded: a missing folder is a FileNotFoundError that says so."""
-    path = Path(path)
-    if not (path / "config.json").is_file() and (path / "vae" / "config.json").is_file():
-        path = path / "vae"
-    if not (path / "config.json").is_file():
-        raise FileNotFoundError(f"{path}: no VAE here (expected a local diffusers AutoencoderKL folder with "
-                                "config.json and its weights, e.g. a download of stabilityai/sd-vae-ft-mse); "
-                                "nothing is downloaded")
-    from diffusers import AutoencoderKL  # imported here: diffusers takes seconds to import
-    from diffusers.utils import is_accelerate_available
-
-    vae = AutoencoderKL.from_pretrained(path, local_files_only=True, low_cpu_mem_usage=is_accelerate_available())
-    return vae.to(device).eval().requires_grad_(False)
 
 
 class ImageFolderDataset:
@@ -170,8 +151,6 @@ class EncodedImageFolder:
     def batch(self, indices: torch.Tensor, generator: torch.Generator, rows: slice = slice(None)
               ) -> tuple[torch.Tensor, torch.Tensor]:
         """Only the images of `indices[rows]` are read and encoded; flips and noise are drawn for all of them."""
-        from promoe.data.latents import sample_posterior  # here: latents.py imports this module
-
         images, labels = self.images.batch(indices, generator, rows)
         eps = torch.randn(len(indices), *self.sample_shape, generator=generator)[rows]
         moments = self.vae.encode(images.to(self.device)).latent_dist.parameters.float().cpu()

@@ -36,6 +36,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 
 from promoe.data.images import scan_class_folders
+from promoe.data.vae import sample_posterior
 
 FORMAT = "promoe-latents-v1"
 SD_VAE_SCALING_FACTOR = 0.18215
@@ -44,13 +45,6 @@ NPZ_SUFFIX = ".latent.npz"
 
 def shard_path(folder: Path, index: int) -> Path:
     return Path(folder) / f"shard_{index:05d}.safetensors"
-
-
-def sample_posterior(moments: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
-    """A draw from the diagonal Gaussians of `moments` [B, 2C, h, w] (mean, log-variance on dim 1) with the standard
-    normal noise `eps` [B, C, h, w]; log-variance clamped to [-30, 20] like diffusers' DiagonalGaussianDistribution."""
-    mean, logvar = moments.float().chunk(2, dim=1)
-    return mean + torch.exp(0.5 * logvar.clamp(-30.0, 20.0)) * eps.to(mean.device)
 
 
 class _Shards:

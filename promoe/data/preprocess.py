@@ -22,8 +22,9 @@ import torch
 from safetensors.torch import save
 from tqdm import tqdm
 
-from promoe.data.images import IMAGE_SUFFIXES, load_images, load_vae, scan_class_folders, vae_downsampling
+from promoe.data.images import IMAGE_SUFFIXES, load_images, scan_class_folders
 from promoe.data.latents import FORMAT, shard_path
+from promoe.data.vae import load_vae, vae_downsampling
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16}
 MUST_AGREE = ("format", "image_size", "shard_size", "dtype", "num_images", "files_sha256", "class_names",

@@ -1,4 +1,5 @@
-"""The DiT backbone (Peebles & Xie) with adaLN-Zero blocks whose MLP is dense or a MoE layer."""
+"""The DiT backbone (Peebles & Xie) with adaLN-Zero blocks whose MLP is dense or a MoE layer; `compile_blocks`
+compiles its blocks in place, for the training driver and the sampling CLI alike."""
 
 import torch
 import torch.nn as nn
@@ -134,3 +135,10 @@ class DiT(nn.Module):
                 aux[name] = aux[name] + value if name in aux else value
         x = self.unpatchify(self.final_layer(x, c))  # (B, C_out, H, W)
         return (x, aux) if return_aux else x
+
+
+def compile_blocks(model: DiT) -> None:
+    """Each block compiled in place (`Module.compile`: the state-dict keys keep their names, with no `_orig_mod.`);
+    the training driver and the sampling CLI both compile this way."""
+    for block in model.blocks:
+        block.compile()

@@ -26,6 +26,7 @@ from dataclasses import dataclass
 
 import torch
 
+from promoe.config import check_backend
 from promoe.kernels.experts import expert_bias_act
 from promoe.kernels.experts import expert_token_sums as kernel_token_sums
 from promoe.kernels.fan_out import fan_out as kernel_fan_out
@@ -38,8 +39,6 @@ from promoe.kernels.routing import route_prototypes as kernel_routing
 from promoe.moe.experts import ExpertBank, autocast_dtype, gelu_tanh, grouped_mm
 from promoe.moe.plan import RoutingPlan, accumulation_dtype, gather_rows, token_choice_plan
 from promoe.moe.routing import RoutingOps
-
-BACKENDS = ("loop", "torch", "triton", "grouped_gemm")
 
 
 @dataclass(frozen=True)
@@ -54,11 +53,6 @@ class LayerRouting:
 TOKEN_CHOICE = LayerRouting(token_choice=True)  # a plan of K slots per token: every kernel applies
 
 
-def check_backend(name: str) -> None:
-    if name not in BACKENDS:
-        raise ValueError(f"unknown dispatch backend {name!r}; choose one of {BACKENDS}")
-
-
 def default_backend_name(device: torch.device) -> str:
     """`triton` on CUDA, `torch` elsewhere (the fastest on the CPU: 2.2x `loop` on a ProMoE-B layer; Triton runs
     there only interpreted)."""
@@ -68,8 +62,7 @@ def default_backend_name(device: torch.device) -> str:
 def make_backend(name: str, routing: LayerRouting = TOKEN_CHOICE) -> "TorchBackend":
     """The backend object for one layer (by default, one that runs token-choice plans)."""
     check_backend(name)
-    return {"loop": LoopBackend, "torch": TorchBackend, "triton": TritonBackend,
-            "grouped_gemm": GroupedGemmBackend}[name](routing)
+    return BACKEND_CLASSES[name](routing)
 
 
 class TorchBackend:
@@ -213,6 +206,9 @@ class TritonBackend(TorchBackend):
 
     def expert_bias(self, out_SD: torch.Tensor, b_ED: torch.Tensor, plan: RoutingPlan) -> torch.Tensor:
         return expert_bias_act(out_SD, b_ED, plan.offsets_E1, gelu=False)
+
+
+BACKEND_CLASSES = {backend.name: backend for backend in (LoopBackend, TorchBackend, TritonBackend, GroupedGemmBackend)}
 
 
 def gate_weighted_sum(out_SD: torch.Tensor, gates_S: torch.Tensor, token_S: torch.Tensor, num_tokens: int,

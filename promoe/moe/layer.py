@@ -12,7 +12,8 @@ from collections.abc import Callable, Iterator
 import torch
 import torch.nn as nn
 
-from promoe.moe.dispatch import LayerRouting, TorchBackend, check_backend, default_backend_name, make_backend
+from promoe.config import check_backend
+from promoe.moe.dispatch import LayerRouting, TorchBackend, default_backend_name, make_backend
 from promoe.moe.experts import FFN, ExpertBank
 from promoe.moe.plan import RoutingPlan
 from promoe.moe.routers import PrototypeScorer

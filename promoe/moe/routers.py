@@ -17,9 +17,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from promoe.config import check_activation
 from promoe.moe.losses import load_balance_loss, plan_centroids, routing_contrastive_loss, token_centroids
 from promoe.moe.plan import RoutingPlan, expert_choice_plan, sort_slots
-from promoe.moe.routing import RoutingOps, check_activation, null_tokens_to_uncond_expert, prototype_scores, top_k
+from promoe.moe.routing import RoutingOps, null_tokens_to_uncond_expert, prototype_scores, top_k
 
 
 @dataclass

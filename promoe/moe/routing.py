@@ -19,16 +19,11 @@ import torch.nn.functional as F
 
 from promoe.moe.plan import expert_token_sums
 
-ACTIVATIONS = {
+ACTIVATION_FUNCTIONS = {
     "identity": lambda z: z,
     "sigmoid": torch.sigmoid,
     "softmax": lambda z: z.softmax(dim=-1),
 }
-
-
-def check_activation(name: str) -> None:
-    if name not in ACTIVATIONS:
-        raise ValueError(f"unknown router activation {name!r}; choose one of {sorted(ACTIVATIONS)}")
 
 
 def prototype_scores(x_ND: torch.Tensor, prototypes_ED: torch.Tensor, activation: str = "identity",
@@ -37,7 +32,7 @@ def prototype_scores(x_ND: torch.Tensor, prototypes_ED: torch.Tensor, activation
     cosines, and bf16 would quantise them to 3 digits."""
     dtype = torch.promote_types(x_ND.dtype, torch.float32)
     cos_NE = F.normalize(x_ND.to(dtype), dim=-1) @ F.normalize(prototypes_ED.to(dtype), dim=-1).t()
-    return ACTIVATIONS[activation](alpha * cos_NE)
+    return ACTIVATION_FUNCTIONS[activation](alpha * cos_NE)
 
 
 def top_k(scores_NE: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:

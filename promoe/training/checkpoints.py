@@ -1,4 +1,5 @@
-"""Checkpoints: one folder per saved step (`checkpoints/step_NNNNNNN`), written atomically and verified on load.
+"""The files a run writes: its checkpoints, one folder per saved step, written atomically and verified on load, and
+at the end the export of its EMA weights. The folders' layout and their reading are promoe.checkpoint_format's.
 
 A save writes a temporary folder (`step_NNNNNNN.tmp`): the torch distributed checkpoint of model, optimizer and
 EMA, `config.json` (the run's config, from which sampling rebuilds the model), `meta.json` (the step and the data
@@ -8,30 +9,39 @@ is moved aside (`.damaged`), named with its damaged file, and the newest intact 
 """
 
 import errno
-import hashlib
 import json
-import re
 import shutil
 from pathlib import Path
 
+import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.api import CheckpointException
-from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    get_state_dict,
+    set_state_dict,
+)
 
+from promoe.checkpoint_format import (
+    CONFIG,
+    LATEST,
+    MANIFEST,
+    META,
+    STEP_FOLDER,
+    check_sizes,
+    file_digest,
+    read_meta,
+    step_folder_name,
+    step_of,
+)
 from promoe.train_config import RunConfig
 from promoe.training.ema import EMA
 from promoe.training.ranks import any_rank, stop_if_any
-from promoe.weights import load_dcp
+from promoe.weights import load_dcp, save_weights
 
-MANIFEST = "manifest.json"
-STEP_FOLDER = re.compile(r"step_(\d+)")
 DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
-
-
-def file_digest(path: Path) -> str:
-    with open(path, "rb") as file:
-        return hashlib.file_digest(file, "blake2b").hexdigest()
 
 
 def describe_files(folder: Path, names: list[str]) -> dict[str, dict]:
@@ -63,10 +73,6 @@ def disk_full_message(error: BaseException, folder: Path) -> str | None:
     return None
 
 
-def step_of(folder: Path) -> int:
-    return int(STEP_FOLDER.fullmatch(folder.name).group(1))
-
-
 class Checkpoints:
     """The checkpoints of a run folder: save, find the newest intact one, load, prune. Every method is called by
     every rank (the saves and the digests are shared); rank 0 alone renames and deletes."""
@@ -82,13 +88,13 @@ class Checkpoints:
         return sorted(found, key=step_of, reverse=True)
 
     def latest(self) -> Path | None:
-        pointer = self.root / "latest"
+        pointer = self.root / LATEST
         return self.root / pointer.read_text().strip() if pointer.exists() else None
 
     def save(self, step: int, model, optimizer, ema: EMA, config: RunConfig, data: dict) -> Path:
         """Commit a checkpoint of `step`; a failed write (a full disk named as such) stops the run on every rank
         with `latest` and the older checkpoints untouched."""
-        final = self.root / f"step_{step:07d}"
+        final = self.root / step_folder_name(step)
         tmp = final.with_name(final.name + ".tmp")
         error = None
         if self.rank == 0:
@@ -105,7 +111,7 @@ class Checkpoints:
             shutil.rmtree(tmp, ignore_errors=True)  # a partial folder would only take space
         if failure is not None:
             latest = self.latest()
-            failure += (f"; {self.root / 'latest'} still names {latest.name}, which is intact" if latest else
+            failure += (f"; {self.root / LATEST} still names {latest.name}, which is intact" if latest else
                         "; no checkpoint of this run was written before")
         stop_if_any(failure)
         return final
@@ -122,8 +128,8 @@ class Checkpoints:
     def _start(tmp: Path, config: RunConfig, meta: dict) -> None:
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
-        (tmp / "config.json").write_text(config.to_json())  # sampling rebuilds the model from it
-        (tmp / "meta.json").write_text(json.dumps(meta))
+        (tmp / CONFIG).write_text(config.to_json())  # sampling rebuilds the model from it
+        (tmp / META).write_text(json.dumps(meta))
 
     def _commit(self, tmp: Path, final: Path) -> None:
         """The manifest (digests shared by the ranks), then rank 0 renames, moves `latest` and prunes."""
@@ -134,9 +140,9 @@ class Checkpoints:
         (tmp / MANIFEST).write_text(json.dumps({"files": manifest}, indent=1))
         shutil.rmtree(final, ignore_errors=True)
         tmp.rename(final)
-        pointer_tmp = self.root / "latest.tmp"
+        pointer_tmp = self.root / f"{LATEST}.tmp"
         pointer_tmp.write_text(final.name)
-        pointer_tmp.replace(self.root / "latest")
+        pointer_tmp.replace(self.root / LATEST)
         self.prune()
 
     def prune(self) -> None:
@@ -149,7 +155,7 @@ class Checkpoints:
     def damage(self, folder: Path) -> str | None:
         """What is wrong with a committed folder (a file missing, truncated or changed), or None. A folder without
         a manifest was written before digests were recorded: it is not verified."""
-        files, problem = self._check_sizes(folder)
+        files, problem = check_sizes(folder)
         if any_rank(problem is not None):  # every rank takes the same branch before hashing together
             return problem or f"{folder} is unreadable on another rank"
         if files is None:
@@ -157,24 +163,6 @@ class Checkpoints:
         digests = describe_files(folder, sorted(files))
         changed = [name for name in files if digests[name]["blake2b"] != files[name]["blake2b"]]
         return f"{folder / changed[0]} does not match the digest recorded when it was written" if changed else None
-
-    @staticmethod
-    def _check_sizes(folder: Path) -> tuple[dict | None, str | None]:
-        """(the manifest's entries or None without a manifest, the first file missing or of another size)."""
-        manifest_path = folder / MANIFEST
-        if not manifest_path.exists():
-            return None, None
-        try:
-            files = json.loads(manifest_path.read_text())["files"]
-        except (OSError, ValueError, KeyError, TypeError) as error:
-            return None, f"{manifest_path} is unreadable ({error})"
-        for name, entry in files.items():  # sizes first: a truncated file is found without reading anything
-            path = folder / name
-            if not path.exists():
-                return files, f"{path} is missing"
-            if path.stat().st_size != entry["bytes"]:
-                return files, f"{path} holds {path.stat().st_size} bytes, {entry['bytes']} were written (truncated?)"
-        return files, None
 
     def newest_intact(self) -> Path | None:
         """The newest checkpoint whose files match their digests; each damaged one newer than it is named and
@@ -199,5 +187,33 @@ class Checkpoints:
         state = {"model": model_state, "optim": optim_state, "ema": ema.params}
         load_dcp(state, folder)  # runs no code from the folder, though it is one's own run
         set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
-        return json.loads((folder / "meta.json").read_text())
+        return read_meta(folder)
+
+
+def gather_ema(model: torch.nn.Module, ema: EMA) -> dict[str, torch.Tensor]:
+    """The EMA weights as whole tensors on the CPU (a collective: every rank calls it), the live weights kept."""
+    live = {name: p.detach().clone() for name, p in model.named_parameters()}
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            p.copy_(ema.params[name].to(p.dtype))
+    state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    # On one CPU rank the gathered tensors can be the parameters themselves: copy before the live weights return.
+    state = {name: value.clone() for name, value in state.items()}
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            p.copy_(live[name])
+    return state
+
+
+def export_ema(model: torch.nn.Module, ema: EMA, config: RunConfig, out: Path, rank: int) -> None:
+    """The EMA weights, gathered from the shards, as `ema.safetensors` (written under a temporary name, then
+    renamed; the model and run configs in its metadata) with the run's config.json beside it; rank 0 writes them."""
+    state = gather_ema(model, ema)
+    if rank != 0:
+        return
+    try:  # the configs travel inside the file too: it can be shared alone
+        save_weights(out / "ema.safetensors", state, config.model_config(), config)
+        (out / CONFIG).write_text(config.to_json())
+    except OSError as error:
+        raise SystemExit(disk_full_message(error, out) or f"writing {out / 'ema.safetensors'}: {error}") from None
 

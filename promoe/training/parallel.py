@@ -16,6 +16,7 @@ from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor, distribute_tensor
 from torch.utils.checkpoint import checkpoint
 
+from promoe.dit.model import compile_blocks
 from promoe.train_config import RunConfig
 from promoe.zoo import build_from_config
 
@@ -47,12 +48,6 @@ def apply_activation_checkpointing(model: torch.nn.Module, config: RunConfig) ->
                          "statistics in forward, which a recomputation would update twice; turn it off")
     for block in model.blocks:
         block.forward = functools.partial(checkpoint, block.forward, use_reentrant=False)
-
-
-def compile_blocks(model: torch.nn.Module) -> None:
-    """Each block compiled in place (`Module.compile`: the state-dict keys keep their names, with no `_orig_mod.`)."""
-    for block in model.blocks:
-        block.compile()
 
 
 def apply_compile(model: torch.nn.Module, config: RunConfig) -> None:

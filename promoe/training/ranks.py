@@ -1,24 +1,9 @@
-"""The process group, and the small all-reduces by which every rank takes the same decision."""
+"""The small all-reduces by which every rank takes the same decision (the process group is promoe.distributed's)."""
 
-import os
 from contextlib import contextmanager
 
 import torch
 import torch.distributed as dist
-
-
-def init_distributed() -> tuple[int, int, torch.device]:
-    """(rank, world size, device); a single process becomes a group of one so that one code path serves both."""
-    if "RANK" not in os.environ:
-        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1")
-        os.environ.setdefault("MASTER_PORT", str(29500 + os.getpid() % 20000))
-    cuda = torch.cuda.is_available()
-    local_rank = int(os.environ["LOCAL_RANK"])  # the device comes from the local rank, never the global one
-    device = torch.device("cuda", local_rank) if cuda else torch.device("cpu")
-    if cuda:
-        torch.cuda.set_device(device)
-    dist.init_process_group("nccl" if cuda else "gloo")
-    return dist.get_rank(), dist.get_world_size(), device
 
 
 def any_rank(flag: bool) -> bool:

@@ -4,10 +4,10 @@ weights mean cannot change: the model, the objective that trained it, and the da
 the checkpoint's meta.json)."""
 
 import dataclasses
-import json
 from pathlib import Path
 
-from promoe.train_config import RunConfig, config_from_json, same_model
+from promoe.checkpoint_format import CONFIG, read_meta, read_run_config
+from promoe.train_config import RunConfig, same_model
 
 # Where a run writes changes, not what it trains.
 NOT_SETTINGS = {"train.out"}
@@ -28,7 +28,7 @@ def check_resumable(folder: Path, config: RunConfig, data: dict) -> list[str]:
     """Refuse (SystemExit naming what differs) a checkpoint of another model, objective or data set; else the
     settings that changed since it was written."""
     try:
-        saved = config_from_json((folder / "config.json").read_text(), str(folder / "config.json"))
+        saved = read_run_config(folder / CONFIG)
     except (OSError, ValueError) as error:
         raise SystemExit(f"cannot resume from {folder}: {error}") from None
     difference = same_model(saved, config)
@@ -38,7 +38,7 @@ def check_resumable(folder: Path, config: RunConfig, data: dict) -> list[str]:
     if saved.train.objective != config.train.objective:
         raise SystemExit(f"checkpoint {folder} was trained with the objective {saved.train.objective!r}, the "
                          f"config asks for {config.train.objective!r}" + REFUSED.format(what="objective"))
-    trained_on = json.loads((folder / "meta.json").read_text()).get("data")
+    trained_on = read_meta(folder).get("data")
     if trained_on is not None and trained_on != data:  # checkpoints of before it was recorded hold none
         raise SystemExit(f"checkpoint {folder} was trained on the data set {trained_on['name']} "
                          f"({trained_on['size']} items), this run would train on {data['name']} ({data['size']} "

@@ -1,13 +1,27 @@
 """What a training run leaves beside its checkpoints when it ends (rank 0): the loss curves, the expert-load heat
-map, a class grid from the EMA weights and, on Fashion-MNIST, the Fashion-MNIST FID and conditional accuracy."""
+map, a class grid from the EMA weights and, on Fashion-MNIST, the Fashion-MNIST FID and conditional accuracy (with
+the feature net that `train.feature_net` names, else the one promoe.eval.train_feature_net writes by default)."""
 
 import json
 from pathlib import Path
 
 import torch
 
+from promoe.data import pixel_split
 from promoe.diffusion import make_objective
+from promoe.eval import DEFAULT_FEATURE_NET, conditional_accuracy, load_feature_net, pixel_fid
 from promoe.plots import plot_expert_load, plot_losses
+from promoe.sampling import (
+    Decoder,
+    generate,
+    generate_per_class,
+    image_grid,
+    is_latent_model,
+    load_model,
+    per_class_labels,
+    save_png,
+    to_uint8,
+)
 from promoe.train_config import RunConfig
 
 
@@ -17,8 +31,6 @@ def finish(out: Path, config: RunConfig, dataset_name: str, device: torch.device
     print(f"wrote {out / 'loss.png'}")
     if plot_expert_load(out / "metrics.csv", out / "expert_load.png"):
         print(f"wrote {out / 'expert_load.png'}")
-    from promoe.sampling import Decoder, is_latent_model, load_model
-
     if is_latent_model(config) and config.data.vae is None:
         return  # latents and nothing to decode them with
     model, _ = load_model(out / "ema.safetensors")
@@ -34,8 +46,6 @@ def finish(out: Path, config: RunConfig, dataset_name: str, device: torch.device
 
 def class_grid(model, objective, decoder, config: RunConfig, path: Path, per_class: int = 8) -> None:
     """One row per class (the first ten), sampled with the run's grid settings."""
-    from promoe.sampling import generate, image_grid, save_png, to_uint8
-
     classes = min(model.num_classes, 10)
     labels = torch.arange(classes).repeat_interleave(per_class)
     steps, scale = config.train.grid_steps, config.train.grid_cfg_scale
@@ -48,11 +58,7 @@ def fashion_fid(model, objective, config: RunConfig, path: Path) -> None:
     """The Fashion-MNIST FID of `fid_samples` samples (equal per class) against the test split, in the features of
     the demo classifier, and the share of samples it classifies as their class; skipped with a note when that
     classifier has not been trained."""
-    from promoe.data import pixel_split
-    from promoe.eval import conditional_accuracy, load_feature_net, pixel_fid
-    from promoe.sampling import generate_per_class, per_class_labels
-
-    feature_net = Path(config.train.feature_net)
+    feature_net = Path(config.train.feature_net or DEFAULT_FEATURE_NET)
     if not feature_net.exists():
         print(f"note: no Fashion-MNIST FID: train its feature net first (python -m promoe.eval.train_feature_net "
               f"--out {feature_net}, about a minute)")
