@@ -94,10 +94,16 @@ def _grouped_mm_backward(ctx, grad_SB):
 _grouped_mm_op.register_autograd(_grouped_mm_backward, setup_context=_grouped_mm_setup_context)
 
 
+# Asked once, at import: Dynamo cannot trace torch.amp.is_autocast_available on torch 2.11 (a graph break in every
+# MoE layer under torch.compile), and a set lookup it traces.
+AUTOCAST_DEVICES = frozenset(device for device in ("cpu", "cuda", "xpu", "mps", "hpu", "xla", "mtia")
+                             if torch.amp.is_autocast_available(device))
+
+
 def autocast_dtype(tensor: torch.Tensor) -> torch.dtype | None:
     """The dtype autocast runs matmuls in on `tensor`'s device, or None where it is off (or absent, as on `meta`)."""
     device = tensor.device.type
-    if torch.amp.is_autocast_available(device) and torch.is_autocast_enabled(device):
+    if device in AUTOCAST_DEVICES and torch.is_autocast_enabled(device):
         return torch.get_autocast_dtype(device)
     return None
 
