@@ -11,7 +11,11 @@ setup(
     python_requires=">=3.11",  # hashlib.file_digest (checkpoint digests)
     packages=packages,
     package_dir={"promoe.kernels": "kernels"},
-    # No torch pin that a CPU build fails: install torch first (e.g. `pip install torch==2.13.0`).
+    # No torch pin that a CPU build fails: install torch first (e.g. `pip install torch==2.13.0`). Tested: torch 2.13.0
+    # with Triton 3.9 (CPU, the whole suite) and torch 2.11.0 with Triton 3.6.0, the GPU machine's versions (.ci/run's
+    # second venv: the kernel, dispatch, router and model tests under Triton's interpreter, numpy < 2.2 there); torch
+    # 2.9 and 2.10 are allowed but untested. diffusers is needed only by the VAE and the schedulers (imported where
+    # used).
     install_requires=[
         "torch>=2.9", "triton", "numpy", "pyyaml", "safetensors", "tqdm", "diffusers", "scipy", "matplotlib",
         "scikit-learn",  # its digits are the demo's zero-install data

@@ -68,5 +68,10 @@ def emit(run: dict, json_path: Path | None, title: str) -> None:
     json_path.parent.mkdir(parents=True, exist_ok=True)
     json_path.write_text(json.dumps(run, indent=2))
     json_path.with_suffix(".md").write_text(table)
+    try:
+        import matplotlib  # noqa: F401  (the lent GPU machine may not have it: the figures matter, the chart not)
+    except ImportError:
+        print(f"wrote {json_path} and its .md (no chart: matplotlib is not installed)")
+        return
     bar_chart(run, title, json_path.with_suffix(".png"))
     print(f"wrote {json_path} and its .md and .png")

@@ -33,36 +33,3 @@ def test_bench_script_writes_json_table_and_chart(script, extra, tmp_path):
         assert by_backend[("torch", "fwd+bwd")]["host_syncs"] == 0
         assert by_backend[("triton", "fwd+bwd")]["host_syncs"] == 0
         assert by_backend[("loop", "fwd+bwd")]["host_syncs"] > 0
-
-
-def test_gpu_check_stops_with_a_clear_message_without_cuda(tmp_path):
-    import torch
-
-    if torch.cuda.is_available():
-        pytest.skip("this machine has a GPU: the check would run")
-    out = tmp_path / "gpu_check"
-    done = subprocess.run([sys.executable, str(ROOT / "bench" / "gpu_check.py"), "--out", str(out)],
-                          capture_output=True, text=True, cwd=ROOT)
-    assert done.returncode == 2
-    assert "needs a CUDA GPU" in done.stderr and "nothing was run" in done.stderr
-    assert not out.exists()
-
-
-def test_gpu_check_report_reads_each_sections_files(tmp_path):
-    """The parts of the GPU check that need no GPU: reading the sections' outputs and writing the table."""
-    sys.path.insert(0, str(ROOT / "bench"))
-    import gpu_check
-
-    (tmp_path / "kernel_tests.xml").write_text(
-        '<testsuites><testsuite name="pytest" tests="7" failures="1" errors="0" skipped="2"/></testsuites>')
-    (tmp_path / "moe_layer_XL_bf16.json").write_text(json.dumps(
-        {"results": [{"backend": "triton", "mode": "fwd", "tokens_per_s": 1.5e6, "host_syncs": 0}]}))
-    record = dict(machine=dict(gpu="Some GPU", capability="9.0"), sections={})
-    for name in ("kernel_tests", "moe_layer", "sampling"):
-        record["sections"][name] = dict(status="ok", seconds=1.0, results=gpu_check.section_results(name, tmp_path))
-    assert record["sections"]["kernel_tests"]["results"] == dict(tests=7, failures=1, errors=0, skipped=2)
-    assert record["sections"]["sampling"]["results"] is None  # the section left nothing
-    table = gpu_check.markdown(record)
-    assert "Some GPU (sm_90)" in table and "| triton | fwd | 1.5e+06 | 0 |" in table
-    assert set(gpu_check.section_commands(tmp_path)) == set(gpu_check.SECTION_LIMITS_S)
-    assert sum(gpu_check.SECTION_LIMITS_S.values()) <= 8 * 60

@@ -85,12 +85,10 @@ def test_routing_reads_tokens_past_2_to_the_31(kernel, values, rng):
                                              **common)
         torch.testing.assert_close(scores.double(), expected_NE, rtol=1e-5, atol=1e-6)
         return
-    hist_pad = expert_block(num_experts + 2)
     ids, gates = torch.empty(3, 1, dtype=torch.long), torch.empty(3, 1)
-    hist = torch.empty(1, hist_pad, dtype=torch.int32)
     routing_kernels._route_kernel[(triton.cdiv(3, 16),)](
-        x_ND, protos, torch.ones(3, dtype=torch.int8), ids, gates, hist, 3, DIM, x_ND.stride(0), protos.stride(0),
-        1.0, HIST_PAD=hist_pad, TOP_K=1, CONDITIONAL=False, **common)
+        x_ND, protos, torch.ones(3, dtype=torch.int8), ids, gates, 3, DIM, x_ND.stride(0), protos.stride(0), 1.0,
+        TOP_K=1, CONDITIONAL=False, **common)
     expected_gates, expected_ids = expected_NE.max(dim=1, keepdim=True)
     assert torch.equal(ids, expected_ids)
     torch.testing.assert_close(gates.double(), expected_gates, rtol=1e-5, atol=1e-6)
