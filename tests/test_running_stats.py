@@ -21,7 +21,7 @@ def batch(seed: int, broken: tuple[int, ...] = (0,)) -> torch.Tensor:
 def route(router, x_ND: torch.Tensor):
     num_tokens = x_ND.shape[0]
     cond_N = torch.ones(num_tokens, dtype=torch.bool)
-    return router(x_ND, cond_N, num_tokens // TOKENS, torch.zeros(num_tokens // TOKENS, dtype=torch.long))
+    return router(x_ND, cond_N, num_tokens // TOKENS)
 
 
 def kept_slots(plan) -> set[tuple[int, int]]:
@@ -38,7 +38,7 @@ def diffmoe_router(seed: int = 0) -> DiffMoERouter:
 def test_diffmoe_training_takes_the_best_finite_tokens_and_keeps_its_thresholds_finite():
     router = diffmoe_router().train()
     x_ND = batch(1)
-    plan, _ = route(router, x_ND)
+    plan = route(router, x_ND).plan
     finite = torch.arange(TOKENS, IMAGES * TOKENS)
     capacity = IMAGES * TOKENS // EXPERTS  # 16 of the 48 finite tokens per expert
     with torch.no_grad():
@@ -63,8 +63,8 @@ def test_diffmoe_inference_routes_the_other_images_as_if_the_broken_one_were_abs
     router.expert_threshold_E.fill_(0.5)
     x_ND = batch(3)
     with torch.no_grad():
-        plan, _ = route(router, x_ND)
-        alone, _ = route(router, x_ND[TOKENS:])
+        plan = route(router, x_ND).plan
+        alone = route(router, x_ND[TOKENS:]).plan
     assert kept_slots(plan) == {(e, t + TOKENS) for e, t in kept_slots(alone)}
 
 
@@ -91,8 +91,7 @@ def test_kmeans_routes_with_its_buffers_in_another_dtype(dtype):
     x_ND = batch(6, broken=()).to(dtype)
     route(router, x_ND)  # seeds the centroids and moves them
     assert router.centroids_ED.dtype == dtype and router.centroids_ED.isfinite().all()
-    plan, _ = route(router.eval(), x_ND)
+    choice = route(router.eval(), x_ND)
     compute = torch.promote_types(dtype, torch.float32)
     nearest_N = torch.cdist(x_ND.to(compute), router.centroids_ED.to(compute)).argmin(dim=1)
-    valid = plan.valid_slots_S()
-    assert torch.equal(plan.expert_index_S[valid], nearest_N[plan.token_index_S[valid]])
+    assert torch.equal(choice.expert_ids_NK[:, 0], nearest_N)
