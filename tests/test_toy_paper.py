@@ -1,10 +1,13 @@
 """The toy-scale paper experiments' pipeline, 2 steps per model on a few images: it trains, evaluates at each
-milestone and writes the report with its plots (4 tiny runs, about a minute on 2 cores: kept in the default run)."""
+milestone and writes the report with its plots (7 tiny runs, about two minutes on 2 cores: kept in the default run);
+and the paired intervals that every report's verdicts come from."""
 
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
+from scipy import stats
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "bench"))
@@ -32,10 +35,10 @@ def test_router_swap_writes_every_pair_per_seed_and_resumes_without_work(tmp_pat
     toy_paper.main(argv)
     text = (tmp_path / "docs" / "toy.md").read_text()
     assert "| linear softmax | 1 |" in text and "| prototypes + RCL + conditional | 1 |" in text
-    for key in ("val_mse", "fid_best", "accuracy_best"):
-        assert f"prototypes + RCL + conditional better than linear softmax on {key}" in text
-    assert "(1 of 1 seeds" in text or "(0 of 1 seeds" in text
-    assert "I(class; expert)" in text
+    for endpoint in ("validation MSE", "FID at each run's best guidance", "conditional accuracy at each run's best"):
+        assert f"| prototypes + RCL + conditional − linear softmax | {endpoint}" in text
+    assert "no evidence either way (no interval from one pair)" in text  # one seed: no verdict
+    assert "I(class; expert)" in text and "(max 2.72)" in text  # 7 choosable experts in both
     for name in ("toy_loss.png", "toy_guidance.png"):
         assert (tmp_path / "docs" / name).stat().st_size > 0
     cache = tmp_path / "runs" / "linear_softmax_seed1" / "eval_step0000002.json"
@@ -64,14 +67,64 @@ def test_unknown_model_names_the_experiments_models(tmp_path, feature_net):
         toy_paper.main(tiny_argv(tmp_path, feature_net, "--experiment", "routers", "--models", "ProMoE"))
 
 
-def test_an_ordering_on_one_seed_is_not_called_a_hold_in_every_seed():
+def test_decisive_experiment_states_its_endpoints_first_and_measures_noise_null_and_label_swap(tmp_path,
+                                                                                                 feature_net):
     import toy_paper
 
-    one = {"A": [{"seed": 0, "val_mse": 0.20}], "B": [{"seed": 0, "val_mse": 0.21}]}
-    line = toy_paper.ordering(one, "A", "B", "val_mse", True, 4)
-    assert "in its one seed (no evidence either way)" in line and "every seed" not in line
-    two = {"A": [{"seed": 0, "val_mse": 0.20}, {"seed": 1, "val_mse": 0.22}],
-           "B": [{"seed": 0, "val_mse": 0.21}, {"seed": 1, "val_mse": 0.21}]}
-    assert "**mixed** (1 of 2 seeds" in toy_paper.ordering(two, "A", "B", "val_mse", True, 4)
-    two["A"][1]["val_mse"] = 0.19
-    assert "**holds** in every seed (2 of 2 seeds" in toy_paper.ordering(two, "A", "B", "val_mse", True, 4)
+    toy_paper.main(tiny_argv(tmp_path, feature_net, "--experiment", "decisive", "--steps", "2", "--seeds", "0", "1"))
+    text = (tmp_path / "docs" / "toy.md").read_text()
+    preamble = text[: text.index("## After 2 steps")]
+    assert ("**Primary endpoints** (FID from 20 samples): validation MSE; FID at guidance 2, each as the paired"
+            in preamble)
+    assert "ProMoE − TC-DiT" in preamble and "fixed in issue 23 before the runs" in preamble
+    assert "| ProMoE − TC-DiT | validation MSE (lower is better) |" in text
+    assert "| ProMoE − TC-DiT | FID at guidance 2 (lower is better) |" in text
+    assert "| ProMoE − TC-DiT | conditional accuracy at guidance 2 (higher is better) |" in text  # secondary
+    assert text.count("95% CI") >= 2 and "not measured" not in text
+    assert "| TC-DiT | 0 | 2 |" in text and "| ProMoE | 0 | 2 |" in text  # the second noise seed, seed 0 only
+    assert "| ProMoE − TC-DiT | 0 | 2 |" in text and "| TC-DiT | 1 | 2 |" not in text
+    assert "| ProMoE | 3 |" in text and "(max 2.52)" in text and "(max 1.97)" in text  # MoE layer 3 of 3
+    assert (tmp_path / "docs" / "toy_routing.png").stat().st_size > 0
+    result = toy_paper.json.loads((tmp_path / "runs" / "promoe_seed0" / "eval_step0000002.json").read_text())
+    assert len(result["mi_swap_label_bits"]) == len(result["mi_null_bits"]) == 3
+    assert np.allclose(np.sum(result["load_share"], axis=1), 1.0)
+
+
+def test_unknown_endpoint_names_the_known_ones(tmp_path, feature_net):
+    import toy_paper
+
+    with pytest.raises(SystemExit):
+        toy_paper.main(tiny_argv(tmp_path, feature_net, "--experiment", "decisive", "--endpoints", "fid@3"))
+    args = toy_paper.parse_args(["--experiment", "decisive", "--endpoints", "fid@2.0", "val_mse"])
+    assert args.endpoints == ["fid@2", "val_mse"] and args.fid_samples == 2000 and args.guidance == [2.0]
+
+
+def test_paired_interval_is_the_t_interval_and_its_verdict_reads_the_interval_alone():
+    import toy_paper
+
+    differences = [0.5, -1.0, 2.0, 1.5, 0.0, 1.0]
+    mean, low, high = toy_paper.paired_interval(differences)
+    half = stats.t.ppf(0.975, 5) * np.std(differences, ddof=1) / np.sqrt(6)
+    assert mean == pytest.approx(0.6667, abs=1e-4) and (low, high) == pytest.approx((mean - half, mean + half))
+    assert toy_paper.verdict("A", "B", low, high, lower_better=True) == "no evidence either way"  # contains 0
+    assert toy_paper.verdict("A", "B", 0.1, 0.3, lower_better=True) == "**B better**"
+    assert toy_paper.verdict("A", "B", -0.3, -0.1, lower_better=True) == "**A better**"
+    assert toy_paper.verdict("A", "B", 0.1, 0.3, lower_better=False) == "**A better**"
+    assert np.isnan(toy_paper.paired_interval([0.2])[1])
+    # Three seeds that agree in sign are not enough when their spread is large: unanimity is no verdict.
+    runs = {"A": [{"seed": s, "val_mse": v} for s, v in enumerate((0.20, 0.10, 0.209))],
+            "B": [{"seed": s, "val_mse": 0.21} for s in range(3)]}
+    assert toy_paper.ordering(runs, "A", "B", "val_mse").endswith("| no evidence either way |")
+    one = {name: results[:1] for name, results in runs.items()}
+    assert "no evidence either way (no interval from one pair)" in toy_paper.ordering(one, "A", "B", "val_mse")
+
+
+def test_swapped_labels_are_another_class_and_as_balanced_as_the_real_ones():
+    import toy_paper
+
+    labels = toy_paper.torch.arange(10).repeat_interleave(20)
+    swapped = toy_paper.swapped_labels(labels, 10)
+    assert (swapped != labels).all()
+    assert (swapped.bincount(minlength=10) == 20).all()  # every class as often a swapped label as a real one
+    for label in range(10):  # each class's images spread over the other nine
+        assert len(swapped[labels == label].unique()) == 9

@@ -3,14 +3,16 @@ each class uses each expert. The picture that tells whether experts specialise.
 
     python -m promoe.viz.routing --ckpt runs/demo/checkpoints/step_0000600 --class 3 --out runs/demo/routing
 
-writes `routing_class3.png` (rows: images of class 3; columns: MoE layer x noise level; each panel the final
-image with the expert of every patch over it), and `routing_usage.md` / `.json`: per MoE layer, the share of
-tokens each class sends to each expert (largest gate), with the entropy of each class's usage in bits (0: the
-class uses one expert; log2(E): it spreads evenly).
+writes `routing_class3.png` (rows: images of class 3; per noise level, the step's input x_t and, per MoE layer,
+the expert of every patch at that step in the legend's colours), and `routing_usage.md` / `.json`: per MoE layer,
+the share of tokens each class sends to each expert (largest gate), with the entropy of each class's usage in bits
+(0: the class uses one expert; log2(E): it spreads evenly).
 """
 
 import argparse
 import json
+import textwrap
+from dataclasses import dataclass
 from pathlib import Path
 
 import matplotlib
@@ -21,20 +23,80 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from promoe.diffusion import OBJECTIVES  # noqa: E402
+from promoe.dit.model import modulate  # noqa: E402
+from promoe.moe.layer import MoELayer  # noqa: E402
 from promoe.moe.record import record_routing  # noqa: E402
 from promoe.sampling import Decoder, generate, is_latent_model, load_model, objective_of, to_uint8  # noqa: E402
 
 
+@dataclass
+class RoutedSamples:
+    images: torch.Tensor  # [B, C, H, W] in the model's space
+    inputs: torch.Tensor  # [steps, B, C, H, W]: x_t, the model's input at each sampling step
+    timesteps: torch.Tensor  # [steps]: the model's timestep input at each step
+    experts: torch.Tensor  # [steps, layers, B, T] long: each token's top expert, -1 where no expert took it
+    blocks: list[int]  # the MoE layers' block indices
+    swapped_experts: torch.Tensor | None = None  # as `experts`, the MoE layers re-run under other labels
+
+
 @torch.no_grad()
-def sample_with_routing(model, objective, labels: torch.Tensor, steps: int, seed: int = 0):
-    """(images [B, C, H, W] in the model's space, experts [steps, layers, B, T] long: the top expert of every
-    token at every sampling step, -1 where no expert took the token; the MoE layers' block indices)."""
-    with record_routing(model, tokens=True) as routing:
-        images = generate(model, objective, labels, torch.Generator().manual_seed(seed), steps, cfg_scale=1.0)
-    if not routing:
+def sample_with_routing(model, objective, labels: torch.Tensor, steps: int, seed: int = 0,
+                        swapped_labels: torch.Tensor | None = None) -> RoutedSamples:
+    """Samples `labels` without guidance (one pass per step) and records the top expert of every token at every
+    step, with each step's input.
+
+    swapped_labels: also route the same hidden states as if the label were another: at every step, each MoE block's
+    MLP input is rebuilt from the residual stream it saw, with the shift and scale of the conditioning of the
+    swapped label (the timestep's part unchanged), and only the MoE layer runs on it. Whether a layer's class
+    information comes from its tokens or from the label that every token's modulation carries."""
+    moe_blocks = [block for block in model.blocks if isinstance(block.mlp, MoELayer)]
+    if not moe_blocks:
         raise ValueError("the model has no MoE layer: nothing routes")
+    inputs, timesteps, streams = [], [], []  # streams: per forward and MoE block, [norm2(x), conditioning c]
+
+    def keep_input(module, args):  # the model's forward(x, t, y)
+        inputs.append(args[0].cpu())
+        timesteps.append(args[1][0].item())
+
+    def keep_conditioning(block, args):  # a block's forward(x, c, labels_B)
+        streams.append([None, args[1]])
+
+    def keep_normed(norm, args, output):  # its MLP input before the modulation
+        streams[-1][0] = output
+
+    handles = [model.register_forward_pre_hook(keep_input)]
+    if swapped_labels is not None:
+        for block in moe_blocks:
+            handles += [block.register_forward_pre_hook(keep_conditioning),
+                        block.norm2.register_forward_hook(keep_normed)]
+    try:
+        with record_routing(model, tokens=True) as routing:
+            images = generate(model, objective, labels, torch.Generator().manual_seed(seed), steps, cfg_scale=1.0)
+    finally:
+        for handle in handles:
+            handle.remove()
     experts = torch.stack([torch.stack(layer.top_expert_N) for layer in routing], dim=1)  # no guidance: one pass
-    return images, experts.view(steps, len(routing), len(labels), -1).cpu(), [layer.block for layer in routing]
+    result = RoutedSamples(images, torch.stack(inputs), torch.tensor(timesteps),
+                           experts.view(steps, len(routing), len(labels), -1).cpu(), [layer.block for layer in routing])
+    if swapped_labels is not None:
+        result.swapped_experts = route_swapped(model, moe_blocks, streams, labels, swapped_labels, steps)
+    return result
+
+
+@torch.no_grad()
+def route_swapped(model, moe_blocks, streams, labels: torch.Tensor, swapped: torch.Tensor, steps: int):
+    """[steps, layers, B, T]: the top expert of each token when its block's MLP input carries `swapped`'s
+    conditioning. streams: per forward, in block order, (norm2(x) [B, T, D], conditioning c [B, D])."""
+    device = next(model.parameters()).device
+    labels, swapped = labels.to(device), swapped.to(device)
+    label_shift_BD = model.y_embedder(swapped) - model.y_embedder(labels)  # c = t_embedding + y_embedding
+    with record_routing(model, tokens=True) as routing:
+        for index, (normed_BTD, c_BD) in enumerate(streams):
+            block = moe_blocks[index % len(moe_blocks)]
+            _, _, _, shift_mlp, scale_mlp, _ = block.adaLN_modulation(c_BD + label_shift_BD).chunk(6, dim=1)
+            block.mlp(modulate(normed_BTD, shift_mlp, scale_mlp), swapped)
+    experts = torch.stack([torch.stack(layer.top_expert_N) for layer in routing], dim=1)
+    return experts.view(steps, len(routing), len(labels), -1).cpu()
 
 
 def expert_usage(experts: torch.Tensor, labels: torch.Tensor, num_classes: int, num_experts: int) -> np.ndarray:
@@ -64,6 +126,27 @@ def class_expert_information_bits(share: np.ndarray) -> np.ndarray:
     return usage_entropy_bits(share.mean(axis=0)) - usage_entropy_bits(share).mean(axis=0)
 
 
+def class_expert_information_max_bits(num_classes: int, num_experts: int) -> float:
+    """The largest I(class; expert) with `num_classes` equally likely classes and `num_experts` choosable experts.
+    The information is convex in the routing for a fixed class distribution, so its maximum is at a deterministic
+    routing: each class to one expert, the classes split over the experts as evenly as possible (then H(expert |
+    class) = 0 and H(expert) is largest). 10 classes: 2.72 bits over 7 experts (not log2 7 = 2.81), 2.52 over 6,
+    1.97 over 4."""
+    groups = min(num_classes, num_experts)
+    sizes = np.array([num_classes // groups + (group < num_classes % groups) for group in range(groups)])
+    return float(usage_entropy_bits(sizes / num_classes)) + 0.0  # not -0.0 for one expert
+
+
+def shuffled_label_information_bits(experts: torch.Tensor, labels: torch.Tensor, num_classes: int,
+                                    num_experts: int, permutations: int = 100, seed: int = 0) -> np.ndarray:
+    """[permutations, layers]: I(class; expert) of the same routing with the images' labels permuted: what the
+    measure reads when class and expert are independent, given how many images and correlated tokens it sees."""
+    generator = torch.Generator().manual_seed(seed)
+    return np.stack([class_expert_information_bits(expert_usage(
+        experts, labels[torch.randperm(len(labels), generator=generator)], num_classes, num_experts))
+        for _ in range(permutations)])
+
+
 def usage_markdown(share: np.ndarray, blocks: list[int]) -> str:
     lines = []
     for layer, block in enumerate(blocks):
@@ -80,31 +163,55 @@ def usage_markdown(share: np.ndarray, blocks: list[int]) -> str:
     return "\n".join(lines)
 
 
-def draw_maps(pictures: np.ndarray, experts: torch.Tensor, blocks: list[int], shown_steps: list[int],
-              num_experts: int, patch_grid: int, title: str, out_png: Path) -> None:
-    """pictures uint8 [B, H, W, C]; experts [steps, layers, B, T]. One row per image, one panel per (layer, step)."""
-    columns = [(layer, step) for layer in range(len(blocks)) for step in shown_steps]
-    rows = len(pictures)
-    figure, axes = plt.subplots(rows, len(columns), figsize=(1.6 * len(columns), 1.6 * rows + 0.6), squeeze=False)
-    colours = plt.get_cmap("tab20", max(num_experts, 2))
-    height, width = pictures.shape[1:3]
-    for row, picture in enumerate(pictures):
-        for column, (layer, step) in enumerate(columns):
-            axis = axes[row, column]
-            grid = experts[step, layer, row].view(patch_grid, patch_grid).numpy()
-            axis.imshow(picture[..., 0] if picture.shape[-1] == 1 else picture, cmap="gray")
-            masked = np.ma.masked_less(grid, 0)
-            axis.imshow(masked, cmap=colours, vmin=-0.5, vmax=num_experts - 0.5, alpha=0.55,
-                        extent=(-0.5, width - 0.5, height - 0.5, -0.5), interpolation="nearest")
-            axis.set_xticks([])
-            axis.set_yticks([])
-            if row == 0:
-                axis.set_title(f"block {blocks[layer]}\nstep {step}", fontsize=7)
-    handles = [plt.Rectangle((0, 0), 1, 1, color=colours(e)) for e in range(num_experts)]
-    figure.legend(handles, [f"e{e}" for e in range(num_experts)], loc="lower center", ncol=min(num_experts, 10),
-                  fontsize=7, frameon=False)
-    figure.suptitle(title, fontsize=9)
-    figure.tight_layout(rect=(0, 0.05, 1, 1))
+@dataclass
+class MapRow:
+    name: str  # what the row shows, e.g. "ProMoE, class 3"
+    inputs: np.ndarray  # uint8 [steps, H, W, C]: the image's x_t, the model's input at each sampling step
+    experts: torch.Tensor  # [steps, layers, T]: the top expert of each token, -1 where no expert took it
+    blocks: list[int]  # the MoE layers' block indices
+
+
+def draw_maps(rows: list[MapRow], shown_steps: list[int], timesteps, num_experts: int, patch_grid: int, title: str,
+              out_png: Path) -> None:
+    """One row per MapRow; per shown step, the step's input x_t and then the expert of every patch in each MoE
+    layer at that step, in opaque colours that are the legend's (grey: no expert took the patch). timesteps: the
+    model's timestep input at each step."""
+    layers = max(len(row.blocks) for row in rows)
+    group = layers + 2  # the input, the layers, a gap
+    figure, axes = plt.subplots(len(rows), group * len(shown_steps) - 1, squeeze=False,
+                                figsize=(0.75 * (group * len(shown_steps) - 1), 0.8 * len(rows) + 1.1),
+                                gridspec_kw={"width_ratios": (([1] * (layers + 1) + [0.25]) * len(shown_steps))[:-1]})
+    palette = plt.get_cmap("tab10" if num_experts <= 10 else "tab20").colors[:num_experts]
+    colours = matplotlib.colors.ListedColormap(palette)
+    colours = colours.with_extremes(bad="0.85")
+    for axis in axes.flat:
+        axis.axis("off")
+    for r, row in enumerate(rows):
+        for g, step in enumerate(shown_steps):
+            picture = axes[r, g * group]
+            picture.imshow(row.inputs[step].squeeze(-1) if row.inputs.shape[-1] == 1 else row.inputs[step],
+                           cmap="gray", vmin=0, vmax=255)
+            for layer in range(len(row.blocks)):
+                grid = row.experts[step, layer].view(patch_grid, patch_grid).numpy()
+                axis = axes[r, g * group + 1 + layer]
+                axis.imshow(np.ma.masked_less(grid, 0), cmap=colours, vmin=-0.5, vmax=num_experts - 0.5,
+                            interpolation="nearest")
+                if r == 0:
+                    axis.set_title(f"MoE layer {layer + 1}", fontsize=6)
+            if r == 0:
+                picture.set_title(f"step {step}: x_t\nt = {float(timesteps[step]):.0f}", fontsize=6)
+        axes[r, 0].axis("on")
+        axes[r, 0].set_xticks([])
+        axes[r, 0].set_yticks([])
+        axes[r, 0].set_ylabel(row.name, fontsize=6, rotation=0, ha="right", va="center")
+    handles = [plt.Rectangle((0, 0), 1, 1, color=palette[e]) for e in range(num_experts)]
+    figure.legend(handles, [f"expert {e}" for e in range(num_experts)], loc="lower center",
+                  ncol=min(num_experts, 10), fontsize=7, frameon=False)
+    title = textwrap.fill(title, 40 + 12 * axes.shape[1])
+    figure.suptitle(title, fontsize=8)
+    height = figure.get_figheight()
+    figure.tight_layout(rect=(0, 0.35 / height, 1, 1 - 0.15 * (title.count("\n") + 1) / height), pad=0.3,
+                        w_pad=0.1, h_pad=0.2)
     figure.savefig(out_png, dpi=130)
     plt.close(figure)
 
@@ -139,20 +246,22 @@ def main(argv=None) -> None:
     decoder = Decoder(args.vae, is_latent_model(config), torch.device("cpu"))
     classes = range(model.num_classes) if model.num_classes <= 10 else [args.label]
     labels = torch.tensor([args.label] * args.images + [c for c in classes for _ in range(args.per_class)])
-    images, experts, blocks = sample_with_routing(model, objective, labels, args.steps, args.seed)
-    num_experts = model.blocks[blocks[0]].mlp.experts.num_experts
+    sampled = sample_with_routing(model, objective, labels, args.steps, args.seed)
+    num_experts = model.blocks[sampled.blocks[0]].mlp.experts.num_experts
     shown = sorted({min(args.steps - 1, max(0, round((1 - level) * args.steps))) for level in args.show})
 
     args.out.mkdir(parents=True, exist_ok=True)
-    pictures = to_uint8(decoder(images[: args.images]))
+    rows = [MapRow(f"image {image}", to_uint8(decoder(sampled.inputs[:, image])), sampled.experts[:, :, image],
+                   sampled.blocks) for image in range(args.images)]
     patch_grid = model.config.input_size // model.patch_size
     map_png = args.out / f"routing_class{args.label}.png"
-    draw_maps(pictures, experts[:, :, : args.images], blocks, shown, num_experts, patch_grid,
-              f"class {args.label}: expert of each patch (largest gate), {args.steps} sampling steps", map_png)
-    share = expert_usage(experts[:, :, args.images:], labels[args.images:], model.num_classes, num_experts)
-    (args.out / "routing_usage.md").write_text(usage_markdown(share, blocks))
+    draw_maps(rows, shown, sampled.timesteps, num_experts, patch_grid,
+              f"class {args.label}: expert of each patch (largest gate) at each shown step, beside that step's input "
+              f"x_t; {args.steps} sampling steps; MoE layers in blocks {sampled.blocks}", map_png)
+    share = expert_usage(sampled.experts[:, :, args.images:], labels[args.images:], model.num_classes, num_experts)
+    (args.out / "routing_usage.md").write_text(usage_markdown(share, sampled.blocks))
     (args.out / "routing_usage.json").write_text(json.dumps(
-        {"blocks": blocks, "share": np.nan_to_num(share, nan=-1).tolist(), "steps": args.steps,
+        {"blocks": sampled.blocks, "share": np.nan_to_num(share, nan=-1).tolist(), "steps": args.steps,
          "per_class": args.per_class, "checkpoint": str(args.ckpt)}, indent=1))
     print(f"wrote {map_png}, {args.out / 'routing_usage.md'}")
 
