@@ -53,6 +53,8 @@ class TrainSection:
     objective: str = "rf"  # rf | ddpm
     steps: int = 1000
     global_batch: int = 64
+    micro_batch: int | None = None  # per rank; a step accumulates the gradients of global_batch / world / micro_batch
+    expert_parallel: int = 1  # ranks that share one MoE layer's routed experts (each holds E / expert_parallel)
     seed: int = 0
     ema_decay: float = 0.9999
     ema_warmup: bool = False  # decay min(ema_decay, (1 + n) / (10 + n)) at update n: early weights fade fast
@@ -127,6 +129,14 @@ class RunConfig:
                 fail(f"train.{key}", "must be >= 1")
         if train.global_batch % world_size:
             fail("train.global_batch", f"({train.global_batch}) is not divisible by the world size {world_size}")
+        per_rank = train.global_batch // world_size
+        if train.micro_batch is not None and not (1 <= train.micro_batch <= per_rank
+                                                  and per_rank % train.micro_batch == 0):
+            fail("train.micro_batch", f"({train.micro_batch}) must divide the per-rank batch {per_rank} (global_batch "
+                 f"{train.global_batch} over {world_size} rank(s))")
+        if train.expert_parallel < 1 or world_size % train.expert_parallel:
+            fail("train.expert_parallel", f"({train.expert_parallel}) must be >= 1 and divide the world size "
+                 f"{world_size}")
         for key, holds, rule in NUMBER_RULES:
             section, name = key.split(".")
             value = getattr(getattr(self, section), name)

@@ -25,16 +25,17 @@ from tqdm import tqdm
 from promoe.diffusion import make_objective
 from promoe.distributed import init_distributed
 from promoe.moe.layer import describe_dispatch, place_dispatch
-from promoe.moe.record import record_routing
+from promoe.moe.record import merge_records, record_routing
 from promoe.train_config import RunConfig, load_config
 from promoe.training.batches import data_identity, global_batch_indices, load_dataset
 from promoe.training.checkpoints import Checkpoints, export_ema
 from promoe.training.ema import EMA
 from promoe.training.end_of_run import finish
+from promoe.training.expert_parallel import clip_gradients, sync_expert_gradients
 from promoe.training.folder import lock_folder, move_aside, previous_run, remove_leftovers
 from promoe.training.metrics import MetricsLog, reduce_logged
 from promoe.training.optimizer import apply_config, make_optimizer
-from promoe.training.parallel import build_on_meta, compute_dtype, parallelise, running_buffers
+from promoe.training.parallel import build_on_meta, compute_dtype, parallelise, running_buffers, set_gradient_sync
 from promoe.training.ranks import average_over_ranks, full, said_once, stop_if_any
 from promoe.training.resume import check_resumable
 from promoe.training.stop import StopRequest
@@ -185,8 +186,9 @@ def train(model, optimizer, ema: EMA, dataset, checkpoints: Checkpoints, config:
 
 def train_step(model, optimizer, ema: EMA, objective, dataset, stats: list[torch.Tensor], config: RunConfig,
                step: int, device: torch.device) -> tuple[dict[str, float], float]:
-    """One optimizer step on this rank's slice of the global batch of `step`, the routers' running statistics
-    averaged over ranks: (the logged scalars averaged over ranks, the gradient norm before clipping)."""
+    """One optimizer step on this rank's slice of the global batch of `step`, in micro-batches whose gradients add
+    up before the one reduction over ranks, the routers' running statistics averaged over ranks: (the logged
+    scalars averaged over ranks, the gradient norm before clipping)."""
     rank, world_size, train_config = dist.get_rank(), dist.get_world_size(), config.train
     per_rank = train_config.global_batch // world_size
     generator = torch.Generator().manual_seed(train_config.seed * 1_000_003 + step)
@@ -197,17 +199,30 @@ def train_step(model, optimizer, ema: EMA, objective, dataset, stats: list[torch
     dropped = (torch.rand(len(indices), generator=generator) < model.config.class_dropout_prob)[mine]
     labels = torch.where(dropped, model.config.num_classes, labels)
     timesteps, noise = objective.draw((len(indices), *images.shape[1:]), generator)
-    with record_routing(model) as routing:  # closed before backward: a recomputed forward is not counted
-        loss, terms = objective.loss(model, images.to(device), labels.to(device),
-                                     draws=(timesteps[mine], noise[mine]), drop_labels=False)
+    timesteps, noise = timesteps[mine], noise[mine]
     optimizer.zero_grad(set_to_none=True)
-    loss.backward()
+    micro = train_config.micro_batch or per_rank
+    parts = [slice(start, start + micro) for start in range(0, per_rank, micro)]
+    losses, terms, routing = [], [], []
+    for index, part in enumerate(parts):
+        set_gradient_sync(model, index == len(parts) - 1)  # reduced over ranks once, in the last backward
+        with record_routing(model) as part_routing:  # closed before backward: a recomputed forward is not counted
+            loss, part_terms = objective.loss(model, images[part].to(device), labels[part].to(device),
+                                              draws=(timesteps[part], noise[part]), drop_labels=False)
+        # Equal micro-batches: the mean of their mean losses is the step's mean loss, and so are the gradients.
+        (loss / len(parts)).backward()
+        losses.append(loss.detach())
+        terms.append({name: value.detach() for name, value in part_terms.items()})
+        routing.append(part_routing)
+    sync_expert_gradients(model)
     apply_config(optimizer, config.optim, step)
-    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), config.optim.grad_clip)
+    grad_norm = clip_gradients(model, config.optim.grad_clip)
     optimizer.step()
     ema.update(model, step)
     average_over_ranks(stats, world_size)
-    return reduce_logged(loss, terms, routing, world_size), full(grad_norm).item()
+    mean_terms = {name: torch.stack([part[name] for part in terms]).mean() for name in terms[0]}
+    return (reduce_logged(torch.stack(losses).mean(), mean_terms, merge_records(routing), world_size),
+            full(grad_norm).item())
 
 
 def divergence_message(row: dict, grad_norm: float, step: int, last_saved: Path | None) -> str:

@@ -14,6 +14,7 @@ import torch.nn as nn
 
 from promoe.config import check_backend
 from promoe.moe.dispatch import LayerRouting, TorchBackend, default_backend_name, make_backend
+from promoe.moe.expert_parallel import ExpertGroup, dispatch_expert_parallel
 from promoe.moe.experts import FFN, ExpertBank
 from promoe.moe.plan import RoutingPlan
 from promoe.moe.routers import PrototypeScorer
@@ -38,6 +39,7 @@ class MoELayer(nn.Module):
         self.activated_routed = activated_routed
         self.configured_backend = backend
         self.plan_hooks: list[Callable[[RoutingPlan], None]] = []  # called with each plan (`promoe.moe.record`)
+        self.expert_group: ExpertGroup | None = None  # set by expert parallelism: the bank holds this rank's rows
         self.use_backend(backend or default_backend_name(torch.get_default_device()))
 
     def use_backend(self, name: str) -> None:
@@ -50,6 +52,11 @@ class MoELayer(nn.Module):
         scorer = getattr(self.router, "scorer", None)
         prototypes = scorer.prototypes.shape[0] if isinstance(scorer, PrototypeScorer) else 0
         return LayerRouting(self.router.token_choice, prototypes, getattr(self.router, "top_k", 1))
+
+    @property
+    def num_bank_experts(self) -> int:
+        """The experts of the whole bank, routed and unconditional, of which this rank may hold only some."""
+        return self.experts.num_experts if self.expert_group is None else self.expert_group.bank_size
 
     def inactive_param_count(self) -> int:
         """Parameters of the bank experts that a token does not run (counted in total, not in activated)."""
@@ -64,7 +71,7 @@ class MoELayer(nn.Module):
         x_route_ND, x_losses_ND, x_shared_ND, x_dispatch_ND = self.backend.fan_out(x_ND, 4)
         choice = self.router(x_route_ND, cond_N, num_samples)
         if self.router.token_choice:  # each token chose K experts: sort its slots by expert
-            plan = self.backend.token_choice_plan(choice.expert_ids_NK, choice.gates_NK, self.experts.num_experts,
+            plan = self.backend.token_choice_plan(choice.expert_ids_NK, choice.gates_NK, self.num_bank_experts,
                                                   self.router.has_dropped_slots)
         else:  # each expert chose its tokens: the choice is the plan
             plan = choice.plan
@@ -75,7 +82,11 @@ class MoELayer(nn.Module):
         aux = self.router.aux_losses(x_losses_ND, cond_N, choice, plan, labels_B) if self.training else {}
         shared_ND = None if self.shared is None else self.shared(x_shared_ND)
         # permute into expert order -> the expert MLP -> combine, gate-weighted, onto the shared experts' output
-        y_ND = self.backend.dispatch(x_dispatch_ND, plan, self.experts, shared_ND)
+        if self.expert_group is None:
+            y_ND = self.backend.dispatch(x_dispatch_ND, plan, self.experts, shared_ND)
+        else:  # the expert MLP of each routed slot runs on its expert's rank
+            y_ND = dispatch_expert_parallel(self.backend, x_dispatch_ND, plan, self.experts, shared_ND,
+                                            self.expert_group)
         return y_ND.view_as(x_BLD), aux
 
 

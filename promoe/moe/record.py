@@ -58,3 +58,10 @@ def record_routing(model: torch.nn.Module, tokens: bool = False):
     finally:
         for layer, hook in hooked:
             layer.plan_hooks.remove(hook)
+
+
+def merge_records(parts: list[list[LayerRouting]]) -> list[LayerRouting]:
+    """The records of several `record_routing` blocks over the same model (a step's micro-batches) as one."""
+    return [LayerRouting(block=layers[0].block, loads_E=[load for layer in layers for load in layer.loads_E],
+                         top_expert_N=[top for layer in layers for top in layer.top_expert_N])
+            for layers in zip(*parts)]

@@ -38,6 +38,7 @@ from promoe.checkpoint_format import (
 )
 from promoe.train_config import RunConfig
 from promoe.training.ema import EMA
+from promoe.training.expert_parallel import expert_banks, load_whole_banks, whole_bank, with_whole_banks
 from promoe.training.ranks import any_rank, stop_if_any
 from promoe.weights import load_dcp, save_weights
 
@@ -101,8 +102,8 @@ class Checkpoints:
             error = self._try(self._start, tmp, config, {"step": step, "data": data})
         if not any_rank(error is not None):
             model_state, optim_state = get_state_dict(model, optimizer)
-            error = self._try(dcp.save, {"model": model_state, "optim": optim_state, "ema": ema.params},
-                              checkpoint_id=str(tmp))
+            state = with_whole_banks(model, {"model": model_state, "optim": optim_state, "ema": ema.params})
+            error = self._try(dcp.save, state, checkpoint_id=str(tmp))
         if not any_rank(error is not None):
             error = self._try(self._commit, tmp, final)
         failure = None if error is None else (disk_full_message(error, self.root)
@@ -185,7 +186,8 @@ class Checkpoints:
         """Model, optimizer and EMA from `folder` into the sharded objects; its meta.json."""
         model_state, optim_state = get_state_dict(model, optimizer)
         state = {"model": model_state, "optim": optim_state, "ema": ema.params}
-        load_dcp(state, folder)  # runs no code from the folder, though it is one's own run
+        # runs no code from the folder, though it is one's own run
+        load_whole_banks(model, state, lambda whole: load_dcp(whole, folder))
         set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
         return read_meta(folder)
 
@@ -197,6 +199,9 @@ def gather_ema(model: torch.nn.Module, ema: EMA) -> dict[str, torch.Tensor]:
         for name, p in model.named_parameters():
             p.copy_(ema.params[name].to(p.dtype))
     state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    for name, (param, group) in expert_banks(model).items():  # a collective: every rank gathers, rank 0 keeps
+        whole = whole_bank(param.detach(), group).cpu()
+        state.update({name: whole} if dist.get_rank() == 0 else {})
     # On one CPU rank the gathered tensors can be the parameters themselves: copy before the live weights return.
     state = {name: value.clone() for name, value in state.items()}
     with torch.no_grad():

@@ -12,12 +12,13 @@ import functools
 
 import torch
 import torch.distributed as dist
-from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor, distribute_tensor
 from torch.utils.checkpoint import checkpoint
 
 from promoe.dit.model import compile_blocks
 from promoe.train_config import RunConfig
+from promoe.training.expert_parallel import apply_expert_parallel, expert_banks, local_rows
 from promoe.zoo import build_from_config
 
 
@@ -65,10 +66,12 @@ def shard(model: torch.nn.Module, dtype: torch.dtype, reshard: bool = True) -> N
     once, so the last block is never resharded. The root keeps its inputs as they are: a bf16 timestep s * 1000
     would move in steps of 4 above 512, unlike the sampler's."""
     policy = MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float32)
+    banks = {param for param, _ in expert_banks(model).values()}  # expert parallelism's, already cut
     for index, block in enumerate(model.blocks):
-        fully_shard(block, mp_policy=policy, reshard_after_forward=reshard and index < len(model.blocks) - 1)
+        fully_shard(block, mp_policy=policy, reshard_after_forward=reshard and index < len(model.blocks) - 1,
+                    ignored_params=banks & set(block.parameters()))
     fully_shard(model, mp_policy=MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float32,
-                                                      cast_forward_inputs=False))
+                                                      cast_forward_inputs=False), ignored_params=banks)
 
 
 @torch.no_grad()
@@ -79,8 +82,9 @@ def materialise_and_initialise(model: torch.nn.Module, config: RunConfig, device
     torch.manual_seed(config.train.seed)
     initial = build_from_config(config.model_config(), device="cpu")
     values = {**dict(initial.named_parameters()), **dict(initial.named_buffers())}
+    cut = local_rows(model)  # the banks of expert parallelism: this rank's rows
     for name, tensor in [*model.named_parameters(), *model.named_buffers()]:
-        value = values[name].to(device)
+        value = (values[name][cut[name]] if name in cut else values[name]).to(device)
         if isinstance(tensor, DTensor):
             value = distribute_tensor(value, tensor.device_mesh, tensor.placements, src_data_rank=None)
         tensor.copy_(value)
@@ -95,10 +99,19 @@ def needs_sharding(dtype: torch.dtype) -> bool:
     return dist.get_world_size() > 1 or dtype != torch.float32
 
 
+def set_gradient_sync(model: torch.nn.Module, sync: bool) -> None:
+    """Whether the next backward reduces the gradients over ranks (FSDP2); without, they add up where they are:
+    a step's micro-batches reduce once, in the last backward."""
+    if isinstance(model, FSDPModule):
+        model.set_requires_gradient_sync(sync)
+
+
 def parallelise(model: torch.nn.Module, config: RunConfig, device: torch.device) -> None:
-    """A model built on `meta` made ready to train: activation checkpointing, torch.compile per block, fully_shard
+    """A model built on `meta` made ready to train: the experts spread over ranks (`train.expert_parallel`),
+    activation checkpointing, torch.compile per block, fully_shard
     per block then the root (where it does work), materialised on `device` and initialised alike on every rank."""
     dtype = compute_dtype(config, device)
+    apply_expert_parallel(model, config, device)
     apply_activation_checkpointing(model, config)
     apply_compile(model, config)
     if needs_sharding(dtype):
