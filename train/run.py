@@ -84,7 +84,7 @@ def main(argv=None) -> int:
                       f"({config.train.global_batch // world_size} per rank), data {dataset.name} ({len(dataset)} "
                       f"images), model {config.model.name} {activated / 1e6:.2f}M activated / {total / 1e6:.2f}M "
                       f"total, {compute_dtype(config, device)}, dispatch {describe_dispatch(model)}"
-                      f"{', torch.compile per block' if config.train.compile else ''}")
+                      f"{', torch.compile per block' if config.train.compile else ''}{parallelism(config)}")
             stopped = train(model, optimizer, ema, dataset, checkpoints, config, start, resumed, device)
             if stopped is not None:
                 return stopped
@@ -94,6 +94,14 @@ def main(argv=None) -> int:
             return 0
     finally:
         dist.destroy_process_group()
+
+
+def parallelism(config: RunConfig) -> str:
+    """What the first line says of micro-batches and expert parallelism, where they are used."""
+    train = config.train
+    said = [f"micro-batch {train.micro_batch}"] if train.micro_batch else []
+    said += [f"expert parallel {train.expert_parallel}"] if train.expert_parallel > 1 else []
+    return "".join(f", {part}" for part in said)
 
 
 def configure(args, world_size: int) -> RunConfig:

@@ -1,0 +1,153 @@
+"""Gradient accumulation and expert parallelism: a step of micro-batches equals the one-shot step, and spreading the
+routed experts over 2 or 4 ranks changes neither the losses nor the parameters, and resumes on another degree."""
+
+import csv
+import os
+import socket
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from safetensors.torch import load_file
+
+from promoe.moe.dispatch import make_backend
+from promoe.moe.expert_parallel import ExpertGroup, dispatch_expert_parallel
+from promoe.moe.experts import ExpertBank
+from promoe.moe.plan import token_choice_plan
+from tests.helpers import torchrun
+from tests.test_train import ROOT, TINY_RUN, losses, run
+
+# 8 routed experts, top-2, 1 shared and 1 unconditional; the RCL off (a statistic of each rank's tokens); EMA decay
+# 0, so that the exported weights are the parameters after the last step.
+SMALL_PROMOE = ["model.overrides.experts=E10A2S1U1", "model.overrides.rcl_weight=0", "train.ema_decay=0",
+                "train.grid_steps=0"]
+
+
+def exported(out) -> dict[str, torch.Tensor]:
+    return load_file(out / "ema.safetensors")
+
+
+def assert_same_parameters(one: dict, other: dict) -> None:
+    assert one.keys() == other.keys()
+    for name in one:
+        torch.testing.assert_close(other[name], one[name], rtol=1e-5, atol=1e-6, msg=name)
+
+
+def assert_same_losses(one: dict, other: dict, key_steps=(1, 2, 3)) -> None:
+    assert sorted(other) == list(key_steps)
+    for step in key_steps:
+        assert other[step] == pytest.approx(one[step], rel=1e-5), step
+
+
+@pytest.mark.parametrize("ranks", [1, 2])
+def test_a_step_of_four_micro_batches_equals_the_step_without(tmp_path, ranks):
+    launcher = torchrun(ranks) if ranks > 1 else (sys.executable,)
+    run(tmp_path / "whole", "--max-steps", "1", *SMALL_PROMOE, launcher=launcher)
+    per_rank = 16 // ranks
+    run(tmp_path / "micro", "--max-steps", "1", *SMALL_PROMOE, f"train.micro_batch={per_rank // 4}",
+        launcher=launcher)
+    assert losses(tmp_path / "micro")[1] == pytest.approx(losses(tmp_path / "whole")[1], rel=1e-6)
+    # Adam's first step hardly sees the scale of the gradient: the norm does.
+    assert column(tmp_path / "micro", "grad_norm")[1] == pytest.approx(column(tmp_path / "whole", "grad_norm")[1],
+                                                                       rel=1e-5)
+    assert_same_parameters(exported(tmp_path / "whole"), exported(tmp_path / "micro"))
+
+
+def test_micro_batch_must_divide_the_per_rank_batch(tmp_path):
+    command = [sys.executable, str(ROOT / "train" / "run.py"), "--config", str(ROOT / "configs" / "demo.yaml"),
+               "--out", str(tmp_path), *TINY_RUN, "train.micro_batch=5", "--max-steps", "1"]
+    result = subprocess.run(command, capture_output=True, text=True, cwd=ROOT)
+    assert result.returncode != 0 and "train.micro_batch (5) must divide the per-rank batch 16" in result.stderr
+
+
+@pytest.mark.parametrize("ranks, degrees", [(2, (2,)), (4, (2, 4))], ids=["2-ranks", "4-ranks"])
+def test_expert_parallel_runs_give_the_same_losses_and_parameters(tmp_path, ranks, degrees):
+    run(tmp_path / "one", "--max-steps", "3", *SMALL_PROMOE)
+    run(tmp_path / "plain", "--max-steps", "3", *SMALL_PROMOE, launcher=torchrun(ranks))
+    plain = losses(tmp_path / "plain")
+    for degree in degrees:
+        out = tmp_path / f"ep{degree}"
+        result = run(out, "--max-steps", "3", *SMALL_PROMOE, f"train.expert_parallel={degree}",
+                     launcher=torchrun(ranks))
+        assert f"expert parallel {degree}" in result.stdout
+        assert_same_losses(plain, losses(out))
+        assert_same_losses(column(tmp_path / "plain", "grad_norm"), column(out, "grad_norm"))
+        assert_same_parameters(exported(tmp_path / "plain"), exported(out))
+    assert_same_losses(column(tmp_path / "one", "mse"), column(tmp_path / f"ep{degrees[-1]}", "mse"))
+
+
+def column(out, name: str) -> dict[int, float]:
+    with open(out / "metrics.csv") as file:
+        return {int(row["step"]): float(row[name]) for row in csv.DictReader(file)}
+
+
+def test_an_expert_parallel_checkpoint_resumes_on_another_degree(tmp_path):
+    run(tmp_path / "whole", "--max-steps", "3", *SMALL_PROMOE, launcher=torchrun(4))
+    for degree in (1, 4):
+        out = tmp_path / f"then_ep{degree}"
+        run(out, "--max-steps", "2", *SMALL_PROMOE, "train.expert_parallel=2", launcher=torchrun(4))
+        result = run(out, "--max-steps", "3", *SMALL_PROMOE, f"train.expert_parallel={degree}",
+                     launcher=torchrun(4))
+        assert "resumed from" in result.stdout
+        assert_same_losses(losses(tmp_path / "whole"), losses(out))
+        assert_same_parameters(exported(tmp_path / "whole"), exported(out))
+
+
+def test_expert_choice_models_are_refused_with_a_reason(tmp_path):
+    command = [*torchrun(2), str(ROOT / "train" / "run.py"), "--config", str(ROOT / "configs" / "demo.yaml"),
+               "--out", str(tmp_path), *TINY_RUN, "model.name=EC-DiT-S", "model.overrides.experts=E8A2S0U0",
+               "train.expert_parallel=2", "--max-steps", "1"]
+    result = subprocess.run(command, capture_output=True, text=True, cwd=ROOT,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert result.returncode != 0 and "routes by expert choice" in result.stderr
+
+
+# The layer's dispatch on its own, in 2 processes: every token to rank 0's experts (rank 1 receives none), some
+# unconditional tokens with dropped spare slots, against the backend's dispatch of the whole bank.
+
+def _dispatch_in_two_ranks(rank: int, port: int, backend_name: str, results: dict) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=2)
+    try:
+        torch.manual_seed(0)  # both ranks build the same whole bank and inputs, then each takes its share
+        routed, uncond, dim, tokens = 4, 1, 8, 10
+        bank = ExpertBank(routed + uncond, dim, 16)
+        bank.init_weights()
+        with torch.no_grad():
+            for param in bank.parameters():
+                param.normal_()
+        x_ND = torch.randn(2, tokens, dim)[rank].requires_grad_()
+        ids_NK = torch.randint(0, 2, (tokens, 2))  # experts 0 and 1: rank 0's
+        ids_NK[:3, 0], ids_NK[:3, 1] = routed, routed + uncond  # unconditional: the spare slot dropped
+        gates_NK = torch.rand(tokens, 2)
+        base_ND = torch.randn(tokens, dim)
+        backend = make_backend(backend_name)
+        plan = token_choice_plan(ids_NK, gates_NK, routed + uncond, has_dropped_slots=True)
+        expected = backend.dispatch(x_ND, plan, bank, base_ND)
+        (grad_expected,) = torch.autograd.grad(expected.square().sum(), x_ND)
+
+        group = ExpertGroup(dist.group.WORLD, None, 2, rank, routed, uncond)
+        local = ExpertBank(routed // 2 + uncond, dim, 16)
+        with torch.no_grad():
+            for name, param in local.named_parameters():
+                param.copy_(getattr(bank, name)[group.bank_rows()])
+        got = dispatch_expert_parallel(backend, x_ND, plan, local, base_ND, group)
+        (grad_got,) = torch.autograd.grad(got.square().sum(), x_ND)
+        torch.testing.assert_close(got, expected)
+        torch.testing.assert_close(grad_got, grad_expected)
+        results[rank] = True
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("backend_name", ["torch", "loop"])
+def test_a_rank_that_receives_no_token_and_dropped_slots_dispatch_as_the_whole_bank(backend_name):
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    results = mp.Manager().dict()
+    mp.spawn(_dispatch_in_two_ranks, args=(port, backend_name, results), nprocs=2)
+    assert dict(results) == {0: True, 1: True}
