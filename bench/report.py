@@ -68,6 +68,9 @@ def emit(run: dict, json_path: Path | None, title: str) -> None:
     json_path.parent.mkdir(parents=True, exist_ok=True)
     json_path.write_text(json.dumps(run, indent=2))
     json_path.with_suffix(".md").write_text(table)
+    if not any(key in run["results"][0] for key in THROUGHPUT_KEYS):
+        print(f"wrote {json_path} and its .md")
+        return
     try:
         import matplotlib  # noqa: F401  (the lent GPU machine may not have it: the figures matter, the chart not)
     except ImportError:

@@ -63,15 +63,17 @@ def test_micro_batch_must_divide_the_per_rank_batch(tmp_path):
     assert result.returncode != 0 and "train.micro_batch (5) must divide the per-rank batch 16" in result.stderr
 
 
-@pytest.mark.parametrize("ranks, degrees", [(2, (2,)), (4, (2, 4))], ids=["2-ranks", "4-ranks"])
-def test_expert_parallel_runs_give_the_same_losses_and_parameters(tmp_path, ranks, degrees):
-    run(tmp_path / "one", "--max-steps", "3", *SMALL_PROMOE)
-    run(tmp_path / "plain", "--max-steps", "3", *SMALL_PROMOE, launcher=torchrun(ranks))
+# 2 ranks share 7 routed experts unevenly (4 + 3); 4 ranks share 8 in 2 groups of 2 ranks, then 1 group of 4.
+@pytest.mark.parametrize("ranks, degrees, experts", [(2, (2,), "E9A2S1U1"), (4, (2, 4), "E10A2S1U1")],
+                         ids=["2-ranks-uneven", "4-ranks"])
+def test_expert_parallel_runs_give_the_same_losses_and_parameters(tmp_path, ranks, degrees, experts):
+    model = [*SMALL_PROMOE, f"model.overrides.experts={experts}"]
+    run(tmp_path / "one", "--max-steps", "3", *model)
+    run(tmp_path / "plain", "--max-steps", "3", *model, launcher=torchrun(ranks))
     plain = losses(tmp_path / "plain")
     for degree in degrees:
         out = tmp_path / f"ep{degree}"
-        result = run(out, "--max-steps", "3", *SMALL_PROMOE, f"train.expert_parallel={degree}",
-                     launcher=torchrun(ranks))
+        result = run(out, "--max-steps", "3", *model, f"train.expert_parallel={degree}", launcher=torchrun(ranks))
         assert f"expert parallel {degree}" in result.stdout
         assert_same_losses(plain, losses(out))
         assert_same_losses(column(tmp_path / "plain", "grad_norm"), column(out, "grad_norm"))
@@ -105,22 +107,23 @@ def test_expert_choice_models_are_refused_with_a_reason(tmp_path):
     assert result.returncode != 0 and "routes by expert choice" in result.stderr
 
 
-# The layer's dispatch on its own, in 2 processes: every token to rank 0's experts (rank 1 receives none), some
-# unconditional tokens with dropped spare slots, against the backend's dispatch of the whole bank.
+# The layer's dispatch on its own, in 2 processes, 5 routed experts dealt 3 + 2: tokens to any expert, or every
+# token to rank 0's experts (rank 1 receives none); some unconditional tokens with dropped spare slots; against the
+# backend's dispatch of the whole bank.
 
-def _dispatch_in_two_ranks(rank: int, port: int, backend_name: str, results: dict) -> None:
+def _dispatch_in_two_ranks(rank: int, port: int, backend_name: str, chosen: int, results: dict) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=2)
     try:
         torch.manual_seed(0)  # both ranks build the same whole bank and inputs, then each takes its share
-        routed, uncond, dim, tokens = 4, 1, 8, 10
+        routed, uncond, dim, tokens = 5, 1, 8, 10
         bank = ExpertBank(routed + uncond, dim, 16)
         bank.init_weights()
         with torch.no_grad():
             for param in bank.parameters():
                 param.normal_()
         x_ND = torch.randn(2, tokens, dim)[rank].requires_grad_()
-        ids_NK = torch.randint(0, 2, (tokens, 2))  # experts 0 and 1: rank 0's
+        ids_NK = torch.randint(0, chosen, (tokens, 2))
         ids_NK[:3, 0], ids_NK[:3, 1] = routed, routed + uncond  # unconditional: the spare slot dropped
         gates_NK = torch.rand(tokens, 2)
         base_ND = torch.randn(tokens, dim)
@@ -130,7 +133,8 @@ def _dispatch_in_two_ranks(rank: int, port: int, backend_name: str, results: dic
         (grad_expected,) = torch.autograd.grad(expected.square().sum(), x_ND)
 
         group = ExpertGroup(dist.group.WORLD, None, 2, rank, routed, uncond)
-        local = ExpertBank(routed // 2 + uncond, dim, 16)
+        assert group.shares == [3, 2]
+        local = ExpertBank(group.shares[rank] + uncond, dim, 16)
         with torch.no_grad():
             for name, param in local.named_parameters():
                 param.copy_(getattr(bank, name)[group.bank_rows()])
@@ -143,11 +147,12 @@ def _dispatch_in_two_ranks(rank: int, port: int, backend_name: str, results: dic
         dist.destroy_process_group()
 
 
-@pytest.mark.parametrize("backend_name", ["torch", "loop"])
-def test_a_rank_that_receives_no_token_and_dropped_slots_dispatch_as_the_whole_bank(backend_name):
+@pytest.mark.parametrize("backend_name", ["torch", "loop", "triton"])
+@pytest.mark.parametrize("chosen", [5, 3], ids=["any-expert", "rank-1-receives-none"])
+def test_expert_parallel_dispatch_equals_the_whole_banks(backend_name, chosen):
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
     results = mp.Manager().dict()
-    mp.spawn(_dispatch_in_two_ranks, args=(port, backend_name, results), nprocs=2)
+    mp.spawn(_dispatch_in_two_ranks, args=(port, backend_name, chosen, results), nprocs=2)
     assert dict(results) == {0: True, 1: True}

@@ -24,7 +24,9 @@ from promoe.moe.plan import RoutingPlan
 
 @dataclass(frozen=True)
 class ExpertGroup:
-    """This rank's place among the ranks that share a layer's routed experts."""
+    """This rank's place among the ranks that share a layer's routed experts. The routed experts are dealt in
+    contiguous shares, the first E % ep ranks one more than the others (as torch.chunk would not: it can leave
+    ranks without any)."""
 
     group: dist.ProcessGroup  # the expert-parallel group: ranks that exchange tokens
     replicas: dist.ProcessGroup | None  # the ranks that hold the same experts (None: this rank alone)
@@ -38,14 +40,20 @@ class ExpertGroup:
         return self.num_routed + self.num_uncond
 
     @property
+    def shares(self) -> list[int]:
+        """How many routed experts each rank of the group holds."""
+        base, extra = divmod(self.num_routed, self.size)
+        return [base + (rank < extra) for rank in range(self.size)]
+
+    @property
     def local_routed(self) -> int:
-        return self.num_routed // self.size
+        return self.shares[self.index]
 
     def bank_rows(self) -> torch.Tensor:
         """The rows of the whole bank [E + U] that this rank holds: its routed experts, then the unconditional."""
-        first = self.index * self.local_routed
+        first = sum(self.shares[:self.index])
         return torch.cat([torch.arange(first, first + self.local_routed),
-                          torch.arange(self.num_routed, self.num_routed + self.num_uncond)])
+                          torch.arange(self.num_routed, self.bank_size)])
 
 
 class AllToAll(torch.autograd.Function):
@@ -98,11 +106,13 @@ def dispatch_expert_parallel(backend, x_ND: torch.Tensor, plan: RoutingPlan, exp
     x_SD = backend.permute(x_ND, plan)
     routed, local = group.num_routed, group.local_routed
     counts_E = plan.counts_E
-    send_RC = counts_E[:routed].view(group.size, local)  # to rank r: the slots of its experts
-    recv_RC = torch.empty_like(send_RC)  # from rank r: the slots of each local expert
-    dist.all_to_all_single(recv_RC, send_RC, group=group.group)
+    # To rank r the slot counts of its experts; from rank r those of each local expert.
+    recv_RC = counts_E.new_empty(group.size * local)
+    dist.all_to_all_single(recv_RC, counts_E[:routed], [local] * group.size, group.shares, group=group.group)
+    recv_RC = recv_RC.view(group.size, local)
+    send_R = torch.stack([share.sum() for share in counts_E[:routed].split(group.shares)])
     # The layer's one host synchronisation: the split sizes, and how many unconditional slots stay here.
-    sizes = torch.cat([send_RC.sum(1), recv_RC.sum(1), counts_E[routed:].sum().view(1)]).tolist()
+    sizes = torch.cat([send_R, recv_RC.sum(1), counts_E[routed:].sum().view(1)]).tolist()
     send, recv, num_uncond = sizes[:group.size], sizes[group.size:2 * group.size], sizes[-1]
     sent, received = sum(send), sum(recv)
     x_recv_RD = AllToAll.apply(x_SD[:sent], recv, send, group.group)

@@ -53,11 +53,11 @@ def expert_parallel_refusal(layers: list, degree: int, model_name: str) -> str |
     if not layers:
         return f"{model_name} has no MoE layer"
     if not all(layer.router.token_choice for layer in layers):
-        return (f"{model_name} routes by expert choice (EC-DiT, ProMoE-EC, DiffMoE), whose plan picks tokens across "
-                "the whole batch: expert parallelism serves token-choice routers (ProMoE, TC-DiT); use 1")
+        return (f"{model_name} routes by expert choice (EC-DiT, ProMoE-EC, DiffMoE), whose capacities and thresholds "
+                "are untested across ranks: expert parallelism serves token-choice routers (ProMoE, TC-DiT); use 1")
     routed = layers[0].router.num_routed
-    if routed % degree:
-        return f"{model_name}'s {routed} routed experts per layer are not divisible by {degree}"
+    if routed < degree:
+        return f"{model_name} has {routed} routed experts per layer, fewer than the {degree} ranks to hold them"
     return None
 
 
@@ -75,10 +75,14 @@ def local_rows(model: nn.Module) -> dict[str, torch.Tensor]:
 
 
 def whole_bank(local: torch.Tensor, group: ExpertGroup) -> torch.Tensor:
-    """A bank tensor whole [E + U, ...] from this rank's rows (a collective of the expert group)."""
-    routed = local[:group.local_routed].contiguous()
-    shares = [torch.empty_like(routed) for _ in range(group.size)]
-    dist.all_gather(shares, routed, group=group.group)
+    """A bank tensor whole [E + U, ...] from this rank's rows (a collective of the expert group). Shares of
+    unequal size travel padded to the largest."""
+    largest = max(group.shares)
+    routed = local.new_zeros((largest, *local.shape[1:]))
+    routed[:group.local_routed] = local[:group.local_routed]
+    gathered = [torch.empty_like(routed) for _ in range(group.size)]
+    dist.all_gather(gathered, routed, group=group.group)
+    shares = [rows[:share] for rows, share in zip(gathered, group.shares)]
     return torch.cat([*shares, local[group.local_routed:]])
 
 
