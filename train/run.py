@@ -91,6 +91,9 @@ def main(argv=None) -> int:
             export_ema(model, ema, config, out, rank)
             if rank == 0:
                 finish(out, config, dataset.name, device)
+            # The ranks tear down together: once, in CI, a rank that left while rank 0 was still finishing
+            # aborted in gloo's teardown ("terminate called without an active exception").
+            dist.barrier()
             return 0
     finally:
         dist.destroy_process_group()
