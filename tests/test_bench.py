@@ -33,3 +33,25 @@ def test_bench_script_writes_json_table_and_chart(script, extra, tmp_path):
         assert by_backend[("torch", "fwd+bwd")]["host_syncs"] == 0
         assert by_backend[("triton", "fwd+bwd")]["host_syncs"] == 0
         assert by_backend[("loop", "fwd+bwd")]["host_syncs"] > 0
+
+
+def test_expert_parallel_bytes_break_even_where_the_table_says(tmp_path):
+    """At `break_even_tokens` tokens per rank, FSDP2's bank bytes per token equal expert parallelism's; the JSON and
+    the table are written."""
+    sys.path.insert(0, str(ROOT / "bench"))
+    import expert_parallel_bytes as bench
+
+    from promoe.zoo import model_config
+
+    rows = bench.table(world=8, tokens=8192, dropout=0.1)
+    assert {(row["E"], row["ep"]) for row in rows} == {(e, ep) for e in (14, 32, 64) for ep in (2, 4, 8)}
+    for row in rows:
+        config = model_config("ProMoE-XL", experts=f"E{row['E']}A1S1U1")
+        tokens = row["break_even_tokens"]
+        per_token, per_step = bench.expert_parallel_bytes(config, 8, row["ep"], tokens, 0.1)
+        fsdp = bench.fsdp_bank_bytes(config, 8)
+        assert fsdp / tokens == pytest.approx(per_token + per_step / tokens, rel=1e-4)
+    out = tmp_path / "bytes.json"
+    subprocess.run([sys.executable, str(ROOT / "bench" / "expert_parallel_bytes.py"), "--json", str(out)],
+                   check=True, capture_output=True, cwd=ROOT)
+    assert json.loads(out.read_text())["results"] == rows
