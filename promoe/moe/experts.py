@@ -85,7 +85,9 @@ def _grouped_mm_setup_context(ctx, inputs, output):
 
 def _grouped_mm_backward(ctx, grad_SB):
     x_SA, w_EAB, ends_E = ctx.saved_tensors
-    grad_SB = grad_SB.contiguous()  # the CPU kernel fails on a gradient with zero strides (straight from .sum())
+    # The CPU kernel fails on a gradient with zero strides: straight from .sum(), or of no rows at all (a rank of
+    # expert parallelism that runs no slot), which .contiguous() leaves as they are.
+    grad_SB = grad_SB.contiguous() if grad_SB.numel() else grad_SB.new_zeros(grad_SB.shape)
     grad_x = _grouped_mm_op(grad_SB, w_EAB.transpose(1, 2), ends_E) if ctx.needs_input_grad[0] else None
     grad_w = _grouped_mm_weight_grad_op(x_SA, grad_SB, ends_E) if ctx.needs_input_grad[1] else None
     return grad_x, grad_w, None
