@@ -295,6 +295,7 @@ def test_bad_calls_and_folders_get_clear_errors(pixel_pipeline, tmp_path):
 def test_sampling_and_reading_pipeline_folders_import_no_diffusers(pixel_pipeline):
     code = ("import sys; sys.modules['diffusers'] = None\n"  # any import of diffusers now fails
             "import promoe.sample, promoe.convert, promoe.sampling, promoe.data.latents\n"
+            "sys.path.insert(0, 'train'); import run  # the training driver\n"
             f"model, config = promoe.sampling.load_model({str(pixel_pipeline)!r})\n"
             "assert config.train.objective == 'rf' and config.data.kind == 'pixels', config\n")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT,
@@ -302,11 +303,18 @@ def test_sampling_and_reading_pipeline_folders_import_no_diffusers(pixel_pipelin
     assert result.returncode == 0, result.stderr[-3000:]
 
 
-def test_generate_and_the_pipeline_share_the_noise_convention():
-    model = tiny_model("ProMoE-S", learn_sigma=False).eval()
-    pipe = pipeline_of(model, RectifiedFlow())
+@pytest.mark.parametrize("sampler", ["euler", "flow-euler", "flow-heun", "ddim", "dpm-solver++"])
+def test_the_pipeline_runs_what_the_cli_runs_with_every_sampler(sampler):
+    # generate() is what promoe.sample runs per batch; the pipeline holds the scheduler the CLI builds.
+    objective = DDPM() if sampler in ("ddim", "dpm-solver++") else RectifiedFlow()
+    model = tiny_model("ProMoE-S", learn_sigma=isinstance(objective, DDPM)).eval()
     labels = torch.tensor([4, 4, 8])
-    ours = generate(model, RectifiedFlow(), labels, torch.manual_seed(11), 2, 1.0)
-    theirs = pipe(labels, num_inference_steps=2, generator=torch.manual_seed(11), output_type="latent",
-                  sigmas=euler_sigmas(2)[:-1].tolist()).images
+    scheduler = None if sampler == "euler" else sampler
+    ours = generate(model, objective, labels, torch.manual_seed(11), 3, 2.0, scheduler=scheduler)
+    pipe = pipeline_of(model, objective)
+    if scheduler is not None:
+        pipe.scheduler = make_scheduler(scheduler, objective, 3)
+    call = dict(sigmas=euler_sigmas(3)[:-1].tolist()) if sampler == "euler" else {}
+    theirs = pipe(labels, guidance_scale=2.0, num_inference_steps=3, generator=torch.manual_seed(11),
+                  output_type="latent", **call).images
     assert torch.equal(theirs, ours)
