@@ -205,6 +205,25 @@ def test_a_latent_ddpm_model_converts_with_its_vae_and_samples_as_the_cli(vae_di
     expected = np.load(next((tmp_path / "cli").glob("*/cfg-3/samples.npz")))["arr_0"]
     images = pipe([2, 7], guidance_scale=3.0, num_inference_steps=3, generator=torch.manual_seed(0)).images
     assert expected.shape == (2, 64, 64, 3) and np.array_equal(np.stack([np.asarray(i) for i in images]), expected)
+    # The sampler decodes a pipeline folder's latents with the folder's own VAE.
+    sample(["--ckpt", str(tmp_path / "pipe"), "--out", str(tmp_path / "from-folder"), "--labels", "2", "7",
+            "--num-images", "2", "--batch-size", "2", "--steps", "3", "--cfg-scale", "3", "--scheduler", "ddim"])
+    folder = tmp_path / "from-folder" / "pipe" / "cfg-3"
+    assert np.array_equal(np.load(folder / "samples.npz")["arr_0"], expected)
+    settings = json.loads((folder / "sampling.json").read_text())
+    assert (settings["objective"], settings["vae"]) == ("ddpm", str(tmp_path / "pipe" / "vae"))
+
+
+def test_a_checkpoint_folder_converts_to_a_pipeline_of_its_ema_weights(tiny_run, tmp_path):
+    from promoe.sampling import load_model
+
+    step = tiny_run / "checkpoints" / "step_0000003"
+    convert([str(step), "--to", "diffusers", "--out", str(tmp_path / "p")])
+    ema, _ = load_model(step)
+    pipe = ProMoEPipeline.from_pretrained(tmp_path / "p")
+    assert_same_tensors(pipe.transformer.dit.state_dict(), ema.state_dict())
+    with pytest.raises(SystemExit, match="exists"):
+        convert([str(step), "--to", "diffusers", "--out", str(tmp_path / "p")])
 
 
 def test_ddpm_scheduler_with_the_learned_variance_is_our_ancestral_sampler():
