@@ -26,6 +26,7 @@ from pathlib import Path
 
 import torch
 
+from promoe.diffusion import OBJECTIVES
 from promoe.dit.model import DiT
 from promoe.moe.routers import DiffMoERouter
 from promoe.weights import check_fits, save_weights
@@ -184,17 +185,43 @@ def load_official_checkpoint(source: str | Path | dict, model_name: str, prefer:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description="Convert an official ProMoE-code checkpoint to a promoe "
-                                                 "safetensors file.")
-    parser.add_argument("checkpoint", type=Path, help="official ckpt_step_*.pth")
-    parser.add_argument("--model", required=True, help="promoe model name, e.g. ProMoE-XL, DiffMoE-L-E8")
-    parser.add_argument("--out", type=Path, required=True, help="output .safetensors file")
+                                                 "safetensors file; or, with --to diffusers, any checkpoint that "
+                                                 "promoe.sample reads to a diffusers pipeline folder (promoe.hf).")
+    parser.add_argument("checkpoint", type=Path, help="official ckpt_step_*.pth; with --to diffusers also our "
+                        "checkpoint folders and safetensors files")
+    parser.add_argument("--model", help="promoe model name of an official .pth, e.g. ProMoE-XL, DiffMoE-L-E8")
+    parser.add_argument("--out", type=Path, required=True, help="output .safetensors file (--to diffusers: a new "
+                        "folder)")
     parser.add_argument("--weights", choices=("ema", "model"), default="ema", help="which weights to take")
+    parser.add_argument("--to", choices=("promoe", "diffusers"), default="promoe",
+                        help="promoe: our safetensors file; diffusers: a ProMoEPipeline folder")
+    parser.add_argument("--objective", choices=tuple(OBJECTIVES), help="--to diffusers: the objective "
+                        "(its scheduler) of an official .pth; our files record theirs")
+    parser.add_argument("--vae", help="--to diffusers: the local AutoencoderKL folder of a latent model, saved "
+                        "into the pipeline")
     args = parser.parse_args(argv)
+    if args.to == "diffusers":
+        to_diffusers(args)
+        return
+    if args.model is None:
+        parser.error("--model is required: name the model of the official checkpoint, e.g. ProMoE-XL")
     model = load_official_checkpoint(args.checkpoint, args.model, prefer=args.weights)
     state = model.state_dict()
     # The resolved model config travels in the file's metadata: `promoe.sample --ckpt OUT` rebuilds the model alone.
     save_weights(args.out, state, model.config, model=args.model, weights=args.weights)
     print(f"wrote {args.out} ({sum(v.numel() for v in state.values()) / 1e6:.2f}M parameters, {args.weights} weights)")
+
+
+def to_diffusers(args) -> None:
+    """`--to diffusers`: the checkpoint as a ProMoEPipeline folder; diffusers is imported for this direction only."""
+    from promoe.hf import pipeline_from_checkpoint, save_pipeline
+
+    try:
+        pipe = pipeline_from_checkpoint(args.checkpoint, args.model, args.weights, args.objective, args.vae)
+        save_pipeline(pipe, args.out)
+    except (FileNotFoundError, ValueError) as error:
+        raise SystemExit(f"error: {error}") from None
+    print(f"wrote {args.out}: {type(pipe.scheduler).__name__}, {'a VAE' if pipe.vae is not None else 'no VAE'}")
 
 
 if __name__ == "__main__":

@@ -4,8 +4,9 @@
     torchrun --nproc_per_node=8 -m promoe.sample --ckpt ckpt_step_500000.pth --model ProMoE-XL --vae sd-vae/ ...
 
 --ckpt takes one of our checkpoint folders (EMA weights), an exported `ema.safetensors` (with the `config.json`
-beside it), or an official `ckpt_step_*.pth` (with --model); several checkpoints and guidance scales run in one
-call, each into `OUT/<checkpoint>/cfg-<scale>/`.
+beside it), an official `ckpt_step_*.pth` (with --model), or a diffusers pipeline folder of promoe.hf (its own VAE
+unless --vae names one); several checkpoints and guidance scales run in one call, each into
+`OUT/<checkpoint>/cfg-<scale>/`.
 
 Images are made in fixed batches of --batch-size; batch b holds images b*bs .. (b+1)*bs-1, its noise comes from a
 generator seeded by (seed, b) and the labels of all images from one generator seeded by the seed, so the images do
@@ -27,6 +28,7 @@ from tqdm import tqdm
 from promoe.diffusion import GUIDANCE_MODES, OBJECTIVES, SCHEDULERS, RectifiedFlow, batches_guidance, make_scheduler
 from promoe.distributed import init_distributed
 from promoe.dit.model import compile_blocks
+from promoe.hf_folder import is_pipeline_folder
 from promoe.moe.layer import place_dispatch
 from promoe.sampling import Decoder, generate, image_grid, is_latent_model, load_model, objective_of, save_png, to_uint8
 
@@ -104,7 +106,8 @@ def collect(folder: Path, labels: torch.Tensor, grid_columns: int) -> None:
 
 def parse_args(argv):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--ckpt", nargs="+", required=True, help="checkpoint folders, ema.safetensors or .pth files")
+    parser.add_argument("--ckpt", nargs="+", required=True, help="checkpoint folders, ema.safetensors or .pth files, "
+                        "diffusers pipeline folders")
     parser.add_argument("--model", help="model name, needed for an official .pth checkpoint")
     parser.add_argument("--weights", choices=("ema", "model"), default="ema")
     parser.add_argument("--objective", choices=tuple(OBJECTIVES),
@@ -171,7 +174,8 @@ def main(argv=None) -> None:
                 make_scheduler(args.scheduler, objective, args.steps)  # refuses one that does not fit, before output
             sampler = args.scheduler or ("euler" if isinstance(objective, RectifiedFlow) else "ddpm")
             guidance = "batched" if batches_guidance(model, args.guidance) else "two-pass"
-            decoder = Decoder(args.vae, is_latent_model(config), device)
+            vae = args.vae or (config.data.vae if is_pipeline_folder(source) else None)  # a pipeline's own VAE
+            decoder = Decoder(vae, is_latent_model(config), device)
             labels = draw_labels(args.num_images, model.num_classes, args.labels, args.seed)
         except (FileNotFoundError, ValueError) as error:  # a wrong path, file or option: the message says which
             raise SystemExit(f"error: {error}") from None
@@ -180,7 +184,7 @@ def main(argv=None) -> None:
             settings = {"checkpoint": str(Path(source).resolve()), "weights": args.weights, "cfg_scale": scale,
                         "objective": args.objective or config.train.objective, "steps": args.steps,
                         "sampler": sampler, "guidance": guidance,
-                        "seed": args.seed, "num_images": args.num_images, "vae": args.vae,
+                        "seed": args.seed, "num_images": args.num_images, "vae": vae,
                         "batch_size": args.batch_size, "labels": args.labels}
             claim_folder(folder, settings, rank)
             sample_into(folder, model, objective, decoder, labels, scale, args, rank, world_size)

@@ -17,13 +17,15 @@ import promoe
 from promoe.checkpoint_format import CONFIG, load_training_checkpoint, read_run_config
 from promoe.data.vae import load_vae
 from promoe.diffusion import DDPM, batches_guidance, make_objective, make_scheduler, sample_with_scheduler
+from promoe.hf_folder import is_pipeline_folder, load_pipeline_folder
 from promoe.train_config import RunConfig
 from promoe.weights import check_fits, read_weights, unpickling_refusal
 
 
 def load_model(source: str | Path, model_name: str | None = None, weights: str = "ema"):
     """(model in eval mode, its RunConfig or None where the file records only the model: an official or converted
-    checkpoint) from any checkpoint form. Nothing in a file runs code: see promoe.weights."""
+    checkpoint) from any checkpoint form, a diffusers pipeline folder of promoe.hf included (its RunConfig says what
+    its folder does: the objective, pixels or latents, its VAE). Nothing in a file runs code: see promoe.weights."""
     source = Path(source)
     if not source.exists():
         raise FileNotFoundError(f"checkpoint {source} does not exist")
@@ -38,6 +40,11 @@ def load_model(source: str | Path, model_name: str | None = None, weights: str =
         if weights != "ema":
             raise ValueError(f"{source} holds the EMA weights only; the live weights are in the checkpoint folders")
         return load_safetensors(source)
+    if is_pipeline_folder(source):
+        if weights != "ema":
+            raise ValueError(f"{source} is a diffusers pipeline folder: it holds one set of weights, read with "
+                             "--weights ema")
+        return load_pipeline_folder(source)
     config = read_run_config(source / CONFIG)
     return load_training_checkpoint(source, config, weights), config
 
@@ -85,8 +92,7 @@ def generate(model, objective, labels: torch.Tensor, generator: torch.Generator,
     objective's own sampler or a diffusers `scheduler` (promoe.diffusion.SCHEDULERS); `guidance` one of
     GUIDANCE_MODES ("auto": two passes for a model whose routing couples samples, one batch otherwise)."""
     device = next(model.parameters()).device
-    size = model.config.input_size
-    noise = torch.randn(len(labels), model.in_channels, size, size, generator=generator).to(device)
+    noise = initial_noise(model, len(labels), generator).to(device)
     labels = labels.to(device)
     batched = batches_guidance(model, guidance)
     if scheduler is not None:
@@ -95,6 +101,14 @@ def generate(model, objective, labels: torch.Tensor, generator: torch.Generator,
     if isinstance(objective, DDPM):
         return objective.sample(model, noise, labels, steps, cfg_scale, batched, generator=generator)
     return objective.sample(model, noise, labels, steps, cfg_scale, batched_guidance=batched)
+
+
+def initial_noise(model, count: int, generator: torch.Generator | None) -> torch.Tensor:
+    """The starting noise of `count` samples [count, C, H, W], drawn on the CPU from `generator` in one call, so
+    that a batch's draws depend on the generator's seed only (not on the device): `generate` and ProMoEPipeline
+    both start here."""
+    size = model.config.input_size
+    return torch.randn(count, model.in_channels, size, size, generator=generator)
 
 
 def per_class_labels(count: int, num_classes: int) -> torch.Tensor:
@@ -148,10 +162,16 @@ class Decoder:
                                  "stabilityai/sd-vae-ft-mse saved with save_pretrained); nothing is downloaded")
             self.vae = load_vae(vae_path, device)
 
-    @torch.no_grad()
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        if self.vae is None:
-            return x
-        channels = self.vae.config.latent_channels
-        return self.vae.decode(x[:, :channels] / self.vae.config.scaling_factor).sample.clamp(-1, 1)
+        return decode(self.vae, x)
+
+
+@torch.no_grad()
+def decode(vae, x: torch.Tensor) -> torch.Tensor:
+    """Samples in the model's space -> pixels in [-1, 1]: through the VAE (None: a pixel-space model, as they are);
+    the sampling CLI (`Decoder`) and ProMoEPipeline both decode here."""
+    if vae is None:
+        return x
+    channels = vae.config.latent_channels
+    return vae.decode(x[:, :channels] / vae.config.scaling_factor).sample.clamp(-1, 1)
 

@@ -18,6 +18,18 @@ def tiny_model(name: str, seed: int = 0, **overrides):
     return randomize_(promoe.build_model(name, **{**TINY, **overrides}), seed)
 
 
+def save_tiny_vae(path, sample_size: int = 32):
+    """A 1M-parameter AutoencoderKL that downsamples 8x like SD's, random weights (seed 0), saved to `path`."""
+    from diffusers import AutoencoderKL
+
+    torch.manual_seed(0)
+    vae = AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 4,
+                        up_block_types=("UpDecoderBlock2D",) * 4, block_out_channels=(32, 32, 64, 64),
+                        latent_channels=4, layers_per_block=1, norm_num_groups=32, sample_size=sample_size)
+    vae.save_pretrained(path)
+    return path
+
+
 def torchrun(nproc: int = 2) -> tuple[str, ...]:
     """The command prefix of a torchrun launch on a free port (fixed ports collide when tests run side by side)."""
     import socket

@@ -22,6 +22,7 @@ from promoe.data import (
 )
 from promoe.data.preprocess import main as preprocess_main
 from promoe.data.preprocess import write_shard
+from tests.helpers import save_tiny_vae
 
 IMAGE_SIZE = 32  # the tiny VAE downsamples 8x: latents [4, 4, 4]
 # (class, file name, width, height, mode): sizes below, at and far above the crop size, grey and RGBA
@@ -35,15 +36,7 @@ IMAGES = [
 
 @pytest.fixture(scope="module")
 def vae_dir(tmp_path_factory):
-    from diffusers import AutoencoderKL
-
-    torch.manual_seed(0)
-    vae = AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 4,
-                        up_block_types=("UpDecoderBlock2D",) * 4, block_out_channels=(32, 32, 64, 64),
-                        latent_channels=4, layers_per_block=1, norm_num_groups=32, sample_size=32)
-    path = tmp_path_factory.mktemp("vae")
-    vae.save_pretrained(path)
-    return path
+    return save_tiny_vae(tmp_path_factory.mktemp("vae"))
 
 
 @pytest.fixture(scope="module")

@@ -5,7 +5,7 @@ from functools import partial
 
 from promoe.diffusion.ddpm import DDPM
 from promoe.diffusion.guidance import GUIDANCE_MODES, batches_guidance, guided_prediction
-from promoe.diffusion.rectified_flow import RectifiedFlow
+from promoe.diffusion.rectified_flow import RectifiedFlow, euler_sigmas
 from promoe.diffusion.schedulers import SCHEDULERS, make_scheduler, sample_with_scheduler, schedulers_for
 
 # ddpm: the variance learned when the model has learn_sigma=True (as the paper's DDPM runs), fixed otherwise;
@@ -21,4 +21,5 @@ def make_objective(name: str):
 
 
 __all__ = ["DDPM", "GUIDANCE_MODES", "OBJECTIVES", "SCHEDULERS", "RectifiedFlow", "batches_guidance",
-           "guided_prediction", "make_objective", "make_scheduler", "sample_with_scheduler", "schedulers_for"]
+           "euler_sigmas", "guided_prediction", "make_objective", "make_scheduler", "sample_with_scheduler",
+           "schedulers_for"]

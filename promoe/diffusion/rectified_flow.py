@@ -12,6 +12,12 @@ def shift_sigmas(s: torch.Tensor, shift: float) -> torch.Tensor:
     return shift * s / (1 + (shift - 1) * s)
 
 
+def euler_sigmas(steps: int, shift: float = 1.0, device: torch.device | str | None = None) -> torch.Tensor:
+    """The steps + 1 sigmas of our Euler sampler, 1 (noise) to 0 (data) in equal steps, then shifted.
+    FlowMatchEulerDiscreteScheduler given `euler_sigmas(n)[:-1]` runs the same steps to the last bit (tested)."""
+    return shift_sigmas(torch.linspace(1, 0, steps + 1, device=device), shift)
+
+
 @dataclass
 class RectifiedFlow:
     mean: float = 0.0  # logit-normal training timesteps: s = sigmoid(N(mean, std)), then shifted
@@ -44,7 +50,7 @@ class RectifiedFlow:
     def sample(self, model, noise: torch.Tensor, y: torch.Tensor, steps: int = 250, cfg_scale: float = 1.0,
                sample_shift: float = 1.0, batched_guidance: bool = True) -> torch.Tensor:
         """Euler from s = 1 (noise) to s = 0 (data) over `steps` equal steps of the (shifted) sigmas."""
-        sigmas = shift_sigmas(torch.linspace(1, 0, steps + 1, device=noise.device), sample_shift)
+        sigmas = euler_sigmas(steps, sample_shift, noise.device)
         x = noise
         for s, s_next in zip(sigmas[:-1], sigmas[1:]):
             t = torch.full((x.shape[0],), float(s) * 1000, device=x.device)

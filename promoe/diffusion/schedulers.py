@@ -76,15 +76,35 @@ def make_scheduler(name: str, objective, steps: int):
     return scheduler
 
 
+def ddpm_scheduler(ddpm: DDPM, learned_variance: bool):
+    """DDPMScheduler as our ancestral sampler: our betas, x0 clamped to [-20, 20], improved DDPM's learned range
+    (the model's second C channels) or the fixed posterior variance; the sampler of ProMoEPipeline's DDPM models."""
+    from diffusers import DDPMScheduler
+
+    return DDPMScheduler(**_ddpm_betas(ddpm), variance_type="learned_range" if learned_variance else "fixed_small",
+                         clip_sample=True, clip_sample_range=20.0)
+
+
+def reads_variance(scheduler) -> bool:
+    """Whether the scheduler takes the model's variance channels too. DDPMScheduler splits them off itself;
+    DPMSolverMultistepScheduler's learned variance keeps the first 3 channels whatever C is, so it gets the C
+    channels of the mean alone, as every other scheduler here."""
+    return type(scheduler).__name__ == "DDPMScheduler" and scheduler.config.variance_type in ("learned",
+                                                                                            "learned_range")
+
+
 @torch.no_grad()
 def sample_with_scheduler(scheduler, model, noise: torch.Tensor, y: torch.Tensor, cfg_scale: float = 1.0,
-                          batched_guidance: bool = True, generator: torch.Generator | None = None) -> torch.Tensor:
+                          batched_guidance: bool = True, generator: torch.Generator | None = None,
+                          progress=iter) -> torch.Tensor:
     """Runs a diffusers scheduler (its timesteps already set) from `noise`, with our guidance on the first C
-    channels; one model call (two with two-pass guidance) per entry of `scheduler.timesteps`."""
+    channels; one model call (two with two-pass guidance) per entry of `scheduler.timesteps`. `progress` wraps the
+    timesteps (ProMoEPipeline passes its progress bar). The sampling CLI's --scheduler and ProMoEPipeline run this."""
     channels = noise.shape[1]
-    x = noise  # these four schedulers start from unit noise and feed the model x unscaled
-    for t in scheduler.timesteps:
+    variance = reads_variance(scheduler)
+    x = noise  # these schedulers start from unit noise and feed the model x unscaled
+    for t in progress(scheduler.timesteps):
         prediction = guided_prediction(model, x, t.expand(x.shape[0]).to(x.device), y, cfg_scale, channels,
                                        batched_guidance)
-        x = scheduler.step(prediction[:, :channels], t, x, generator=generator).prev_sample
+        x = scheduler.step(prediction if variance else prediction[:, :channels], t, x, generator=generator).prev_sample
     return x

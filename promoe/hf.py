@@ -1,0 +1,234 @@
+"""promoe in diffusers' terms: every zoo model as a diffusers model (`ProMoETransformer2DModel`), the pipeline that
+samples it (`ProMoEPipeline`), and pipelines built from our checkpoints (`pipeline_from_checkpoint`, which
+`python -m promoe.convert --to diffusers` saves).
+
+This module imports diffusers; nothing else in promoe imports it, so that training, the GPU check and the sampling
+CLI run without diffusers. The folder layout, and reading it without diffusers, is promoe.hf_folder's.
+
+The pipeline is a diffusers-shaped shell around the sampling code of `promoe.sample`: the same noise draw
+(`initial_noise`), the same scheduler loop and guidance (`sample_with_scheduler`, `guided_prediction`), the same VAE
+decoding (`decode`) and the same uint8 conversion (`to_uint8`). So for one `torch.Generator` seeded like the CLI's
+batch, the same labels, steps and guidance scale, the images are the CLI's to the last uint8 level:
+
+    python -m promoe.sample --ckpt DIR --labels 0 1 2 3 --num-images 4 --batch-size 4 --seed S ...
+    pipe(class_labels=[0, 1, 2, 3], generator=torch.Generator().manual_seed(S * 1_000_003 + 0), ...)
+
+(batch b of the CLI draws its noise from a generator seeded with S * 1_000_003 + b: with --seed 0, batch 0 is
+`torch.manual_seed(0)`). The CLI's default sampler, our Euler, is FlowMatchEulerDiscreteScheduler given
+`sigmas=euler_sigmas(n)[:-1]`; the pipeline's default (the scheduler's own timesteps) is `--scheduler flow-euler`.
+"""
+
+import dataclasses
+import inspect
+import math
+import shutil
+from pathlib import Path
+
+import numpy as np
+import torch
+from diffusers import AutoencoderKL, ConfigMixin, DiffusionPipeline, ModelMixin
+from diffusers.models.modeling_outputs import Transformer2DModelOutput
+from diffusers.pipelines.pipeline_utils import ImagePipelineOutput
+from diffusers.utils import is_accelerate_available
+from PIL import Image
+
+from promoe.config import ModelConfig
+from promoe.data.vae import load_vae
+from promoe.diffusion import DDPM, SCHEDULERS, batches_guidance, sample_with_scheduler
+from promoe.diffusion.schedulers import ddpm_scheduler
+from promoe.hf_folder import check_pipeline_index, check_transformer_folder
+from promoe.moe.layer import place_dispatch
+from promoe.sampling import decode, initial_noise, is_latent_model, load_model, objective_of, to_uint8
+from promoe.zoo import build_from_config
+
+OUTPUT_TYPES = ("pil", "np", "pt", "latent")
+
+
+class ProMoETransformer2DModel(ModelMixin, ConfigMixin):
+    """Any model of the zoo (ProMoE, Dense-DiT, TC-DiT, EC-DiT, DiffMoE; rectified flow or DDPM) as a diffusers
+    model. Its registered config is our resolved ModelConfig, every field; it holds our DiT as `dit` (one model
+    definition), so its weights are the DiT's under "dit.".
+
+    forward(hidden_states [B, C, H, W], timestep [B] or a number, class_labels [B]) -> `.sample` [B, C_out, H, W]:
+    the timestep is the scheduler's (sigma * 1000 for rectified flow, the training step for DDPM), label
+    `num_classes` is the null class of guidance.
+    """
+
+    def __init__(self, **fields):
+        super().__init__()
+        config = ModelConfig(**fields)  # every field checked (diffusers passes the config.json's known keys)
+        self.register_to_config(**dataclasses.asdict(config))
+        self.dit = build_from_config(config)
+
+    @classmethod
+    def from_dit(cls, dit) -> "ProMoETransformer2DModel":
+        """The diffusers model holding `dit` itself: no weight is copied (the wrapper is built on `meta`, then
+        given the DiT)."""
+        with torch.device("meta"):
+            model = cls(**dataclasses.asdict(dit.config))
+        model.dit = dit
+        return model
+
+    def forward(self, hidden_states: torch.Tensor, timestep, class_labels, return_dict: bool = True):
+        batch = hidden_states.shape[0]
+        timestep = torch.as_tensor(timestep, device=hidden_states.device)
+        class_labels = torch.as_tensor(class_labels, device=hidden_states.device)
+        sample = self.dit(hidden_states, timestep.expand(batch) if timestep.dim() == 0 else timestep, class_labels)
+        return Transformer2DModelOutput(sample=sample) if return_dict else (sample,)
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, **kwargs):
+        """diffusers' from_pretrained for a local folder only, after promoe's checks: the config read as our
+        checkpoints' (an unknown field is an error) and every tensor of the weights file fitting the model."""
+        check_transformer_folder(Path(pretrained_model_name_or_path) / (kwargs.get("subfolder") or ""))
+        kwargs.setdefault("low_cpu_mem_usage", is_accelerate_available())  # without accelerate diffusers warns
+        return super().from_pretrained(pretrained_model_name_or_path, **{**kwargs, "local_files_only": True})
+
+
+# diffusers reads the config keys a model takes from its __init__'s signature: the ModelConfig fields, listed once.
+ProMoETransformer2DModel.__init__.__signature__ = inspect.Signature(
+    [inspect.Parameter("self", inspect.Parameter.POSITIONAL_OR_KEYWORD)]
+    + [inspect.Parameter(field.name, inspect.Parameter.KEYWORD_ONLY, default=field.default)
+       for field in dataclasses.fields(ModelConfig)])
+
+
+class ProMoEPipeline(DiffusionPipeline):
+    """Class-conditional sampling of a promoe model: `pipe(class_labels, guidance_scale, num_inference_steps,
+    generator, output_type)`.
+
+    Components: the transformer, a scheduler (FlowMatchEulerDiscreteScheduler for rectified-flow models;
+    DDPMScheduler with the learned variance where the model has it, DDIMScheduler or DPMSolverMultistepScheduler
+    for DDPM models) and, for latent models, the VAE; a pixel-space model has none.
+    Guidance runs as promoe.sample runs it: one batch holding the null-label half, or two passes for a model whose
+    routing couples the samples of a batch (DiffMoE); `guidance` chooses as the CLI's --guidance.
+    """
+
+    model_cpu_offload_seq = "transformer->vae"
+    _optional_components = ["vae"]
+
+    def __init__(self, transformer: ProMoETransformer2DModel, scheduler, vae: AutoencoderKL | None = None):
+        super().__init__()
+        self.register_modules(transformer=transformer, scheduler=scheduler, vae=vae)
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, **kwargs):
+        """diffusers' from_pretrained for a local promoe pipeline folder only: a folder of any other pipeline, or a
+        name that is not a local folder, is refused before diffusers imports anything it names."""
+        check_pipeline_index(pretrained_model_name_or_path)
+        kwargs.setdefault("low_cpu_mem_usage", is_accelerate_available())
+        return super().from_pretrained(pretrained_model_name_or_path, **{**kwargs, "local_files_only": True})
+
+    @torch.no_grad()
+    def __call__(self, class_labels, guidance_scale: float = 1.0, num_inference_steps: int = 250,
+                 generator: torch.Generator | None = None, output_type: str = "pil", return_dict: bool = True,
+                 sigmas: list[float] | None = None, timesteps: list[float] | None = None, guidance: str = "auto"):
+        """Images of `class_labels` (an int, or a list or 1-D tensor of them, each in 0..num_classes - 1).
+
+        guidance_scale: a finite number >= 1 (1: no guidance). generator: one CPU `torch.Generator` for the batch's
+        noise (promoe.sample seeds batch b with seed * 1_000_003 + b), and for the scheduler's noise if it draws any.
+        sigmas / timesteps: the scheduler's own, as diffusers' pipelines take them (then num_inference_steps is
+        ignored); `sigmas=euler_sigmas(n)[:-1].tolist()` runs our Euler sampler on FlowMatchEulerDiscreteScheduler.
+        output_type: "pil" (the CLI's PNG pixels: round((x + 1) * 127.5)), "np" (float NHWC in [0, 1]), "pt" (float
+        NCHW in [0, 1]) or "latent" (the samples in the model's space, before the VAE).
+        """
+        dit = self.transformer.dit
+        labels = check_labels(class_labels, dit.num_classes)
+        check_call(guidance_scale, num_inference_steps, generator, output_type)
+        device = self._execution_device
+        place_dispatch(dit, device)  # as promoe.sample: each MoE layer its configured backend, else the device's
+        noise = initial_noise(dit, len(labels), generator).to(device, self.transformer.dtype)
+        set_timesteps(self.scheduler, num_inference_steps, sigmas, timesteps)
+        samples = sample_with_scheduler(self.scheduler, dit, noise, labels.to(device), guidance_scale,
+                                        batches_guidance(dit, guidance), generator, progress=self.progress_bar)
+        images = samples if output_type == "latent" else decode(self.vae, samples)
+        images = convert_images(images, output_type)
+        self.maybe_free_model_hooks()
+        return ImagePipelineOutput(images=images) if return_dict else (images,)
+
+
+def check_labels(class_labels, num_classes: int) -> torch.Tensor:
+    labels = torch.as_tensor(class_labels).reshape(-1)
+    if labels.numel() == 0 or labels.dtype.is_floating_point or labels.dtype == torch.bool:
+        raise ValueError(f"class_labels must be one or more integers in 0..{num_classes - 1}, got {class_labels!r}")
+    bad = labels[(labels < 0) | (labels >= num_classes)].tolist()
+    if bad:
+        raise ValueError(f"class_labels {bad} outside 0..{num_classes - 1}")
+    return labels.long()
+
+
+def check_call(guidance_scale: float, steps: int, generator, output_type: str) -> None:
+    # nan or inf give black images; a scale below 1 moves samples away from their class (as promoe.sample refuses).
+    if not (isinstance(guidance_scale, (int, float)) and 1 <= guidance_scale < math.inf):
+        raise ValueError(f"guidance_scale {guidance_scale!r}: a guidance scale is a finite number >= 1 (1: no "
+                         "guidance)")
+    if not (isinstance(steps, int) and steps >= 1):
+        raise ValueError(f"num_inference_steps must be an integer >= 1, got {steps!r}")
+    if generator is not None and not (isinstance(generator, torch.Generator) and generator.device.type == "cpu"):
+        raise ValueError("generator: one CPU torch.Generator for the whole batch (promoe draws a batch's noise from "
+                         f"one generator on the CPU, as promoe.sample does), got {generator!r}")
+    if output_type not in OUTPUT_TYPES:
+        raise ValueError(f"output_type {output_type!r}: choose one of {', '.join(OUTPUT_TYPES)}")
+
+
+def set_timesteps(scheduler, steps: int, sigmas, timesteps) -> None:
+    """The scheduler's timesteps: its own for `steps` (as promoe.sample's --scheduler sets them), or the given
+    sigmas or timesteps where the scheduler takes them."""
+    if sigmas is None and timesteps is None:
+        scheduler.set_timesteps(steps)
+        return
+    if sigmas is not None and timesteps is not None:
+        raise ValueError("give sigmas or timesteps, not both")
+    name, values = ("sigmas", sigmas) if sigmas is not None else ("timesteps", timesteps)
+    if name not in inspect.signature(scheduler.set_timesteps).parameters:
+        raise ValueError(f"{type(scheduler).__name__} takes no custom {name}")
+    scheduler.set_timesteps(**{name: [float(v) if name == "sigmas" else int(v) for v in values]})
+
+
+def convert_images(images: torch.Tensor, output_type: str):
+    """Pixels in [-1, 1] (or latents, for "latent") in the requested output type."""
+    if output_type == "latent":
+        return images
+    if output_type == "pil":
+        return [Image.fromarray(image[..., 0] if image.shape[-1] == 1 else image) for image in to_uint8(images)]
+    unit = (images.float() / 2 + 0.5).clamp(0, 1)
+    return unit if output_type == "pt" else unit.permute(0, 2, 3, 1).cpu().numpy().astype(np.float32)
+
+
+def default_scheduler(objective, config: ModelConfig):
+    """The scheduler of a new pipeline: FlowMatchEulerDiscreteScheduler as promoe.sample's flow-euler for rectified
+    flow; for DDPM, DDPMScheduler as our ancestral sampler (learned variance where the objective learns it)."""
+    if isinstance(objective, DDPM):
+        channels = config.in_channels * (2 if config.learn_sigma else 1)
+        return ddpm_scheduler(objective, objective.learns_variance(channels, config.in_channels))
+    return SCHEDULERS["flow-euler"][1](objective)
+
+
+def pipeline_from_checkpoint(source: str | Path, model_name: str | None = None, weights: str = "ema",
+                             objective: str | None = None, vae: str | Path | None = None) -> ProMoEPipeline:
+    """The pipeline of any checkpoint promoe.sample reads (our checkpoint folders, safetensors, official .pth with
+    `model_name`, a pipeline folder): its model without a copy of the weights, the default scheduler of its
+    objective, and the local VAE folder `vae` for a latent model (a pixel-space model has none)."""
+    model, config = load_model(source, model_name, weights)
+    latent = is_latent_model(config)
+    if latent and vae is None:
+        vae = config.data.vae if config is not None and config.data.vae else None
+        if vae is None:
+            raise ValueError("this model makes VAE latents: give --vae PATH, a local AutoencoderKL folder; nothing is "
+                             "downloaded")
+    scheduler = default_scheduler(objective_of(config, objective), model.config)
+    return ProMoEPipeline(ProMoETransformer2DModel.from_dit(model), scheduler, load_vae(vae) if latent else None)
+
+
+def save_pipeline(pipe: ProMoEPipeline, out: str | Path) -> None:
+    """pipe.save_pretrained into a temporary folder, renamed to `out` once complete (a killed run leaves no half
+    folder under the name); an existing `out` is refused."""
+    out = Path(out)
+    if out.exists():
+        raise ValueError(f"{out} exists: give a new folder")
+    tmp = out.with_name(out.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    pipe.save_pretrained(tmp)
+    tmp.rename(out)
+
+
+__all__ = ["ProMoEPipeline", "ProMoETransformer2DModel", "pipeline_from_checkpoint", "save_pipeline"]

@@ -1,0 +1,339 @@
+"""promoe in diffusers' terms (promoe.hf): every zoo model round-trips through save_pretrained / from_pretrained, the
+pipeline gives the sampling CLI's images to the last uint8 level, conversion both ways, and clear errors. Every
+model and VAE is built here: nothing is downloaded."""
+
+import dataclasses
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+pytest.importorskip("diffusers")
+
+from promoe.convert import main as convert  # noqa: E402
+from promoe.diffusion import DDPM, RectifiedFlow, euler_sigmas, make_scheduler  # noqa: E402
+from promoe.hf import ProMoEPipeline, ProMoETransformer2DModel, default_scheduler, save_pipeline  # noqa: E402
+from promoe.sample import main as sample  # noqa: E402
+from promoe.sampling import generate, initial_noise  # noqa: E402
+from tests.helpers import save_tiny_vae, tiny_model  # noqa: E402
+
+ROOT = Path(__file__).resolve().parent.parent
+# One of each router family (ProMoE's prototypes, TC-DiT's and EC-DiT's linear gates, DiffMoE's capacity predictor
+# and threshold buffers, Dense-DiT), some with fields off their defaults.
+ZOO = {
+    "ProMoE-S": dict(experts="E6A2S1U1", qk_norm=True),
+    "ProMoE-EC-S": dict(experts="E6A1S1U1", capacity_factor=2.0),
+    "TC-DiT-S": dict(experts="E4A1S0U0"),
+    "EC-DiT-S": dict(experts="E4A1S0U0"),
+    "DiffMoE-S": dict(experts="E4A1S0U0", capacity_predictor_loss_weight=0.01),
+    "DiT-S": dict(),
+}
+OBJECTIVES = {"rf": (RectifiedFlow(), False), "ddpm": (DDPM(), True)}  # objective, learn_sigma
+
+
+def quiet(pipe: ProMoEPipeline) -> ProMoEPipeline:
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def pipeline_of(model, objective, vae=None) -> ProMoEPipeline:
+    return quiet(ProMoEPipeline(ProMoETransformer2DModel.from_dit(model), default_scheduler(objective, model.config),
+                                vae))
+
+
+def user_fields(path: Path) -> dict:
+    return {k: v for k, v in json.loads(path.read_text()).items() if not k.startswith("_")}
+
+
+def user_config(component) -> dict:
+    return {k: v for k, v in component.config.items() if not k.startswith("_")}
+
+
+def assert_same_tensors(a: dict, b: dict) -> None:
+    assert a.keys() == b.keys()
+    for name in a:
+        assert a[name].dtype == b[name].dtype and torch.equal(a[name], b[name]), name
+
+
+@pytest.mark.parametrize("objective", OBJECTIVES)
+@pytest.mark.parametrize("name", ZOO)
+def test_every_zoo_model_and_its_pipeline_round_trip_bit_identical(name, objective, tmp_path):
+    flow, learn_sigma = OBJECTIVES[objective]
+    model = tiny_model(name, learn_sigma=learn_sigma, **ZOO[name]).eval()
+    if name.startswith("DiffMoE"):  # its thresholds are buffers: make them matter too
+        for block in model.blocks[1::2]:
+            block.mlp.router.expert_threshold_E.uniform_()
+    transformer = ProMoETransformer2DModel.from_dit(model)
+    transformer.save_pretrained(tmp_path / "t")
+    assert sorted(p.name for p in (tmp_path / "t").iterdir()) == ["config.json", "diffusion_pytorch_model.safetensors"]
+    assert user_fields(tmp_path / "t" / "config.json") == dataclasses.asdict(model.config)
+    loaded = ProMoETransformer2DModel.from_pretrained(tmp_path / "t")
+    assert loaded.dit.config == model.config
+    assert_same_tensors(dict(loaded.dit.state_dict(keep_vars=False)), model.state_dict())
+    assert torch.equal(loaded.dit.pos_embed, model.pos_embed)  # not saved: rebuilt from the config
+
+    pipe = pipeline_of(model, flow)
+    pipe.save_pretrained(tmp_path / "p")
+    again = ProMoEPipeline.from_pretrained(tmp_path / "p")
+    assert again.vae is None and again.transformer.dit.config == model.config
+    assert_same_tensors(again.transformer.state_dict(), transformer.state_dict())
+    assert user_config(again.scheduler) == user_config(pipe.scheduler)
+    assert type(again.scheduler).__name__ == ("DDPMScheduler" if objective == "ddpm" else
+                                              "FlowMatchEulerDiscreteScheduler")
+    if objective == "ddpm":
+        assert again.scheduler.config.variance_type == "learned_range"  # the model has variance channels
+
+
+def test_the_diffusers_model_holds_the_dit_itself_and_speaks_diffusers_convention():
+    model = tiny_model("ProMoE-S").eval()
+    transformer = ProMoETransformer2DModel.from_dit(model)
+    assert transformer.dit is model
+    assert all(a.data_ptr() == b.data_ptr() for a, b in zip(transformer.parameters(), model.parameters()))
+    x, t, y = torch.randn(3, 4, 8, 8), torch.tensor([10.0, 500.0, 999.0]), torch.tensor([1, 10, 3])
+    expected = model(x, t, y)
+    out = transformer(hidden_states=x, timestep=t, class_labels=y)
+    assert torch.equal(out.sample, expected)
+    (sample,) = transformer(x, t, y, return_dict=False)
+    assert torch.equal(sample, expected)
+    assert torch.equal(transformer(x, 250.0, y).sample, model(x, torch.full((3,), 250.0), y))  # a number broadcasts
+
+
+@pytest.fixture(scope="module")
+def pixel_pipeline(tiny_run, tmp_path_factory) -> Path:
+    """The tiny demo run's EMA export converted with `python -m promoe.convert --to diffusers`."""
+    out = tmp_path_factory.mktemp("pixel") / "pipe"
+    convert([str(tiny_run / "ema.safetensors"), "--to", "diffusers", "--out", str(out)])
+    return out
+
+
+CLI = ["--labels", "3", "1", "4", "--num-images", "6", "--batch-size", "3", "--seed", "2", "--steps", "3",
+       "--cfg-scale", "2.5"]
+
+
+def cli_images(source: Path, out: Path, *extra: str) -> np.ndarray:
+    sample(["--ckpt", str(source), "--out", str(out), *CLI, *extra])
+    (folder,) = out.glob("*/cfg-2.5")
+    return np.load(folder / "samples.npz")["arr_0"]
+
+
+def pipeline_images(pipe: ProMoEPipeline, **call) -> np.ndarray:
+    """The CLI's two batches of 3 (labels 3 1 4 cycled), batch b from a generator seeded with 2 * 1_000_003 + b."""
+    batches = []
+    for batch in range(2):
+        generator = torch.Generator().manual_seed(2 * 1_000_003 + batch)
+        images = pipe(class_labels=[3, 1, 4], guidance_scale=2.5, num_inference_steps=3, generator=generator,
+                      **call).images
+        batches.append(np.stack([np.asarray(image) for image in images]))
+    return np.concatenate(batches)[..., None]  # one channel: PIL mode L
+
+
+@pytest.mark.parametrize("sampler", ["euler", "flow-euler"])
+def test_the_pipeline_gives_the_cli_images_to_the_last_uint8_level(pixel_pipeline, tiny_run, sampler, tmp_path):
+    pipe = quiet(ProMoEPipeline.from_pretrained(pixel_pipeline))
+    assert pipe.vae is None  # the demo's model makes pixels
+    extra = ["--scheduler", "flow-euler"] if sampler == "flow-euler" else []
+    expected = cli_images(tiny_run / "ema.safetensors", tmp_path / "cli", *extra)
+    call = dict(sigmas=euler_sigmas(3)[:-1].tolist()) if sampler == "euler" else {}
+    images = pipeline_images(pipe, **call)
+    assert images.dtype == np.uint8 and images.shape == expected.shape == (6, 28, 28, 1)
+    assert images.std() > 0 and np.array_equal(images, expected)
+    # The sampler reads the pipeline folder itself (without diffusers: promoe.hf_folder) into the same images.
+    assert np.array_equal(cli_images(pixel_pipeline, tmp_path / "from-folder", *extra), expected)
+    settings = json.loads(next((tmp_path / "from-folder").glob("*/cfg-2.5/sampling.json")).read_text())
+    assert (settings["objective"], settings["vae"]) == ("rf", None)
+
+
+def test_outputs_in_every_type_are_one_sample(pixel_pipeline):
+    pipe = quiet(ProMoEPipeline.from_pretrained(pixel_pipeline))
+
+    def run(output_type):
+        return pipe([0, 9], guidance_scale=1.5, num_inference_steps=2, generator=torch.manual_seed(5),
+                    output_type=output_type, return_dict=False)[0]
+
+    latent, pt, np_images, pil = run("latent"), run("pt"), run("np"), run("pil")
+    assert latent.shape == (2, 1, 28, 28) and pt.shape == (2, 1, 28, 28) and np_images.shape == (2, 28, 28, 1)
+    torch.testing.assert_close(pt, (latent.clamp(-1, 1) + 1) / 2)
+    assert np.array_equal(np_images, pt.permute(0, 2, 3, 1).numpy())
+    assert np.abs(np.stack([np.asarray(p) for p in pil]) / 255 - np_images[..., 0]).max() <= 0.5 / 255 + 1e-6
+
+
+def test_the_pipeline_shows_diffusers_progress_bar(pixel_pipeline, monkeypatch):
+    pipe = ProMoEPipeline.from_pretrained(pixel_pipeline)
+    seen = []
+    original = pipe.progress_bar
+    monkeypatch.setattr(pipe, "progress_bar", lambda iterable: seen.append(len(iterable)) or original(iterable))
+    pipe.set_progress_bar_config(disable=True)
+    pipe([1], num_inference_steps=4, generator=torch.manual_seed(0))
+    assert seen == [4]
+
+
+@pytest.fixture(scope="module")
+def vae_dir(tmp_path_factory) -> Path:
+    return save_tiny_vae(tmp_path_factory.mktemp("vae"), sample_size=64)
+
+
+def latent_checkpoint(folder: Path, model) -> Path:
+    """A safetensors export of a latent (DDPM or RF) model, as a run on cached latents writes it."""
+    from promoe.train_config import load_config
+    from promoe.weights import save_weights
+
+    config = load_config(None, ["data.kind=latents", "data.folder=latents", "train.objective=ddpm"])
+    config.model.resolved = model.config
+    folder.mkdir(parents=True, exist_ok=True)
+    save_weights(folder / "ema.safetensors", model.state_dict(), model.config, config)
+    return folder / "ema.safetensors"
+
+
+def test_a_latent_ddpm_model_converts_with_its_vae_and_samples_as_the_cli(vae_dir, tmp_path):
+    model = tiny_model("DiffMoE-S", experts="E4A1S0U0", learn_sigma=True)  # DiffMoE: guidance in two passes
+    source = latent_checkpoint(tmp_path / "run", model)
+    with pytest.raises(SystemExit, match="give --vae"):
+        convert([str(source), "--to", "diffusers", "--out", str(tmp_path / "nope")])
+    convert([str(source), "--to", "diffusers", "--out", str(tmp_path / "pipe"), "--vae", str(vae_dir)])
+    assert not (tmp_path / "nope").exists() and (tmp_path / "pipe" / "vae" / "config.json").is_file()
+    pipe = quiet(ProMoEPipeline.from_pretrained(tmp_path / "pipe"))
+    assert (type(pipe.scheduler).__name__, pipe.scheduler.config.variance_type) == ("DDPMScheduler", "learned_range")
+    ddim = make_scheduler("ddim", DDPM(), 3)
+    pipe.scheduler = type(ddim).from_config(ddim.config)  # as a diffusers user swaps schedulers
+    sample(["--ckpt", str(source), "--vae", str(vae_dir), "--out", str(tmp_path / "cli"), "--labels", "2", "7",
+            "--num-images", "2", "--batch-size", "2", "--steps", "3", "--cfg-scale", "3", "--scheduler", "ddim"])
+    expected = np.load(next((tmp_path / "cli").glob("*/cfg-3/samples.npz")))["arr_0"]
+    images = pipe([2, 7], guidance_scale=3.0, num_inference_steps=3, generator=torch.manual_seed(0)).images
+    assert expected.shape == (2, 64, 64, 3) and np.array_equal(np.stack([np.asarray(i) for i in images]), expected)
+    # The sampler decodes a pipeline folder's latents with the folder's own VAE.
+    sample(["--ckpt", str(tmp_path / "pipe"), "--out", str(tmp_path / "from-folder"), "--labels", "2", "7",
+            "--num-images", "2", "--batch-size", "2", "--steps", "3", "--cfg-scale", "3", "--scheduler", "ddim"])
+    folder = tmp_path / "from-folder" / "pipe" / "cfg-3"
+    assert np.array_equal(np.load(folder / "samples.npz")["arr_0"], expected)
+    settings = json.loads((folder / "sampling.json").read_text())
+    assert (settings["objective"], settings["vae"]) == ("ddpm", str(tmp_path / "pipe" / "vae"))
+
+
+def test_a_checkpoint_folder_converts_to_a_pipeline_of_its_ema_weights(tiny_run, tmp_path):
+    from promoe.sampling import load_model
+
+    step = tiny_run / "checkpoints" / "step_0000003"
+    convert([str(step), "--to", "diffusers", "--out", str(tmp_path / "p")])
+    ema, _ = load_model(step)
+    pipe = ProMoEPipeline.from_pretrained(tmp_path / "p")
+    assert_same_tensors(pipe.transformer.dit.state_dict(), ema.state_dict())
+    with pytest.raises(SystemExit, match="exists"):
+        convert([str(step), "--to", "diffusers", "--out", str(tmp_path / "p")])
+
+
+def test_ddpm_scheduler_with_the_learned_variance_is_our_ancestral_sampler():
+    # Same noise, same respaced timesteps: our float64 chain and diffusers' float32 one agree to float32 rounding
+    # (1.5e-5 measured); the fixed variance instead of the learned one is far off (checked below).
+    model = tiny_model("ProMoE-S", learn_sigma=True).eval()
+    with torch.no_grad():  # weights of std 0.05: variance outputs within [-1, 1] (far outside, exp amplifies rounding)
+        for param in model.parameters():
+            param.mul_(1 / 6)
+    y = torch.tensor([1, 2, 3])
+    ddpm = DDPM()
+    pipe = pipeline_of(model, ddpm)
+    timesteps = ddpm.respaced(5).timesteps.flip(0).tolist()  # our respacing, 999 .. 0
+    theirs = pipe(y, guidance_scale=2.0, timesteps=timesteps, generator=torch.manual_seed(4),
+                  output_type="latent").images
+    generator = torch.manual_seed(4)  # the pipeline draws the steps' noise after the initial noise, from one generator
+    ours = ddpm.sample(model, initial_noise(model, 3, generator), y, 5, 2.0, generator=generator)
+    torch.testing.assert_close(theirs, ours, rtol=1e-4, atol=1e-4)
+    fixed = pipeline_of(model, DDPM(variance="fixed"))
+    assert fixed.scheduler.config.variance_type == "fixed_small"
+    other = fixed(y, guidance_scale=2.0, timesteps=timesteps, generator=torch.manual_seed(4), output_type="latent")
+    assert (other.images - ours).abs().max() > 1e-2
+
+
+def test_an_official_checkpoint_converts_to_a_pipeline(vae_dir, tmp_path):
+    from promoe.convert import load_official_checkpoint, promoe_to_official
+
+    model = tiny_model("DiT-S", input_size=32, hidden_size=384, num_heads=6, depth=12, num_classes=1000)  # the zoo's
+    official = tmp_path / "ckpt_step_1.pth"
+    torch.save({"ema_model_state_dict": promoe_to_official(model)}, official)
+    command = [str(official), "--to", "diffusers", "--model", "DiT-S", "--out", str(tmp_path / "p")]
+    with pytest.raises(SystemExit, match="give --vae"):  # an official model makes latents
+        convert([*command, "--objective", "rf"])
+    with pytest.raises(SystemExit, match="--objective"):  # an official checkpoint does not say
+        convert([*command, "--vae", str(vae_dir)])
+    convert([*command, "--vae", str(vae_dir), "--objective", "ddpm"])
+    pipe = ProMoEPipeline.from_pretrained(tmp_path / "p")
+    assert pipe.scheduler.config.variance_type == "learned_range" and pipe.vae is not None
+    assert_same_tensors(pipe.transformer.dit.state_dict(), load_official_checkpoint(official, "DiT-S").state_dict())
+
+
+def test_bad_calls_and_folders_get_clear_errors(pixel_pipeline, tmp_path):
+    pipe = quiet(ProMoEPipeline.from_pretrained(pixel_pipeline))
+    for labels in ([10], [-1], [0, 12]):
+        with pytest.raises(ValueError, match=r"class_labels \[.*\] outside 0..9"):
+            pipe(labels, num_inference_steps=1)
+    with pytest.raises(ValueError, match="integers"):
+        pipe([0.5], num_inference_steps=1)
+    for scale in (0.5, float("nan"), float("inf")):
+        with pytest.raises(ValueError, match="finite number >= 1"):
+            pipe([1], guidance_scale=scale, num_inference_steps=1)
+    with pytest.raises(ValueError, match="one CPU torch.Generator"):
+        pipe([1, 2], generator=[torch.manual_seed(0), torch.manual_seed(1)], num_inference_steps=1)
+    with pytest.raises(ValueError, match="output_type"):
+        pipe([1], output_type="jpg", num_inference_steps=1)
+
+    with pytest.raises(FileNotFoundError, match="nothing is downloaded"):
+        ProMoEPipeline.from_pretrained("facebook/DiT-XL-2-256")
+    with pytest.raises(FileNotFoundError, match="nothing is downloaded"):
+        ProMoETransformer2DModel.from_pretrained("facebook/DiT-XL-2-256", subfolder="transformer")
+    other = tmp_path / "dit"
+    other.mkdir()
+    (other / "model_index.json").write_text(json.dumps({"_class_name": "DiTPipeline", "transformer": [
+        "diffusers", "DiTTransformer2DModel"], "scheduler": ["diffusers", "KarrasDiffusionSchedulers"]}))
+    with pytest.raises(ValueError, match="not a promoe pipeline .*DiTPipeline"):
+        ProMoEPipeline.from_pretrained(other)
+    with pytest.raises(SystemExit, match="not a promoe pipeline"):
+        sample(["--ckpt", str(other), "--out", str(tmp_path / "s")])
+    index = json.loads((pixel_pipeline / "model_index.json").read_text())
+    renamed = tmp_path / "renamed"
+    renamed.mkdir()
+    (renamed / "model_index.json").write_text(json.dumps({**index, "transformer": ["os", "system"]}))
+    with pytest.raises(ValueError, match="transformer \\['os', 'system'\\]"):
+        ProMoEPipeline.from_pretrained(renamed)
+    config = json.loads((pixel_pipeline / "transformer" / "config.json").read_text())
+    bad = tmp_path / "bad"
+    save_pipeline(pipe, bad)
+    (bad / "transformer" / "config.json").write_text(json.dumps({**config, "depth": 3}))
+    with pytest.raises(ValueError, match="does not fit .*missing key 'dit.blocks.2"):
+        ProMoEPipeline.from_pretrained(bad)
+    (bad / "transformer" / "config.json").write_text(json.dumps({**config, "wings": 2}))
+    with pytest.raises(ValueError, match="unknown field.*wings"):
+        ProMoETransformer2DModel.from_pretrained(bad / "transformer")
+    with pytest.raises(ValueError, match="exists"):
+        save_pipeline(pipe, bad)
+
+
+def test_sampling_and_reading_pipeline_folders_import_no_diffusers(pixel_pipeline):
+    code = ("import sys; sys.modules['diffusers'] = None\n"  # any import of diffusers now fails
+            "import promoe.sample, promoe.convert, promoe.sampling, promoe.data.latents\n"
+            "sys.path.insert(0, 'train'); import run  # the training driver\n"
+            f"model, config = promoe.sampling.load_model({str(pixel_pipeline)!r})\n"
+            "assert config.train.objective == 'rf' and config.data.kind == 'pixels', config\n")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=120)
+    assert result.returncode == 0, result.stderr[-3000:]
+
+
+@pytest.mark.parametrize("sampler", ["euler", "flow-euler", "flow-heun", "ddim", "dpm-solver++"])
+def test_the_pipeline_runs_what_the_cli_runs_with_every_sampler(sampler):
+    # generate() is what promoe.sample runs per batch; the pipeline holds the scheduler the CLI builds.
+    objective = DDPM() if sampler in ("ddim", "dpm-solver++") else RectifiedFlow()
+    model = tiny_model("ProMoE-S", learn_sigma=isinstance(objective, DDPM)).eval()
+    labels = torch.tensor([4, 4, 8])
+    scheduler = None if sampler == "euler" else sampler
+    ours = generate(model, objective, labels, torch.manual_seed(11), 3, 2.0, scheduler=scheduler)
+    pipe = pipeline_of(model, objective)
+    if scheduler is not None:
+        pipe.scheduler = make_scheduler(scheduler, objective, 3)
+    call = dict(sigmas=euler_sigmas(3)[:-1].tolist()) if sampler == "euler" else {}
+    theirs = pipe(labels, guidance_scale=2.0, num_inference_steps=3, generator=torch.manual_seed(11),
+                  output_type="latent", **call).images
+    assert torch.equal(theirs, ours)
