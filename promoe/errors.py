@@ -10,6 +10,7 @@ import errno
 import functools
 import os
 import reprlib
+from contextlib import contextmanager
 from pathlib import Path
 
 DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
@@ -75,13 +76,29 @@ def error_message(error: BaseException) -> str:
     return os_error_message(error) if isinstance(error, OSError) else one_line(str(error))
 
 
+def write_text_atomically(path: Path, text: str) -> None:
+    """`text` into `path` through a temporary file: a full disk leaves the file of before, whole, and no leftover."""
+    tmp = path.with_name(path.name + ".tmp")
+    try:
+        tmp.write_text(text)
+        tmp.replace(path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+@contextmanager
+def said_in_one_line():
+    """Our refusals (ValueError) and the system's errors (OSError) inside become `error: <one line>`, exit status 1."""
+    try:
+        yield
+    except (ValueError, OSError) as error:
+        raise SystemExit(f"error: {error_message(error)}") from None
+
+
 def exits_with_message(main):
-    """A command's `main` whose refusals (ValueError) and the system's errors (OSError) end as one line,
-    `error: ...`, and exit status 1."""
+    """A command's `main` under `said_in_one_line`: its one error path."""
     @functools.wraps(main)
     def run(*args, **kwargs):
-        try:
+        with said_in_one_line():
             return main(*args, **kwargs)
-        except (ValueError, OSError) as error:
-            raise SystemExit(f"error: {error_message(error)}") from None
     return run

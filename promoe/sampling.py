@@ -14,7 +14,7 @@ from tqdm import tqdm
 
 import promoe
 from promoe.checkpoint_format import CONFIG, read_checkpoint, read_run_config
-from promoe.data.vae import load_vae
+from promoe.data.vae import load_vae, vae_downsampling
 from promoe.diffusion import DDPM, batches_guidance, make_objective, make_scheduler, sample_with_scheduler
 from promoe.train_config import RunConfig
 from promoe.weights import build_to_fit, read_tensors, read_weights_header
@@ -139,6 +139,14 @@ class Decoder:
                 raise ValueError("this model makes VAE latents: give --vae PATH, a local AutoencoderKL folder (e.g. "
                                  "stabilityai/sd-vae-ft-mse saved with save_pretrained); nothing is downloaded")
             self.vae = load_vae(vae_path, device)
+
+    def image_shape(self, model) -> tuple[int, int, int]:
+        """(H, W, C) of the pictures this decoder makes of `model`'s samples."""
+        size = model.config.input_size
+        if self.vae is None:
+            return size, size, model.in_channels
+        size *= vae_downsampling(self.vae)
+        return size, size, self.vae.config.out_channels
 
     @torch.no_grad()
     def __call__(self, x: torch.Tensor) -> torch.Tensor:

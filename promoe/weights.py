@@ -128,14 +128,13 @@ def read_weights(path: str | Path) -> tuple[dict[str, torch.Tensor], ModelConfig
 def build_to_fit(model_config: ModelConfig, shapes: dict[str, torch.Tensor], source: str) -> torch.nn.Module:
     """The model of `model_config`, built for real only once the tensors a file holds (`shapes`, meta tensors) fit it
     built on `meta`: what a file's config says costs no memory until the file's own tensors, which its size bounds,
-    agree with it. The depth is compared first, so a config asking for many blocks costs no time either."""
+    agree with it. Nor time: the skeleton has at most one block more than the file, which is enough to name the
+    first tensor the file lacks."""
     model = f"the model its config describes ({source})"
     blocks = {int(match[1]) for key in shapes if (match := _BLOCK.match(key))}
-    if model_config.depth != len(blocks):
-        raise ValueError(f"checkpoint does not fit {model}: depth {model_config.depth}, the file holds "
-                         f"{len(blocks)} blocks")
     try:
-        skeleton = build_from_config(model_config, device="meta")
+        skeleton = build_from_config(model_config.replace(depth=min(model_config.depth, len(blocks) + 1)),
+                                     device="meta")
     except RuntimeError as error:  # e.g. "Storage size calculation overflowed"
         raise ValueError(f"{source}: its config describes a model that cannot be built ({one_line(str(error), 120)})"
                          ) from None
