@@ -9,7 +9,7 @@ import types
 import typing
 from dataclasses import dataclass
 
-from promoe.errors import quoted, read_small_text
+from promoe.errors import error_message, quoted, read_small_text
 
 ROUTERS = ("dense", "promoe", "promoe_ec", "tc", "ec", "diffmoe", "classifier", "kmeans")
 BACKENDS = ("loop", "torch", "triton", "grouped_gemm")  # the dispatch backends of promoe.moe.dispatch
@@ -169,7 +169,10 @@ class ModelConfig:
         per line)."""
         if not isinstance(self.superclasses, str):
             return self.superclasses
-        text = read_small_text(self.superclasses, "a class -> superclass list")
+        try:
+            text = read_small_text(self.superclasses, "a class -> superclass list")
+        except (OSError, ValueError) as error:
+            raise FieldError("superclasses", error_message(error)) from None
         try:
             mapping = json.loads(text) if text.lstrip().startswith("[") else [int(v) for v in text.split()]
         except ValueError as error:
