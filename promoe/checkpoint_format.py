@@ -107,7 +107,7 @@ def check_step_folder(folder: Path) -> None:
         root = folder / "checkpoints" if (folder / "checkpoints").is_dir() else folder
         latest = root / LATEST
         named = (root / latest.read_text().strip()[:100]) if latest.is_file() else root / "step_NNNNNNN"
-        exported = ", or its ema.safetensors" if (folder / "ema.safetensors").is_file() else ""
+        exported = f", or {root.parent / 'ema.safetensors'}" if (root.parent / "ema.safetensors").is_file() else ""
         raise ValueError(f"{folder} holds a run's checkpoints, not one saved step: give one of its step folders, "
                          f"e.g. {named}{exported}")
     if not (folder / ".metadata").is_file() and not (folder / MANIFEST).is_file():
