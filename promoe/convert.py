@@ -198,8 +198,8 @@ def read_official(path: Path) -> dict:
         raise ValueError(f"{path} holds objects other than tensors and plain data, which are not unpickled (they "
                          f"could run code): {unpickling_refusal(error)}; convert it where you trust it") from None
     except (RuntimeError, EOFError) as error:  # torch's reader on a file that is not a whole checkpoint
-        raise ValueError(f"{path} is not a readable torch checkpoint ({one_line(str(error), 150)}): empty or cut "
-                         "short? Download it again") from None
+        raise ValueError(f"{path} is not a readable torch checkpoint ({type(error).__name__}: "
+                         f"{one_line(str(error), 150)}): empty or cut short? Download it again") from None
 
 
 @exits_with_message

@@ -139,18 +139,23 @@ def plan(folders: list[Path], num_images: int, image_shape: tuple[int, int, int]
     label_bytes = 8 * num_images  # int64, held whole by every process
     available = available_memory()
     if label_bytes > available // 2:
-        raise ValueError(f"--num-images {num_images}: their labels alone take {label_bytes / 2**30:.1f} GiB, this "
-                         f"machine has {available / 2**30:.1f} GiB free; sample fewer per call (another --seed "
-                         "and --out per part)")
-    # A PNG of noise-like samples can be as large as its pixels (plus its headers); the archive holds them raw.
-    needed = sum((num_images - written_samples(folder)) * (image_bytes + 100) + num_images * (image_bytes + 8)
-                 for folder in folders)
+        raise ValueError(f"--num-images {num_images}: their labels alone take {in_mib(label_bytes)}, this machine "
+                         f"has {in_mib(available)} free; sample fewer per call (another --seed and --out per part)")
     existing = next(parent for parent in (folders[0], *folders[0].parents) if parent.exists())
+    block = os.statvfs(existing).f_frsize  # a file takes whole blocks of the disk
+    # A PNG of noise-like samples can be as large as its pixels (plus its headers); the archive holds them raw.
+    png_bytes = -(-(image_bytes + 100) // block) * block
+    needed = sum((num_images - written_samples(folder)) * png_bytes + num_images * (image_bytes + 8)
+                 for folder in folders)
     free = shutil.disk_usage(existing).free
     if needed > free:
         raise ValueError(f"--num-images {num_images} of {'x'.join(map(str, image_shape))} pixels need about "
-                         f"{needed / 2**30:.1f} GiB on the disk of {existing} (PNG files and samples.npz), "
-                         f"{free / 2**30:.1f} GiB are free: free space, give another --out, or sample fewer")
+                         f"{in_mib(needed)} on the disk of {existing} (PNG files and samples.npz), {in_mib(free)} "
+                         "are free: free space, give another --out, or sample fewer")
+
+
+def in_mib(size: int) -> str:
+    return f"{size / 2**20:,.1f} MiB"
 
 
 def available_memory() -> int:

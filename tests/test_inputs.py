@@ -185,8 +185,8 @@ def test_a_sampling_job_the_disk_cannot_hold_is_refused_before_any_image(exporte
     import promoe.sample
 
     monkeypatch.setattr(shutil, "disk_usage", lambda path: shutil._ntuple_diskusage(10**12, 10**12 - 2**20, 2**20))
-    with pytest.raises(SystemExit, match=r"^error: --num-images 5000 of 8x8x4 pixels need about 0.0 GiB on the disk "
-                                         r"of .*, 0.0 GiB are free: free space"):
+    with pytest.raises(SystemExit, match=r"^error: --num-images 5000 of 8x8x4 pixels need about .* MiB on the disk "
+                                         r"of .*, 1\.0 MiB are free: free space"):
         promoe.sample.main(["--ckpt", str(exported), "--num-images", "5000", "--steps", "1",
                             "--out", str(tmp_path / "samples")])
     assert not (tmp_path / "samples").exists()
@@ -198,8 +198,8 @@ def test_a_sampling_job_whose_labels_do_not_fit_in_memory_is_refused_before_draw
 
     monkeypatch.setattr(promoe.sample, "available_memory", lambda: 2**30)
     monkeypatch.setattr(promoe.sample, "draw_labels", lambda *args: pytest.fail("labels drawn"))
-    with pytest.raises(SystemExit, match=r"^error: --num-images 1000000000: their labels alone take 7.5 GiB, this "
-                                         r"machine has 1.0 GiB free"):
+    with pytest.raises(SystemExit, match=r"^error: --num-images 1000000000: their labels alone take 7,629\.4 MiB, "
+                                         r"this machine has 1,024\.0 MiB free"):
         promoe.sample.main(["--ckpt", str(exported), "--num-images", "1000000000", "--out", str(tmp_path / "s")])
 
 

@@ -85,6 +85,15 @@ def unreadable(folder: Path) -> str | None:
     return None
 
 
+def first_failure(error: BaseException) -> str:
+    """One line for a failed write: a rank's own error inside DCP's CheckpointException (whose text is a
+    traceback), else the error."""
+    if isinstance(error, CheckpointException) and error.failures:
+        failure = next(iter(error.failures.values()))
+        error = failure[0] if isinstance(failure, tuple) else failure
+    return f"{type(error).__name__}: {error_message(error)}"
+
+
 class Checkpoints:
     """The checkpoints of a run folder: save, find the newest intact one, load, prune. Every method is called by
     every rank (the saves and the digests are shared); rank 0 alone renames and deletes."""
@@ -118,7 +127,8 @@ class Checkpoints:
         if not any_rank(error is not None):
             error = self._try(self._commit, tmp, final)
         failure = None if error is None else (disk_full_message(error, self.root)
-                                              or f"writing checkpoint {final} failed: {error}")
+                                              or f"writing checkpoint {final} failed: {first_failure(error)} "
+                                                 f"({shutil.disk_usage(self.root).free / 2**20:.1f} MiB free there)")
         if any_rank(failure is not None) and self.rank == 0:
             shutil.rmtree(tmp, ignore_errors=True)  # a partial folder would only take space
         if failure is not None:

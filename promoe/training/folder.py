@@ -51,10 +51,14 @@ def _take_lock(out: Path):
     except OSError as error:  # a file system without locks
         file.close()
         return None, f"cannot lock {out / LOCK} ({error}): give an --out on a file system that supports flock"
-    file.seek(0)
-    file.truncate()
-    file.write(f"host {socket.gethostname()}, pid {os.getpid()}, since {time.strftime('%Y-%m-%d %H:%M:%S')}\n")
-    file.flush()
+    try:
+        file.seek(0)
+        file.truncate()
+        file.write(f"host {socket.gethostname()}, pid {os.getpid()}, since {time.strftime('%Y-%m-%d %H:%M:%S')}\n")
+        file.flush()
+    except OSError as error:  # a full disk
+        file.close()
+        return None, f"error: cannot write {out / LOCK}: {error_message(error)}"
     return file, None
 
 
