@@ -3,7 +3,8 @@ fits a model (`check_fits`), used by every loader (ours and the official checkpo
 
 - A safetensors file (a run's EMA export, a converted official checkpoint) holds tensors and string metadata only.
   Its metadata carries the resolved model config (every ModelConfig field) and, for our runs, the whole run config:
-  the file alone rebuilds its model, whatever the zoo's tables say today.
+  the file alone rebuilds its model, whatever the zoo's tables say today. It also records a BLAKE2b digest of its
+  tensors, checked when they are read, and names no other file (its values are inline).
 - A distributed checkpoint folder (DCP) keeps its index in a pickle (`.metadata`) and non-tensor items (optimizer
   settings) as pickles in its shards; torch reads both with plain unpickling, which runs any code a crafted file
   names. `load_dcp` unpickles the index with an allowlist of the classes DCP writes and the items with
@@ -11,6 +12,7 @@ fits a model (`check_fits`), used by every loader (ours and the official checkpo
 """
 
 import dataclasses
+import hashlib
 import io
 import json
 import os
@@ -48,6 +50,7 @@ _DCP_GLOBALS = {
 # A DCP index is KBs (a few hundred bytes per tensor): a larger `.metadata` is not one.
 DCP_METADATA_BYTES = 64 << 20
 _BLOCK = re.compile(r"blocks\.(\d+)\.")
+TENSORS_DIGEST = "tensors_blake2b"  # the metadata key of a safetensors file's digest of its tensors
 
 
 def save_weights(path: str | Path, state: dict[str, torch.Tensor], model_config: ModelConfig,
@@ -57,7 +60,7 @@ def save_weights(path: str | Path, state: dict[str, torch.Tensor], model_config:
     path = Path(path)
     model_config = model_config.inlined()  # a shared file names no other file
     metadata = {"format_version": str(FORMAT_VERSION), "model_config": json.dumps(dataclasses.asdict(model_config)),
-                **metadata}
+                TENSORS_DIGEST: tensors_digest(state), **metadata}
     if run_config is not None:
         metadata["run_config"] = run_config.to_json()
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -111,12 +114,30 @@ def read_weights_header(path: str | Path) -> tuple[dict[str, torch.Tensor], Mode
 
 
 def read_tensors(path: str | Path) -> dict[str, torch.Tensor]:
-    """The tensors of a safetensors file (its size bounds what they take)."""
+    """The tensors of a safetensors file (its size bounds what they take), checked against the digest its metadata
+    recorded when promoe wrote it (a file without one, written before or by others, is read as it is)."""
     try:
-        return load_file(str(path))
+        state = load_file(str(path))
+        with safe_open(str(path), framework="pt") as file:
+            recorded = (file.metadata() or {}).get(TENSORS_DIGEST)
     except SafetensorError as error:
         raise ValueError(f"{path} is not a readable safetensors file ({one_line(str(error), 120)}): copy or export "
                          "it again") from None
+    if recorded is not None and recorded != tensors_digest(state):
+        raise ValueError(f"{path} is damaged: its tensors do not match the digest recorded when it was written; copy "
+                         "or export it again")
+    return state
+
+
+def tensors_digest(state: dict[str, torch.Tensor]) -> str:
+    """BLAKE2b of every tensor's name, dtype, shape and bytes, in name order (what a safetensors file holds, whatever
+    its layout on disk)."""
+    digest = hashlib.blake2b()
+    for name in sorted(state):
+        tensor = state[name].detach().cpu().contiguous()
+        digest.update(f"{name}:{tensor.dtype}:{list(tensor.shape)};".encode())
+        digest.update(tensor.reshape(-1).view(torch.uint8).numpy())
+    return digest.hexdigest()
 
 
 def read_weights(path: str | Path) -> tuple[dict[str, torch.Tensor], ModelConfig | None, RunConfig | None]:

@@ -253,3 +253,17 @@ def test_convert_refuses_a_pickle_in_one_line_naming_the_object(tmp_path, capsys
     assert "GLOBAL io.open" in message or "GLOBAL builtins.open" in message
     assert "weights_only" not in message and "add_safe_globals" not in message
     assert not (tmp_path / "pwned").exists() and not (tmp_path / "out.safetensors").exists()
+
+
+def test_a_safetensors_file_whose_tensor_bytes_changed_is_refused(tmp_path):
+    from promoe.sample import main as sample
+
+    path = tmp_path / "w.safetensors"
+    saved_tiny_weights(path)
+    content = bytearray(path.read_bytes())
+    content[-10] ^= 0xFF  # inside the last tensor's data: the file still parses, its weights are wrong
+    path.write_bytes(bytes(content))
+    with pytest.raises(ValueError, match=r"w\.safetensors is damaged: its tensors do not match the digest"):
+        load_model(path)
+    with pytest.raises(SystemExit, match=r"^error: .*w\.safetensors is damaged"):
+        sample(["--ckpt", str(path), "--objective", "rf", "--out", str(tmp_path / "s"), "--num-images", "1"])
