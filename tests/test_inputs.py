@@ -224,3 +224,19 @@ def test_samples_npz_is_written_without_holding_the_whole_array(tmp_path):
     with np.load(tmp_path / "samples.npz") as archive:
         assert np.array_equal(archive["arr_0"], images) and np.array_equal(archive["arr_1"], labels.numpy())
     assert not (tmp_path / "samples.npz.tmp").exists() and (tmp_path / "grid.png").exists()
+
+
+def test_a_reference_whose_header_asks_for_more_than_the_file_holds_is_refused(tmp_path):
+    import zipfile
+
+    from promoe.eval.reference import read_reference
+
+    reference_stats(tmp_path / "fine.npz")
+    with zipfile.ZipFile(tmp_path / "fine.npz") as fine, zipfile.ZipFile(tmp_path / "ref.npz", "w") as crafted:
+        for name in fine.namelist():
+            content = fine.read(name)
+            if name == "sigma.npy":  # the same bytes under a header that asks numpy for 8 TB
+                content = content.replace(b"'shape': (4, 4), }" + b" " * 15, b"'shape': (1000000, 1000000), }   ")
+            crafted.writestr(name, content)
+    with pytest.raises(ValueError, match=r"ref\.npz: 'sigma' declares 8000000000000 bytes .*more than the file holds"):
+        read_reference(tmp_path / "ref.npz")
