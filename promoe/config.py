@@ -2,11 +2,14 @@
 `coerce`, the type check of a config value that the run config (promoe.train_config) uses too."""
 
 import dataclasses
+import json
 import math
 import re
 import types
 import typing
 from dataclasses import dataclass
+
+from promoe.errors import error_message, quoted, read_small_text
 
 ROUTERS = ("dense", "promoe", "promoe_ec", "tc", "ec", "diffmoe", "classifier", "kmeans")
 BACKENDS = ("loop", "torch", "triton", "grouped_gemm")  # the dispatch backends of promoe.moe.dispatch
@@ -77,7 +80,7 @@ def coerce(value, annotation):
             pass
     if origin is tuple:
         if not isinstance(value, (list, tuple)) or len(value) != len(typing.get_args(annotation)):
-            raise ValueError(f"expected a list of {len(typing.get_args(annotation))} numbers, got {value!r}")
+            raise ValueError(f"expected a list of {len(typing.get_args(annotation))} numbers, got {quoted(value)}")
         return tuple(coerce(v, t) for v, t in zip(value, typing.get_args(annotation)))
     if origin in (typing.Union, types.UnionType):
         for option in typing.get_args(annotation):
@@ -88,11 +91,19 @@ def coerce(value, annotation):
                     return coerce(value, option)
                 except ValueError:
                     pass
-        raise ValueError(f"{value!r} is not a {annotation}")
+        raise ValueError(f"{quoted(value)} is not a {annotation}")
     expected = origin or annotation
     if not isinstance(value, expected) or (expected is int and isinstance(value, bool)):
-        raise ValueError(f"expected {getattr(expected, '__name__', expected)}, got {value!r}")
+        raise ValueError(f"expected {getattr(expected, '__name__', expected)}, got {quoted(value)}")
     return value
+
+
+def check_superclasses(mapping, num_classes: int, source: str) -> None:
+    if not isinstance(mapping, list) or len(mapping) != num_classes or \
+            any(not isinstance(v, int) or isinstance(v, bool) or v < 0 for v in mapping):
+        length = len(mapping) if isinstance(mapping, list) else "no"
+        raise FieldError("superclasses", f"must map each of the {num_classes} classes to an integer >= 0; got "
+                                         f"{length} entries from {source}")
 
 
 @dataclass
@@ -150,6 +161,31 @@ class ModelConfig:
         if self.router == "classifier" and self.superclasses is None:
             raise FieldError("superclasses", "router 'classifier' needs a list mapping each class to its superclass, "
                                              "or the path of a file holding one")
+        if isinstance(self.superclasses, list):
+            check_superclasses(self.superclasses, self.num_classes, "the config")
+
+    def superclass_list(self) -> list[int]:
+        """The class -> superclass map, read from its file where the field names one (a JSON list, or one integer
+        per line)."""
+        if not isinstance(self.superclasses, str):
+            return self.superclasses
+        try:
+            text = read_small_text(self.superclasses, "a class -> superclass list")
+        except (OSError, ValueError) as error:
+            raise FieldError("superclasses", error_message(error)) from None
+        try:
+            mapping = json.loads(text) if text.lstrip().startswith("[") else [int(v) for v in text.split()]
+        except ValueError as error:
+            raise FieldError("superclasses", f"{self.superclasses} holds no list of integers ({error})") from None
+        check_superclasses(mapping, self.num_classes, self.superclasses)
+        return mapping
+
+    def inlined(self) -> "ModelConfig":
+        """This config with every value inline (the superclass list read from its file): what files we share carry,
+        so that none of them names a file on the machine that wrote it."""
+        if not isinstance(self.superclasses, str):
+            return self
+        return dataclasses.replace(self, superclasses=self.superclass_list())
 
     def check_types(self) -> None:
         """Every field of its type (`coerce`: ints become floats where the field is a float), floats finite."""

@@ -19,6 +19,7 @@ sin-cos `pos_embed` and DiffMoE's threshold `ema_decay`; they are checked agains
 """
 
 import argparse
+import pickle
 import re
 from collections import defaultdict
 from dataclasses import dataclass
@@ -28,8 +29,9 @@ import torch
 
 from promoe.diffusion import OBJECTIVES
 from promoe.dit.model import DiT
+from promoe.errors import exits_with_message, one_line
 from promoe.moe.routers import DiffMoERouter
-from promoe.weights import check_fits, save_weights
+from promoe.weights import check_fits, save_weights, unpickling_refusal
 from promoe.zoo import build_model
 
 
@@ -172,9 +174,12 @@ def load_official_checkpoint(source: str | Path | dict, model_name: str, prefer:
 
     The checkpoint is checked in the official layout, so a message names the key as the file spells it.
     """
-    checkpoint = torch.load(source, map_location="cpu", weights_only=True) if isinstance(source, (str, Path)) \
-        else source
-    official = {_strip_prefixes(key): value for key, value in pick_weights(checkpoint, prefer).items()}
+    checkpoint = read_official(Path(source)) if isinstance(source, (str, Path)) else source
+    weights = pick_weights(checkpoint, prefer) if isinstance(checkpoint, dict) else None
+    if not isinstance(weights, dict) or not all(isinstance(value, torch.Tensor) for value in weights.values()):
+        raise ValueError(f"{source} holds no state dict (a mapping of names to tensors, alone or under "
+                         "'ema_model_state_dict' / 'model_state_dict'): is it an official checkpoint?")
+    official = {_strip_prefixes(key): value for key, value in weights.items()}
     model = build_model(model_name, **overrides)
     expected = promoe_to_official(model)
     check_fits(official, expected, model_name)
@@ -183,6 +188,22 @@ def load_official_checkpoint(source: str | Path | dict, model_name: str, prefer:
     return model
 
 
+def read_official(path: Path) -> dict:
+    """An official .pth, unpickled with torch.load(weights_only=True): tensors, numbers, strings and containers. A
+    file holding any other object is refused, naming the object (unpickling it could run code)."""
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint {path} does not exist (or is not a file): check the path")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as error:
+        raise ValueError(f"{path} holds objects other than tensors and plain data, which are not unpickled (they "
+                         f"could run code): {unpickling_refusal(error)}; convert it where you trust it") from None
+    except (RuntimeError, EOFError) as error:  # torch's reader on a file that is not a whole checkpoint
+        raise ValueError(f"{path} is not a readable torch checkpoint ({type(error).__name__}: "
+                         f"{one_line(str(error), 150)}): empty or cut short? Download it again") from None
+
+
+@exits_with_message
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description="Convert an official ProMoE-code checkpoint to a promoe "
                                                  "safetensors file; or, with --to diffusers, any checkpoint that "

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import torch
 
+from promoe.errors import exits_with_message, read_small_text, write_text_atomically
 from promoe.eval.images import open_images
 from promoe.eval.inception import load_inception
 from promoe.eval.metrics import inception_score, precision_recall
@@ -55,6 +56,7 @@ def results_folder(samples) -> Path:
     return samples if samples.is_dir() else samples.parent
 
 
+@exits_with_message
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("samples", help=".npz (arr_0 uint8 NHWC) or folder of PNGs / samples.npz")
@@ -67,10 +69,7 @@ def main(argv=None) -> dict:
     if args.batch_size < 1:
         parser.error("--batch-size must be positive")
 
-    try:
-        metrics = evaluate(args.samples, args.ref, args.inception, args.batch_size, args.device, args.save_ref)
-    except (FileNotFoundError, ValueError) as error:  # a wrong path, file or shape: the message says which
-        raise SystemExit(f"error: {error}") from error
+    metrics = evaluate(args.samples, args.ref, args.inception, args.batch_size, args.device, args.save_ref)
     for name in METRICS:
         value = metrics[name]
         print(f"{name:>16}: {value:.4f}" if value is not None else f"{name:>16}: n/a")
@@ -81,8 +80,8 @@ def main(argv=None) -> dict:
     folder = results_folder(args.samples)
     sampling = folder / "sampling.json"
     if sampling.is_file():
-        metrics["sampling"] = json.loads(sampling.read_text())
-    (folder / "metrics.json").write_text(json.dumps(metrics, indent=2))
+        metrics["sampling"] = json.loads(read_small_text(sampling, "the settings of a sampling job"))
+    write_text_atomically(folder / "metrics.json", json.dumps(metrics, indent=2))
     print(f"wrote {folder / 'metrics.json'}")
     return metrics
 

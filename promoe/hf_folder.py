@@ -18,12 +18,11 @@ import json
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
-from safetensors.torch import load_file
 
 from promoe.config import ModelConfig
+from promoe.errors import one_line, read_small_text
 from promoe.train_config import DataSection, ModelSection, RunConfig, TrainSection, model_config_from_fields
-from promoe.weights import check_fits
+from promoe.weights import check_shapes_fit, read_tensors, read_weights_header
 from promoe.zoo import build_from_config
 
 PIPELINE_CLASS = "ProMoEPipeline"
@@ -52,9 +51,9 @@ def read_json(path: Path, what: str) -> dict:
     if not path.is_file():
         raise FileNotFoundError(f"{path} is missing: {what}")
     try:
-        values = json.loads(path.read_text())
+        values = json.loads(read_small_text(path, what))
     except (UnicodeDecodeError, ValueError) as error:
-        raise ValueError(f"{path} is not JSON ({error})") from None
+        raise ValueError(f"{path} is not JSON ({one_line(str(error), 200)})") from None
     if not isinstance(values, dict):
         raise ValueError(f"{path} holds a {type(values).__name__}, not a JSON object")
     return values
@@ -108,22 +107,20 @@ def transformer_config(path: str | Path) -> ModelConfig:
 
 def check_transformer_folder(path: str | Path) -> ModelConfig:
     """(the config of) a ProMoETransformer2DModel folder whose weights fit the model its config describes: shapes
-    compared on `meta` before anything is loaded, the first missing, unexpected or mis-shaped tensor named."""
+    compared on `meta` before anything is loaded or built (promoe.weights.check_shapes_fit), the first missing,
+    unexpected or mis-shaped tensor named."""
     config = transformer_config(path)
     weights = Path(path) / WEIGHTS
     if not weights.is_file():
         raise FileNotFoundError(f"{weights} is missing: it holds the model's weights")
-    with safe_open(str(weights), framework="pt") as file:
-        given = {key: torch.empty(file.get_slice(key).get_shape(), device="meta") for key in file.keys()}
-    expected = {PREFIX + key: value for key, value in build_from_config(config, device="meta").state_dict().items()}
-    check_fits(given, expected, f"the model its config describes ({weights})")
+    check_shapes_fit(config, read_weights_header(weights)[0], str(weights), prefix=PREFIX)
     return config
 
 
 def load_transformer(path: str | Path) -> torch.nn.Module:
     """Our DiT (eval mode) from a ProMoETransformer2DModel folder, without diffusers."""
     config = check_transformer_folder(path)
-    state = load_file(str(Path(path) / WEIGHTS))
+    state = read_tensors(Path(path) / WEIGHTS)
     model = build_from_config(config)
     model.load_state_dict({key.removeprefix(PREFIX): value for key, value in state.items()})
     return model.eval()

@@ -50,8 +50,18 @@ def plot_losses(metrics_csv: Path, out_png: Path) -> None:
     axis.legend()
     axis.grid(alpha=0.3)
     figure.tight_layout()
-    figure.savefig(out_png, dpi=120)
-    plt.close(figure)
+    save_figure(figure, out_png)
+
+
+def save_figure(figure, path: Path) -> None:
+    """The figure as a PNG through a temporary file (a full disk leaves the picture of before), then closed."""
+    tmp = Path(path).with_name(Path(path).name + ".tmp")
+    try:
+        figure.savefig(tmp, dpi=120, format="png")
+        tmp.replace(path)
+    finally:
+        plt.close(figure)
+        tmp.unlink(missing_ok=True)
 
 
 def plot_expert_load(metrics_csv: Path, out_png: Path) -> bool:
@@ -77,6 +87,5 @@ def plot_expert_load(metrics_csv: Path, out_png: Path) -> bool:
     axis.set_title(f"share of each layer's slots, last {tail} logged steps")
     figure.colorbar(image, ax=axis)
     figure.tight_layout()
-    figure.savefig(out_png, dpi=120)
-    plt.close(figure)
+    save_figure(figure, out_png)
     return True

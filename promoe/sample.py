@@ -17,6 +17,9 @@ PNG files all exist is skipped, so an interrupted run continues where it stopped
 import argparse
 import json
 import math
+import os
+import shutil
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -28,6 +31,7 @@ from tqdm import tqdm
 from promoe.diffusion import GUIDANCE_MODES, OBJECTIVES, SCHEDULERS, RectifiedFlow, batches_guidance, make_scheduler
 from promoe.distributed import init_distributed
 from promoe.dit.model import compile_blocks
+from promoe.errors import exits_with_message, one_line, quoted, read_small_text, write_text_atomically
 from promoe.hf_folder import is_pipeline_folder
 from promoe.moe.layer import place_dispatch
 from promoe.sampling import Decoder, generate, image_grid, is_latent_model, load_model, objective_of, save_png, to_uint8
@@ -76,7 +80,7 @@ def claim_folder(folder: Path, settings: dict, rank: int) -> None:
     records ours in `sampling.json`, so that a rerun continues only the same job."""
     record = folder / "sampling.json"
     if record.exists():
-        previous = json.loads(record.read_text())
+        previous = read_settings(record)
         changed = sorted(key for key in settings.keys() | previous.keys() if settings.get(key) != previous.get(key))
         if changed:
             raise SystemExit(f"{folder} holds samples made with other settings ({', '.join(changed)}): give another "
@@ -84,24 +88,89 @@ def claim_folder(folder: Path, settings: dict, rank: int) -> None:
     barrier()  # every rank has checked before rank 0 writes
     if rank == 0:
         folder.mkdir(parents=True, exist_ok=True)
-        tmp = record.with_name(record.name + ".tmp")
-        tmp.write_text(json.dumps(settings, indent=2))
-        tmp.replace(record)
+        write_text_atomically(record, json.dumps(settings, indent=2))
     barrier()
 
 
+def read_settings(record: Path) -> dict:
+    try:
+        previous = json.loads(read_small_text(record, "the settings of a sampling job"))
+    except ValueError as error:
+        raise ValueError(f"{record} is unreadable ({one_line(str(error), 150)}): delete it, or give another --out"
+                         ) from None
+    if not isinstance(previous, dict):
+        raise ValueError(f"{record} holds {quoted(previous)}, not the settings of a sampling job: delete it, or "
+                         "give another --out")
+    return previous
+
+
+def read_sample(folder: Path, index: int, label: int) -> np.ndarray:
+    """uint8 [H, W, C] of one written sample."""
+    image = np.asarray(Image.open(folder / png_name(index, label)))
+    return image[..., None] if image.ndim == 2 else image
+
+
 def collect(folder: Path, labels: torch.Tensor, grid_columns: int) -> None:
-    """The evaluation `.npz` (arr_0 uint8 NHWC images, arr_1 labels), written atomically, and a grid PNG."""
-    first = np.asarray(Image.open(folder / png_name(0, int(labels[0]))))
-    images = np.empty((len(labels), *first.shape[:2], first.shape[2] if first.ndim == 3 else 1), dtype=np.uint8)
-    for index, label in enumerate(labels.tolist()):
-        image = np.asarray(Image.open(folder / png_name(index, label)))
-        images[index] = image[..., None] if image.ndim == 2 else image
+    """The evaluation `.npz` (arr_0 uint8 NHWC images, arr_1 labels), written atomically one image at a time (the
+    archive is never whole in memory), and a grid PNG."""
+    first = read_sample(folder, 0, int(labels[0]))
     tmp = folder / "samples.npz.tmp"
-    with open(tmp, "wb") as file:
-        np.savez(file, arr_0=images, arr_1=labels.numpy())
-    tmp.replace(folder / "samples.npz")
-    save_png(image_grid(images[: grid_columns * grid_columns], grid_columns), folder / "grid.png")
+    try:
+        with zipfile.ZipFile(tmp, "w", allowZip64=True) as archive:  # np.savez's layout: .npy files, uncompressed
+            with archive.open("arr_0.npy", "w", force_zip64=True) as entry:
+                header = {"descr": np.lib.format.dtype_to_descr(first.dtype), "fortran_order": False,
+                          "shape": (len(labels), *first.shape)}
+                np.lib.format.write_array_header_1_0(entry, header)
+                for index, label in enumerate(labels.numpy()):
+                    entry.write(np.ascontiguousarray(read_sample(folder, index, int(label))).tobytes())
+            with archive.open("arr_1.npy", "w", force_zip64=True) as entry:
+                np.lib.format.write_array(entry, labels.numpy())
+        tmp.replace(folder / "samples.npz")
+    finally:
+        tmp.unlink(missing_ok=True)  # a full disk leaves no partial archive behind
+    shown = min(len(labels), grid_columns * grid_columns)
+    if shown:
+        grid = np.stack([read_sample(folder, index, int(labels[index])) for index in range(shown)])
+        save_png(image_grid(grid, grid_columns), folder / "grid.png")
+
+
+def plan(folders: list[Path], num_images: int, image_shape: tuple[int, int, int]) -> None:
+    """Refuse, before any work, a job that cannot finish: the PNGs still to write and the archives of `folders`
+    (one per guidance scale) must fit on the disk, and the labels of all images in memory."""
+    image_bytes = math.prod(image_shape)
+    label_bytes = 8 * num_images  # int64, held whole by every process
+    available = available_memory()
+    if label_bytes > available // 2:
+        raise ValueError(f"--num-images {num_images}: their labels alone take {in_mib(label_bytes)}, this machine "
+                         f"has {in_mib(available)} free; sample fewer per call (another --seed and --out per part)")
+    existing = next(parent for parent in (folders[0], *folders[0].parents) if parent.exists())
+    block = os.statvfs(existing).f_frsize  # a file takes whole blocks of the disk
+    # A PNG of noise-like samples can be as large as its pixels (plus its headers); the archive holds them raw.
+    png_bytes = -(-(image_bytes + 100) // block) * block
+    needed = sum((num_images - written_samples(folder)) * png_bytes + num_images * (image_bytes + 8)
+                 for folder in folders)
+    free = shutil.disk_usage(existing).free
+    if needed > free:
+        raise ValueError(f"--num-images {num_images} of {'x'.join(map(str, image_shape))} pixels need about "
+                         f"{in_mib(needed)} on the disk of {existing} (PNG files and samples.npz), {in_mib(free)} "
+                         "are free: free space, give another --out, or sample fewer")
+
+
+def in_mib(size: int) -> str:
+    return f"{size / 2**20:,.1f} MiB"
+
+
+def available_memory() -> int:
+    """Bytes of memory this machine can give without swapping (MemAvailable; free pages where /proc is absent)."""
+    try:
+        with open("/proc/meminfo") as file:
+            return next(int(line.split()[1]) * 1024 for line in file if line.startswith("MemAvailable:"))
+    except (OSError, StopIteration, ValueError):
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+
+
+def written_samples(folder: Path) -> int:
+    return sum(1 for _ in folder.glob("*_class*.png")) if folder.is_dir() else 0
 
 
 def parse_args(argv):
@@ -148,6 +217,10 @@ def check_args(parser: argparse.ArgumentParser, args) -> None:
             parser.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     if args.grid < 0:
         parser.error(f"--grid must be >= 0, got {args.grid}")
+    if not 0 <= args.seed < 2**32:  # generators are seeded by seed * 1_000_003 + batch, below 2**63
+        parser.error(f"--seed must lie in 0 .. 2**32 - 1, got {args.seed}")
+    if args.out.exists() and not args.out.is_dir():
+        parser.error(f"--out {args.out} is a file: give a folder")
 
 
 def barrier() -> None:
@@ -155,6 +228,7 @@ def barrier() -> None:
         dist.barrier()
 
 
+@exits_with_message
 def main(argv=None) -> None:
     args = parse_args(argv)
     labels_of = {checkpoint_label(source): source for source in args.ckpt}
@@ -163,24 +237,22 @@ def main(argv=None) -> None:
     rank, world_size, device = init_distributed(group_of_one=False)  # a group only under torchrun, for the barriers
     finished = []
     for label, source in labels_of.items():
-        try:
-            model, config = load_model(source, args.model, args.weights)
-            model = model.to(device)
-            place_dispatch(model, device)
-            if args.compile:
-                compile_blocks(model)
-            objective = objective_of(config, args.objective)
-            if args.scheduler is not None:
-                make_scheduler(args.scheduler, objective, args.steps)  # refuses one that does not fit, before output
-            sampler = args.scheduler or ("euler" if isinstance(objective, RectifiedFlow) else "ddpm")
-            guidance = "batched" if batches_guidance(model, args.guidance) else "two-pass"
-            vae = args.vae or (config.data.vae if is_pipeline_folder(source) else None)  # a pipeline's own VAE
-            decoder = Decoder(vae, is_latent_model(config), device)
-            labels = draw_labels(args.num_images, model.num_classes, args.labels, args.seed)
-        except (FileNotFoundError, ValueError) as error:  # a wrong path, file or option: the message says which
-            raise SystemExit(f"error: {error}") from None
-        for scale in args.cfg_scale:
-            folder = args.out / label / f"cfg-{scale:g}"
+        model, config = load_model(source, args.model, args.weights)
+        model = model.to(device)
+        place_dispatch(model, device)
+        if args.compile:
+            compile_blocks(model)
+        objective = objective_of(config, args.objective)
+        if args.scheduler is not None:
+            make_scheduler(args.scheduler, objective, args.steps)  # refuses one that does not fit, before output
+        sampler = args.scheduler or ("euler" if isinstance(objective, RectifiedFlow) else "ddpm")
+        guidance = "batched" if batches_guidance(model, args.guidance) else "two-pass"
+        vae = args.vae or (config.data.vae if is_pipeline_folder(source) else None)  # a pipeline's own VAE
+        decoder = Decoder(vae, is_latent_model(config), device)
+        folders = [args.out / label / f"cfg-{scale:g}" for scale in args.cfg_scale]
+        plan(folders, args.num_images, decoder.image_shape(model))
+        labels = draw_labels(args.num_images, model.num_classes, args.labels, args.seed)
+        for scale, folder in zip(args.cfg_scale, folders):
             settings = {"checkpoint": str(Path(source).resolve()), "weights": args.weights, "cfg_scale": scale,
                         "objective": args.objective or config.train.objective, "steps": args.steps,
                         "sampler": sampler, "guidance": guidance,

@@ -5,7 +5,6 @@ experiment use these functions directly. Our checkpoint folders are read by prom
 one reader; nothing here imports training.
 """
 
-import pickle
 from pathlib import Path
 
 import numpy as np
@@ -14,12 +13,12 @@ from PIL import Image
 from tqdm import tqdm
 
 import promoe
-from promoe.checkpoint_format import CONFIG, load_training_checkpoint, read_run_config
-from promoe.data.vae import load_vae
+from promoe.checkpoint_format import CONFIG, read_checkpoint, read_run_config
+from promoe.data.vae import load_vae, vae_downsampling
 from promoe.diffusion import DDPM, batches_guidance, make_objective, make_scheduler, sample_with_scheduler
 from promoe.hf_folder import is_pipeline_folder, load_pipeline_folder
 from promoe.train_config import RunConfig
-from promoe.weights import check_fits, read_weights, unpickling_refusal
+from promoe.weights import build_to_fit, read_tensors, read_weights_header
 
 
 def load_model(source: str | Path, model_name: str | None = None, weights: str = "ema"):
@@ -28,11 +27,12 @@ def load_model(source: str | Path, model_name: str | None = None, weights: str =
     its folder does: the objective, pixels or latents, its VAE). Nothing in a file runs code: see promoe.weights."""
     source = Path(source)
     if not source.exists():
-        raise FileNotFoundError(f"checkpoint {source} does not exist")
+        link = f" (a link to {source.readlink()}, which does not exist)" if source.is_symlink() else ""
+        raise FileNotFoundError(f"checkpoint {source} does not exist{link}: check the path")
     if source.suffix == ".pth":
         if model_name is None:
             raise ValueError(f"{source} is an official checkpoint: name its model with --model, e.g. ProMoE-XL")
-        return load_official(source, model_name, weights), None
+        return promoe.load_official_checkpoint(source, model_name, prefer=weights).eval(), None
     if model_name is not None:
         raise ValueError(f"--model {model_name}: {source} records the model it holds; --model names the model of "
                          "an official .pth checkpoint only")
@@ -45,29 +45,21 @@ def load_model(source: str | Path, model_name: str | None = None, weights: str =
             raise ValueError(f"{source} is a diffusers pipeline folder: it holds one set of weights, read with "
                              "--weights ema")
         return load_pipeline_folder(source)
-    config = read_run_config(source / CONFIG)
-    return load_training_checkpoint(source, config, weights), config
-
-
-def load_official(source: Path, model_name: str, weights: str) -> torch.nn.Module:
-    """An official .pth, unpickled with torch.load(weights_only=True): tensors, numbers, strings and containers."""
-    try:
-        return promoe.load_official_checkpoint(source, model_name, prefer=weights).eval()
-    except pickle.UnpicklingError as error:
-        raise ValueError(f"{source} holds objects other than tensors and plain data, which are not unpickled (they "
-                         f"could run code): {unpickling_refusal(error)}") from None
+    if not source.is_dir():
+        raise ValueError(f"{source} is neither a checkpoint folder, nor a .safetensors or .pth file")
+    return read_checkpoint(source, weights)
 
 
 def load_safetensors(source: Path):
     """(model, RunConfig or None) from a safetensors file whose metadata holds its config (a `config.json` beside
-    the file serves for exports of before that)."""
-    state, model_config, config = read_weights(source)
+    the file serves for exports of before that). Its tensors' shapes are compared with the model built on `meta`
+    before the model is allocated or a tensor read."""
+    shapes, model_config, config = read_weights_header(source)
     if model_config is None:
         config = read_run_config(source.parent / CONFIG)
         model_config = config.model_config()
-    model = promoe.zoo.build_from_config(model_config)
-    check_fits(state, model.state_dict(), f"the model its config describes ({source})")
-    model.load_state_dict(state)
+    model = build_to_fit(model_config, shapes, str(source))
+    model.load_state_dict(read_tensors(source))
     return model.eval(), config
 
 
@@ -161,6 +153,14 @@ class Decoder:
                 raise ValueError("this model makes VAE latents: give --vae PATH, a local AutoencoderKL folder (e.g. "
                                  "stabilityai/sd-vae-ft-mse saved with save_pretrained); nothing is downloaded")
             self.vae = load_vae(vae_path, device)
+
+    def image_shape(self, model) -> tuple[int, int, int]:
+        """(H, W, C) of the pictures this decoder makes of `model`'s samples."""
+        size = model.config.input_size
+        if self.vae is None:
+            return size, size, model.in_channels
+        size *= vae_downsampling(self.vae)
+        return size, size, self.vae.config.out_channels
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         return decode(self.vae, x)

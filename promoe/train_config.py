@@ -1,7 +1,9 @@
 """The run configuration: one typed dataclass tree, filled from YAML and dotted command-line overrides.
 
 Unknown keys, wrong types and impossible values stop the run before any work, naming the key and the file. A value
-is checked against its field's type by `promoe.config.coerce`, the model config's own check.
+is checked against its field's type by `promoe.config.coerce`, the model config's own check. Config files are small
+and hand-written: a key given twice (YAML would keep the last silently) and aliases (which can expand a small file
+into gigabytes) are refused.
 """
 
 import dataclasses
@@ -16,6 +18,7 @@ import yaml
 from promoe.config import FieldError, ModelConfig, coerce
 from promoe.data.build import KINDS
 from promoe.diffusion import OBJECTIVES
+from promoe.errors import one_line, quoted, read_small_text
 from promoe.zoo import model_config
 
 # config.json 1: the model as zoo name + overrides only (rebuilt from today's zoo); 2: also every ModelConfig field.
@@ -77,6 +80,10 @@ NUMBER_RULES = (
     ("optim.betas", lambda betas: all(0 <= beta < 1 for beta in betas), "two numbers in [0, 1)"),
     ("optim.weight_decay", lambda decay: 0 <= decay < math.inf, "a finite number >= 0"),
     ("optim.grad_clip", lambda clip: clip > 0, "> 0 (inf: no clipping)"),
+    ("optim.warmup_steps", lambda steps: steps >= 0, ">= 0 (0: no warm-up)"),
+    ("data.image_size", lambda size: size >= 1, ">= 1"),
+    # Generators are seeded by seed * 1_000_003 + step, which must stay below 2**63.
+    ("train.seed", lambda seed: 0 <= seed < 2**32, "in 0 .. 2**32 - 1"),
     ("train.ema_decay", lambda decay: 0 <= decay <= 1, "in [0, 1]"),
     ("train.grid_cfg_scale", lambda scale: 1 <= scale < math.inf, "a finite number >= 1 (1: no guidance)"),
 )
@@ -96,7 +103,7 @@ class RunConfig:
         """The model this config builds: the stored one of a checkpoint, else the zoo's entry with the overrides."""
         if self.model.resolved is not None:
             return self.model.resolved
-        return model_config(self.model.name, **self.model.overrides)
+        return model_config(self.model.name, **self.model.overrides).inlined()  # the file it names read once here
 
     def where(self, key: str, source: str) -> str:
         """Where the value of `key` was set, for error messages."""
@@ -141,7 +148,7 @@ class RunConfig:
             section, name = key.split(".")
             value = getattr(getattr(self, section), name)
             if not holds(value):
-                fail(key, f"must be {rule}, got {value!r}")
+                fail(key, f"must be {rule}, got {quoted(value)}")
         try:
             self.model_config()
         except FieldError as error:
@@ -163,13 +170,13 @@ def _where(source: str) -> str:
 
 def _fill(section, values: dict, prefix: str, source: str):
     if not isinstance(values, dict):
-        raise ValueError(f"{prefix or 'config'}: expected a mapping, got {values!r} {_where(source)}")
+        raise ValueError(f"{prefix or 'config'}: expected a mapping, got {quoted(values)} {_where(source)}")
     hints = typing.get_type_hints(type(section))
     names = {f.name for f in dataclasses.fields(section)}
     for key, value in values.items():
         dotted = f"{prefix}{key}"
         if key not in names:
-            raise ValueError(f"unknown config key {dotted!r} {_where(source)}; known here: {sorted(names)}")
+            raise ValueError(f"unknown config key {quoted(dotted)} {_where(source)}; known here: {sorted(names)}")
         current = getattr(section, key)
         if dataclasses.is_dataclass(current):
             _fill(current, value, f"{dotted}.", source)
@@ -183,11 +190,17 @@ def _fill(section, values: dict, prefix: str, source: str):
 def config_from_json(text: str, source: str) -> RunConfig:
     """The RunConfig written beside a checkpoint (`RunConfig.to_json`), checked like a YAML file. A version 2 file
     rebuilds its stored model; a version 1 file (no `format_version`) only names it, so it rebuilds from today's zoo."""
-    values = json.loads(text)
+    try:
+        values = json.loads(text)
+    except ValueError as error:
+        raise ValueError(f"{source} is not valid JSON ({error}): damaged? Use the config.json of another checkpoint "
+                         "of the run") from None
+    if not isinstance(values, dict) or not isinstance(values.get("model", {}), dict):
+        raise ValueError(f"{source}: expected a run config (a mapping of sections), got {quoted(values)}")
     version = values.pop("format_version", 1)
     if version not in (1, FORMAT_VERSION):
-        raise ValueError(f"{source}: format_version {version!r}; this promoe reads 1 and {FORMAT_VERSION} (a newer "
-                         "promoe wrote it?)")
+        raise ValueError(f"{source}: format_version {quoted(version)}; this promoe reads 1 and {FORMAT_VERSION} (a "
+                         "newer promoe wrote it?)")
     resolved = values.get("model", {}).pop("resolved", None)
     if version == FORMAT_VERSION and not isinstance(resolved, dict):
         raise ValueError(f"{source}: format_version {version} needs model.resolved, every field of the model config")
@@ -204,7 +217,11 @@ def model_config_from_fields(values: dict, source: str) -> ModelConfig:
     known = {f.name for f in dataclasses.fields(ModelConfig)}
     unknown = sorted(set(values) - known)
     if unknown:
-        raise ValueError(f"{source}: model.resolved holds unknown field(s) {unknown} (a newer promoe wrote it?)")
+        raise ValueError(f"{source}: model.resolved holds unknown field(s) {quoted(unknown)} (a newer promoe wrote "
+                         "it?)")
+    if isinstance(values.get("superclasses"), str):  # a stored config carries its values, it names no file
+        raise ValueError(f"{source}: model.resolved.superclasses names a file ({quoted(values['superclasses'])}); "
+                         "a stored config holds the list itself: not loaded")
     try:
         return ModelConfig(**values)
     except FieldError as error:
@@ -230,21 +247,56 @@ def read_config_file(path: Path, including: tuple[Path, ...] = ()) -> dict:
     chain = (*including, path.resolve())
     if path.resolve() in including:
         raise ValueError("config files name each other as base in a cycle: " + " -> ".join(map(str, chain)))
-    values = yaml.safe_load(path.read_text())
+    if not path.exists():
+        raise FileNotFoundError(f"config file {path} does not exist: check the path (configs/ holds the shipped ones)")
+    values = parse_yaml(read_small_text(path, "a run config"), str(path))
     values = {} if values is None else values
     if not isinstance(values, dict):
-        raise ValueError(f"config: expected a mapping, got {values!r} (in {path})")
+        raise ValueError(f"config: expected a mapping, got {quoted(values)} (in {path})")
     values = dict(values)
     base = values.pop(BASE_KEY, None)
     _fill(RunConfig(), values, "", str(path))
     if base is None:
         return values
     if not isinstance(base, str):
-        raise ValueError(f"{BASE_KEY}: expected the name of a YAML file, got {base!r} (in {path})")
+        raise ValueError(f"{BASE_KEY}: expected the name of a YAML file, got {quoted(base)} (in {path})")
     base_path = path.parent / base
     if not base_path.is_file():
         raise ValueError(f"{BASE_KEY}: {base_path} does not exist (named in {path}, relative to its folder)")
     return _merge(read_config_file(base_path, chain), values)
+
+
+class _ConfigLoader(yaml.SafeLoader):
+    """YAML's safe loader that refuses a key given twice in a mapping and any alias (`*name`)."""
+
+    def compose_node(self, parent, index):
+        if self.check_event(yaml.AliasEvent):
+            raise yaml.composer.ComposerError(None, None, "an alias (*name): configs write each value out",
+                                              self.peek_event().start_mark)
+        return super().compose_node(parent, index)
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            key = key_node.value if isinstance(key_node, yaml.ScalarNode) else None
+            if key is not None and key in seen:
+                raise yaml.constructor.ConstructorError(None, None, f"the key {quoted(key)} is given twice; keep "
+                                                        "one", key_node.start_mark)
+            seen.add(key)
+        return super().construct_mapping(node, deep)
+
+
+def parse_yaml(text: str, source: str):
+    """The value of a YAML text (a config file, or an override's value), read by `_ConfigLoader`."""
+    try:
+        return yaml.load(text, Loader=_ConfigLoader)
+    except yaml.YAMLError as error:
+        where = "a value on the command line" if source == COMMAND_LINE else source
+        mark = getattr(error, "problem_mark", None)
+        if mark is not None:
+            where += f", line {mark.line + 1} column {mark.column + 1}"
+        problem = getattr(error, "problem", None) or str(error)
+        raise ValueError(f"{where}: {one_line(problem, 300)}") from None
 
 
 def _merge(base: dict, values: dict) -> dict:
@@ -265,13 +317,13 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> RunConfig
     for item in overrides:
         key, sep, raw = item.partition("=")
         if not sep:
-            raise ValueError(f"override {item!r} is not of the form key.sub=value")
+            raise ValueError(f"override {quoted(item)} is not of the form key.sub=value")
         nested: dict = {}
         cursor = nested
         *parents, leaf = key.split(".")
         for parent in parents:
             cursor = cursor.setdefault(parent, {})
-        cursor[leaf] = yaml.safe_load(raw)
+        cursor[leaf] = parse_yaml(raw, COMMAND_LINE)
         if parents[:1] == ["model"] and len(parents) == 2 and parents[1] == "overrides":
             config.model.overrides = {**config.model.overrides, leaf: cursor[leaf]}
             continue

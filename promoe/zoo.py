@@ -1,8 +1,6 @@
 """The model zoo: every model of the paper by name, built from one ModelConfig."""
 
-import json
 import re
-from pathlib import Path
 
 import torch
 import torch.nn as nn
@@ -123,25 +121,12 @@ def build_router(config: ModelConfig) -> nn.Module:
     if config.router == "kmeans":
         return KMeansRouter(dim, routed, spec.activated, conditional, config.kmeans_decay,
                             lb_weight=config.lb_weight, **losses)
-    superclass_of_class = load_superclasses(config.superclasses, config.num_classes)
+    superclass_of_class = config.superclass_list()
     if max(superclass_of_class) + 1 != routed:
         raise ValueError(f"classifier routing: {max(superclass_of_class) + 1} superclasses need as many routed "
                          f"experts, the expert string {config.experts!r} has {routed}")
     return ClassifierRouter(dim, superclass_of_class, spec.activated, conditional, config.classifier_loss_weight,
                             lb_weight=config.lb_weight, **losses)
-
-
-def load_superclasses(source: list[int] | str, num_classes: int) -> list[int]:
-    """The class -> superclass map, given inline or as a file (a JSON list, or one integer per line)."""
-    if isinstance(source, (str, Path)):
-        text = Path(source).read_text()
-        mapping = json.loads(text) if text.lstrip().startswith("[") else [int(v) for v in text.split()]
-    else:
-        mapping = list(source)
-    if len(mapping) != num_classes or any(not isinstance(v, int) or v < 0 for v in mapping):
-        raise ValueError(f"superclasses must map each of the {num_classes} classes to an integer >= 0; "
-                         f"got {len(mapping)} entries from {source if isinstance(source, str) else 'the config'}")
-    return mapping
 
 
 def count_params(model: DiT) -> tuple[int, int]:

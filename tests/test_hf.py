@@ -304,6 +304,13 @@ def test_bad_calls_and_folders_get_clear_errors(pixel_pipeline, tmp_path):
     (bad / "transformer" / "config.json").write_text(json.dumps({**config, "depth": 3}))
     with pytest.raises(ValueError, match="does not fit .*missing key 'dit.blocks.2"):
         ProMoEPipeline.from_pretrained(bad)
+    # A config that asks for a huge model is refused on `meta`, before anything is allocated (or takes long).
+    for huge in ({"depth": 10**6}, {"hidden_size": 10**9, "num_heads": 4}):
+        (bad / "transformer" / "config.json").write_text(json.dumps({**config, **huge}))
+        with pytest.raises(ValueError, match="does not fit|cannot be built"):
+            ProMoEPipeline.from_pretrained(bad)
+        with pytest.raises(SystemExit, match="does not fit|cannot be built"):
+            sample(["--ckpt", str(bad), "--out", str(tmp_path / "huge"), "--num-images", "1"])
     (bad / "transformer" / "config.json").write_text(json.dumps({**config, "wings": 2}))
     with pytest.raises(ValueError, match="unknown field.*wings"):
         ProMoETransformer2DModel.from_pretrained(bad / "transformer")

@@ -121,3 +121,122 @@ def test_evaluate_exits_with_a_message_on_a_damaged_reference_or_a_non_finite_me
     with pytest.raises(SystemExit, match="^error: sfid not finite"):
         promoe.evaluate.main([str(tmp_path / "samples.npz"), "--ref", str(tmp_path / "ref.npz"), "--inception", "x"])
     assert not (tmp_path / "metrics.json").exists()
+
+
+# -- issue 22: configs are small hand-written files; nonsense refused everywhere; the sampler plans its job ---------
+
+@pytest.mark.parametrize("text, message", [
+    ("optim:\n  lr: 1.0e-3\ntrain:\n  steps: 3\noptim:\n  weight_decay: 0.1\n", r"line 5 column 1: the key 'optim' is "
+                                                                                r"given twice"),
+    ("a: &a [1, 1, 1, 1, 1, 1, 1, 1, 1]\nb: &b [*a, *a, *a, *a, *a, *a, *a, *a, *a]\n"
+     "c: [*b, *b, *b, *b, *b, *b, *b, *b, *b]\n", r"line 2 column 8: an alias \(\*name\)"),
+])
+def test_a_config_file_with_a_key_twice_or_an_alias_is_refused_naming_the_line(tmp_path, text, message):
+    path = tmp_path / "run.yaml"
+    path.write_text(text)
+    with pytest.raises(ValueError, match=rf"^{path}, {message}"):
+        load_config(path)
+
+
+def test_a_message_never_quotes_an_unbounded_value(tmp_path):
+    path = tmp_path / "run.yaml"
+    path.write_text("optim:\n  lr: [" + ", ".join(["123456789"] * 20000) + "]\n")
+    with pytest.raises(ValueError, match=r"optim.lr: expected float, got \[123456789, .*\.\.\.\]") as refused:
+        load_config(path)
+    assert len(str(refused.value)) < 600
+
+
+@pytest.mark.parametrize("override, message", [
+    ("optim.warmup_steps=-5", r"optim.warmup_steps must be >= 0 \(0: no warm-up\), got -5"),
+    ("data.image_size=0", "data.image_size must be >= 1, got 0"),
+    ("train.seed=-1", r"train.seed must be in 0 .. 2\*\*32 - 1, got -1"),
+    ("model.overrides.superclasses=missing.txt", r"^model: .*missing.txt"),
+])
+def test_nonsense_run_settings_are_refused_before_the_run(override, message):
+    config = tiny_config("model.overrides.router=classifier", "model.overrides.superclasses=[0,1,0,1,0,1,0,1,0,1]",
+                         "model.overrides.experts=E3A1S1U0", override)
+    with pytest.raises((ValueError, OSError), match=message):
+        config.validate(world_size=1, source="configs/demo.yaml")
+
+
+def test_the_sampler_refuses_a_seed_out_of_range_and_an_out_that_is_a_file(tmp_path, capsys):
+    (tmp_path / "file").write_text("")
+    for option, message in ((["--seed", "-1"], "--seed must lie in 0 .. 2**32 - 1, got -1"),
+                            (["--out", str(tmp_path / "file")], f"--out {tmp_path / 'file'} is a file: give a folder")):
+        with pytest.raises(SystemExit) as stop:
+            parse_args(["--ckpt", "x", *option])
+        assert stop.value.code == 2 and message in capsys.readouterr().err
+
+
+@pytest.fixture
+def exported(tmp_path):
+    from promoe.weights import save_weights
+    from promoe.zoo import build_from_config
+
+    config = tiny_config()
+    model = build_from_config(config.model_config())
+    save_weights(tmp_path / "ema.safetensors", model.state_dict(), model.config, config)
+    return tmp_path / "ema.safetensors"
+
+
+def test_a_sampling_job_the_disk_cannot_hold_is_refused_before_any_image(exported, tmp_path, monkeypatch):
+    import shutil
+
+    import promoe.sample
+
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: shutil._ntuple_diskusage(10**12, 10**12 - 2**20, 2**20))
+    with pytest.raises(SystemExit, match=r"^error: --num-images 5000 of 8x8x4 pixels need about .* MiB on the disk "
+                                         r"of .*, 1\.0 MiB are free: free space"):
+        promoe.sample.main(["--ckpt", str(exported), "--num-images", "5000", "--steps", "1",
+                            "--out", str(tmp_path / "samples")])
+    assert not (tmp_path / "samples").exists()
+
+
+def test_a_sampling_job_whose_labels_do_not_fit_in_memory_is_refused_before_drawing_them(exported, tmp_path,
+                                                                                         monkeypatch):
+    import promoe.sample
+
+    monkeypatch.setattr(promoe.sample, "available_memory", lambda: 2**30)
+    monkeypatch.setattr(promoe.sample, "draw_labels", lambda *args: pytest.fail("labels drawn"))
+    with pytest.raises(SystemExit, match=r"^error: --num-images 1000000000: their labels alone take 7,629\.4 MiB, "
+                                         r"this machine has 1,024\.0 MiB free"):
+        promoe.sample.main(["--ckpt", str(exported), "--num-images", "1000000000", "--out", str(tmp_path / "s")])
+
+
+def test_samples_npz_is_written_without_holding_the_whole_array(tmp_path):
+    import tracemalloc
+
+    import torch
+
+    from promoe.sample import collect, png_name
+    from promoe.sampling import save_png
+
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, (96, 64, 64, 3), dtype=np.uint8)  # 1.2 MB: the archive, were it held whole
+    labels = torch.arange(96) % 10
+    for index, image in enumerate(images):
+        save_png(image, tmp_path / png_name(index, int(labels[index])))
+    tracemalloc.start()
+    collect(tmp_path, labels, grid_columns=2)
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert peak < images.nbytes / 4  # a few images at a time (and 0.1 MB of zipfile's own), never the archive
+    with np.load(tmp_path / "samples.npz") as archive:
+        assert np.array_equal(archive["arr_0"], images) and np.array_equal(archive["arr_1"], labels.numpy())
+    assert not (tmp_path / "samples.npz.tmp").exists() and (tmp_path / "grid.png").exists()
+
+
+def test_a_reference_whose_header_asks_for_more_than_the_file_holds_is_refused(tmp_path):
+    import zipfile
+
+    from promoe.eval.reference import read_reference
+
+    reference_stats(tmp_path / "fine.npz")
+    with zipfile.ZipFile(tmp_path / "fine.npz") as fine, zipfile.ZipFile(tmp_path / "ref.npz", "w") as crafted:
+        for name in fine.namelist():
+            content = fine.read(name)
+            if name == "sigma.npy":  # the same bytes under a header that asks numpy for 8 TB
+                content = content.replace(b"'shape': (4, 4), }" + b" " * 15, b"'shape': (1000000, 1000000), }   ")
+            crafted.writestr(name, content)
+    with pytest.raises(ValueError, match=r"ref\.npz: 'sigma' declares 8000000000000 bytes .*more than the file holds"):
+        read_reference(tmp_path / "ref.npz")

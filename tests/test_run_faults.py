@@ -7,6 +7,7 @@ point (a subprocess costs seconds of imports)."""
 import errno
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -316,3 +317,210 @@ def test_an_unreadable_image_is_reported_and_replaced_by_the_next_file(tmp_path,
     third = images[2].flip(-1) if flips[2] else images[2]
     assert torch.equal(unflipped, third)  # file 1 read as file 2
     assert capsys.readouterr().err.count(f"{broken}: cannot read image") == 1
+
+
+# -- issue 22: every ordinary mistake ends in one clear line, nothing written before lost ---------------------------
+
+def test_resume_falls_back_from_an_unverified_folder_it_cannot_read(group, tmp_path, capsys):
+    import pickle
+
+    from promoe.training.checkpoints import MANIFEST, Checkpoints
+
+    config, model, optimizer, ema = tiny_state()
+    checkpoints = Checkpoints(tmp_path, keep=3)
+    for step in (1, 2):
+        checkpoints.save(step, model, optimizer, ema, config, {})
+    newest = tmp_path / "checkpoints" / "step_0000002"
+    (newest / MANIFEST).unlink()  # as written before digests were recorded
+    (newest / ".metadata").write_bytes(pickle.dumps({"not": "an index"}))
+    assert checkpoints.newest_intact() == tmp_path / "checkpoints" / "step_0000001"
+    assert f"{newest} is damaged: {newest / '.metadata'} holds a dict" in capsys.readouterr().out
+    assert (tmp_path / "checkpoints" / "step_0000002.damaged").is_dir()
+
+
+@pytest.fixture
+def driver_main(monkeypatch):
+    """train/run.py's main, in this process (a group of one made and destroyed by it)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("train_run", ROOT / "train" / "run.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    for key, value in dict(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
+                           MASTER_PORT=str(port)).items():
+        monkeypatch.setenv(key, value)  # restored after the test
+    return lambda *argv: module.main([*argv, *TINY_RUN])
+
+
+def stopped_with(main, *argv) -> str:
+    with pytest.raises(SystemExit) as stopped:
+        main(*argv)
+    message = str(stopped.value.code)
+    assert "\n" not in message and "Traceback" not in message
+    return message
+
+
+def test_the_driver_names_a_missing_config_and_an_unusable_out_in_one_line(driver_main, tmp_path, monkeypatch):
+    import promoe.training.folder
+
+    missing = tmp_path / "missing.yaml"
+    assert stopped_with(driver_main, "--config", str(missing)) == \
+        f"config: config file {missing} does not exist: check the path (configs/ holds the shipped ones)"
+    (tmp_path / "file").write_text("keep")
+    assert f"cannot use {tmp_path / 'file'} as the run folder" in stopped_with(
+        driver_main, "--config", str(DEMO), "--out", str(tmp_path / "file"))
+    assert (tmp_path / "file").read_text() == "keep"
+    (tmp_path / "link").symlink_to(tmp_path / "nowhere")
+    assert f"{tmp_path / 'link'} is a link to {tmp_path / 'nowhere'}, which does not exist" in stopped_with(
+        driver_main, "--config", str(DEMO), "--out", str(tmp_path / "link"))
+
+    def read_only(path, *args, **kwargs):
+        raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(path))
+
+    monkeypatch.setattr(promoe.training.folder, "open", read_only, raising=False)
+    assert "Permission denied: a read-only or someone else's folder?" in stopped_with(
+        driver_main, "--config", str(DEMO), "--out", str(tmp_path / "run"))
+
+
+def test_a_full_disk_during_the_ema_export_is_named_and_the_previous_export_kept(group, tmp_path, monkeypatch):
+    from safetensors import SafetensorError
+
+    import promoe.weights
+    from promoe.training.checkpoints import export_ema
+
+    config, model, _, ema = tiny_state()
+    export_ema(model, ema, config, tmp_path, rank=0)
+    before = (tmp_path / "ema.safetensors").read_bytes()
+
+    def no_space(state, path, metadata):  # what safetensors raises on a full disk, its file half written
+        Path(path).write_bytes(b"half")
+        raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+
+    monkeypatch.setattr(promoe.weights, "save_file", no_space)
+    with pytest.raises(SystemExit) as stopped:
+        export_ema(model, ema, config, tmp_path, rank=0)
+    assert f"the disk holding {tmp_path} is full" in str(stopped.value.code)
+    assert (tmp_path / "ema.safetensors").read_bytes() == before
+    assert not (tmp_path / "ema.safetensors.tmp").exists()
+
+
+def half_written_then_full(path, *args, **kwargs):
+    Path(path).write_bytes(b"half")
+    raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
+
+
+def test_a_full_disk_while_drawing_the_plots_keeps_the_pictures_of_before(tmp_path, monkeypatch):
+    import matplotlib.figure
+
+    from promoe.errors import error_message
+    from promoe.plots import plot_losses
+
+    (tmp_path / "metrics.csv").write_text("step,loss\n1,0.5\n2,0.4\n")
+    plot_losses(tmp_path / "metrics.csv", tmp_path / "loss.png")
+    before = (tmp_path / "loss.png").read_bytes()
+    monkeypatch.setattr(matplotlib.figure.Figure, "savefig", lambda self, path, **kw: half_written_then_full(path))
+    with pytest.raises(OSError) as failed:
+        plot_losses(tmp_path / "metrics.csv", tmp_path / "loss.png")
+    assert "No space left on device: the disk is full; free space there" in error_message(failed.value)
+    assert (tmp_path / "loss.png").read_bytes() == before and not (tmp_path / "loss.png.tmp").exists()
+
+
+class FullDiskFile:
+    """A file whose writes put a few bytes on the disk and then fail, as on a disk that fills up mid-write."""
+
+    def __init__(self, file):
+        self.file = file
+
+    def write(self, data):
+        self.file.write(data[:5])
+        self.file.flush()
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), self.file.name)
+
+    def __getattr__(self, name):
+        return getattr(self.file, name)
+
+    def __iter__(self):
+        return iter(self.file)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.file.close()
+
+
+def test_a_full_disk_while_logging_leaves_no_half_row_in_metrics_csv(tmp_path, monkeypatch):
+    import builtins
+
+    import promoe.training.metrics
+    from promoe.training.metrics import MetricsLog
+
+    (tmp_path / "metrics.csv").write_text("step,loss\r\n1,0.5\r\n")
+    log = MetricsLog(tmp_path, start=1)
+    monkeypatch.setattr(promoe.training.metrics, "open", lambda *args, **kwargs: FullDiskFile(
+        builtins.open(*args, **kwargs)), raising=False)
+    with pytest.raises(OSError, match="No space left on device"):
+        log.append({"step": 2, "loss": 0.25})
+    log.close()
+    assert (tmp_path / "metrics.csv").read_bytes() == b"step,loss\r\n1,0.5\r\n"
+
+
+def test_a_failed_metrics_write_stops_the_run_in_one_line(driver_main, tmp_path, monkeypatch):
+    from promoe.training.metrics import MetricsLog
+
+    def full(self, row):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(self.path))
+
+    monkeypatch.setattr(MetricsLog, "append", full)
+    message = stopped_with(driver_main, "--config", str(DEMO), "--out", str(tmp_path), "--max-steps", "1")
+    assert message == (f"error: writing metrics.csv at step 1: {tmp_path / 'metrics.csv'}: No space left on device: "
+                       "the disk is full; free space there, then run the same command again")
+
+
+@pytest.mark.parametrize("mistake, message", [
+    ("empty", r"ema\.safetensors is not a readable safetensors file \(.*\): empty or cut short\?"),
+    ("truncated", r"ema\.safetensors is not a readable safetensors file"),
+    ("metadata", r"ema\.safetensors \(metadata\): model_config is not JSON"),
+    ("config.json", r"step_0000003/config\.json is not valid JSON \(.*\): damaged\?"),
+    ("checkpoints", r"checkpoints holds a run's checkpoints, not one saved step: give one of its step folders, e\.g\. "
+                    r".*checkpoints/step_0000003, or"),
+    ("dangling", r"checkpoint .*gone does not exist \(a link to .*nowhere, which does not exist\)"),
+    ("pth", r"ckpt\.pth is not a readable torch checkpoint \(.*\): empty or cut short\?"),
+])
+def test_a_damaged_or_wrong_checkpoint_ends_sampling_in_one_line_naming_the_file(tiny_run, tmp_path, mistake,
+                                                                                 message):
+    import shutil
+
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    import promoe.sample
+
+    run = tmp_path / "run"
+    shutil.copytree(tiny_run, run)
+    export, folder = run / "ema.safetensors", run / "checkpoints" / "step_0000003"
+    ckpt = {"empty": export, "truncated": export, "metadata": export, "config.json": folder,
+            "checkpoints": run / "checkpoints", "dangling": tmp_path / "gone", "pth": tmp_path / "ckpt.pth"}[mistake]
+    if mistake == "empty":
+        export.write_bytes(b"")
+    elif mistake == "truncated":
+        export.write_bytes(export.read_bytes()[:-100])
+    elif mistake == "metadata":
+        with safe_open(str(export), framework="pt") as file:
+            metadata = {key: value for key, value in file.metadata().items() if key != "run_config"}
+        save_file(load_file(str(export)), str(export), metadata={**metadata, "model_config": "{hidden_size: 3"})
+    elif mistake == "config.json":
+        (folder / "config.json").write_text("{")
+        (folder / "manifest.json").unlink()
+    elif mistake == "dangling":
+        (tmp_path / "gone").symlink_to(tmp_path / "nowhere")
+    elif mistake == "pth":
+        (tmp_path / "ckpt.pth").write_bytes(b"")
+    extra = ["--model", "ProMoE-S", "--objective", "rf"] if mistake == "pth" else []
+    message_said = stopped_with(promoe.sample.main, ["--ckpt", str(ckpt), *extra, "--out", str(tmp_path / "s"),
+                                                     "--steps", "1", "--num-images", "1"])
+    assert message_said.startswith("error: ") and re.search(message, message_said), message_said
+    assert not (tmp_path / "s").exists()

@@ -24,6 +24,7 @@ from tqdm import tqdm
 
 from promoe.diffusion import make_objective
 from promoe.distributed import init_distributed
+from promoe.errors import error_message, said_in_one_line
 from promoe.moe.layer import describe_dispatch, place_dispatch
 from promoe.moe.record import merge_records, record_routing
 from promoe.train_config import RunConfig, load_config
@@ -65,7 +66,7 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     rank, world_size, device = init_distributed()
     try:
-        with said_once():
+        with said_once(), said_in_one_line():
             config = configure(args, world_size)
             out = Path(config.train.out)
             lock = claim_folder(out, args)  # noqa: F841 (held open: the lock lasts as long as the run)
@@ -112,8 +113,8 @@ def configure(args, world_size: int) -> RunConfig:
     try:
         config = load_config(args.config, args.overrides)
         config.validate(world_size, str(args.config or "defaults"))
-    except ValueError as error:
-        raise SystemExit(f"config: {error}") from None
+    except (ValueError, OSError) as error:
+        raise SystemExit(f"config: {error_message(error)}") from None
     return config
 
 
@@ -174,10 +175,12 @@ def train(model, optimizer, ema: EMA, dataset, checkpoints: Checkpoints, config:
             done = step + 1  # steps completed: the number in metrics.csv and in checkpoint names
             if not (math.isfinite(row["loss"]) and math.isfinite(row["loss_max"]) and math.isfinite(grad_norm)):
                 raise SystemExit(divergence_message(row, grad_norm, done, last_saved))
-            if rank == 0 and (done % train_config.log_every == 0 or done == train_config.steps):
+            if done % train_config.log_every == 0 or done == train_config.steps:
                 elapsed = time.perf_counter() - tic
-                metrics.append({"step": done, **row, "lr": optimizer.param_groups[0]["lr"], "grad_norm": grad_norm,
-                                "elapsed_s": elapsed})
+                failure = None if rank != 0 else append_metrics(metrics, {
+                    "step": done, **row, "lr": optimizer.param_groups[0]["lr"], "grad_norm": grad_norm,
+                    "elapsed_s": elapsed})
+                stop_if_any(failure)  # every rank stops together, checkpoints intact
                 bar.set_postfix(loss=f"{row['loss']:.4f}", steps_s=f"{(done - start) / elapsed:.2f}",
                                 img_s=f"{(done - start) * train_config.global_batch / elapsed:.1f}")
             stopping = stop.agreed()
@@ -234,6 +237,15 @@ def train_step(model, optimizer, ema: EMA, objective, dataset, stats: list[torch
     mean_terms = {name: torch.stack([part[name] for part in terms]).mean() for name in terms[0]}
     return (reduce_logged(torch.stack(losses).mean(), mean_terms, merge_records(routing), world_size),
             full(grad_norm).item())
+
+
+def append_metrics(metrics: MetricsLog, row: dict) -> str | None:
+    """Append the row to metrics.csv (rank 0); a failed write (a full disk) is the message that stops every rank."""
+    try:
+        metrics.append(row)
+    except OSError as error:
+        return f"error: writing metrics.csv at step {row['step']}: {error_message(error)}"
+    return None
 
 
 def divergence_message(row: dict, grad_norm: float, step: int, last_saved: Path | None) -> str:

@@ -123,6 +123,26 @@ def _npy_header(file, path: Path, key: str) -> tuple[tuple, np.dtype]:
     return shape, dtype
 
 
+# Deflate expands at most about 1032 times: no member of an archive can hold more than this many times its size.
+_MOST_EXPANSION = 1100
+
+
+def npz_array(npz, key: str, path: Path) -> np.ndarray:
+    """npz[key] of an open np.load archive, once its header's shape and dtype were found to take no more bytes than
+    the archive can hold: a crafted header could otherwise make numpy allocate any amount before reading."""
+    info = npz.zip.getinfo(f"{key}.npy")
+    try:
+        with npz.zip.open(info) as member:
+            shape, dtype = _npy_header(member, path, key)
+    except zipfile.BadZipFile as error:
+        raise ValueError(f"{path}: not a readable .npz file ({error})") from None
+    declared = int(np.prod(shape, dtype=object)) * dtype.itemsize
+    if declared > info.file_size or info.file_size > _MOST_EXPANSION * path.stat().st_size:
+        raise ValueError(f"{path}: '{key}' declares {declared} bytes ({shape}), more than the file holds: damaged or "
+                         "not an evaluation file")
+    return npz[key]
+
+
 class _ClosingMember:
     """A member of a zip archive opened for reading, closing the archive with it."""
 

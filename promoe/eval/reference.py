@@ -14,7 +14,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from promoe.eval.images import NpzImages, open_images
+from promoe.eval.images import NpzImages, npz_array, open_images
 from promoe.eval.metrics import FixedStats, GaussianStats
 
 STATS_KEYS = ("mu", "sigma", "mu_s", "sigma_s")
@@ -59,8 +59,8 @@ def read_reference(path, net=None, batch_size: int = 64, device="cpu", need_pool
     if path.is_file() and path.suffix == ".npz":
         with np.load(path) as npz:
             keys = set(npz.files)
-            stats = {key: npz[key] for key in STATS_KEYS if key in keys}
-            pool = npz["pool"].astype(np.float32) if "pool" in keys else None
+            stats = {key: npz_array(npz, key, path) for key in STATS_KEYS if key in keys}
+            pool = npz_array(npz, "pool", path).astype(np.float32) if "pool" in keys else None
         check_finite({**stats, "pool": pool}, path)
         has_stats = len(stats) == len(STATS_KEYS)
         if 0 < len(stats) < len(STATS_KEYS):

@@ -8,7 +8,6 @@ is renamed to its final name and `latest` is pointed at it. A resume verifies th
 is moved aside (`.damaged`), named with its damaged file, and the newest intact one is used.
 """
 
-import errno
 import json
 import shutil
 from pathlib import Path
@@ -30,19 +29,20 @@ from promoe.checkpoint_format import (
     MANIFEST,
     META,
     STEP_FOLDER,
+    changed_file,
     check_sizes,
     file_digest,
     read_meta,
+    read_run_config,
     step_folder_name,
     step_of,
 )
+from promoe.errors import DISK_FULL, error_message, write_text_atomically
 from promoe.train_config import RunConfig
 from promoe.training.ema import EMA
 from promoe.training.expert_parallel import expert_banks, load_whole_banks, whole_bank, with_whole_banks
 from promoe.training.ranks import any_rank, stop_if_any
-from promoe.weights import load_dcp, save_weights
-
-DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
+from promoe.weights import load_dcp, read_dcp_metadata, save_weights
 
 
 def describe_files(folder: Path, names: list[str]) -> dict[str, dict]:
@@ -72,6 +72,27 @@ def disk_full_message(error: BaseException, folder: Path) -> str | None:
                         for failure in current.failures.values()]
         pending += [current.__cause__, current.__context__]
     return None
+
+
+def unreadable(folder: Path) -> str | None:
+    """Why a folder without a manifest cannot be resumed from (its index, config.json or meta.json missing or
+    unreadable), or None."""
+    try:
+        read_dcp_metadata(folder)
+        read_run_config(folder / CONFIG)
+        read_meta(folder)
+    except (OSError, ValueError) as error:
+        return error_message(error)
+    return None
+
+
+def first_failure(error: BaseException) -> str:
+    """One line for a failed write: a rank's own error inside DCP's CheckpointException (whose text is a
+    traceback), else the error."""
+    if isinstance(error, CheckpointException) and error.failures:
+        failure = next(iter(error.failures.values()))
+        error = failure[0] if isinstance(failure, tuple) else failure
+    return f"{type(error).__name__}: {error_message(error)}"
 
 
 class Checkpoints:
@@ -107,7 +128,8 @@ class Checkpoints:
         if not any_rank(error is not None):
             error = self._try(self._commit, tmp, final)
         failure = None if error is None else (disk_full_message(error, self.root)
-                                              or f"writing checkpoint {final} failed: {error}")
+                                              or f"writing checkpoint {final} failed: {first_failure(error)} "
+                                                 f"({shutil.disk_usage(self.root).free / 2**20:.1f} MiB free there)")
         if any_rank(failure is not None) and self.rank == 0:
             shutil.rmtree(tmp, ignore_errors=True)  # a partial folder would only take space
         if failure is not None:
@@ -155,15 +177,17 @@ class Checkpoints:
 
     def damage(self, folder: Path) -> str | None:
         """What is wrong with a committed folder (a file missing, truncated or changed), or None. A folder without
-        a manifest was written before digests were recorded: it is not verified."""
+        a manifest (written before digests were recorded) is not verified: it is only read, and one whose index,
+        config or meta.json cannot be read is damaged too, so that the resume falls back from it."""
         files, problem = check_sizes(folder)
+        if problem is None and files is None:
+            problem = unreadable(folder)
         if any_rank(problem is not None):  # every rank takes the same branch before hashing together
             return problem or f"{folder} is unreadable on another rank"
         if files is None:
             return None
         digests = describe_files(folder, sorted(files))
-        changed = [name for name in files if digests[name]["blake2b"] != files[name]["blake2b"]]
-        return f"{folder / changed[0]} does not match the digest recorded when it was written" if changed else None
+        return changed_file(folder, files, {name: entry["blake2b"] for name, entry in digests.items()})
 
     def newest_intact(self) -> Path | None:
         """The newest checkpoint whose files match their digests; each damaged one newer than it is named and
@@ -218,7 +242,7 @@ def export_ema(model: torch.nn.Module, ema: EMA, config: RunConfig, out: Path, r
         return
     try:  # the configs travel inside the file too: it can be shared alone
         save_weights(out / "ema.safetensors", state, config.model_config(), config)
-        (out / CONFIG).write_text(config.to_json())
+        write_text_atomically(out / CONFIG, config.to_json())
     except OSError as error:
         raise SystemExit(disk_full_message(error, out) or f"writing {out / 'ema.safetensors'}: {error}") from None
 

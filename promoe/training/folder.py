@@ -14,6 +14,7 @@ from pathlib import Path
 
 import torch.distributed as dist
 
+from promoe.errors import error_message
 from promoe.training.ranks import stop_if_any
 
 LOCK = "run.lock"
@@ -28,26 +29,37 @@ def lock_folder(out: Path):
     A folder locked by another run stops every rank, naming the holder."""
     held, refusal = None, None
     if dist.get_rank() == 0:
-        out.mkdir(parents=True, exist_ok=True)
-        file = open(out / LOCK, "a+")
-        try:
-            fcntl.flock(file, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            file.seek(0)
-            holder = file.read().strip() or "a process that has not written its name yet"
-            refusal = f"{out} is in use by another run ({holder}): wait for it to end, or give another --out"
-            file.close()
-        except OSError as error:  # a file system without locks
-            refusal = f"cannot lock {out / LOCK} ({error}): give an --out on a file system that supports flock"
-            file.close()
-        else:
-            file.seek(0)
-            file.truncate()
-            file.write(f"host {socket.gethostname()}, pid {os.getpid()}, since {time.strftime('%Y-%m-%d %H:%M:%S')}\n")
-            file.flush()
-            held = file
+        held, refusal = _take_lock(out)
     stop_if_any(refusal)
     return held
+
+
+def _take_lock(out: Path):
+    """(the open lock file, None), or (None, why the folder cannot be held)."""
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        file = open(out / LOCK, "a+")
+    except OSError as error:  # --out a file, a dangling link, a read-only folder
+        return None, f"error: cannot use {out} as the run folder: {error_message(error)}"
+    try:
+        fcntl.flock(file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        file.seek(0)
+        holder = file.read().strip() or "a process that has not written its name yet"
+        file.close()
+        return None, f"{out} is in use by another run ({holder}): wait for it to end, or give another --out"
+    except OSError as error:  # a file system without locks
+        file.close()
+        return None, f"cannot lock {out / LOCK} ({error}): give an --out on a file system that supports flock"
+    try:
+        file.seek(0)
+        file.truncate()
+        file.write(f"host {socket.gethostname()}, pid {os.getpid()}, since {time.strftime('%Y-%m-%d %H:%M:%S')}\n")
+        file.flush()
+    except OSError as error:  # a full disk
+        file.close()
+        return None, f"error: cannot write {out / LOCK}: {error_message(error)}"
+    return file, None
 
 
 def remove_leftovers(out: Path) -> None:

@@ -1,10 +1,14 @@
 """The scalars of a step, averaged over ranks, and `metrics.csv` (plus TensorBoard events when it is installed)."""
 
 import csv
+import io
+import os
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
+
+from promoe.errors import write_text_atomically
 
 
 def reduce_logged(loss: torch.Tensor, terms: dict, routing: list, world_size: int) -> dict[str, float]:
@@ -47,9 +51,7 @@ class MetricsLog:
         column = rows[0].index("step")
         kept = lines[:1] + [line for line, row in zip(lines[1:], rows[1:]) if row and int(row[column]) <= step]
         if len(kept) < len(lines):
-            tmp = self.path.with_name(self.path.name + ".tmp")
-            tmp.write_text("".join(kept))
-            tmp.replace(self.path)
+            write_text_atomically(self.path, "".join(kept))
 
     def append(self, row: dict) -> None:
         if not self.header_checked and self.path.exists():  # a resumed run appends to the file of its start
@@ -60,16 +62,30 @@ class MetricsLog:
                                  "was written by another model or version; give another --out")
             self.drop_rows_after(self.start)
         self.header_checked = True
-        with open(self.path, "a", newline="") as file:
-            writer = csv.DictWriter(file, fieldnames=list(row))
-            if file.tell() == 0:
-                writer.writeheader()
-            writer.writerow(row)
+        self._write_row(row)
         if self.writer is not None:
             for name, value in row.items():
                 if name != "step":
                     self.writer.add_scalar(name.replace("load_", "load/"), value, row["step"])
             self.writer.flush()
+
+    def _write_row(self, row: dict) -> None:
+        """The row (after the header, in a new file) in unbuffered writes; a failed write (a full disk) is cut off
+        again, so the file never holds half a row and the rows of before stay whole."""
+        text = io.StringIO()
+        writer = csv.DictWriter(text, fieldnames=list(row))
+        with open(self.path, "ab", buffering=0) as file:
+            size = os.fstat(file.fileno()).st_size
+            if size == 0:
+                writer.writeheader()
+            writer.writerow(row)
+            data = memoryview(text.getvalue().encode())
+            try:
+                while data:
+                    data = data[file.write(data):]
+            except OSError:
+                file.truncate(size)
+                raise
 
     def close(self) -> None:
         if self.writer is not None:

@@ -24,6 +24,7 @@ import torch  # noqa: E402
 
 from promoe.diffusion import OBJECTIVES  # noqa: E402
 from promoe.dit.model import modulate  # noqa: E402
+from promoe.errors import exits_with_message  # noqa: E402
 from promoe.moe.layer import MoELayer  # noqa: E402
 from promoe.moe.record import record_routing  # noqa: E402
 from promoe.sampling import Decoder, generate, is_latent_model, load_model, objective_of, to_uint8  # noqa: E402
@@ -231,18 +232,24 @@ def parse_args(argv):
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--vae", help="local AutoencoderKL folder, for latent models")
     parser.add_argument("--out", type=Path, default=Path("routing"))
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    for name, least in (("images", 1), ("per_class", 0), ("steps", 1), ("seed", 0)):
+        if getattr(args, name) < least:
+            parser.error(f"--{name.replace('_', '-')} must be >= {least}, got {getattr(args, name)}")
+    if not all(0 <= level <= 1 for level in args.show):
+        parser.error(f"--show takes noise levels in [0, 1], got {args.show}")
+    if args.out.exists() and not args.out.is_dir():
+        parser.error(f"--out {args.out} is a file: give a folder")
+    return args
 
 
+@exits_with_message
 def main(argv=None) -> None:
     args = parse_args(argv)
-    try:
-        model, config = load_model(args.ckpt, args.model)
-        objective = objective_of(config, args.objective)
-    except (FileNotFoundError, ValueError) as error:  # a wrong path, file or option: the message says which
-        raise SystemExit(f"error: {error}") from None
+    model, config = load_model(args.ckpt, args.model)
+    objective = objective_of(config, args.objective)
     if not 0 <= args.label < model.num_classes:
-        raise SystemExit(f"--class {args.label} outside 0..{model.num_classes - 1}")
+        raise SystemExit(f"error: --class {args.label} outside 0..{model.num_classes - 1}")
     decoder = Decoder(args.vae, is_latent_model(config), torch.device("cpu"))
     classes = range(model.num_classes) if model.num_classes <= 10 else [args.label]
     labels = torch.tensor([args.label] * args.images + [c for c in classes for _ in range(args.per_class)])

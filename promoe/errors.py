@@ -1,0 +1,104 @@
+"""What goes wrong with the files and options a user gives us, said in one line: the file named and what to do.
+
+Our refusals are ValueErrors whose message names the file; the operating system's errors (a missing file, a
+read-only folder, a full disk) are OSErrors. Each command's `main` is wrapped in `exits_with_message`, its one error
+path: either ends as `error: <one line>` and exit status 1, not a traceback. Values quoted in a message go through
+`quoted` (a bounded repr), and what a file can make us read is bounded (`read_small_text`).
+"""
+
+import errno
+import functools
+import os
+import reprlib
+from contextlib import contextmanager
+from pathlib import Path
+
+DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
+NOT_ALLOWED = (errno.EACCES, errno.EPERM, errno.EROFS)
+# Configs, manifests, meta.json, sampling.json: a few KB when written by us or by hand.
+SMALL_FILE_BYTES = 1 << 20
+MESSAGE_CHARACTERS = 600
+
+_REPR = reprlib.Repr()  # its limits set one by one: Python 3.11's takes no arguments
+_REPR.maxlevel, _REPR.maxdict, _REPR.maxlist, _REPR.maxtuple, _REPR.maxset = 3, 6, 8, 8, 6
+_REPR.maxstring, _REPR.maxother, _REPR.maxlong = 80, 80, 40
+
+
+def quoted(value) -> str:
+    """repr(value), bounded in length and in the work it takes (a nested value is cut, never expanded whole)."""
+    return _REPR.repr(value)
+
+
+def one_line(text: str, limit: int = MESSAGE_CHARACTERS) -> str:
+    """`text` on one line, at most `limit` characters."""
+    text = " ".join(str(text).split())
+    return text if len(text) <= limit else text[:limit - 40] + f"... ({len(text)} characters in all)"
+
+
+def read_small_text(path: str | Path, what: str, limit: int = SMALL_FILE_BYTES) -> str:
+    """The UTF-8 text of a small file (`what` it should hold, e.g. "a run config"); a larger file is refused
+    after reading `limit` bytes of it, so a wrong or crafted file cannot make us read without end."""
+    path = Path(path)
+    if path.is_dir():
+        raise ValueError(f"{path} is a folder; it should be a file holding {what}")
+    with open(path, "rb") as file:
+        data = file.read(limit + 1)
+    if len(data) > limit:
+        raise ValueError(f"{path} is larger than {limit // 1024} KiB, too large for {what}: is it the right file?")
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError:
+        raise ValueError(f"{path} is not UTF-8 text, so it cannot hold {what}: is it the right file?") from None
+
+
+def os_error_message(error: OSError) -> str:
+    """One line for an OSError: the file, what happened, what to do."""
+    path = error.filename
+    if path is None or error.errno is None:
+        return one_line(str(error))
+    what = f"{path}: {error.strerror}"
+    if error.errno in DISK_FULL:
+        return f"{what}: the disk is full; free space there, then run the same command again"
+    if error.errno in NOT_ALLOWED:
+        return f"{what}: a read-only or someone else's folder? Change its permissions or choose another path"
+    if error.errno in (errno.ENOENT, errno.EEXIST) and os.path.islink(path) and not os.path.exists(path):
+        return f"{path} is a link to {os.readlink(path)}, which does not exist: fix or remove the link"
+    if error.errno == errno.ENOENT:
+        return f"{what}: check the path"
+    if error.errno in (errno.EEXIST, errno.ENOTDIR):
+        return f"{what}: a file stands where a folder is meant; give a folder"
+    if error.errno == errno.EISDIR:
+        return f"{what}: a folder stands where a file is meant; give a file"
+    return one_line(what)
+
+
+def error_message(error: BaseException) -> str:
+    return os_error_message(error) if isinstance(error, OSError) else one_line(str(error))
+
+
+def write_text_atomically(path: Path, text: str) -> None:
+    """`text` into `path` through a temporary file: a full disk leaves the file of before, whole, and no leftover."""
+    tmp = path.with_name(path.name + ".tmp")
+    try:
+        tmp.write_text(text)
+        tmp.replace(path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+@contextmanager
+def said_in_one_line():
+    """Our refusals (ValueError) and the system's errors (OSError) inside become `error: <one line>`, exit status 1."""
+    try:
+        yield
+    except (ValueError, OSError) as error:
+        raise SystemExit(f"error: {error_message(error)}") from None
+
+
+def exits_with_message(main):
+    """A command's `main` under `said_in_one_line`: its one error path."""
+    @functools.wraps(main)
+    def run(*args, **kwargs):
+        with said_in_one_line():
+            return main(*args, **kwargs)
+    return run
