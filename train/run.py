@@ -213,30 +213,38 @@ def train_step(model, optimizer, ema: EMA, objective, dataset, stats: list[torch
     dropped = (torch.rand(len(indices), generator=generator) < model.config.class_dropout_prob)[mine]
     labels = torch.where(dropped, model.config.num_classes, labels)
     timesteps, noise = objective.draw((len(indices), *images.shape[1:]), generator)
-    timesteps, noise = timesteps[mine], noise[mine]
     optimizer.zero_grad(set_to_none=True)
-    micro = train_config.micro_batch or per_rank
-    parts = [slice(start, start + micro) for start in range(0, per_rank, micro)]
-    losses, terms, routing = [], [], []
-    for index, part in enumerate(parts):
-        set_gradient_sync(model, index == len(parts) - 1)  # reduced over ranks once, in the last backward
-        with record_routing(model) as part_routing:  # closed before backward: a recomputed forward is not counted
-            loss, part_terms = objective.loss(model, images[part].to(device), labels[part].to(device),
-                                              draws=(timesteps[part], noise[part]), drop_labels=False)
-        # Equal micro-batches: the mean of their mean losses is the step's mean loss, and so are the gradients.
-        (loss / len(parts)).backward()
-        losses.append(loss.detach())
-        terms.append({name: value.detach() for name, value in part_terms.items()})
-        routing.append(part_routing)
+    loss, terms, routing = accumulate_gradients(model, objective, (images, labels, timesteps[mine], noise[mine]),
+                                                train_config.micro_batch or per_rank, device)
     sync_expert_gradients(model)
     apply_config(optimizer, config.optim, step)
     grad_norm = clip_gradients(model, config.optim.grad_clip)
     optimizer.step()
     ema.update(model, step)
     average_over_ranks(stats, world_size)
+    return reduce_logged(loss, terms, routing, world_size), full(grad_norm).item()
+
+
+def accumulate_gradients(model, objective, batch: tuple[torch.Tensor, ...], micro: int, device: torch.device
+                         ) -> tuple[torch.Tensor, dict[str, torch.Tensor], list]:
+    """Forward and backward of this rank's batch (images, labels, timesteps, noise) in micro-batches of `micro`,
+    their gradients added up and reduced over ranks once, in the last backward: (the mean loss, the mean of each
+    term, the routing records of every micro-batch)."""
+    parts = [slice(start, start + micro) for start in range(0, len(batch[0]), micro)]
+    losses, terms, routing = [], [], []
+    for index, part in enumerate(parts):
+        set_gradient_sync(model, index == len(parts) - 1)
+        images, labels, timesteps, noise = (tensor[part] for tensor in batch)
+        with record_routing(model) as part_routing:  # closed before backward: a recomputed forward is not counted
+            loss, part_terms = objective.loss(model, images.to(device), labels.to(device), draws=(timesteps, noise),
+                                              drop_labels=False)
+        # Equal micro-batches: the mean of their mean losses is the step's mean loss, and so are the gradients.
+        (loss / len(parts)).backward()
+        losses.append(loss.detach())
+        terms.append({name: value.detach() for name, value in part_terms.items()})
+        routing.append(part_routing)
     mean_terms = {name: torch.stack([part[name] for part in terms]).mean() for name in terms[0]}
-    return (reduce_logged(torch.stack(losses).mean(), mean_terms, merge_records(routing), world_size),
-            full(grad_norm).item())
+    return torch.stack(losses).mean(), mean_terms, merge_records(routing)
 
 
 def append_metrics(metrics: MetricsLog, row: dict) -> str | None:
