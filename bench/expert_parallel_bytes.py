@@ -72,7 +72,7 @@ def fsdp_bank_bytes(config, world: int, regathered: bool = True, weight_bytes: i
     return share * (weight_bytes * (2 if regathered else 1) + GRADIENT_BYTES)
 
 
-def expert_parallel_bytes(config, world: int, degree: int, tokens: int, dropout: float) -> tuple[float, float]:
+def expert_parallel_bytes(config, world: int, degree: int, dropout: float) -> tuple[float, float]:
     """Per rank: (bytes per token of the token exchange, bytes per step of the counts and the gradient sums)."""
     routed, uncond = bank_parameters(config)
     spec = config.expert_spec
@@ -91,7 +91,7 @@ def table(world: int, tokens: int, dropout: float) -> list[dict]:
         routed, uncond = bank_parameters(config)
         fsdp = fsdp_bank_bytes(config, world)
         for degree in (degree for degree in (2, 4, 8) if degree <= world):
-            per_token, per_step = expert_parallel_bytes(config, world, degree, tokens, dropout)
+            per_token, per_step = expert_parallel_bytes(config, world, degree, dropout)
             ep_total = per_token + per_step / tokens
             rows.append(dict(E=experts, routed=config.expert_spec.routed, ep=degree, world=world,
                              bank_MB_bf16=round((routed + uncond) * WEIGHT_BYTES / 1e6, 1),
@@ -196,10 +196,11 @@ def measure(dropout: float) -> None:
     print(f"FSDP2's traffic for one bank per step (all-gathers and reduce-scatters without expert parallelism, less "
           f"those with it): measured {gathered:.0f} B, formula {formula:.0f} B")
     summed = (spread.get("all_reduce", 0) - plain.get("all_reduce", 0)) / steps / layers
-    ep_step = expert_parallel_bytes(config, world, world, tokens, dropout)[1] - config.expert_spec.routed * COUNT_BYTES
+    per_token, per_step = expert_parallel_bytes(config, world, world, dropout)
+    ep_step = per_step - config.expert_spec.routed * COUNT_BYTES
     print(f"expert parallelism's gradient sums for one bank per step: measured {summed:.0f} B, formula {ep_step:.0f} B")
     exchanged = spread.get("all_to_all_single", 0) / steps / layers / tokens
-    even = expert_parallel_bytes(config, world, world, tokens, dropout)[0] * 2  # fp32 activations on the CPU
+    even = per_token * 2  # fp32 activations on the CPU
     print(f"token exchange per token and layer: measured {exchanged:.0f} B (this run's routing, counts included), "
           f"formula at an even routing {even:.0f} B")
 

@@ -76,14 +76,23 @@ def error_message(error: BaseException) -> str:
     return os_error_message(error) if isinstance(error, OSError) else one_line(str(error))
 
 
-def write_text_atomically(path: Path, text: str) -> None:
-    """`text` into `path` through a temporary file: a full disk leaves the file of before, whole, and no leftover."""
+@contextmanager
+def written_atomically(path: str | Path):
+    """Yields the temporary path (`path` + ".tmp") to write `path` through: renamed over `path` when the block ends,
+    removed when it fails, so a full disk or a kill leaves the file of before, whole, and no half file under its
+    name."""
+    path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
     try:
-        tmp.write_text(text)
+        yield tmp
         tmp.replace(path)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def write_text_atomically(path: Path, text: str) -> None:
+    with written_atomically(path) as tmp:
+        tmp.write_text(text)
 
 
 @contextmanager

@@ -10,6 +10,8 @@ matplotlib.use("Agg")  # files only, no display
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
+from promoe.errors import written_atomically  # noqa: E402
+
 NOT_LOSSES = {"step", "lr", "grad_norm", "loss_max", "elapsed_s"}
 LOAD_COLUMN = re.compile(r"load_b(\d+)_e(\d+)")
 
@@ -55,13 +57,11 @@ def plot_losses(metrics_csv: Path, out_png: Path) -> None:
 
 def save_figure(figure, path: Path) -> None:
     """The figure as a PNG through a temporary file (a full disk leaves the picture of before), then closed."""
-    tmp = Path(path).with_name(Path(path).name + ".tmp")
     try:
-        figure.savefig(tmp, dpi=120, format="png")
-        tmp.replace(path)
+        with written_atomically(path) as tmp:
+            figure.savefig(tmp, dpi=120, format="png")
     finally:
         plt.close(figure)
-        tmp.unlink(missing_ok=True)
 
 
 def plot_expert_load(metrics_csv: Path, out_png: Path) -> bool:

@@ -31,7 +31,14 @@ from tqdm import tqdm
 from promoe.diffusion import GUIDANCE_MODES, OBJECTIVES, SCHEDULERS, RectifiedFlow, batches_guidance, make_scheduler
 from promoe.distributed import init_distributed
 from promoe.dit.model import compile_blocks
-from promoe.errors import exits_with_message, one_line, quoted, read_small_text, write_text_atomically
+from promoe.errors import (
+    exits_with_message,
+    one_line,
+    quoted,
+    read_small_text,
+    write_text_atomically,
+    written_atomically,
+)
 from promoe.hf_folder import is_pipeline_folder
 from promoe.moe.layer import place_dispatch
 from promoe.sampling import Decoder, generate, image_grid, is_latent_model, load_model, objective_of, save_png, to_uint8
@@ -114,8 +121,7 @@ def collect(folder: Path, labels: torch.Tensor, grid_columns: int) -> None:
     """The evaluation `.npz` (arr_0 uint8 NHWC images, arr_1 labels), written atomically one image at a time (the
     archive is never whole in memory), and a grid PNG."""
     first = read_sample(folder, 0, int(labels[0]))
-    tmp = folder / "samples.npz.tmp"
-    try:
+    with written_atomically(folder / "samples.npz") as tmp:  # a full disk leaves no partial archive behind
         with zipfile.ZipFile(tmp, "w", allowZip64=True) as archive:  # np.savez's layout: .npy files, uncompressed
             with archive.open("arr_0.npy", "w", force_zip64=True) as entry:
                 header = {"descr": np.lib.format.dtype_to_descr(first.dtype), "fortran_order": False,
@@ -125,9 +131,6 @@ def collect(folder: Path, labels: torch.Tensor, grid_columns: int) -> None:
                     entry.write(np.ascontiguousarray(read_sample(folder, index, int(label))).tobytes())
             with archive.open("arr_1.npy", "w", force_zip64=True) as entry:
                 np.lib.format.write_array(entry, labels.numpy())
-        tmp.replace(folder / "samples.npz")
-    finally:
-        tmp.unlink(missing_ok=True)  # a full disk leaves no partial archive behind
     shown = min(len(labels), grid_columns * grid_columns)
     if shown:
         grid = np.stack([read_sample(folder, index, int(labels[index])) for index in range(shown)])

@@ -16,6 +16,7 @@ import promoe
 from promoe.checkpoint_format import CONFIG, read_checkpoint, read_run_config
 from promoe.data.vae import load_vae, vae_downsampling
 from promoe.diffusion import DDPM, batches_guidance, make_objective, make_scheduler, sample_with_scheduler
+from promoe.errors import written_atomically
 from promoe.hf_folder import is_pipeline_folder, load_pipeline_folder
 from promoe.train_config import RunConfig
 from promoe.weights import build_to_fit, read_tensors, read_weights_header
@@ -137,9 +138,8 @@ def image_grid(images: np.ndarray, columns: int) -> np.ndarray:
 
 def save_png(image: np.ndarray, path: Path) -> None:
     """uint8 [H, W, C] as a PNG, written to a temporary name first so a killed run leaves no half file."""
-    tmp = path.with_name(path.name + ".tmp")
-    Image.fromarray(image[..., 0] if image.shape[-1] == 1 else image).save(tmp, format="PNG")
-    tmp.replace(path)
+    with written_atomically(path) as tmp:
+        Image.fromarray(image[..., 0] if image.shape[-1] == 1 else image).save(tmp, format="PNG")
 
 
 class Decoder:

@@ -31,7 +31,7 @@ from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
 from torch.distributed.checkpoint.metadata import Metadata, StorageMeta
 
 from promoe.config import ModelConfig
-from promoe.errors import one_line, quoted
+from promoe.errors import one_line, quoted, written_atomically
 from promoe.train_config import FORMAT_VERSION, RunConfig, config_from_json, model_config_from_fields
 from promoe.zoo import build_from_config
 
@@ -64,16 +64,11 @@ def save_weights(path: str | Path, state: dict[str, torch.Tensor], model_config:
     if run_config is not None:
         metadata["run_config"] = run_config.to_json()
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    try:
+    with written_atomically(path) as tmp:  # a full disk leaves no partial file behind
         try:
             save_file({name: tensor.contiguous() for name, tensor in state.items()}, str(tmp), metadata=metadata)
         except SafetensorError as error:  # safetensors reports the system's errors (a full disk) as its own
             raise _as_os_error(error, tmp) from None
-        tmp.replace(path)
-    except OSError:
-        tmp.unlink(missing_ok=True)  # a full disk leaves no partial file behind
-        raise
 
 
 def _as_os_error(error: SafetensorError, path: Path) -> Exception:

@@ -48,7 +48,7 @@ def test_expert_parallel_bytes_break_even_where_the_table_says(tmp_path):
     for row in rows:
         config = model_config("ProMoE-XL", experts=f"E{row['E']}A1S1U1")
         tokens = row["break_even_tokens"]
-        per_token, per_step = bench.expert_parallel_bytes(config, 8, row["ep"], tokens, 0.1)
+        per_token, per_step = bench.expert_parallel_bytes(config, 8, row["ep"], 0.1)
         fsdp = bench.fsdp_bank_bytes(config, 8)
         assert fsdp / tokens == pytest.approx(per_token + per_step / tokens, rel=1e-4)
     out = tmp_path / "bytes.json"

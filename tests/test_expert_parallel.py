@@ -36,7 +36,7 @@ def assert_same_parameters(one: dict, other: dict) -> None:
         torch.testing.assert_close(other[name], one[name], rtol=1e-5, atol=1e-6, msg=name)
 
 
-def assert_same_losses(one: dict, other: dict, key_steps=(1, 2, 3)) -> None:
+def assert_same_per_step(one: dict, other: dict, key_steps=(1, 2, 3)) -> None:
     assert sorted(other) == list(key_steps)
     for step in key_steps:
         assert other[step] == pytest.approx(one[step], rel=1e-5), step
@@ -75,10 +75,10 @@ def test_expert_parallel_runs_give_the_same_losses_and_parameters(tmp_path, rank
         out = tmp_path / f"ep{degree}"
         result = run(out, "--max-steps", "3", *model, f"train.expert_parallel={degree}", launcher=torchrun(ranks))
         assert f"expert parallel {degree}" in result.stdout
-        assert_same_losses(plain, losses(out))
-        assert_same_losses(column(tmp_path / "plain", "grad_norm"), column(out, "grad_norm"))
+        assert_same_per_step(plain, losses(out))
+        assert_same_per_step(column(tmp_path / "plain", "grad_norm"), column(out, "grad_norm"))
         assert_same_parameters(exported(tmp_path / "plain"), exported(out))
-    assert_same_losses(column(tmp_path / "one", "mse"), column(tmp_path / f"ep{degrees[-1]}", "mse"))
+    assert_same_per_step(column(tmp_path / "one", "mse"), column(tmp_path / f"ep{degrees[-1]}", "mse"))
 
 
 def column(out, name: str) -> dict[int, float]:
@@ -94,7 +94,7 @@ def test_an_expert_parallel_checkpoint_resumes_on_another_degree(tmp_path):
         result = run(out, "--max-steps", "3", *SMALL_PROMOE, f"train.expert_parallel={degree}",
                      launcher=torchrun(4))
         assert "resumed from" in result.stdout
-        assert_same_losses(losses(tmp_path / "whole"), losses(out))
+        assert_same_per_step(losses(tmp_path / "whole"), losses(out))
         assert_same_parameters(exported(tmp_path / "whole"), exported(out))
 
 

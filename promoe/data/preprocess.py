@@ -25,6 +25,7 @@ from tqdm import tqdm
 from promoe.data.images import IMAGE_SUFFIXES, load_images, scan_class_folders
 from promoe.data.latents import FORMAT, shard_path
 from promoe.data.vae import load_vae, vae_downsampling
+from promoe.errors import written_atomically
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16}
 MUST_AGREE = ("format", "image_size", "shard_size", "dtype", "num_images", "files_sha256", "class_names",
@@ -33,12 +34,10 @@ MUST_AGREE = ("format", "image_size", "shard_size", "dtype", "num_images", "file
 
 def write_atomically(path: Path, data: bytes) -> None:
     """`data` to `path.tmp`, flushed to disk, then renamed over `path`: a reader sees all of it or nothing."""
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as file:
+    with written_atomically(path) as tmp, open(tmp, "wb") as file:
         file.write(data)
         file.flush()
         os.fsync(file.fileno())
-    os.replace(tmp, path)
 
 
 def write_shard(path: Path, moments: torch.Tensor, labels: torch.Tensor, files: list[str], first_index: int,

@@ -225,7 +225,8 @@ def gather_ema(model: torch.nn.Module, ema: EMA) -> dict[str, torch.Tensor]:
     state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     for name, (param, group) in expert_banks(model).items():  # a collective: every rank gathers, rank 0 keeps
         whole = whole_bank(param.detach(), group).cpu()
-        state.update({name: whole} if dist.get_rank() == 0 else {})
+        if dist.get_rank() == 0:
+            state[name] = whole
     # On one CPU rank the gathered tensors can be the parameters themselves: copy before the live weights return.
     state = {name: value.clone() for name, value in state.items()}
     with torch.no_grad():
