@@ -39,3 +39,15 @@ def torchrun(nproc: int = 2) -> tuple[str, ...]:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
     return (sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", f"--master_port={port}")
+
+
+def reordered_sums_tolerance(*reduction_lengths: int, magnitude: float, dtype=torch.float32) -> dict:
+    """assert_close's tolerance for two computations of the same sums in different orders (other GEMM groupings,
+    other ranks, other micro-batches, a kernel against its definition).
+
+    A sum of n terms in floating point is off by at most about n * eps * (the sum of the terms' magnitudes), and
+    the order only moves that error around; a chain of dependent sums (a forward GEMM then the backward's two)
+    adds its lengths. `magnitude` bounds the terms' sums: the largest |value| of what is compared is the usual
+    choice, as the terms of random inputs are of that order. No machine's summation order is assumed."""
+    bound = sum(reduction_lengths) * torch.finfo(dtype).eps
+    return dict(rtol=bound, atol=bound * magnitude)
