@@ -85,6 +85,8 @@ class Experiment:
     fid_samples: int = 500
     noise_check_seeds: tuple[int, ...] = ()  # seeds whose FID is measured again from a second noise seed
     note: str = ""  # said in the report's preamble
+    routing_noise_seed: int | None = None  # the routing figures' sampling noise (None: the run's seed)
+    level: float = 0.95  # of each interval (0.975 each: 95% over two primary endpoints together)
 
 
 def every_pair(names: list[str]) -> tuple[tuple[str, str], ...]:
@@ -112,6 +114,8 @@ LONG = {name: COMPARISON[name] for name in ("Dense-DiT", "TC-DiT", "ProMoE")}
 # Equal total (3.06M) and activated (1.88M per token) parameters: 4 experts of width 4D, top-1, against 6 routed
 # (top-1) + 1 shared + 1 unconditional of width 2D.
 DECISIVE = {name: COMPARISON[name] for name in ("TC-DiT", "ProMoE")}
+# The routing contrastive loss alone (issue 33): the full ProMoE-S with the zoo's RCL weight and without it.
+RCL = {"RCL on": COMPARISON["ProMoE"], "RCL off": ("ProMoE-S", {**COMPARISON["ProMoE"][1], "rcl_weight": 0.0})}
 EXPERIMENTS = {
     "comparison": Experiment(
         "Dense-DiT vs the MoE baselines vs ProMoE, and the ablation of the paper's Table 6", "toy_results.md",
@@ -130,6 +134,15 @@ EXPERIMENTS = {
              "samples), the sample count and the 6 seeds were fixed in issue 23 before the runs started. Both models "
              "run 1.88M parameters per token of 3.06M in total: TC-DiT 4 experts of width 4D, top-1, with the "
              "load-balance loss; ProMoE 6 routed experts (top-1) + 1 shared + 1 unconditional, of width 2D."),
+    "rcl": Experiment(
+        "Does the routing contrastive loss make experts specialise? ProMoE-S with and without it, 6 paired seeds",
+        "toy_rcl.md", RCL, (("RCL on", "RCL off"),), (6, 7, 8, 9, 10, 11), (EPOCH_STEPS,),
+        endpoints=("val_mse", "mi_excess"), secondary=("fid@2", "accuracy@2"), guidance=(2.0,), fid_samples=2000,
+        routing_noise_seed=0, level=0.975,
+        note="Pre-registered in `docs/toy_rcl_preregistration.md` (issue 33), committed before the first run: the "
+             "arms, seeds, endpoints, intervals (97.5% each, 95% over the two primary endpoints together) and "
+             "verdict rule. The two arms are one model, ProMoE-S E8A1S1U1 (6 routed experts, top-1, + 1 shared + 1 "
+             "unconditional, width 2D), with the zoo's RCL weight (1.0) and with 0: identical parameters."),
 }
 VALIDATION_TIMESTEPS = (np.arange(10) + 0.5) / 10  # stratified: the midpoints of 10 equal bins of s
 ROUTING_PER_CLASS = 20  # images per class in the routing figures (conditional sampling without guidance)
@@ -144,7 +157,16 @@ def endpoint_value(result: dict, key: str) -> float | None:
     if "@" in key:
         name, scale = key.split("@")
         return result.get(name, {}).get(f"{float(scale):g}")
+    if key == "mi_excess":
+        return mi_excess_bits(result)
     return result.get(key)
+
+
+def mi_excess_bits(result: dict) -> float | None:
+    """The mean over MoE layers of I(class; top expert) minus the mean of its shuffled-label null."""
+    if "mi_bits" not in result:
+        return None
+    return float(np.mean(np.subtract(result["mi_bits"], result["mi_null_bits"])))
 
 
 def canonical(key: str) -> str:
@@ -157,11 +179,11 @@ def canonical(key: str) -> str:
 
 
 def lower_is_better(key: str) -> bool:
-    return not key.startswith("accuracy")
+    return not key.startswith(("accuracy", "mi_"))
 
 
 def digits_of(key: str) -> int:
-    return 3 if key.startswith("accuracy") else 2 if key.startswith("fid") else 4
+    return 3 if key.startswith(("accuracy", "mi_")) else 2 if key.startswith("fid") else 4
 
 
 def describe(key: str) -> str:
@@ -169,7 +191,8 @@ def describe(key: str) -> str:
         name, scale = key.split("@")
         return f"{'FID' if name == 'fid' else 'conditional accuracy'} at guidance {float(scale):g}"
     return {"val_mse": "validation MSE", "fid_best": "FID at each run's best guidance",
-            "accuracy_best": "conditional accuracy at each run's best guidance (by FID)"}.get(key, key)
+            "accuracy_best": "conditional accuracy at each run's best guidance (by FID)",
+            "mi_excess": "I(class; top expert) above its shuffled-label null, mean over MoE layers, bits"}.get(key, key)
 
 
 def slug(name: str) -> str:
@@ -212,7 +235,7 @@ def parse_args(argv):
     if unknown:
         parser.error(f"unknown models {sorted(unknown)} for --experiment {args.experiment}; "
                      f"known: {list(experiment.models)}")
-    known = ["val_mse", "fid_best", "accuracy_best",
+    known = ["val_mse", "fid_best", "accuracy_best", "mi_excess",
              *(f"{name}@{scale:g}" for name in ("fid", "accuracy") for scale in args.guidance)]
     args.endpoints = [canonical(key) for key in args.endpoints]
     for key in (*args.endpoints, *experiment.secondary):
@@ -336,10 +359,13 @@ def routing_figures(model, seed: int, args) -> dict:
 
 def evaluate(ema: Path, run: Path, seed: int, steps: int, held_out, net, args) -> dict:
     """The figures of one run at one milestone, cached beside it (recomputed when the settings change)."""
-    noise_check = seed in EXPERIMENTS[args.experiment].noise_check_seeds
+    experiment = EXPERIMENTS[args.experiment]
+    noise_check = seed in experiment.noise_check_seeds
+    routing_seed = seed if experiment.routing_noise_seed is None else experiment.routing_noise_seed
     settings = {"fid_samples": args.fid_samples, "sample_steps": args.sample_steps, "val_images": args.val_images,
                 "guidance": args.guidance, "noise_check": noise_check, "routing_per_class": ROUTING_PER_CLASS,
-                "batch": args.batch, "ema_mtime_ns": ema.stat().st_mtime_ns}
+                "batch": args.batch, "ema_mtime_ns": ema.stat().st_mtime_ns,
+                **({} if experiment.routing_noise_seed is None else {"routing_noise_seed": routing_seed})}
     cache = run / f"eval_step{steps:07d}.json"
     if cache.exists() and json.loads(cache.read_text())["settings"] == json.loads(json.dumps(settings)):
         return json.loads(cache.read_text())
@@ -354,7 +380,7 @@ def evaluate(ema: Path, run: Path, seed: int, steps: int, held_out, net, args) -
               "train_mse": float(curve_mse[-max(1, len(curve_mse) // 10):].mean()),
               "val_mse": float(np.mean(val)), "val_mse_per_t": val, "steps_per_s": steps_per_second(metrics),
               "curve_steps": curve_steps.tolist(), "curve_mse": curve_mse.tolist(),
-              **guidance_sweep(model, images, net, args, noise_check), **routing_figures(model, seed, args)}
+              **guidance_sweep(model, images, net, args, noise_check), **routing_figures(model, routing_seed, args)}
     cache.write_text(json.dumps(result))
     return result
 
@@ -406,14 +432,14 @@ def verdict(candidate: str, reference: str, low: float, high: float, lower_bette
     return f"**{candidate if candidate_lower == lower_better else reference} better**"
 
 
-def ordering(runs, candidate: str, reference: str, key: str) -> str:
-    """One row of the paired-difference table: `candidate` minus `reference` on `key`, per seed, mean, 95% CI and
-    the verdict from the interval."""
+def ordering(runs, candidate: str, reference: str, key: str, level: float) -> str:
+    """One row of the paired-difference table: `candidate` minus `reference` on `key`, per seed, mean, the CI at
+    `level` and the verdict from the interval."""
     digits = digits_of(key)
     differences = paired(runs, candidate, reference, key)
     if not differences:
         return f"| {candidate} − {reference} | {describe(key)} | not measured | | | |"
-    mean, low, high = paired_interval(differences)
+    mean, low, high = paired_interval(differences, level)
     interval = "–" if np.isnan(low) else f"[{low:+.{digits}f}, {high:+.{digits}f}]"
     per_seed = " / ".join(f"{d:+.{digits}f}" for d in differences)
     better = "lower" if lower_is_better(key) else "higher"
@@ -421,9 +447,9 @@ def ordering(runs, candidate: str, reference: str, key: str) -> str:
             f"{interval} | {verdict(candidate, reference, low, high, lower_is_better(key))} |")
 
 
-def orderings_table(runs, pairs, keys) -> list[str]:
-    return ["| difference | endpoint | per seed | mean | 95% CI (t, paired) | verdict |", "|---" * 6 + "|",
-            *(ordering(runs, a, b, key) for a, b in pairs for key in keys)]
+def orderings_table(runs, pairs, keys, level: float) -> list[str]:
+    return [f"| difference | endpoint | per seed | mean | {level * 100:g}% CI (t, paired) | verdict |",
+            "|---" * 6 + "|", *(ordering(runs, a, b, key, level) for a, b in pairs for key in keys)]
 
 
 def mi_cell(results: list[dict]) -> str:
@@ -564,9 +590,9 @@ def milestone_sections(experiment: Experiment, runs, steps: int, figure_stem: Pa
     plot_curves(runs, figure_stem.with_name(f"{figure_stem.name}_loss.png"))
     pairs = [(a, b) for a, b in experiment.pairs if a in runs and b in runs]
     lines = [f"## After {steps} steps", "", "Primary endpoints: paired differences over seeds.", "",
-             *orderings_table(runs, pairs, args.endpoints), ""]
+             *orderings_table(runs, pairs, args.endpoints, experiment.level), ""]
     if experiment.secondary:
-        lines += ["Secondary:", "", *orderings_table(runs, pairs, experiment.secondary), ""]
+        lines += ["Secondary:", "", *orderings_table(runs, pairs, experiment.secondary, experiment.level), ""]
     lines += ["Per model (mean ± half the spread over seeds):", "", *summary_table(runs, base, args.guidance), "",
               "Per seed:", "", *per_seed_table(runs, args.guidance), "", *noise_table(runs, pairs, args.guidance)]
     routing = routing_table(runs)
@@ -592,7 +618,8 @@ def write_report(experiment: Experiment, results, args, held_out_name: str, proc
         f"difference per seed ({', '.join(f'{a} − {b}' for a, b in experiment.pairs if a in candidates)}). "
         + (f"Secondary: {'; '.join(describe(key) for key in experiment.secondary)}; per MoE layer, expert loads "
            "and I(class; expert) with a shuffled-label null and under swapped labels. " if experiment.secondary else "")
-        + "Each difference is stated as its mean over the seeds with a t-based 95% confidence interval (Student's t, "
+        + f"Each difference is stated as its mean over the seeds with a t-based {experiment.level * 100:g}% "
+        "confidence interval (Student's t, "
         "n - 1 degrees of freedom); the verdict comes from the interval alone: a model is better when the interval "
         "excludes 0, and there is **no evidence either way** when it contains 0 (or when there is one seed). "
         + experiment.note, "",

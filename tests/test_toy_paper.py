@@ -114,9 +114,9 @@ def test_paired_interval_is_the_t_interval_and_its_verdict_reads_the_interval_al
     # Three seeds that agree in sign are not enough when their spread is large: unanimity is no verdict.
     runs = {"A": [{"seed": s, "val_mse": v} for s, v in enumerate((0.20, 0.10, 0.209))],
             "B": [{"seed": s, "val_mse": 0.21} for s in range(3)]}
-    assert toy_paper.ordering(runs, "A", "B", "val_mse").endswith("| no evidence either way |")
+    assert toy_paper.ordering(runs, "A", "B", "val_mse", 0.95).endswith("| no evidence either way |")
     one = {name: results[:1] for name, results in runs.items()}
-    assert "no evidence either way (no interval from one pair)" in toy_paper.ordering(one, "A", "B", "val_mse")
+    assert "no evidence either way (no interval from one pair)" in toy_paper.ordering(one, "A", "B", "val_mse", 0.95)
 
 
 def test_swapped_labels_are_another_class_and_as_balanced_as_the_real_ones():
@@ -128,3 +128,19 @@ def test_swapped_labels_are_another_class_and_as_balanced_as_the_real_ones():
     assert (swapped.bincount(minlength=10) == 20).all()  # every class as often a swapped label as a real one
     for label in range(10):  # each class's images spread over the other nine
         assert len(swapped[labels == label].unique()) == 9
+
+
+def test_rcl_ablation_pairs_the_arms_on_mse_and_class_information_at_97_5_percent(tmp_path, feature_net):
+    import toy_paper
+
+    toy_paper.main(tiny_argv(tmp_path, feature_net, "--experiment", "rcl", "--steps", "2", "--seeds", "6", "7"))
+    text = (tmp_path / "docs" / "toy.md").read_text()
+    assert "| RCL on − RCL off | validation MSE (lower is better) |" in text
+    assert ("| RCL on − RCL off | I(class; top expert) above its shuffled-label null, mean over MoE layers, bits "
+            "(higher is better) |") in text
+    assert "| RCL on − RCL off | FID at guidance 2 (lower is better) |" in text  # secondary
+    assert text.count("97.5% CI") >= 2 and "not measured" not in text
+    on = toy_paper.json.loads((tmp_path / "runs" / "rcl_on_seed7" / "eval_step0000002.json").read_text())
+    assert on["settings"]["routing_noise_seed"] == 0  # the same noise for every seed, as pre-registered
+    assert toy_paper.mi_excess_bits(on) == np.mean(np.subtract(on["mi_bits"], on["mi_null_bits"]))
+    assert (tmp_path / "runs" / "rcl_off_seed6" / "eval_step0000002.json").exists()
