@@ -87,6 +87,7 @@ class Experiment:
     note: str = ""  # said in the report's preamble
     routing_noise_seed: int | None = None  # the routing figures' sampling noise (None: the run's seed)
     level: float = 0.95  # of each interval (0.975 each: 95% over two primary endpoints together)
+    class_blind_reference: bool = False  # report I(class; expert) of routers that never see the class, and low loads
 
 
 def every_pair(names: list[str]) -> tuple[tuple[str, str], ...]:
@@ -138,7 +139,7 @@ EXPERIMENTS = {
         "Does the routing contrastive loss make experts specialise? ProMoE-S with and without it, 6 paired seeds",
         "toy_rcl.md", RCL, (("RCL on", "RCL off"),), (6, 7, 8, 9, 10, 11), (EPOCH_STEPS,),
         endpoints=("val_mse", "mi_excess"), secondary=("fid@2", "accuracy@2"), guidance=(2.0,), fid_samples=2000,
-        routing_noise_seed=0, level=0.975,
+        routing_noise_seed=0, level=0.975, class_blind_reference=True,
         note="Pre-registered in `docs/toy_rcl_preregistration.md` (issue 33), committed before the first run: the "
              "arms, seeds, endpoints, intervals (97.5% each, 95% over the two primary endpoints together) and "
              "verdict rule. The two arms are one model, ProMoE-S E8A1S1U1 (6 routed experts, top-1, + 1 shared + 1 "
@@ -149,6 +150,8 @@ ROUTING_PER_CLASS = 20  # images per class in the routing figures (conditional s
 NULL_PERMUTATIONS = 100
 CLASS_NAMES = ("T-shirt", "trouser", "pullover", "dress", "coat", "sandal", "shirt", "sneaker", "bag", "ankle boot")
 MAP_CLASSES = (0, 1, 5, 8)  # T-shirt, trouser, sandal, bag: the routing picture's rows
+PATCH = 4  # the backbone's patch size: 49 tokens of 4x4 pixels
+LOW_LOAD = 0.02  # an expert taking less than this share of the tokens it could take is flagged
 
 
 def endpoint_value(result: dict, key: str) -> float | None:
@@ -531,6 +534,78 @@ def routing_table(runs) -> list[str]:
     return lines + [""]
 
 
+def patches_of(images: np.ndarray) -> np.ndarray:
+    """[N, 49, 16] float: each image's 4x4 patches in the model's token order (row-major), pixels in [0, 1]."""
+    n, side = len(images), images.shape[1] // PATCH
+    blocks = images.reshape(n, side, PATCH, side, PATCH).transpose(0, 1, 3, 2, 4)
+    return blocks.reshape(n, side * side, PATCH * PATCH).astype(np.float64) / 255
+
+
+def intensity_routing(patches: np.ndarray, experts: int) -> np.ndarray:
+    """Each patch to one of `experts` equal-count bins of its mean intensity (the bins' edges: its quantiles)."""
+    intensity = patches.mean(-1)
+    edges = np.quantile(intensity, np.linspace(0, 1, experts + 1)[1:-1])
+    return np.searchsorted(edges, intensity, side="right")
+
+
+def kmeans_routing(patches: np.ndarray, fit_on: np.ndarray, experts: int, seed: int = 0, rounds: int = 50):
+    """Each patch to the nearest of `experts` centres fitted on the patches `fit_on` [M, 16] by Lloyd's k-means,
+    started from `experts` of them drawn with `seed`. (An offline fit: the k-means router learns its centroids
+    online, inside a model.)"""
+    rng = np.random.default_rng(seed)
+    centres = fit_on[rng.choice(len(fit_on), experts, replace=False)]
+    for _ in range(rounds):
+        nearest = ((fit_on[:, None] - centres[None]) ** 2).sum(-1).argmin(1)
+        centres = np.stack([fit_on[nearest == e].mean(0) if (nearest == e).any() else centres[e]
+                            for e in range(experts)])
+    return ((patches[..., None, :] - centres) ** 2).sum(-1).argmin(-1)
+
+
+def class_blind_reference(held_out, train_images: np.ndarray, experts: int, seed: int = 0) -> dict[str, tuple]:
+    """Per class-blind router (pixel intensity, k-means on patches): (I(class; expert), the mean of its
+    shuffled-label null), in bits, over the patches of ROUTING_PER_CLASS held-out images per class, as the models'
+    routing is measured (one top expert per token, `experts` choosable)."""
+    images, labels, _ = held_out
+    chosen = np.concatenate([np.flatnonzero(labels == label)[:ROUTING_PER_CLASS] for label in range(10)])
+    patches, image_labels = patches_of(images[chosen]), torch.from_numpy(labels[chosen]).long()
+    fit_on = patches_of(train_images[np.random.default_rng(seed).choice(len(train_images), 1000, replace=False)])
+    routings = {"pixel intensity": intensity_routing(patches, experts),
+                "k-means on patches": kmeans_routing(patches, fit_on.reshape(-1, PATCH * PATCH), experts, seed)}
+    reference = {}
+    for name, routing in routings.items():
+        as_sampled = torch.from_numpy(routing)[None, None]  # [steps 1, layers 1, images, tokens]
+        bits = class_expert_information_bits(expert_usage(as_sampled, image_labels, 10, experts))[0]
+        null = shuffled_label_information_bits(as_sampled, image_labels, 10, experts, NULL_PERMUTATIONS, seed)
+        reference[name] = (float(bits), float(null.mean()))
+    return reference
+
+
+def class_blind_lines(runs, held_out, args) -> list[str]:
+    """The class-blind reference beside the models' I(class; expert), and the experts under LOW_LOAD."""
+    moe = {name: results for name, results in runs.items() if results and "mi_bits" in results[0]}
+    if not moe:
+        return []
+    choosable = len(next(iter(moe.values()))[0]["load_share"][0])
+    reference = class_blind_reference(held_out, pixel_split(args.data, "train")[0], choosable)
+    lines = [f"Class-blind reference: routers that never see the class, over the 4x4 patches of {ROUTING_PER_CLASS} "
+             f"held-out images per class, to {choosable} experts as the models' routing is measured. What a routing "
+             "reads from the pixels alone.", "",
+             "| router | I(class; expert), bits | shuffled-label null, mean | above the null |", "|---" * 4 + "|"]
+    for name, (bits, null) in reference.items():
+        lines.append(f"| {name} (class-blind) | {bits:.3f} | {null:.3f} | {bits - null:+.3f} |")
+    for name, results in moe.items():
+        for layer in range(len(results[0]["mi_bits"])):
+            bits = [r["mi_bits"][layer] for r in results]
+            null = [r["mi_null_bits"][layer] for r in results]
+            lines.append(f"| {name}, MoE layer {layer + 1} (mean over seeds) | {np.mean(bits):.3f} | "
+                         f"{np.mean(null):.3f} | {np.mean(bits) - np.mean(null):+.3f} |")
+    low = [f"{name} seed {r['seed']} layer {layer + 1}: {share:.3f}" for name, results in moe.items()
+           for r in results for layer, shares in enumerate(r["load_share"]) for share in shares if share < LOW_LOAD]
+    lines += ["", f"Experts under {LOW_LOAD:.0%} of the tokens they could take (per seed, layer and expert): "
+              + ("; ".join(low) if low else "none") + ".", ""]
+    return lines
+
+
 def plot_curves(runs, out_png: Path) -> None:
     figure, axis = plt.subplots(figsize=(7, 4))
     for name, results in runs.items():
@@ -585,7 +660,7 @@ def routing_map(emas: dict[str, Path], out_png: Path, steps: int, seed: int) -> 
               "(the last) is not chosen without guidance.", out_png)
 
 
-def milestone_sections(experiment: Experiment, runs, steps: int, figure_stem: Path, args) -> list[str]:
+def milestone_sections(experiment: Experiment, runs, steps: int, figure_stem: Path, args, held_out) -> list[str]:
     base = next(iter(runs))
     plot_curves(runs, figure_stem.with_name(f"{figure_stem.name}_loss.png"))
     pairs = [(a, b) for a, b in experiment.pairs if a in runs and b in runs]
@@ -599,6 +674,8 @@ def milestone_sections(experiment: Experiment, runs, steps: int, figure_stem: Pa
     if routing:
         lines += ["Routing per MoE layer, mean over seeds, over conditional sampling without guidance "
                   f"({ROUTING_PER_CLASS} images per class, {args.sample_steps} steps).", "", *routing]
+    if experiment.class_blind_reference:
+        lines += class_blind_lines(runs, held_out, args)
     lines.append(f"![training curves]({figure_stem.name}_loss.png)")
     if len(args.guidance) > 1:
         plot_guidance(runs, args.guidance, figure_stem.with_name(f"{figure_stem.name}_guidance.png"))
@@ -606,7 +683,7 @@ def milestone_sections(experiment: Experiment, runs, steps: int, figure_stem: Pa
     return lines + [""]
 
 
-def write_report(experiment: Experiment, results, args, held_out_name: str, process_minutes: float) -> None:
+def write_report(experiment: Experiment, results, args, held_out, process_minutes: float) -> None:
     report = args.report
     report.parent.mkdir(parents=True, exist_ok=True)
     candidates = sorted({a for a, b in experiment.pairs if a in args.models and b in args.models})
@@ -623,7 +700,7 @@ def write_report(experiment: Experiment, results, args, held_out_name: str, proc
         "n - 1 degrees of freedom); the verdict comes from the interval alone: a model is better when the interval "
         "excludes 0, and there is **no evidence either way** when it contains 0 (or when there is one seed). "
         + experiment.note, "",
-        f"Data: {held_out_name} 28x28 pixels, class-conditional rectified flow. Every model: the demo's backbone "
+        f"Data: {held_out[2]} 28x28 pixels, class-conditional rectified flow. Every model: the demo's backbone "
         "(width 128, depth 6, patch 4: 49 tokens) and recipe (`configs/demo.yaml`: batch "
         f"{args.batch}, AdamW 1.5e-3 after a 50-step warm-up, EMA 0.995 with warm-up), seeds "
         f"{', '.join(map(str, args.seeds))}; nothing tuned per model. Models: "
@@ -655,7 +732,7 @@ def write_report(experiment: Experiment, results, args, held_out_name: str, proc
     for steps in args.steps:
         runs = {name: by_steps[steps] for name, by_steps in results.items() if by_steps[steps]}
         stem = report.with_name(f"{report.stem}_{steps}" if len(args.steps) > 1 else report.stem)
-        lines += milestone_sections(experiment, runs, steps, stem, args)
+        lines += milestone_sections(experiment, runs, steps, stem, args, held_out)
     last = args.steps[-1]
     emas = {name: args.out / f"{slug(name)}_seed{args.seeds[0]}" / f"ema_step{last:07d}.safetensors"
             for name, by_steps in results.items() if by_steps[last] and "mi_bits" in by_steps[last][0]}
@@ -696,7 +773,7 @@ def main(argv=None) -> None:
             results[name][steps].append(evaluate(ema, run, seed, steps, held_out, net, args))
     minutes = add_process_time(args.out, time.perf_counter() - tic)
     if not args.no_report:
-        write_report(experiment, results, args, held_out[2], minutes)
+        write_report(experiment, results, args, held_out, minutes)
 
 
 if __name__ == "__main__":

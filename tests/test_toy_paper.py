@@ -144,3 +144,18 @@ def test_rcl_ablation_pairs_the_arms_on_mse_and_class_information_at_97_5_percen
     assert on["settings"]["routing_noise_seed"] == 0  # the same noise for every seed, as pre-registered
     assert toy_paper.mi_excess_bits(on) == np.mean(np.subtract(on["mi_bits"], on["mi_null_bits"]))
     assert (tmp_path / "runs" / "rcl_off_seed6" / "eval_step0000002.json").exists()
+    assert "| pixel intensity (class-blind) |" in text and "| k-means on patches (class-blind) |" in text
+    assert "Experts under 2% of the tokens they could take" in text
+
+
+def test_class_blind_routers_split_patches_by_pixels_alone():
+    import toy_paper
+
+    rng = np.random.default_rng(0)
+    dark, bright = rng.uniform(0, 0.2, (50, 16)), rng.uniform(0.8, 1.0, (50, 16))
+    patches = np.concatenate([dark, bright])
+    for routing in (toy_paper.intensity_routing(patches, 2), toy_paper.kmeans_routing(patches, patches, 2)):
+        assert len(set(routing[:50])) == 1 and len(set(routing[50:])) == 1 and routing[0] != routing[50]
+    assert np.bincount(toy_paper.intensity_routing(rng.uniform(size=(60, 16)), 6)).tolist() == [10] * 6
+    image = np.arange(28 * 28, dtype=np.uint8).reshape(1, 28, 28)
+    assert (toy_paper.patches_of(image)[0, 1] * 255).round().astype(int)[:4].tolist() == [4, 5, 6, 7]
