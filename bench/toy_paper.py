@@ -134,7 +134,12 @@ EXPERIMENTS = {
         note="The endpoints, the guidance scale (2.0, one scale fixed in advance: no selection on the reported "
              "samples), the sample count and the 6 seeds were fixed in issue 23 before the runs started. Both models "
              "run 1.88M parameters per token of 3.06M in total: TC-DiT 4 experts of width 4D, top-1, with the "
-             "load-balance loss; ProMoE 6 routed experts (top-1) + 1 shared + 1 unconditional, of width 2D."),
+             "load-balance loss; ProMoE 6 routed experts (top-1) + 1 shared + 1 unconditional, of width 2D. The "
+             "comparison is of the two whole models, not of their routers: they differ also in the experts' width, "
+             "the shared and unconditional experts, and the routing contrastive loss against the load-balance loss. "
+             "Seed 0 of both models is the `long` experiment's seed-0 run after 940 steps (same models, recipe and "
+             "seed), whose validation MSE and 500-sample FID were reported (`docs/toy_long.md`) before these seeds "
+             "were fixed; seeds 1 to 5 were not."),
     "rcl": Experiment(
         "Does the routing contrastive loss make experts specialise? ProMoE-S with and without it, 6 paired seeds",
         "toy_rcl.md", RCL, (("RCL on", "RCL off"),), (6, 7, 8, 9, 10, 11), (EPOCH_STEPS,),
