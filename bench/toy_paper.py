@@ -9,8 +9,11 @@
   orderings move with training;
 - `decisive`: TC-DiT against ProMoE at equal total and activated parameters, 6 paired seeds, one epoch, with its
   endpoints fixed before the runs (validation MSE, and FID at guidance 2 from 2000 samples).
+- `rcl`: the routing contrastive loss alone: ProMoE-S with and without it, all else identical, 6 paired seeds, one
+  epoch, pre-registered in `docs/toy_rcl_preregistration.md` (validation MSE, and the routing's class information
+  above its shuffled-label null, each at 97.5%).
 
-    python bench/toy_paper.py --experiment decisive [--seeds 0 1 2] [--models ...] [--guidance 2] \
+    python bench/toy_paper.py --experiment decisive|rcl [--seeds 0 1 2] [--models ...] [--guidance 2] \
         [--fid-samples 2000] [--endpoints val_mse fid@2] [--no-report]
 
 Every run uses the demo's backbone and recipe (`configs/demo.yaml`: width 128, depth 6, patch 4, rectified flow,
