@@ -54,6 +54,7 @@ def test_wrong_input_shapes_raise_clear_errors(rng):
         model(torch.randn(2, 4, 8, 8), torch.rand(3), torch.tensor([1, 2]))
 
 
+@pytest.mark.order_sensitive
 def test_sdpa_attention_matches_the_textbook_formula(rng):
     layer = attention.Attention(32, 4, qk_norm=True)
     x = torch.randn(2, 7, 32, generator=rng)
@@ -73,6 +74,7 @@ def test_flash_path_is_used_only_on_cuda_half_precision(monkeypatch):
     assert not attention.can_use_flash(torch.zeros(1))
 
 
+@pytest.mark.order_sensitive
 def test_flash_and_sdpa_paths_give_the_same_result(monkeypatch, rng):
     """Stand in flash_attn_func's contract ([B, L, H, hd] in and out) with SDPA and force the flash path."""
     def fake_flash(q, k, v):
@@ -104,6 +106,7 @@ def test_initialisation_follows_dit(rng):
     assert (out == 0).all()
 
 
+@pytest.mark.order_sensitive
 def test_backends_give_the_same_model_outputs_and_gradients(rng):
     model = tiny_model("ProMoE-S", experts="E6A2S1U1")
     x, t, y = torch.randn(4, 4, 8, 8, generator=rng), torch.rand(4, generator=rng) * 1000, torch.tensor([1, 10, 3, 4])
@@ -121,6 +124,7 @@ def test_backends_give_the_same_model_outputs_and_gradients(rng):
         torch.testing.assert_close(a, b, **reordered_sums_tolerance(*sums, magnitude=b.abs().max().item()))
 
 
+@pytest.mark.order_sensitive
 def test_training_with_triton_kernels_matches_loop_step_by_step():
     from promoe.diffusion import RectifiedFlow
 

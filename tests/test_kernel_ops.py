@@ -108,6 +108,7 @@ def test_expert_token_sums_ops_pass_opcheck(rng):
                           (grad, plan.expert_index_S, plan.slot_NK, plan.offsets_E1[-1:], x.dtype))
 
 
+@pytest.mark.order_sensitive
 def test_compile_traces_a_promoe_block_forward_and_backward_without_a_graph_break(rng):
     """One ProMoE DiT block (attention, conditional top-2 routing with dropped slots and an unconditional expert, the
     routing contrastive loss) on the triton backend, compiled whole (fullgraph: any graph break raises), matches
