@@ -47,7 +47,6 @@ def assert_same_per_step(one: dict, other: dict, *run: str, key_steps=(1, 2, 3),
         assert other[step] == pytest.approx(one[step], rel=rel), step
 
 
-@pytest.mark.order_sensitive
 @pytest.mark.parametrize("ranks", [1, 2])
 def test_a_step_of_four_micro_batches_equals_the_step_without(tmp_path, ranks):
     launcher = torchrun(ranks) if ranks > 1 else (sys.executable,)
