@@ -51,3 +51,27 @@ def reordered_sums_tolerance(*reduction_lengths: int, magnitude: float, dtype=to
     choice, as the terms of random inputs are of that order. No machine's summation order is assumed."""
     bound = sum(reduction_lengths) * torch.finfo(dtype).eps
     return dict(rtol=bound, atol=bound * magnitude)
+
+
+def dit_reduction_lengths(config, images: int) -> tuple[int, ...]:
+    """The sums that an output of a DiT's training step chains through, for reordered_sums_tolerance: the forward's
+    (patch embedding, timestep MLP, per block the adaLN, q/k/v, scores, attention over the tokens, projection, MLP
+    up and down and the combine of a token's experts; the final layer's adaLN and linear), the backward's the same
+    again, and a weight gradient's sum over the batch's tokens. The loss's own mean is the caller's to add."""
+    dim, tokens = config.hidden_size, (config.input_size // config.patch_size) ** 2
+    experts = config.expert_spec
+    hidden = max(int(dim * config.mlp_ratio), config.expert_hidden)
+    block = (dim, dim, dim // config.num_heads, tokens, dim, dim, hidden, experts.activated + experts.shared + 1)
+    forward = (config.in_channels * config.patch_size**2, 256, dim, *block * config.depth, dim, dim)
+    return (*forward, *forward, images * tokens)
+
+
+def reordered_steps_tolerance(steps: int, *step_reduction_lengths: int, dtype=torch.float32) -> float:
+    """The relative tolerance of a loss or gradient norm of a training run's step `steps` against the same run's,
+    each step's sums taken in another order (other ranks, micro-batches, dispatch backends).
+
+    One step's forward and backward leave the gradients off by about (their chained lengths) * eps relative
+    (reordered_sums_tolerance); AdamW's update is a ratio of the gradient's moments, so it carries that relative
+    error into the parameters' change, and the next step's sums, on parameters already apart, add theirs: the
+    errors add up over the steps."""
+    return steps * sum(step_reduction_lengths) * torch.finfo(dtype).eps

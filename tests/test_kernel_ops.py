@@ -13,7 +13,7 @@ import torch
 import promoe
 import promoe.moe.dispatch  # noqa: F401  (imports the kernels, which register the promoe:: ops)
 from promoe.moe.plan import token_choice_plan
-from tests.helpers import randomize_
+from tests.helpers import randomize_, reordered_sums_tolerance
 
 DIM, EXPERTS = 16, 6
 HIDDEN = 24  # the bias kernels' columns: a partial column block
@@ -108,6 +108,7 @@ def test_expert_token_sums_ops_pass_opcheck(rng):
                           (grad, plan.expert_index_S, plan.slot_NK, plan.offsets_E1[-1:], x.dtype))
 
 
+@pytest.mark.order_sensitive
 def test_compile_traces_a_promoe_block_forward_and_backward_without_a_graph_break(rng):
     """One ProMoE DiT block (attention, conditional top-2 routing with dropped slots and an unconditional expert, the
     routing contrastive loss) on the triton backend, compiled whole (fullgraph: any graph break raises), matches
@@ -129,5 +130,11 @@ def test_compile_traces_a_promoe_block_forward_and_backward_without_a_graph_brea
 
     eager = step(block)
     compiled = step(torch.compile(block, fullgraph=True, backend="aot_eager"))
+    # aot_eager runs AOTAutograd's decomposition of the block, whose ops may sum in another order: the block's sums
+    # (adaLN, q/k/v, scores over the head dim, attention over 16 tokens, projection, the router's norms and cosines,
+    # expert up and down, the combine, the loss's and the RCL's means), forward then backward, then a weight
+    # gradient's over the 32 tokens.
+    forward = (32, 32, 16, 16, 32, 32, 32, 32, 64, 4, x.numel(), 32)
     for got, expected in zip(compiled, eager, strict=True):
-        torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(got, expected, **reordered_sums_tolerance(
+            *forward, *forward, 32, magnitude=expected.abs().max().item()))
