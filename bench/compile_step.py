@@ -26,9 +26,10 @@ from official_step import driver_step, time_interleaved  # noqa: E402
 
 from promoe.diffusion import RectifiedFlow  # noqa: E402
 from promoe.distributed import init_distributed  # noqa: E402
+from promoe.dit.model import compile_blocks  # noqa: E402
 from promoe.sampling import generate  # noqa: E402
 from promoe.train_config import load_config  # noqa: E402
-from promoe.training.parallel import build_on_meta, compile_blocks, parallelise  # noqa: E402
+from promoe.training.parallel import build_on_meta, parallelise  # noqa: E402
 from promoe.zoo import build_from_config  # noqa: E402
 
 DEVICE = torch.device("cpu")
