@@ -1,6 +1,7 @@
 """What `train.compile` and `python -m promoe.sample --compile` cost or save on this machine: the driver's training
 step (`train_step` of train/run.py on the model its `parallelise` builds: on one fp32 process, the plain model)
-eager and with each block compiled; then sampling throughput (Euler, guidance 1.5) eager and compiled.
+eager and with each block compiled (both with activation checkpointing under --activation-checkpointing); then
+sampling throughput (Euler, guidance 1.5) eager and compiled.
 
     python bench/compile_step.py --model ProMoE-S --batch 8 --rounds 5 --json bench/results/compile_step_S.json
 
@@ -26,9 +27,10 @@ from official_step import driver_step, time_interleaved  # noqa: E402
 
 from promoe.diffusion import RectifiedFlow  # noqa: E402
 from promoe.distributed import init_distributed  # noqa: E402
+from promoe.dit.model import compile_blocks  # noqa: E402
 from promoe.sampling import generate  # noqa: E402
 from promoe.train_config import load_config  # noqa: E402
-from promoe.training.parallel import build_on_meta, compile_blocks, parallelise  # noqa: E402
+from promoe.training.parallel import build_on_meta, parallelise  # noqa: E402
 from promoe.zoo import build_from_config  # noqa: E402
 
 DEVICE = torch.device("cpu")
@@ -83,7 +85,8 @@ def rows(wall, cpu, first, baseline: str, unit: str, images: int) -> list[dict]:
 
 
 def bench_train(args, overrides, x0, labels) -> list[dict]:
-    candidates = {name: train_candidate(overrides, x0, labels, compiled)
+    recompute = [f"train.activation_checkpointing={args.activation_checkpointing}"]
+    candidates = {name: train_candidate([*overrides, *recompute], x0, labels, compiled)
                   for name, compiled in (("eager", False), ("compiled", True))}
     first = first_calls(candidates)
     wall, cpu = time_interleaved(candidates, 1, args.rounds)
@@ -116,6 +119,7 @@ def main(argv=None):
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--sample-steps", type=int, default=10)
+    parser.add_argument("--activation-checkpointing", action="store_true", help="train.activation_checkpointing")
     parser.add_argument("--skip", choices=("train", "sample"), default=None)
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args(argv)
@@ -132,7 +136,8 @@ def main(argv=None):
     if args.skip != "sample":
         results += bench_sample(args, overrides, x0, labels)
     run = report.run_record(dict(bench="compile_step", model=args.model, overrides=args.overrides, batch=args.batch,
-                                 rounds=args.rounds, dtype="fp32", threads=torch.get_num_threads()), results)
+                                 rounds=args.rounds, dtype="fp32", threads=torch.get_num_threads(),
+                                 activation_checkpointing=args.activation_checkpointing), results)
     shape = f" ({' '.join(args.overrides)})" if args.overrides else ""
     report.emit(run, args.json,
                 f"{args.model}{shape}: train.compile and --compile, batch {args.batch}, fp32 (ratios to eager)")

@@ -3,6 +3,7 @@
 import csv
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -22,6 +23,8 @@ ROOT = Path(__file__).resolve().parent.parent
 TINY_RUN = ["model.overrides.hidden_size=32", "model.overrides.num_heads=4", "model.overrides.depth=2",
             "train.global_batch=16", "train.log_every=1", "train.grid_steps=2",
             "train.fid_samples=0"]
+# What the driver says after its first step with train.compile (`promoe.training.parallel.compile_counts`).
+COMPILE_LINE = re.compile(r"torch\.compile, step \d+: (\d+) graphs from (\d+) frames, (\d+) graph breaks")
 
 
 def reordered_run_tolerance(steps: int, *extra: str, banks_regrouped: bool = False) -> tuple[float, float]:
@@ -155,10 +158,13 @@ def test_activation_checkpointing_gives_the_same_losses(tmp_path):
 @pytest.mark.slow  # two compiles of the tiny model: minutes on 2 cores
 @pytest.mark.parametrize("checkpointing", [False, True], ids=["plain", "activation_checkpointing"])
 def test_compiled_blocks_train_to_the_eager_losses_and_resume(tmp_path, checkpointing):
-    recompute = f"train.activation_checkpointing={checkpointing}"  # compiled over the checkpointed forward
+    recompute = f"train.activation_checkpointing={checkpointing}"  # compiled inside the checkpoint
     run(tmp_path / "eager", "--max-steps", "4", recompute)
     compiled = tmp_path / "compiled"
-    assert "torch.compile per block" in run(compiled, "--max-steps", "2", "train.compile=true", recompute).stdout
+    said = run(compiled, "--max-steps", "2", "train.compile=true", recompute).stdout
+    assert "torch.compile per block" in said
+    graphs, _, breaks = map(int, COMPILE_LINE.search(said).groups())
+    assert graphs >= 2 and breaks == 0, said  # both blocks, whole (with checkpointing, none was compiled before)
     # The checkpoint keeps the eager names (no `_orig_mod.`): load_model checks its index against a fresh model.
     load_model(compiled / "checkpoints" / "step_0000002", weights="model")
     assert "resumed from" in run(compiled, "--max-steps", "4", "train.compile=true", recompute).stdout

@@ -36,7 +36,14 @@ from promoe.training.expert_parallel import clip_gradients, sync_expert_gradient
 from promoe.training.folder import lock_folder, move_aside, previous_run, remove_leftovers
 from promoe.training.metrics import MetricsLog, reduce_logged
 from promoe.training.optimizer import apply_config, make_optimizer
-from promoe.training.parallel import build_on_meta, compute_dtype, parallelise, running_buffers, set_gradient_sync
+from promoe.training.parallel import (
+    build_on_meta,
+    compile_counts,
+    compute_dtype,
+    parallelise,
+    running_buffers,
+    set_gradient_sync,
+)
 from promoe.training.ranks import average_over_ranks, full, said_once, stop_if_any
 from promoe.training.resume import check_resumable
 from promoe.training.stop import StopRequest
@@ -173,6 +180,8 @@ def train(model, optimizer, ema: EMA, dataset, checkpoints: Checkpoints, config:
         for step in bar:
             row, grad_norm = train_step(model, optimizer, ema, objective, dataset, stats, config, step, device)
             done = step + 1  # steps completed: the number in metrics.csv and in checkpoint names
+            if train_config.compile and done == start + 1 and rank == 0:  # its forward, recomputation and backward
+                bar.write(f"torch.compile, step {done}: {compile_counts()}")
             if not (math.isfinite(row["loss"]) and math.isfinite(row["loss_max"]) and math.isfinite(grad_norm)):
                 raise SystemExit(divergence_message(row, grad_norm, done, last_saved))
             if done % train_config.log_every == 0 or done == train_config.steps:

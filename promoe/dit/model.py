@@ -138,7 +138,7 @@ class DiT(nn.Module):
 
 
 def compile_blocks(model: DiT) -> None:
-    """Each block compiled in place (`Module.compile`: the state-dict keys keep their names, with no `_orig_mod.`);
-    the training driver and the sampling CLI both compile this way."""
+    """Each block compiled in place (`Module.compile`: the state-dict keys keep their names, with no `_orig_mod.`),
+    as the sampling CLI compiles; the training driver compiles so too (`promoe.training.parallel.apply_compile`)."""
     for block in model.blocks:
         block.compile()

@@ -104,8 +104,19 @@ def dispatch_expert_parallel(backend, x_ND: torch.Tensor, plan: RoutingPlan, exp
     """The backend's dispatch (`TorchBackend.dispatch`) with the routed experts spread over the group's ranks: the
     same y[n] = base[n] + sum over the slots of token n of gate * expert(x[n])."""
     x_SD = backend.permute(x_ND, plan)
+    out_SD = run_on_expert_ranks(backend, x_SD, plan.counts_E, experts, group)
+    return backend.combine(out_SD, plan, base_ND)
+
+
+# Under torch.compile this is the layer's one graph break: Dynamo calls it as it is and traces what comes before and
+# after. The split sizes are host ints, made and used in here only: no graph sees them, so none is specialised on
+# them or guards them, and a new split size recompiles nothing. Its tensors in and out keep the shapes of the slots.
+@torch.compiler.disable
+def run_on_expert_ranks(backend, x_SD: torch.Tensor, counts_E: torch.Tensor, experts, group: ExpertGroup
+                        ) -> torch.Tensor:
+    """The expert MLP of every slot x_SD (in expert order, `counts_E[e]` for expert e) run on its expert's rank:
+    the routed slots travel there and back, the unconditional ones stay; dropped slots give zeros."""
     routed, local = group.num_routed, group.local_routed
-    counts_E = plan.counts_E
     # To rank r the slot counts of its experts; from rank r those of each local expert.
     recv_RC = counts_E.new_empty(group.size * local)
     dist.all_to_all_single(recv_RC, counts_E[:routed], [local] * group.size, group.shares, group=group.group)
@@ -127,5 +138,4 @@ def dispatch_expert_parallel(backend, x_ND: torch.Tensor, plan: RoutingPlan, exp
     out_recv_RD = torch.empty_like(out_local_SD[:received]).index_copy(0, order_R, out_local_SD[:received])
     out_sent_RD = AllToAll.apply(out_recv_RD, send, recv, group.group)
     dropped = out_local_SD.new_zeros((x_SD.shape[0] - sent - num_uncond, out_local_SD.shape[1]))
-    out_SD = torch.cat([out_sent_RD, out_local_SD[received:], dropped])
-    return backend.combine(out_SD, plan, base_ND)
+    return torch.cat([out_sent_RD, out_local_SD[received:], dropped])

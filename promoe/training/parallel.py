@@ -8,15 +8,12 @@ ranks therefore starts from the weights of a run on one, and DTensor's random op
 are never needed. The cost is one transient full copy of the fp32 weights in host memory per rank.
 """
 
-import functools
-
 import torch
 import torch.distributed as dist
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor, distribute_tensor
 from torch.utils.checkpoint import checkpoint
 
-from promoe.dit.model import compile_blocks
 from promoe.train_config import RunConfig
 from promoe.training.expert_parallel import apply_expert_parallel, expert_banks, local_rows
 from promoe.zoo import build_from_config
@@ -40,6 +37,33 @@ def build_on_meta(config: RunConfig) -> torch.nn.Module:
     return build_from_config(config.model_config(), device="meta")
 
 
+class Checkpointed(torch.nn.Module):
+    """A block whose forward is recomputed in backward (torchtitan's `checkpoint_wrapper`). It is swapped into the
+    block's class, as `fully_shard` swaps in `FSDPModule`, rather than wrapped around it: a wrapper module would add
+    a level to every parameter name that the checkpoints, the EMA and the expert banks are keyed by.
+
+    `compile` compiles the block inside its checkpoint, which stays eager. A checkpoint that Dynamo traces is one
+    region (a higher-order op) that can hold neither a graph break (the expert-parallel exchange) nor a Python side
+    effect (the routing record's plan hooks): with either, Dynamo ran the whole MoE block eagerly. Compiled inside,
+    the block's graphs run again in backward, what they saved for it dropped in between. (The checkpoint called
+    through `functools.partial`, as before, made Dynamo skip every block: nothing was compiled.)"""
+
+    def forward(self, *args):
+        return checkpoint(self.recomputed, *args, use_reentrant=False)
+
+    def recomputed(self, *args):
+        return super().forward(*args)
+
+    def compile(self, **kwargs) -> None:
+        self.recomputed = torch.compile(self.recomputed, **kwargs)
+
+
+def checkpointed(block: torch.nn.Module) -> None:
+    """`block` recomputes its forward in backward from now on (`Checkpointed`)."""
+    cls = type(block)
+    block.__class__ = type(f"Checkpointed{cls.__name__}", (Checkpointed, cls), {})
+
+
 def apply_activation_checkpointing(model: torch.nn.Module, config: RunConfig) -> None:
     """With train.activation_checkpointing, each block recomputes its forward in backward."""
     if not config.train.activation_checkpointing:
@@ -48,15 +72,31 @@ def apply_activation_checkpointing(model: torch.nn.Module, config: RunConfig) ->
         raise SystemExit(f"train.activation_checkpointing: the router of {config.model.name} updates running "
                          "statistics in forward, which a recomputation would update twice; turn it off")
     for block in model.blocks:
-        block.forward = functools.partial(checkpoint, block.forward, use_reentrant=False)
+        checkpointed(block)
+
+
+# What train.compile compiles with. Dynamo's graphs and breaks do not depend on it: the tests count them with
+# "aot_eager" (AOTAutograd's graphs run by eager kernels), minutes faster to compile on the CPU.
+COMPILE_BACKEND = "inductor"
 
 
 def apply_compile(model: torch.nn.Module, config: RunConfig) -> None:
-    """With train.compile, each block is compiled over its checkpointed forward; FSDP's hooks, which `fully_shard`
-    adds next, stay out of the graphs (Dynamo skips them). The routers' running statistics are buffer updates that
-    compile as such: k-means and DiffMoE train to the eager losses."""
-    if config.train.compile:
-        compile_blocks(model)
+    """With train.compile, each block is compiled (inside its checkpoint, where it has one: `Checkpointed`); FSDP's
+    hooks, which `fully_shard` adds next, stay out of the graphs (Dynamo skips them). The routers' running
+    statistics are buffer updates that compile as such: k-means and DiffMoE train to the eager losses."""
+    if not config.train.compile:
+        return
+    for block in model.blocks:
+        block.compile(backend=COMPILE_BACKEND)
+
+
+def compile_counts() -> str:
+    """What Dynamo compiled so far in this process, in a few words: graphs, the frames they came from, graph
+    breaks (`torch._dynamo.utils.counters`, cumulative)."""
+    from torch._dynamo.utils import counters
+
+    return (f"{counters['stats']['unique_graphs']} graphs from {counters['frames']['total']} frames, "
+            f"{sum(counters['graph_break'].values())} graph breaks")
 
 
 def shard(model: torch.nn.Module, dtype: torch.dtype, reshard: bool = True) -> None:
