@@ -8,8 +8,10 @@ path: either ends as `error: <one line>` and exit status 1, not a traceback. Val
 
 import errno
 import functools
+import glob
 import os
 import reprlib
+import tempfile
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -61,6 +63,8 @@ def os_error_message(error: OSError) -> str:
         return f"{what}: the disk is full; free space there, then run the same command again"
     if error.errno in NOT_ALLOWED:
         return f"{what}: a read-only or someone else's folder? Change its permissions or choose another path"
+    if error.errno == errno.ELOOP and os.path.islink(path):
+        return f"{path} is a link (to {os.readlink(path)}); promoe does not write through links: remove it"
     if error.errno in (errno.ENOENT, errno.EEXIST) and os.path.islink(path) and not os.path.exists(path):
         return f"{path} is a link to {os.readlink(path)}, which does not exist: fix or remove the link"
     if error.errno == errno.ENOENT:
@@ -78,16 +82,45 @@ def error_message(error: BaseException) -> str:
 
 @contextmanager
 def written_atomically(path: str | Path):
-    """Yields the temporary path (`path` + ".tmp") to write `path` through: renamed over `path` when the block ends,
-    removed when it fails, so a full disk or a kill leaves the file of before, whole, and no half file under its
-    name."""
+    """Yields the temporary path to write `path` through: a new file of a unique name in the same folder (created
+    with O_EXCL, so neither a planted link nor another writer's file is written through), renamed over `path` when
+    the block ends (a link at `path` is replaced, not followed) and removed when it fails. So a full disk or a kill
+    leaves the file of before, whole, and concurrent writers each rename a whole file of their own. The file takes
+    the mode a plain `open` gives under the umask. An OSError that names no file (a write to an open file object)
+    is raised naming `path`."""
     path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
+    descriptor, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(descriptor)
+    tmp = Path(name)
     try:
         yield tmp
+        os.chmod(tmp, 0o666 & ~current_umask())
         tmp.replace(path)
+    except OSError as error:
+        if error.filename is None and error.errno is not None:
+            raise OSError(error.errno, error.strerror, str(path)) from error
+        raise
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def not_following_links(path: str, flags: int) -> int:
+    """`open`'s opener that refuses (ELOOP) to open a file through a link planted at its name."""
+    return os.open(path, flags | os.O_NOFOLLOW, 0o666)
+
+
+def temporaries_of(path: Path) -> list[Path]:
+    """The temporary files that writes of `path` killed before their end left behind (`written_atomically`'s, and the
+    fixed `<name>.tmp` of before)."""
+    found = path.parent.glob(f".{glob.escape(path.name)}.*.tmp")
+    return [*found, *([path.with_name(path.name + ".tmp")] if os.path.lexists(path.with_name(path.name + ".tmp"))
+                      else [])]
+
+
+def current_umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 def write_text_atomically(path: Path, text: str) -> None:

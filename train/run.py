@@ -40,7 +40,7 @@ from promoe.training.parallel import build_on_meta, compute_dtype, parallelise, 
 from promoe.training.ranks import average_over_ranks, full, said_once, stop_if_any
 from promoe.training.resume import check_resumable
 from promoe.training.stop import StopRequest
-from promoe.zoo import count_params
+from promoe.zoo import check_memory, count_params
 
 
 def parse_args(argv):
@@ -113,6 +113,7 @@ def configure(args, world_size: int) -> RunConfig:
     try:
         config = load_config(args.config, args.overrides)
         config.validate(world_size, str(args.config or "defaults"))
+        check_memory(config.model_config(), "model")
     except (ValueError, OSError) as error:
         raise SystemExit(f"config: {error_message(error)}") from None
     return config

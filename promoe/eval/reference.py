@@ -14,6 +14,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from promoe.errors import written_atomically
 from promoe.eval.images import NpzImages, npz_array, open_images
 from promoe.eval.metrics import FixedStats, GaussianStats
 
@@ -99,4 +100,5 @@ def save_reference(path, features: InceptionFeatures) -> None:
                   mu_s=features.spatial_stats.mu, sigma_s=features.spatial_stats.sigma)
     if features.pool is not None:
         arrays["pool"] = features.pool
-    np.savez(path, **arrays)
+    with written_atomically(path) as tmp, open(tmp, "wb") as file:  # a file object: savez adds no ".npz"
+        np.savez(file, **arrays)

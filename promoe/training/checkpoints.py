@@ -149,6 +149,8 @@ class Checkpoints:
 
     @staticmethod
     def _start(tmp: Path, config: RunConfig, meta: dict) -> None:
+        if tmp.is_symlink():  # planted: removed, never followed
+            tmp.unlink()
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
         (tmp / CONFIG).write_text(config.to_json())  # sampling rebuilds the model from it
@@ -163,9 +165,7 @@ class Checkpoints:
         (tmp / MANIFEST).write_text(json.dumps({"files": manifest}, indent=1))
         shutil.rmtree(final, ignore_errors=True)
         tmp.rename(final)
-        pointer_tmp = self.root / f"{LATEST}.tmp"
-        pointer_tmp.write_text(final.name)
-        pointer_tmp.replace(self.root / LATEST)
+        write_text_atomically(self.root / LATEST, final.name)
         self.prune()
 
     def prune(self) -> None:

@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from promoe.errors import write_text_atomically
+from promoe.errors import not_following_links, write_text_atomically
 
 
 def reduce_logged(loss: torch.Tensor, terms: dict, routing: list, world_size: int) -> dict[str, float]:
@@ -74,7 +74,7 @@ class MetricsLog:
         again, so the file never holds half a row and the rows of before stay whole."""
         text = io.StringIO()
         writer = csv.DictWriter(text, fieldnames=list(row))
-        with open(self.path, "ab", buffering=0) as file:
+        with open(self.path, "ab", buffering=0, opener=not_following_links) as file:
             size = os.fstat(file.fileno()).st_size
             if size == 0:
                 writer.writeheader()
