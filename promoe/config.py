@@ -2,14 +2,13 @@
 `coerce`, the type check of a config value that the run config (promoe.train_config) uses too."""
 
 import dataclasses
-import json
 import math
 import re
 import types
 import typing
 from dataclasses import dataclass
 
-from promoe.errors import error_message, quoted, read_small_text
+from promoe.errors import error_message, parse_json, quoted, read_small_text
 
 ROUTERS = ("dense", "promoe", "promoe_ec", "tc", "ec", "diffmoe", "classifier", "kmeans")
 BACKENDS = ("loop", "torch", "triton", "grouped_gemm")  # the dispatch backends of promoe.moe.dispatch
@@ -194,7 +193,7 @@ class ModelConfig:
         except (OSError, ValueError) as error:
             raise FieldError("superclasses", error_message(error)) from None
         try:
-            mapping = json.loads(text) if text.lstrip().startswith("[") else [int(v) for v in text.split()]
+            mapping = parse_json(text) if text.lstrip().startswith("[") else [int(v) for v in text.split()]
         except ValueError as error:
             raise FieldError("superclasses", f"{self.superclasses} holds no list of integers ({error})") from None
         check_superclasses(mapping, self.num_classes, self.superclasses)

@@ -9,8 +9,10 @@ path: either ends as `error: <one line>` and exit status 1, not a traceback. Val
 import errno
 import functools
 import glob
+import json
 import os
 import reprlib
+import stat
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
@@ -39,11 +41,14 @@ def one_line(text: str, limit: int = MESSAGE_CHARACTERS) -> str:
 
 def read_small_text(path: str | Path, what: str, limit: int = SMALL_FILE_BYTES) -> str:
     """The UTF-8 text of a small file (`what` it should hold, e.g. "a run config"); a larger file is refused
-    after reading `limit` bytes of it, so a wrong or crafted file cannot make us read without end."""
+    after reading `limit` bytes of it, so a wrong or crafted file cannot make us read without end, and anything but
+    a regular file (a FIFO, a device) is refused without waiting for a writer."""
     path = Path(path)
     if path.is_dir():
         raise ValueError(f"{path} is a folder; it should be a file holding {what}")
-    with open(path, "rb") as file:
+    with open(path, "rb", opener=lambda name, flags: os.open(name, flags | os.O_NONBLOCK)) as file:
+        if not stat.S_ISREG(os.fstat(file.fileno()).st_mode):
+            raise ValueError(f"{path} is not a regular file (a FIFO or a device?); it should be a file holding {what}")
         data = file.read(limit + 1)
     if len(data) > limit:
         raise ValueError(f"{path} is larger than {limit // 1024} KiB, too large for {what}: is it the right file?")
@@ -51,6 +56,18 @@ def read_small_text(path: str | Path, what: str, limit: int = SMALL_FILE_BYTES) 
         return data.decode("utf-8")
     except UnicodeDecodeError:
         raise ValueError(f"{path} is not UTF-8 text, so it cannot hold {what}: is it the right file?") from None
+
+
+def parse_json(text: str):
+    """json.loads, with a value nested too deeply for Python's recursion refused as a ValueError (a JSON error
+    already is one): callers name the file."""
+    try:
+        return json.loads(text)
+    except RecursionError:
+        raise ValueError(NESTED_TOO_DEEPLY) from None
+
+
+NESTED_TOO_DEEPLY = "nested deeper than Python's recursion allows: not a file promoe wrote"
 
 
 def os_error_message(error: OSError) -> str:

@@ -34,6 +34,7 @@ from promoe.dit.model import compile_blocks
 from promoe.errors import (
     exits_with_message,
     one_line,
+    parse_json,
     quoted,
     read_small_text,
     write_text_atomically,
@@ -102,7 +103,7 @@ def claim_folder(folder: Path, settings: dict, rank: int) -> None:
 
 def read_settings(record: Path) -> dict:
     try:
-        previous = json.loads(read_small_text(record, "the settings of a sampling job"))
+        previous = parse_json(read_small_text(record, "the settings of a sampling job"))
     except ValueError as error:
         raise ValueError(f"{record} is unreadable ({one_line(str(error), 150)}): delete it, or give another --out"
                          ) from None

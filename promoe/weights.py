@@ -31,7 +31,7 @@ from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
 from torch.distributed.checkpoint.metadata import Metadata, StorageMeta
 
 from promoe.config import ModelConfig
-from promoe.errors import one_line, quoted, written_atomically
+from promoe.errors import one_line, parse_json, quoted, written_atomically
 from promoe.train_config import FORMAT_VERSION, RunConfig, config_from_json, model_config_from_fields
 from promoe.zoo import build_from_config, check_memory
 
@@ -97,7 +97,7 @@ def read_weights_header(path: str | Path) -> tuple[dict[str, torch.Tensor], Mode
         model_config = run_config.model_config()
     elif "model_config" in metadata or "config" in metadata:  # "config": converted files of before format 2
         try:
-            fields = json.loads(metadata.get("model_config", metadata.get("config")))
+            fields = parse_json(metadata.get("model_config", metadata.get("config")))
         except ValueError as error:
             raise ValueError(f"{source}: model_config is not JSON ({error})") from None
         if not isinstance(fields, dict):

@@ -84,7 +84,7 @@ def test_a_resume_moves_aside_a_checkpoint_whose_manifest_is_nested_too_deeply(t
         for step in (1, 2):
             checkpoints.save(step, model, optimizer, ema, config, {})
         newest = tmp_path / "run" / "checkpoints" / "step_0000002"
-        (newest / "manifest.json").write_text("{" * 100_000)
+        (newest / "manifest.json").write_text("{\"a\":" * 100_000)
         assert checkpoints.newest_intact() == tmp_path / "run" / "checkpoints" / "step_0000001"
     finally:
         dist.destroy_process_group()
@@ -136,7 +136,7 @@ def test_evaluating_one_image_is_refused_at_once_naming_the_file(tmp_path):
     np.savez(tmp_path / "one.npz", np.zeros((1, 8, 8, 3), np.uint8))
     with pytest.raises(SystemExit) as stop:
         main([str(tmp_path / "one.npz"), "--ref", str(tmp_path / "one.npz"), "--inception", str(tmp_path / "no")])
-    assert stop.value.code == (f"error: {tmp_path / 'one.npz'} (arr_0): one image; the metrics need at least 2 "
+    assert stop.value.code == (f"error: {tmp_path / 'one.npz'}: one image; the metrics need at least 2 "
                                "(their statistics hold a covariance)")
 
 
@@ -164,3 +164,42 @@ def test_fewer_steps_than_a_finished_run_trained_are_refused_before_exporting(ti
         f"{run / 'checkpoints' / 'step_0000003'} has trained 3 steps, more than train.steps=2")
     assert (run / "ema.safetensors").read_bytes() == before
     assert json.loads((run / "config.json").read_text())["train"]["steps"] == 3
+
+
+def test_python_m_promoe_convert_prints_no_runpy_warning():
+    import promoe
+
+    result = subprocess.run([sys.executable, "-m", "promoe.convert", "--help"], capture_output=True, text=True,
+                            cwd=ROOT, timeout=120)
+    assert result.returncode == 0 and "RuntimeWarning" not in result.stderr, result.stderr
+    assert promoe.load_official_checkpoint.__module__ == "promoe.convert"
+
+
+def test_a_resume_falls_back_from_a_checkpoint_whose_index_is_a_refused_pickle(tmp_path, capsys):
+    import pickle
+
+    import torch.distributed as dist
+
+    from promoe.checkpoint_format import file_digest
+    from promoe.training.checkpoints import Checkpoints
+    from tests.test_run_faults import tiny_state
+    from tests.test_safe_loading import CreatesFile
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'pg'}", rank=0, world_size=1)
+    try:
+        config, model, optimizer, ema = tiny_state()
+        checkpoints = Checkpoints(tmp_path / "run", keep=3)
+        for step in (1, 2):
+            checkpoints.save(step, model, optimizer, ema, config, {})
+        newest = tmp_path / "run" / "checkpoints" / "step_0000002"
+        (newest / ".metadata").write_bytes(pickle.dumps(CreatesFile(tmp_path / "pwned")))
+        manifest = json.loads((newest / "manifest.json").read_text())  # rewritten to match, as a forger would
+        manifest["files"][".metadata"] = {"bytes": (newest / ".metadata").stat().st_size,
+                                          "blake2b": file_digest(newest / ".metadata")}
+        (newest / "manifest.json").write_text(json.dumps(manifest))
+        assert checkpoints.newest_intact() == tmp_path / "run" / "checkpoints" / "step_0000001"
+    finally:
+        dist.destroy_process_group()
+    said = capsys.readouterr()
+    assert "refused" in said.out and "Traceback" not in said.out + said.err
+    assert not (tmp_path / "pwned").exists() and newest.with_name("step_0000002.damaged").is_dir()

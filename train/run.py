@@ -37,7 +37,7 @@ from promoe.training.folder import lock_folder, move_aside, previous_run, remove
 from promoe.training.metrics import MetricsLog, reduce_logged
 from promoe.training.optimizer import apply_config, make_optimizer
 from promoe.training.parallel import build_on_meta, compute_dtype, parallelise, running_buffers, set_gradient_sync
-from promoe.training.ranks import average_over_ranks, full, said_once, stop_if_any
+from promoe.training.ranks import AllRanksStop, average_over_ranks, full, said_once, stop_if_any
 from promoe.training.resume import check_resumable
 from promoe.training.stop import StopRequest
 from promoe.zoo import check_memory, count_params
@@ -115,7 +115,7 @@ def configure(args, world_size: int) -> RunConfig:
         config.validate(world_size, str(args.config or "defaults"))
         check_memory(config.model_config(), "model")
     except (ValueError, OSError) as error:
-        raise SystemExit(f"config: {error_message(error)}") from None
+        raise AllRanksStop(f"config: {error_message(error)}") from None
     return config
 
 
@@ -175,7 +175,7 @@ def train(model, optimizer, ema: EMA, dataset, checkpoints: Checkpoints, config:
             row, grad_norm = train_step(model, optimizer, ema, objective, dataset, stats, config, step, device)
             done = step + 1  # steps completed: the number in metrics.csv and in checkpoint names
             if not (math.isfinite(row["loss"]) and math.isfinite(row["loss_max"]) and math.isfinite(grad_norm)):
-                raise SystemExit(divergence_message(row, grad_norm, done, last_saved))
+                raise AllRanksStop(divergence_message(row, grad_norm, done, last_saved))
             if done % train_config.log_every == 0 or done == train_config.steps:
                 elapsed = time.perf_counter() - tic
                 failure = None if rank != 0 else append_metrics(metrics, {
@@ -252,7 +252,7 @@ def append_metrics(metrics: MetricsLog, row: dict) -> str | None:
     """Append the row to metrics.csv (rank 0); a failed write (a full disk) is the message that stops every rank."""
     try:
         metrics.append(row)
-    except OSError as error:
+    except (OSError, ValueError) as error:  # a full disk; the file of a resumed run unreadable
         return f"error: writing metrics.csv at step {row['step']}: {error_message(error)}"
     return None
 

@@ -102,9 +102,13 @@ def check_images_shape(shape: tuple, dtype: np.dtype, what: str) -> tuple[int, i
         side = int(MAX_IMAGE_PIXELS ** 0.5)
         raise ValueError(f"{what}: images of {shape[1]}x{shape[2]} pixels, more than {side}x{side}; the Inception "
                          "sees them at 299x299: resize them first")
-    if shape[0] == 1:  # found now, not after a pass of the Inception
-        raise ValueError(f"{what}: one image; the metrics need at least 2 (their statistics hold a covariance)")
     return tuple(int(n) for n in shape)
+
+
+def check_enough(images: "NpzImages | PngFolder", what: str) -> None:
+    """A set of one image has no covariance: refused before the Inception's pass, not after it."""
+    if len(images) < 2:
+        raise ValueError(f"{what}: one image; the metrics need at least 2 (their statistics hold a covariance)")
 
 
 def rows_within_budget(batch_size: int, shape: tuple[int, int, int, int]) -> int:

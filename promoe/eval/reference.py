@@ -15,7 +15,7 @@ import torch
 from tqdm import tqdm
 
 from promoe.errors import written_atomically
-from promoe.eval.images import NpzImages, npz_array, open_images
+from promoe.eval.images import NpzImages, check_enough, npz_array, open_images
 from promoe.eval.metrics import FixedStats, GaussianStats
 
 STATS_KEYS = ("mu", "sigma", "mu_s", "sigma_s")
@@ -76,6 +76,7 @@ def read_reference(path, net=None, batch_size: int = 64, device="cpu", need_pool
     else:
         images = open_images(path)
         has_stats = False
+    check_enough(images, str(path))
     if net is None:
         raise ValueError(f"{path}: reference features must be computed from its images, which needs the Inception")
     features = inception_features(images, net, batch_size, device, keep_logits=False, desc="reference")
