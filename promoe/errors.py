@@ -129,9 +129,8 @@ def not_following_links(path: str, flags: int) -> int:
 def temporaries_of(path: Path) -> list[Path]:
     """The temporary files that writes of `path` killed before their end left behind (`written_atomically`'s, and the
     fixed `<name>.tmp` of before)."""
-    found = path.parent.glob(f".{glob.escape(path.name)}.*.tmp")
-    return [*found, *([path.with_name(path.name + ".tmp")] if os.path.lexists(path.with_name(path.name + ".tmp"))
-                      else [])]
+    name = glob.escape(path.name)
+    return [*path.parent.glob(f".{name}.*.tmp"), *path.parent.glob(f"{name}.tmp")]
 
 
 def current_umask() -> int:

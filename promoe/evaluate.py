@@ -29,7 +29,7 @@ def evaluate(samples, ref, inception, batch_size: int = 64, device="cpu", save_r
     """The metrics of one sample set as a JSON-able dict (precision and recall None if the reference has neither
     images nor pool features)."""
     images = open_images(samples)  # fail on a bad sample file before the slow reference pass
-    check_enough(images, f"{images.path}")
+    check_enough(images, str(images.path))
     if torch.device(device).type == "cuda":
         torch.backends.cudnn.allow_tf32 = False  # TF's graph convolves in full float32; TF32 would shift features
     net = load_inception(inception, device)

@@ -15,7 +15,7 @@ import torch
 from tqdm import tqdm
 
 from promoe.errors import written_atomically
-from promoe.eval.images import NpzImages, check_enough, npz_array, open_images
+from promoe.eval.images import NpzImages, check_enough, npz_array, open_images, rows_within_budget
 from promoe.eval.metrics import FixedStats, GaussianStats
 
 STATS_KEYS = ("mu", "sigma", "mu_s", "sigma_s")
@@ -39,7 +39,7 @@ def inception_features(images, net, batch_size: int = 64, device="cpu", keep_log
     float32 pool features and logits."""
     pool_stats, spatial_stats = GaussianStats(2048), GaussianStats(2023)
     pools, logits = [], []
-    total = -(-len(images) // batch_size)
+    total = -(-len(images) // rows_within_budget(batch_size, images.shape))
     for batch in tqdm(images.batches(batch_size), total=total, desc=desc, unit="batch"):
         out = net(torch.from_numpy(batch).to(device))
         pool = out["pool"].float().cpu().numpy()
