@@ -101,7 +101,7 @@ def test_a_model_larger_than_the_free_memory_is_refused_before_it_is_built(tmp_p
 def test_the_driver_refuses_a_huge_hidden_size_in_one_line_before_taking_the_folder(tmp_path):
     from tests.test_run_faults import driver
 
-    result = driver(tmp_path / "run", "model.overrides.hidden_size=1000000000", timeout=120)
+    result = driver(tmp_path / "run", "model.overrides.hidden_size=1000000000")
     assert result.returncode == 1
     assert result.stderr.strip().splitlines()[-1] == ("config: model: hidden_size: must be at most 16384, got "
                                                       "1000000000 (on the command line)")

@@ -43,7 +43,7 @@ def test_an_error_of_one_rank_is_said_by_it_and_the_others_name_it(tmp_path):
                                   env={**os.environ, "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": "2",
                                        "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)})
                  for rank in (0, 1)]
-    said = [process.communicate(timeout=120)[1] for process in processes]
+    said = [process.communicate(timeout=600)[1] for process in processes]
     assert [process.returncode for process in processes] == [1, 1]
     assert "Traceback" not in said[0] + said[1], said
     assert said[1].splitlines()[-1] == "error (rank 1 of 2): shard_00001.safetensors is damaged: preprocess it again"
@@ -72,7 +72,9 @@ def test_a_deeply_nested_yaml_config_or_override_is_refused_in_one_line(tmp_path
         load_config(None, ["train.steps=" + "[" * 100_000])
 
 
-def test_a_resume_moves_aside_a_checkpoint_whose_manifest_is_nested_too_deeply(tmp_path, capsys):
+@pytest.fixture
+def two_checkpoints(tmp_path):
+    """(the Checkpoints of a run folder holding steps 1 and 2, the folder of step 2), in a group of one gloo rank."""
     import torch.distributed as dist
 
     from promoe.training.checkpoints import Checkpoints
@@ -84,11 +86,15 @@ def test_a_resume_moves_aside_a_checkpoint_whose_manifest_is_nested_too_deeply(t
         checkpoints = Checkpoints(tmp_path / "run", keep=3)
         for step in (1, 2):
             checkpoints.save(step, model, optimizer, ema, config, {})
-        newest = tmp_path / "run" / "checkpoints" / "step_0000002"
-        (newest / "manifest.json").write_text("{\"a\":" * 100_000)
-        assert checkpoints.newest_intact() == tmp_path / "run" / "checkpoints" / "step_0000001"
+        yield checkpoints, tmp_path / "run" / "checkpoints" / "step_0000002"
     finally:
         dist.destroy_process_group()
+
+
+def test_a_resume_moves_aside_a_checkpoint_whose_manifest_is_nested_too_deeply(two_checkpoints, capsys):
+    checkpoints, newest = two_checkpoints
+    (newest / "manifest.json").write_text("{\"a\":" * 100_000)
+    assert checkpoints.newest_intact() == newest.with_name("step_0000001")
     assert "nested deeper than" in capsys.readouterr().out and newest.with_name("step_0000002.damaged").is_dir()
 
 
@@ -171,36 +177,24 @@ def test_python_m_promoe_convert_prints_no_runpy_warning():
     import promoe
 
     result = subprocess.run([sys.executable, "-m", "promoe.convert", "--help"], capture_output=True, text=True,
-                            cwd=ROOT, timeout=120)
+                            cwd=ROOT, timeout=600)
     assert result.returncode == 0 and "RuntimeWarning" not in result.stderr, result.stderr
     assert promoe.load_official_checkpoint.__module__ == "promoe.convert"
 
 
-def test_a_resume_falls_back_from_a_checkpoint_whose_index_is_a_refused_pickle(tmp_path, capsys):
+def test_a_resume_falls_back_from_a_checkpoint_whose_index_is_a_refused_pickle(two_checkpoints, tmp_path, capsys):
     import pickle
 
-    import torch.distributed as dist
-
     from promoe.checkpoint_format import file_digest
-    from promoe.training.checkpoints import Checkpoints
-    from tests.test_run_faults import tiny_state
     from tests.test_safe_loading import CreatesFile
 
-    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'pg'}", rank=0, world_size=1)
-    try:
-        config, model, optimizer, ema = tiny_state()
-        checkpoints = Checkpoints(tmp_path / "run", keep=3)
-        for step in (1, 2):
-            checkpoints.save(step, model, optimizer, ema, config, {})
-        newest = tmp_path / "run" / "checkpoints" / "step_0000002"
-        (newest / ".metadata").write_bytes(pickle.dumps(CreatesFile(tmp_path / "pwned")))
-        manifest = json.loads((newest / "manifest.json").read_text())  # rewritten to match, as a forger would
-        manifest["files"][".metadata"] = {"bytes": (newest / ".metadata").stat().st_size,
-                                          "blake2b": file_digest(newest / ".metadata")}
-        (newest / "manifest.json").write_text(json.dumps(manifest))
-        assert checkpoints.newest_intact() == tmp_path / "run" / "checkpoints" / "step_0000001"
-    finally:
-        dist.destroy_process_group()
+    checkpoints, newest = two_checkpoints
+    (newest / ".metadata").write_bytes(pickle.dumps(CreatesFile(tmp_path / "pwned")))
+    manifest = json.loads((newest / "manifest.json").read_text())  # rewritten to match, as a forger would
+    manifest["files"][".metadata"] = {"bytes": (newest / ".metadata").stat().st_size,
+                                      "blake2b": file_digest(newest / ".metadata")}
+    (newest / "manifest.json").write_text(json.dumps(manifest))
+    assert checkpoints.newest_intact() == newest.with_name("step_0000001")
     said = capsys.readouterr()
     assert "refused" in said.out and "Traceback" not in said.out + said.err
     assert not (tmp_path / "pwned").exists() and newest.with_name("step_0000002.damaged").is_dir()
