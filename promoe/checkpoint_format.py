@@ -15,14 +15,13 @@ model, built on `meta`, before anything is allocated or loaded (promoe.weights).
 """
 
 import hashlib
-import json
 import re
 import sys
 from pathlib import Path
 
 import torch
 
-from promoe.errors import error_message, one_line, quoted, read_small_text
+from promoe.errors import error_message, one_line, parse_json, quoted, read_small_text
 from promoe.train_config import RunConfig, config_from_json
 from promoe.weights import build_to_fit, check_fits, dcp_shapes, load_dcp
 
@@ -53,7 +52,7 @@ def read_manifest(folder: Path) -> dict[str, dict] | None:
     if not path.exists():
         return None
     try:
-        files = json.loads(read_small_text(path, "a checkpoint's manifest"))["files"]
+        files = parse_json(read_small_text(path, "a checkpoint's manifest"))["files"]
         for name, entry in files.items():
             if Path(name).name != name or name in (".", "..") or not isinstance(entry["bytes"], int) \
                     or not isinstance(entry["blake2b"], str):
@@ -126,7 +125,7 @@ def read_meta(folder: Path) -> dict:
     """The step and the data set of a checkpoint folder (its meta.json)."""
     path = folder / META
     try:
-        meta = json.loads(read_small_text(path, "a checkpoint's step and data set"))
+        meta = parse_json(read_small_text(path, "a checkpoint's step and data set"))
         if not isinstance(meta, dict) or not isinstance(meta.get("step"), int):
             raise ValueError("it holds no step number")
     except ValueError as error:

@@ -2,14 +2,13 @@
 `coerce`, the type check of a config value that the run config (promoe.train_config) uses too."""
 
 import dataclasses
-import json
 import math
 import re
 import types
 import typing
 from dataclasses import dataclass
 
-from promoe.errors import error_message, quoted, read_small_text
+from promoe.errors import error_message, parse_json, quoted, read_small_text
 
 ROUTERS = ("dense", "promoe", "promoe_ec", "tc", "ec", "diffmoe", "classifier", "kmeans")
 BACKENDS = ("loop", "torch", "triton", "grouped_gemm")  # the dispatch backends of promoe.moe.dispatch
@@ -24,6 +23,14 @@ def check_backend(name: str) -> None:
 def check_activation(name: str) -> None:
     if name not in ACTIVATIONS:
         raise ValueError(f"unknown router activation {name!r}; choose one of {sorted(ACTIVATIONS)}")
+
+# The most a model's fields may ask for: far beyond every model of the paper (DiT-XL: hidden 1152, depth 28, 256
+# tokens, 1000 classes, 16 experts), so that a file or a mistyped override cannot ask for terabytes. Whether a model
+# within them fits this machine's memory is checked where it is built (promoe.zoo.check_memory).
+SIZE_LIMITS = {"input_size": 4096, "hidden_size": 16384, "depth": 1024, "num_classes": 1 << 20,
+               "in_channels": 1024, "mlp_ratio": 64, "expert_hidden_ratio": 64}
+MAX_TOKENS = 16384  # (input_size / patch_size) ** 2: a 128 x 128 grid of patches
+MAX_EXPERTS = 1024
 _EXPERT_STRING = re.compile(r"E(\d+)A(\d+)S(\d+)U(\d+)")
 
 
@@ -48,6 +55,8 @@ class ExpertSpec:
             raise ValueError(f"bad expert string {text!r}: expected the form E<total>A<activated>S<shared>U<uncond>, "
                              "e.g. 'E14A1S1U1'")
         spec = cls(*map(int, match.groups()))
+        if spec.total > MAX_EXPERTS:
+            raise ValueError(f"expert string {text!r}: at most {MAX_EXPERTS} experts are supported")
         if spec.routed < 1:
             raise ValueError(f"expert string {text!r} leaves {spec.routed} routed experts (E - S - U must be >= 1)")
         if not 1 <= spec.activated <= spec.routed:
@@ -147,12 +156,22 @@ class ModelConfig:
         if self.input_size % self.patch_size:
             raise FieldError("patch_size", f"input_size={self.input_size} is not a multiple of patch_size="
                                            f"{self.patch_size}")
+        tokens = (self.input_size // self.patch_size) ** 2
+        if tokens > MAX_TOKENS:
+            raise FieldError("input_size", f"{self.input_size} / patch_size {self.patch_size} makes {tokens} tokens, "
+                                           f"more than {MAX_TOKENS}")
         if self.hidden_size % self.num_heads:
             raise FieldError("num_heads", f"hidden_size={self.hidden_size} is not divisible by num_heads="
                                           f"{self.num_heads}")
-        check_activation(self.activation)
+        try:
+            check_activation(self.activation)
+        except ValueError as error:
+            raise FieldError("activation", str(error)) from None
         if self.dispatch is not None:
-            check_backend(self.dispatch)
+            try:
+                check_backend(self.dispatch)
+            except ValueError as error:
+                raise FieldError("dispatch", str(error)) from None
         if self.router != "dense":
             try:
                 ExpertSpec.parse(self.experts)
@@ -174,7 +193,7 @@ class ModelConfig:
         except (OSError, ValueError) as error:
             raise FieldError("superclasses", error_message(error)) from None
         try:
-            mapping = json.loads(text) if text.lstrip().startswith("[") else [int(v) for v in text.split()]
+            mapping = parse_json(text) if text.lstrip().startswith("[") else [int(v) for v in text.split()]
         except ValueError as error:
             raise FieldError("superclasses", f"{self.superclasses} holds no list of integers ({error})") from None
         check_superclasses(mapping, self.num_classes, self.superclasses)
@@ -202,6 +221,9 @@ class ModelConfig:
         for name in ("input_size", "patch_size", "in_channels", "hidden_size", "depth", "num_heads", "num_classes"):
             if getattr(self, name) < 1:
                 raise FieldError(name, f"must be >= 1, got {getattr(self, name)}")
+        for name, most in SIZE_LIMITS.items():
+            if getattr(self, name) > most:
+                raise FieldError(name, f"must be at most {most}, got {getattr(self, name)}")
         for name in ("mlp_ratio", "expert_hidden_ratio", "router_scale", "rcl_temperature"):
             if getattr(self, name) <= 0:
                 raise FieldError(name, f"must be > 0, got {getattr(self, name)}")

@@ -8,8 +8,12 @@ path: either ends as `error: <one line>` and exit status 1, not a traceback. Val
 
 import errno
 import functools
+import glob
+import json
 import os
 import reprlib
+import stat
+import tempfile
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -37,11 +41,14 @@ def one_line(text: str, limit: int = MESSAGE_CHARACTERS) -> str:
 
 def read_small_text(path: str | Path, what: str, limit: int = SMALL_FILE_BYTES) -> str:
     """The UTF-8 text of a small file (`what` it should hold, e.g. "a run config"); a larger file is refused
-    after reading `limit` bytes of it, so a wrong or crafted file cannot make us read without end."""
+    after reading `limit` bytes of it, so a wrong or crafted file cannot make us read without end, and anything but
+    a regular file (a FIFO, a device) is refused without waiting for a writer."""
     path = Path(path)
     if path.is_dir():
         raise ValueError(f"{path} is a folder; it should be a file holding {what}")
-    with open(path, "rb") as file:
+    with open(path, "rb", opener=lambda name, flags: os.open(name, flags | os.O_NONBLOCK)) as file:
+        if not stat.S_ISREG(os.fstat(file.fileno()).st_mode):
+            raise ValueError(f"{path} is not a regular file (a FIFO or a device?); it should be a file holding {what}")
         data = file.read(limit + 1)
     if len(data) > limit:
         raise ValueError(f"{path} is larger than {limit // 1024} KiB, too large for {what}: is it the right file?")
@@ -49,6 +56,18 @@ def read_small_text(path: str | Path, what: str, limit: int = SMALL_FILE_BYTES) 
         return data.decode("utf-8")
     except UnicodeDecodeError:
         raise ValueError(f"{path} is not UTF-8 text, so it cannot hold {what}: is it the right file?") from None
+
+
+def parse_json(text: str):
+    """json.loads, with a value nested too deeply for Python's recursion refused as a ValueError (a JSON error
+    already is one): callers name the file."""
+    try:
+        return json.loads(text)
+    except RecursionError:
+        raise ValueError(NESTED_TOO_DEEPLY) from None
+
+
+NESTED_TOO_DEEPLY = "nested deeper than Python's recursion allows: not a file promoe wrote"
 
 
 def os_error_message(error: OSError) -> str:
@@ -61,6 +80,8 @@ def os_error_message(error: OSError) -> str:
         return f"{what}: the disk is full; free space there, then run the same command again"
     if error.errno in NOT_ALLOWED:
         return f"{what}: a read-only or someone else's folder? Change its permissions or choose another path"
+    if error.errno == errno.ELOOP and os.path.islink(path):
+        return f"{path} is a link (to {os.readlink(path)}); promoe does not write through links: remove it"
     if error.errno in (errno.ENOENT, errno.EEXIST) and os.path.islink(path) and not os.path.exists(path):
         return f"{path} is a link to {os.readlink(path)}, which does not exist: fix or remove the link"
     if error.errno == errno.ENOENT:
@@ -78,16 +99,44 @@ def error_message(error: BaseException) -> str:
 
 @contextmanager
 def written_atomically(path: str | Path):
-    """Yields the temporary path (`path` + ".tmp") to write `path` through: renamed over `path` when the block ends,
-    removed when it fails, so a full disk or a kill leaves the file of before, whole, and no half file under its
-    name."""
+    """Yields the temporary path to write `path` through: a new file of a unique name in the same folder (created
+    with O_EXCL, so neither a planted link nor another writer's file is written through), renamed over `path` when
+    the block ends (a link at `path` is replaced, not followed) and removed when it fails. So a full disk or a kill
+    leaves the file of before, whole, and concurrent writers each rename a whole file of their own. The file takes
+    the mode a plain `open` gives under the umask. An OSError that names no file (a write to an open file object)
+    is raised naming `path`."""
     path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
+    descriptor, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(descriptor)
+    tmp = Path(name)
     try:
         yield tmp
+        os.chmod(tmp, 0o666 & ~current_umask())
         tmp.replace(path)
+    except OSError as error:
+        if error.filename is None and error.errno is not None:
+            raise OSError(error.errno, error.strerror, str(path)) from error
+        raise
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def not_following_links(path: str, flags: int) -> int:
+    """`open`'s opener that refuses (ELOOP) to open a file through a link planted at its name."""
+    return os.open(path, flags | os.O_NOFOLLOW, 0o666)
+
+
+def temporaries_of(path: Path) -> list[Path]:
+    """The temporary files that writes of `path` killed before their end left behind (`written_atomically`'s, and the
+    fixed `<name>.tmp` of before)."""
+    name = glob.escape(path.name)
+    return [*path.parent.glob(f".{name}.*.tmp"), *path.parent.glob(f"{name}.tmp")]
+
+
+def current_umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 def write_text_atomically(path: Path, text: str) -> None:

@@ -16,8 +16,8 @@ from pathlib import Path
 
 import torch
 
-from promoe.errors import exits_with_message, read_small_text, write_text_atomically
-from promoe.eval.images import open_images
+from promoe.errors import exits_with_message, one_line, parse_json, read_small_text, write_text_atomically
+from promoe.eval.images import check_enough, open_images
 from promoe.eval.inception import load_inception
 from promoe.eval.metrics import inception_score, precision_recall
 from promoe.eval.reference import inception_features, read_reference, save_reference
@@ -29,6 +29,7 @@ def evaluate(samples, ref, inception, batch_size: int = 64, device="cpu", save_r
     """The metrics of one sample set as a JSON-able dict (precision and recall None if the reference has neither
     images nor pool features)."""
     images = open_images(samples)  # fail on a bad sample file before the slow reference pass
+    check_enough(images, str(images.path))
     if torch.device(device).type == "cuda":
         torch.backends.cudnn.allow_tf32 = False  # TF's graph convolves in full float32; TF32 would shift features
     net = load_inception(inception, device)
@@ -80,7 +81,10 @@ def main(argv=None) -> dict:
     folder = results_folder(args.samples)
     sampling = folder / "sampling.json"
     if sampling.is_file():
-        metrics["sampling"] = json.loads(read_small_text(sampling, "the settings of a sampling job"))
+        try:
+            metrics["sampling"] = parse_json(read_small_text(sampling, "the settings of a sampling job"))
+        except ValueError as error:
+            raise ValueError(f"{sampling} is unreadable ({one_line(str(error), 150)}): delete or fix it") from None
     write_text_atomically(folder / "metrics.json", json.dumps(metrics, indent=2))
     print(f"wrote {folder / 'metrics.json'}")
     return metrics

@@ -55,11 +55,11 @@ def plot_losses(metrics_csv: Path, out_png: Path) -> None:
     save_figure(figure, out_png)
 
 
-def save_figure(figure, path: Path) -> None:
+def save_figure(figure, path: Path, dpi: int = 120) -> None:
     """The figure as a PNG through a temporary file (a full disk leaves the picture of before), then closed."""
     try:
         with written_atomically(path) as tmp:
-            figure.savefig(tmp, dpi=120, format="png")
+            figure.savefig(tmp, dpi=dpi, format="png")
     finally:
         plt.close(figure)
 

@@ -34,12 +34,14 @@ from promoe.dit.model import compile_blocks
 from promoe.errors import (
     exits_with_message,
     one_line,
+    parse_json,
     quoted,
     read_small_text,
     write_text_atomically,
     written_atomically,
 )
 from promoe.hf_folder import is_pipeline_folder
+from promoe.limits import available_memory, check_sampling_steps, in_mib
 from promoe.moe.layer import place_dispatch
 from promoe.sampling import Decoder, generate, image_grid, is_latent_model, load_model, objective_of, save_png, to_uint8
 
@@ -101,7 +103,7 @@ def claim_folder(folder: Path, settings: dict, rank: int) -> None:
 
 def read_settings(record: Path) -> dict:
     try:
-        previous = json.loads(read_small_text(record, "the settings of a sampling job"))
+        previous = parse_json(read_small_text(record, "the settings of a sampling job"))
     except ValueError as error:
         raise ValueError(f"{record} is unreadable ({one_line(str(error), 150)}): delete it, or give another --out"
                          ) from None
@@ -159,19 +161,6 @@ def plan(folders: list[Path], num_images: int, image_shape: tuple[int, int, int]
                          "are free: free space, give another --out, or sample fewer")
 
 
-def in_mib(size: int) -> str:
-    return f"{size / 2**20:,.1f} MiB"
-
-
-def available_memory() -> int:
-    """Bytes of memory this machine can give without swapping (MemAvailable; free pages where /proc is absent)."""
-    try:
-        with open("/proc/meminfo") as file:
-            return next(int(line.split()[1]) * 1024 for line in file if line.startswith("MemAvailable:"))
-    except (OSError, StopIteration, ValueError):
-        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-
-
 def written_samples(folder: Path) -> int:
     return sum(1 for _ in folder.glob("*_class*.png")) if folder.is_dir() else 0
 
@@ -218,6 +207,10 @@ def check_args(parser: argparse.ArgumentParser, args) -> None:
     for name in ("steps", "num_images", "batch_size"):
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    try:
+        check_sampling_steps(args.steps, "--steps")
+    except ValueError as error:
+        parser.error(str(error))
     if args.grid < 0:
         parser.error(f"--grid must be >= 0, got {args.grid}")
     if not 0 <= args.seed < 2**32:  # generators are seeded by seed * 1_000_003 + batch, below 2**63

@@ -18,7 +18,7 @@ import yaml
 from promoe.config import FieldError, ModelConfig, coerce
 from promoe.data.build import KINDS
 from promoe.diffusion import OBJECTIVES
-from promoe.errors import one_line, quoted, read_small_text
+from promoe.errors import NESTED_TOO_DEEPLY, one_line, parse_json, quoted, read_small_text
 from promoe.zoo import model_config
 
 # config.json 1: the model as zoo name + overrides only (rebuilt from today's zoo); 2: also every ModelConfig field.
@@ -191,7 +191,7 @@ def config_from_json(text: str, source: str) -> RunConfig:
     """The RunConfig written beside a checkpoint (`RunConfig.to_json`), checked like a YAML file. A version 2 file
     rebuilds its stored model; a version 1 file (no `format_version`) only names it, so it rebuilds from today's zoo."""
     try:
-        values = json.loads(text)
+        values = parse_json(text)
     except ValueError as error:
         raise ValueError(f"{source} is not valid JSON ({error}): damaged? Use the config.json of another checkpoint "
                          "of the run") from None
@@ -297,6 +297,9 @@ def parse_yaml(text: str, source: str):
             where += f", line {mark.line + 1} column {mark.column + 1}"
         problem = getattr(error, "problem", None) or str(error)
         raise ValueError(f"{where}: {one_line(problem, 300)}") from None
+    except RecursionError:
+        where = "a value on the command line" if source == COMMAND_LINE else source
+        raise ValueError(f"{where}: {NESTED_TOO_DEEPLY}") from None
 
 
 def _merge(base: dict, values: dict) -> dict:

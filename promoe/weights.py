@@ -31,9 +31,9 @@ from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
 from torch.distributed.checkpoint.metadata import Metadata, StorageMeta
 
 from promoe.config import ModelConfig
-from promoe.errors import one_line, quoted, written_atomically
+from promoe.errors import one_line, parse_json, quoted, written_atomically
 from promoe.train_config import FORMAT_VERSION, RunConfig, config_from_json, model_config_from_fields
-from promoe.zoo import build_from_config
+from promoe.zoo import build_from_config, check_memory
 
 # What DCP pickles into `.metadata` (torch 2.4 .. 2.13): its metadata dataclasses, tensor sizes, dtypes (allowed
 # separately: any torch.<dtype>), layouts by name, and the checkpoint's path.
@@ -97,7 +97,7 @@ def read_weights_header(path: str | Path) -> tuple[dict[str, torch.Tensor], Mode
         model_config = run_config.model_config()
     elif "model_config" in metadata or "config" in metadata:  # "config": converted files of before format 2
         try:
-            fields = json.loads(metadata.get("model_config", metadata.get("config")))
+            fields = parse_json(metadata.get("model_config", metadata.get("config")))
         except ValueError as error:
             raise ValueError(f"{source}: model_config is not JSON ({error})") from None
         if not isinstance(fields, dict):
@@ -147,6 +147,7 @@ def build_to_fit(model_config: ModelConfig, shapes: dict[str, torch.Tensor], sou
     agree with it. Nor time: the skeleton has at most one block more than the file, which is enough to name the
     first tensor the file lacks."""
     check_shapes_fit(model_config, shapes, source)
+    check_memory(model_config, source)  # the buffers no tensor of the file bounds (the position embedding)
     return build_from_config(model_config)
 
 

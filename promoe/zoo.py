@@ -1,12 +1,14 @@
 """The model zoo: every model of the paper by name, built from one ModelConfig."""
 
 import re
+from itertools import chain
 
 import torch
 import torch.nn as nn
 
 from promoe.config import ModelConfig
 from promoe.dit.model import DiT
+from promoe.limits import available_memory, in_mib
 from promoe.moe.experts import FFN
 from promoe.moe.layer import MoELayer
 from promoe.moe.routers import (
@@ -78,6 +80,30 @@ def build_from_config(config: ModelConfig, device: torch.device | str | None = N
     with torch.device(device or "cpu"):
         model = DiT(config, mlp_factory=lambda index: build_mlp(config, index))
     return model.to(dtype) if dtype is not None else model
+
+
+def model_size(config: ModelConfig) -> tuple[int, int]:
+    """(elements, bytes) of the model's parameters and buffers (the position embedding included), from a skeleton
+    of at most two blocks on `meta`: blocks alternate between the even blocks' kind and the odd blocks'."""
+    skeleton = build_from_config(config.replace(depth=min(config.depth, 2)), device="meta")
+
+    def size(module: nn.Module) -> tuple[int, int]:
+        tensors = list(chain(module.parameters(), module.buffers()))
+        return sum(t.numel() for t in tensors), sum(t.numel() * t.element_size() for t in tensors)
+
+    blocks = [size(block) for block in skeleton.blocks]
+    whole = size(skeleton)
+    per_block = [blocks[index % len(blocks)] for index in range(config.depth)]
+    return tuple(whole[i] - sum(block[i] for block in blocks) + sum(block[i] for block in per_block) for i in (0, 1))
+
+
+def check_memory(config: ModelConfig, source: str) -> None:
+    """Refuse, before anything is allocated, a model that does not fit the memory this machine has free."""
+    elements, size = model_size(config)
+    free = available_memory()
+    if size > free:
+        raise ValueError(f"{source}: the model takes {in_mib(size)} ({elements} parameters and buffers), this "
+                         f"machine has {in_mib(free)} free: is its config right?")
 
 
 def build_mlp(config: ModelConfig, block_index: int) -> nn.Module:

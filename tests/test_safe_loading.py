@@ -153,12 +153,15 @@ def saved_tiny_weights(path: Path, **overrides) -> torch.nn.Module:
 
 
 @pytest.mark.parametrize("fields, message", [
-    # A real build would ask for terabytes (a Linear of 2**20 x 2**22): compared on meta, nothing is allocated.
-    ({"hidden_size": 2**20, "num_heads": 4}, r"key 'x_embedder\.proj\.weight' has shape \[32, 4, 2, 2\], the model "
-                                             r"expects \[1048576, 4, 2, 2\]"),
-    ({"hidden_size": 10**9, "num_heads": 4}, "does not fit|cannot be built"),
-    # A million blocks: the skeleton has one block more than the file, enough to name the first one it lacks.
-    ({"depth": 10**6}, r"missing key 'blocks\.2\."),
+    # A real build would ask for terabytes (a Linear of 2**20 x 2**22): refused by the size limits of the config.
+    ({"hidden_size": 2**20, "num_heads": 4}, r"model\.resolved\.hidden_size: must be at most 16384, got 1048576"),
+    ({"hidden_size": 10**9, "num_heads": 4}, r"hidden_size: must be at most 16384"),
+    ({"depth": 10**6}, r"depth: must be at most 1024"),
+    # Within the limits, compared on meta: nothing is allocated.
+    ({"hidden_size": 16384, "num_heads": 4}, r"key 'x_embedder\.proj\.weight' has shape \[32, 4, 2, 2\], the model "
+                                             r"expects \[16384, 4, 2, 2\]"),
+    # A thousand blocks: the skeleton has one block more than the file, enough to name the first one it lacks.
+    ({"depth": 1000}, r"missing key 'blocks\.2\."),
 ])
 def test_weights_metadata_asking_for_a_huge_model_is_refused_before_anything_is_allocated(tmp_path, fields, message):
     import time

@@ -44,10 +44,10 @@ from promoe.training.parallel import (
     running_buffers,
     set_gradient_sync,
 )
-from promoe.training.ranks import average_over_ranks, full, said_once, stop_if_any
+from promoe.training.ranks import AllRanksStop, average_over_ranks, full, said_once, stop_if_any
 from promoe.training.resume import check_resumable
 from promoe.training.stop import StopRequest
-from promoe.zoo import count_params
+from promoe.zoo import check_memory, count_params
 
 
 def parse_args(argv):
@@ -120,8 +120,9 @@ def configure(args, world_size: int) -> RunConfig:
     try:
         config = load_config(args.config, args.overrides)
         config.validate(world_size, str(args.config or "defaults"))
+        check_memory(config.model_config(), "model")
     except (ValueError, OSError) as error:
-        raise SystemExit(f"config: {error_message(error)}") from None
+        raise AllRanksStop(f"config: {error_message(error)}") from None
     return config
 
 
@@ -183,7 +184,7 @@ def train(model, optimizer, ema: EMA, dataset, checkpoints: Checkpoints, config:
             if train_config.compile and done == start + 1 and rank == 0:  # its forward, recomputation and backward
                 bar.write(f"torch.compile, step {done}: {compile_counts()}")
             if not (math.isfinite(row["loss"]) and math.isfinite(row["loss_max"]) and math.isfinite(grad_norm)):
-                raise SystemExit(divergence_message(row, grad_norm, done, last_saved))
+                raise AllRanksStop(divergence_message(row, grad_norm, done, last_saved))
             if done % train_config.log_every == 0 or done == train_config.steps:
                 elapsed = time.perf_counter() - tic
                 failure = None if rank != 0 else append_metrics(metrics, {
@@ -260,7 +261,7 @@ def append_metrics(metrics: MetricsLog, row: dict) -> str | None:
     """Append the row to metrics.csv (rank 0); a failed write (a full disk) is the message that stops every rank."""
     try:
         metrics.append(row)
-    except OSError as error:
+    except (OSError, ValueError) as error:  # a full disk; the file of a resumed run unreadable
         return f"error: writing metrics.csv at step {row['step']}: {error_message(error)}"
     return None
 

@@ -28,7 +28,6 @@ to [-30, 20] as diffusers does. A file that cannot be read is a ValueError namin
 """
 
 import bisect
-import json
 from pathlib import Path
 
 import numpy as np
@@ -37,6 +36,7 @@ from safetensors import SafetensorError, safe_open
 
 from promoe.data.images import scan_class_folders
 from promoe.data.vae import sample_posterior
+from promoe.errors import parse_json, read_small_text
 
 FORMAT = "promoe-latents-v1"
 SD_VAE_SCALING_FACTOR = 0.18215
@@ -145,7 +145,7 @@ class LatentDataset:
             raise FileNotFoundError(f"{self.folder}: no such latent folder")
         meta_path = self.folder / "meta.json"
         try:
-            meta = json.loads(meta_path.read_text()) if meta_path.exists() else None
+            meta = parse_json(read_small_text(meta_path, "the latents' meta")) if meta_path.exists() else None
         except (OSError, ValueError) as error:
             raise ValueError(f"{meta_path}: cannot read ({error})") from error
         shards = sorted(self.folder.glob("shard_*.safetensors"))

@@ -5,6 +5,7 @@ from dataclasses import dataclass
 import torch
 
 from promoe.diffusion.guidance import guided_prediction
+from promoe.limits import check_sampling_steps
 
 
 def shift_sigmas(s: torch.Tensor, shift: float) -> torch.Tensor:
@@ -50,9 +51,11 @@ class RectifiedFlow:
     def sample(self, model, noise: torch.Tensor, y: torch.Tensor, steps: int = 250, cfg_scale: float = 1.0,
                sample_shift: float = 1.0, batched_guidance: bool = True) -> torch.Tensor:
         """Euler from s = 1 (noise) to s = 0 (data) over `steps` equal steps of the (shifted) sigmas."""
+        check_sampling_steps(steps)
         sigmas = euler_sigmas(steps, sample_shift, noise.device)
         x = noise
-        for s, s_next in zip(sigmas[:-1], sigmas[1:]):
+        for step in range(steps):  # indexed, not iterated: iterating a tensor unbinds all of it at once
+            s, s_next = sigmas[step], sigmas[step + 1]
             t = torch.full((x.shape[0],), float(s) * 1000, device=x.device)
             velocity = guided_prediction(model, x, t, y, cfg_scale, noise.shape[1], batched_guidance)
             x = x + (s_next - s) * velocity[:, : noise.shape[1]]

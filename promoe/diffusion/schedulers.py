@@ -16,6 +16,7 @@ import torch
 from promoe.diffusion.ddpm import DDPM
 from promoe.diffusion.guidance import guided_prediction
 from promoe.diffusion.rectified_flow import RectifiedFlow
+from promoe.limits import check_sampling_steps
 
 
 def _ddpm_betas(ddpm: DDPM) -> dict:
@@ -65,6 +66,7 @@ def schedulers_for(objective) -> list[str]:
 
 def make_scheduler(name: str, objective, steps: int):
     """A diffusers scheduler for `objective`, set to `steps` steps; a clear error when it does not fit."""
+    check_sampling_steps(steps)
     if name not in SCHEDULERS:
         raise ValueError(f"unknown scheduler {name!r}: choose one of {', '.join(SCHEDULERS)}")
     kind, build = SCHEDULERS[name]
@@ -100,6 +102,8 @@ def sample_with_scheduler(scheduler, model, noise: torch.Tensor, y: torch.Tensor
     """Runs a diffusers scheduler (its timesteps already set) from `noise`, with our guidance on the first C
     channels; one model call (two with two-pass guidance) per entry of `scheduler.timesteps`. `progress` wraps the
     timesteps (ProMoEPipeline passes its progress bar). The sampling CLI's --scheduler and ProMoEPipeline run this."""
+    # ProMoEPipeline sets the timesteps itself, from any number (Heun's hold about 2 per step)
+    check_sampling_steps(scheduler.num_inference_steps)
     channels = noise.shape[1]
     variance = reads_variance(scheduler)
     x = noise  # these schedulers start from unit noise and feed the model x unscaled

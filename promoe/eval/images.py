@@ -9,6 +9,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from promoe.limits import IMAGE_BATCH_BYTES, MAX_IMAGE_PIXELS
+
 SAMPLES_NPZ = "samples.npz"  # what `python -m promoe.sample` writes beside its PNGs
 
 
@@ -42,8 +44,8 @@ class NpzImages:
         row_bytes = height * width * channels
         with self._open() as file:
             _npy_header(file, self.path, self.key)
-            for start in range(0, count, batch_size):
-                rows = min(batch_size, count - start)
+            for start in range(0, count, rows_within_budget(batch_size, self.shape)):
+                rows = min(rows_within_budget(batch_size, self.shape), count - start)
                 data = file.read(rows * row_bytes)
                 if len(data) != rows * row_bytes:
                     raise ValueError(f"{self.path}: {self.key} is truncated at image {start}")
@@ -60,12 +62,13 @@ class PngFolder:
         if not self.files:
             raise ValueError(f"{self.path}: no .png files (and no {SAMPLES_NPZ})")
         height, width, _ = _read_png(self.files[0]).shape
-        self.shape = (len(self.files), height, width, 3)
+        self.shape = check_images_shape((len(self.files), height, width, 3), np.dtype(np.uint8), str(self.path))
 
     def __len__(self) -> int:
         return len(self.files)
 
     def batches(self, batch_size: int) -> Iterator[np.ndarray]:
+        batch_size = rows_within_budget(batch_size, self.shape)
         for start in range(0, len(self.files), batch_size):
             images = [_read_png(path) for path in self.files[start:start + batch_size]]
             for path, image in zip(self.files[start:], images):
@@ -95,7 +98,22 @@ def check_images_shape(shape: tuple, dtype: np.dtype, what: str) -> tuple[int, i
         raise ValueError(f"{what}: images of shape {tuple(shape)}; expected [N, H, W, 3]{hint}")
     if shape[0] == 0:
         raise ValueError(f"{what}: no images")
+    if shape[1] * shape[2] > MAX_IMAGE_PIXELS:
+        side = int(MAX_IMAGE_PIXELS ** 0.5)
+        raise ValueError(f"{what}: images of {shape[1]}x{shape[2]} pixels, more than {side}x{side}; the Inception "
+                         "sees them at 299x299: resize them first")
     return tuple(int(n) for n in shape)
+
+
+def check_enough(images: "NpzImages | PngFolder", what: str) -> None:
+    """A set of one image has no covariance: refused before the Inception's pass, not after it."""
+    if len(images) < 2:
+        raise ValueError(f"{what}: one image; the metrics need at least 2 (their statistics hold a covariance)")
+
+
+def rows_within_budget(batch_size: int, shape: tuple[int, int, int, int]) -> int:
+    """`batch_size`, or fewer images where their uint8 bytes would pass IMAGE_BATCH_BYTES (at least one)."""
+    return max(1, min(batch_size, IMAGE_BATCH_BYTES // (shape[1] * shape[2] * shape[3])))
 
 
 def to_rgb(images_NHWC: np.ndarray) -> np.ndarray:

@@ -14,7 +14,8 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from promoe.eval.images import NpzImages, npz_array, open_images
+from promoe.errors import written_atomically
+from promoe.eval.images import NpzImages, check_enough, npz_array, open_images, rows_within_budget
 from promoe.eval.metrics import FixedStats, GaussianStats
 
 STATS_KEYS = ("mu", "sigma", "mu_s", "sigma_s")
@@ -38,7 +39,7 @@ def inception_features(images, net, batch_size: int = 64, device="cpu", keep_log
     float32 pool features and logits."""
     pool_stats, spatial_stats = GaussianStats(2048), GaussianStats(2023)
     pools, logits = [], []
-    total = -(-len(images) // batch_size)
+    total = -(-len(images) // rows_within_budget(batch_size, images.shape))
     for batch in tqdm(images.batches(batch_size), total=total, desc=desc, unit="batch"):
         out = net(torch.from_numpy(batch).to(device))
         pool = out["pool"].float().cpu().numpy()
@@ -75,6 +76,7 @@ def read_reference(path, net=None, batch_size: int = 64, device="cpu", need_pool
     else:
         images = open_images(path)
         has_stats = False
+    check_enough(images, str(path))
     if net is None:
         raise ValueError(f"{path}: reference features must be computed from its images, which needs the Inception")
     features = inception_features(images, net, batch_size, device, keep_logits=False, desc="reference")
@@ -99,4 +101,5 @@ def save_reference(path, features: InceptionFeatures) -> None:
                   mu_s=features.spatial_stats.mu, sigma_s=features.spatial_stats.sigma)
     if features.pool is not None:
         arrays["pool"] = features.pool
-    np.savez(path, **arrays)
+    with written_atomically(path) as tmp, open(tmp, "wb") as file:  # a file object: savez adds no ".npz"
+        np.savez(file, **arrays)

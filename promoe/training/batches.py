@@ -4,6 +4,7 @@ import torch
 
 from promoe.data import build_dataset
 from promoe.train_config import RunConfig
+from promoe.training.ranks import AllRanksStop
 
 
 def load_dataset(config: RunConfig, device: torch.device):
@@ -13,15 +14,15 @@ def load_dataset(config: RunConfig, device: torch.device):
     try:
         dataset = build_dataset(data.kind, data.folder, image_size=data.image_size, vae=data.vae, device=device)
     except (OSError, ValueError) as error:
-        raise SystemExit(f"data: {error}") from None
+        raise AllRanksStop(f"data: {error}") from None
     if len(dataset) < config.train.global_batch:
-        raise SystemExit(f"data set {dataset.name} holds {len(dataset)} items, fewer than one global batch")
+        raise AllRanksStop(f"data set {dataset.name} holds {len(dataset)} items, fewer than one global batch")
     expected = (model.in_channels, model.input_size, model.input_size)
     if tuple(dataset.sample_shape) != expected:
-        raise SystemExit(f"data set {dataset.name} gives samples of shape {tuple(dataset.sample_shape)}, the model "
+        raise AllRanksStop(f"data set {dataset.name} gives samples of shape {tuple(dataset.sample_shape)}, the model "
                          f"takes {expected} (model.overrides in_channels / input_size)")
     if dataset.num_classes != model.num_classes:
-        raise SystemExit(f"data set {dataset.name} has {dataset.num_classes} classes, the model "
+        raise AllRanksStop(f"data set {dataset.name} has {dataset.num_classes} classes, the model "
                          f"{model.num_classes} (model.overrides.num_classes)")
     return dataset
 

@@ -75,8 +75,8 @@ def disk_full_message(error: BaseException, folder: Path) -> str | None:
 
 
 def unreadable(folder: Path) -> str | None:
-    """Why a folder without a manifest cannot be resumed from (its index, config.json or meta.json missing or
-    unreadable), or None."""
+    """Why a folder cannot be resumed from (its index, config.json or meta.json missing, unreadable or refused), or
+    None."""
     try:
         read_dcp_metadata(folder)
         read_run_config(folder / CONFIG)
@@ -149,6 +149,8 @@ class Checkpoints:
 
     @staticmethod
     def _start(tmp: Path, config: RunConfig, meta: dict) -> None:
+        if tmp.is_symlink():  # planted: removed, never followed
+            tmp.unlink()
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
         (tmp / CONFIG).write_text(config.to_json())  # sampling rebuilds the model from it
@@ -163,9 +165,7 @@ class Checkpoints:
         (tmp / MANIFEST).write_text(json.dumps({"files": manifest}, indent=1))
         shutil.rmtree(final, ignore_errors=True)
         tmp.rename(final)
-        pointer_tmp = self.root / f"{LATEST}.tmp"
-        pointer_tmp.write_text(final.name)
-        pointer_tmp.replace(self.root / LATEST)
+        write_text_atomically(self.root / LATEST, final.name)
         self.prune()
 
     def prune(self) -> None:
@@ -176,11 +176,11 @@ class Checkpoints:
                 shutil.rmtree(old)
 
     def damage(self, folder: Path) -> str | None:
-        """What is wrong with a committed folder (a file missing, truncated or changed), or None. A folder without
-        a manifest (written before digests were recorded) is not verified: it is only read, and one whose index,
-        config or meta.json cannot be read is damaged too, so that the resume falls back from it."""
+        """What is wrong with a committed folder (a file missing, truncated or changed), or None. A folder whose index,
+        config or meta.json cannot be read (or is refused) is damaged too, so that the resume falls back from it; one
+        without a manifest (written before digests were recorded) is not verified further."""
         files, problem = check_sizes(folder)
-        if problem is None and files is None:
+        if problem is None:  # a manifest can be rewritten to match: the index is refused here, not inside DCP's load
             problem = unreadable(folder)
         if any_rank(problem is not None):  # every rank takes the same branch before hashing together
             return problem or f"{folder} is unreadable on another rank"

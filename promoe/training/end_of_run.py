@@ -9,6 +9,7 @@ import torch
 
 from promoe.data import pixel_split
 from promoe.diffusion import make_objective
+from promoe.errors import write_text_atomically
 from promoe.eval import DEFAULT_FEATURE_NET, conditional_accuracy, load_feature_net, pixel_fid
 from promoe.plots import plot_expert_load, plot_losses
 from promoe.sampling import (
@@ -69,8 +70,8 @@ def fashion_fid(model, objective, config: RunConfig, path: Path) -> None:
     reference, _, _ = pixel_split(config.data.folder, "test")
     net = load_feature_net(feature_net)
     fid, accuracy = pixel_fid(samples, reference, net), conditional_accuracy(samples, labels, net)
-    path.write_text(json.dumps({"fashion_mnist_fid": fid, "conditional_accuracy": accuracy, "samples": count,
-                                "steps": steps, "cfg_scale": scale}))
+    write_text_atomically(path, json.dumps({"fashion_mnist_fid": fid, "conditional_accuracy": accuracy,
+                                            "samples": count, "steps": steps, "cfg_scale": scale}))
     print(f"Fashion-MNIST FID ({count} samples, {steps} Euler steps, guidance {scale}; the features of a small "
           f"Fashion-MNIST classifier, NOT comparable with ImageNet FID): {fid:.2f}")
     print(f"conditional accuracy: {accuracy:.1%} of the samples are classified by that classifier as the class "

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch.distributed as dist
 
-from promoe.errors import error_message
+from promoe.errors import error_message, not_following_links, temporaries_of
 from promoe.training.ranks import stop_if_any
 
 LOCK = "run.lock"
@@ -38,7 +38,7 @@ def _take_lock(out: Path):
     """(the open lock file, None), or (None, why the folder cannot be held)."""
     try:
         out.mkdir(parents=True, exist_ok=True)
-        file = open(out / LOCK, "a+")
+        file = open(out / LOCK, "a+", opener=not_following_links)
     except OSError as error:  # --out a file, a dangling link, a read-only folder
         return None, f"error: cannot use {out} as the run folder: {error_message(error)}"
     try:
@@ -64,11 +64,12 @@ def _take_lock(out: Path):
 
 def remove_leftovers(out: Path) -> None:
     """Temporary files and folders of writes that a kill interrupted (their final names were never touched)."""
-    leftovers = [*(out / "checkpoints").glob("*.tmp"), out / "ema.safetensors.tmp", out / "metrics.csv.tmp"]
+    leftovers = [*(out / "checkpoints").glob("*.tmp"), *(out / "checkpoints").glob(".*.tmp"),
+                 *(path for name in RUN_FILES for path in temporaries_of(out / name))]
     for path in leftovers:
-        if path.is_dir():
+        if path.is_dir() and not path.is_symlink():
             shutil.rmtree(path)
-        elif path.exists():
+        elif os.path.lexists(path):
             path.unlink()
         else:
             continue

@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from promoe.errors import write_text_atomically
+from promoe.errors import not_following_links, write_text_atomically
 
 
 def reduce_logged(loss: torch.Tensor, terms: dict, routing: list, world_size: int) -> dict[str, float]:
@@ -44,9 +44,17 @@ class MetricsLog:
         else:
             self.writer = SummaryWriter(str(out / "tensorboard"), purge_step=start + 1)
 
+    def read_lines(self) -> list[str]:
+        """The lines of the file of a run that this one resumes (a binary file is refused, naming it)."""
+        try:
+            with open(self.path, newline="") as file:
+                return file.read().splitlines(keepends=True)
+        except UnicodeDecodeError:
+            raise ValueError(f"{self.path} is not a text file of metrics (not UTF-8): move it aside, or give another "
+                             "--out") from None
+
     def drop_rows_after(self, step: int) -> None:
-        with open(self.path, newline="") as file:
-            lines = file.read().splitlines(keepends=True)
+        lines = self.read_lines()
         rows = list(csv.reader(lines))
         column = rows[0].index("step")
         kept = lines[:1] + [line for line, row in zip(lines[1:], rows[1:]) if row and int(row[column]) <= step]
@@ -55,8 +63,7 @@ class MetricsLog:
 
     def append(self, row: dict) -> None:
         if not self.header_checked and self.path.exists():  # a resumed run appends to the file of its start
-            with open(self.path, newline="") as file:
-                header = next(csv.reader(file), [])
+            header = next(csv.reader(self.read_lines()), [])
             if header != list(row):
                 raise SystemExit(f"{self.path} has the columns {header}, this run logs {list(row)}: the run folder "
                                  "was written by another model or version; give another --out")
@@ -74,7 +81,7 @@ class MetricsLog:
         again, so the file never holds half a row and the rows of before stay whole."""
         text = io.StringIO()
         writer = csv.DictWriter(text, fieldnames=list(row))
-        with open(self.path, "ab", buffering=0) as file:
+        with open(self.path, "ab", buffering=0, opener=not_following_links) as file:
             size = os.fstat(file.fileno()).st_size
             if size == 0:
                 writer.writeheader()

@@ -26,16 +26,64 @@ def average_over_ranks(buffers: list[torch.Tensor], world_size: int) -> None:
             buffer /= world_size
 
 
+class AllRanksStop(SystemExit):
+    """A verdict every rank reaches alike (the config's errors, `stop_if_any`'s, a divergence): said once, by rank 0."""
+
+
+FIRST_FAILURE = "promoe/first_failure"  # the store's key of the first rank's own error: "<rank>\n<message>"
+
+
 @contextmanager
 def said_once():
-    """A verdict every rank reaches alike (a SystemExit with a message) is said by rank 0 alone; the other ranks
-    exit with status 1 quietly, so a user error reads once, not once per rank."""
+    """Errors of a run with several ranks reach the user once each, in one line. A verdict every rank reaches alike
+    (`AllRanksStop`) is said by rank 0 alone; the other ranks exit with status 1 quietly. A rank's own error (a
+    SystemExit with a message: a file only it reads is damaged) is said by that rank, which also records it in the
+    process group's store; a rank that a peer's exit then stops in a collective says which rank failed and its
+    message, instead of the backend's traceback."""
     try:
         yield
-    except SystemExit as stop:
+    except AllRanksStop as stop:
         if dist.get_rank() == 0 or not isinstance(stop.code, str):
             raise
         raise SystemExit(1) from None
+    except SystemExit as stop:
+        if dist.get_world_size() == 1 or not isinstance(stop.code, str):
+            raise
+        record_failure(stop.code)
+        raise SystemExit(f"{rank_prefix()}{stop.code.removeprefix('error: ')}") from None
+    except RuntimeError:  # a collective that a peer's exit broke (gloo: "Connection closed by peer")
+        first = dist.get_world_size() > 1 and recorded_failure()
+        if not first:
+            raise
+        rank, message = first
+        raise SystemExit(f"{rank_prefix()}stopped because rank {rank} failed: {message}") from None
+
+
+def rank_prefix() -> str:
+    return f"error (rank {dist.get_rank()} of {dist.get_world_size()}): "
+
+
+def record_failure(message: str) -> None:
+    """Record this rank's error in the process group's store, where the other ranks look when a collective fails;
+    the first rank to fail keeps the record."""
+    try:
+        store = dist.distributed_c10d._get_default_store()
+        if store.add(FIRST_FAILURE + "/count", 1) == 1:
+            store.set(FIRST_FAILURE, f"{dist.get_rank()}\n{message.removeprefix('error: ')}")
+    except (RuntimeError, ValueError):  # no store (the peer hosting it is gone): the message is said all the same
+        pass
+
+
+def recorded_failure() -> tuple[int, str] | None:
+    """(rank, message) of the first rank that recorded its error, or None (none did, or the store is gone)."""
+    try:
+        store = dist.distributed_c10d._get_default_store()
+        if not store.check([FIRST_FAILURE]):
+            return None
+        rank, _, message = store.get(FIRST_FAILURE).decode().partition("\n")
+        return int(rank), message
+    except (RuntimeError, ValueError):
+        return None
 
 
 def stop_if_any(message: str | None) -> None:
@@ -44,4 +92,4 @@ def stop_if_any(message: str | None) -> None:
     dist.all_gather_object(gathered, message)
     reasons = [reason for reason in gathered if reason is not None]
     if reasons:
-        raise SystemExit(reasons[0])
+        raise AllRanksStop(reasons[0])

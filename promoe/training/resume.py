@@ -8,6 +8,7 @@ from pathlib import Path
 
 from promoe.checkpoint_format import CONFIG, read_meta, read_run_config
 from promoe.train_config import RunConfig, same_model
+from promoe.training.ranks import AllRanksStop
 
 # Where a run writes changes, not what it trains.
 NOT_SETTINGS = {"train.out"}
@@ -30,17 +31,21 @@ def check_resumable(folder: Path, config: RunConfig, data: dict) -> list[str]:
     try:
         saved = read_run_config(folder / CONFIG)
     except (OSError, ValueError) as error:
-        raise SystemExit(f"cannot resume from {folder}: {error}") from None
+        raise AllRanksStop(f"cannot resume from {folder}: {error}") from None
     difference = same_model(saved, config)
     if difference is not None:
-        raise SystemExit(f"checkpoint {folder} was trained with model {saved.model.name} ({difference})"
+        raise AllRanksStop(f"checkpoint {folder} was trained with model {saved.model.name} ({difference})"
                          + REFUSED.format(what="model"))
     if saved.train.objective != config.train.objective:
-        raise SystemExit(f"checkpoint {folder} was trained with the objective {saved.train.objective!r}, the "
+        raise AllRanksStop(f"checkpoint {folder} was trained with the objective {saved.train.objective!r}, the "
                          f"config asks for {config.train.objective!r}" + REFUSED.format(what="objective"))
-    trained_on = read_meta(folder).get("data")
+    meta = read_meta(folder)
+    if meta["step"] > config.train.steps:  # the loop would not run, and the export would claim fewer steps
+        raise AllRanksStop(f"{folder} has trained {meta['step']} steps, more than train.steps={config.train.steps}: "
+                           f"nothing to train; give --max-steps {meta['step']} or more to go on, or another --out")
+    trained_on = meta.get("data")
     if trained_on is not None and trained_on != data:  # checkpoints of before it was recorded hold none
-        raise SystemExit(f"checkpoint {folder} was trained on the data set {trained_on['name']} "
+        raise AllRanksStop(f"checkpoint {folder} was trained on the data set {trained_on['name']} "
                          f"({trained_on['size']} items), this run would train on {data['name']} ({data['size']} "
                          "items)" + REFUSED.format(what="data (data.kind, data.folder)"))
     return changed_settings(saved, config)

@@ -24,9 +24,10 @@ import torch  # noqa: E402
 
 from promoe.diffusion import OBJECTIVES  # noqa: E402
 from promoe.dit.model import modulate  # noqa: E402
-from promoe.errors import exits_with_message  # noqa: E402
+from promoe.errors import exits_with_message, write_text_atomically  # noqa: E402
 from promoe.moe.layer import MoELayer  # noqa: E402
 from promoe.moe.record import record_routing  # noqa: E402
+from promoe.plots import save_figure  # noqa: E402
 from promoe.sampling import Decoder, generate, is_latent_model, load_model, objective_of, to_uint8  # noqa: E402
 
 
@@ -213,8 +214,7 @@ def draw_maps(rows: list[MapRow], shown_steps: list[int], timesteps, num_experts
     height = figure.get_figheight()
     figure.tight_layout(rect=(0, 0.35 / height, 1, 1 - 0.15 * (title.count("\n") + 1) / height), pad=0.3,
                         w_pad=0.1, h_pad=0.2)
-    figure.savefig(out_png, dpi=130)
-    plt.close(figure)
+    save_figure(figure, out_png, dpi=130)
 
 
 def parse_args(argv):
@@ -266,8 +266,8 @@ def main(argv=None) -> None:
               f"class {args.label}: expert of each patch (largest gate) at each shown step, beside that step's input "
               f"x_t; {args.steps} sampling steps; MoE layers in blocks {sampled.blocks}", map_png)
     share = expert_usage(sampled.experts[:, :, args.images:], labels[args.images:], model.num_classes, num_experts)
-    (args.out / "routing_usage.md").write_text(usage_markdown(share, sampled.blocks))
-    (args.out / "routing_usage.json").write_text(json.dumps(
+    write_text_atomically(args.out / "routing_usage.md", usage_markdown(share, sampled.blocks))
+    write_text_atomically(args.out / "routing_usage.json", json.dumps(
         {"blocks": sampled.blocks, "share": np.nan_to_num(share, nan=-1).tolist(), "steps": args.steps,
          "per_class": args.per_class, "checkpoint": str(args.ckpt)}, indent=1))
     print(f"wrote {map_png}, {args.out / 'routing_usage.md'}")
