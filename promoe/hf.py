@@ -36,8 +36,16 @@ from promoe.config import ModelConfig
 from promoe.data.vae import load_vae
 from promoe.diffusion import DDPM, OBJECTIVES, SCHEDULERS, batches_guidance, sample_with_scheduler
 from promoe.diffusion.schedulers import ddpm_scheduler
-from promoe.hf_folder import (check_digest, check_pipeline_index, check_transformer_folder, inferred_objective,
-                              pipeline_objective, scheduler_changes, seal, weights_files)
+from promoe.hf_folder import (
+    check_digest,
+    check_pipeline_index,
+    check_transformer_folder,
+    inferred_objective,
+    pipeline_objective,
+    scheduler_changes,
+    seal,
+    weights_files,
+)
 from promoe.moe.layer import place_dispatch
 from promoe.sampling import decode, initial_noise, is_latent_model, load_model, objective_of, to_uint8
 from promoe.zoo import build_from_config
@@ -96,10 +104,13 @@ class ProMoETransformer2DModel(ModelMixin, ConfigMixin):
                              "(k-means centroids, DiffMoE thresholds), which a recomputation would update twice")
         super().enable_gradient_checkpointing(gradient_checkpointing_func)
 
-    def save_pretrained(self, save_directory, safe_serialization: bool = True, variant: str | None = None, **kwargs):
+    def save_pretrained(self, save_directory, safe_serialization: bool = True, variant: str | None = None,
+                        max_shard_size: int | str = "10GB", **kwargs):
         """diffusers' save_pretrained (any variant, shards, .bin), then each safetensors file it wrote records the
-        digest of its tensors (promoe.hf_folder.seal), checked when it is read."""
-        super().save_pretrained(save_directory, safe_serialization=safe_serialization, variant=variant, **kwargs)
+        digest of its tensors (promoe.hf_folder.seal), checked when it is read. (A pipeline's save passes the
+        arguments that this signature names.)"""
+        super().save_pretrained(save_directory, safe_serialization=safe_serialization, variant=variant,
+                                max_shard_size=max_shard_size, **kwargs)
         seal_weights(Path(save_directory), variant, safe_serialization)
 
     def forward(self, hidden_states: torch.Tensor, timestep, class_labels, return_dict: bool = True):
@@ -134,6 +145,17 @@ def seal_weights(folder: Path, variant: str | None, safe_serialization: bool) ->
             seal(file)
 
 
+def vae_weights(folder: Path, variant: str | None, use_safetensors: bool | None) -> list[Path]:
+    """The VAE's weights files that a pipeline's from_pretrained reads: its variant's, else (as diffusers falls back
+    for a component saved without the variant) its main ones."""
+    try:
+        return weights_files(folder, variant, use_safetensors)
+    except FileNotFoundError:
+        if variant is None:
+            raise
+        return weights_files(folder, None, use_safetensors)
+
+
 def fitted_scheduler(scheduler, transformer: ProMoETransformer2DModel):
     """`scheduler` set to sample `transformer` (promoe.hf_folder.scheduler_changes): itself where it fits, else a copy
     from its config with what the model fixes set; a ValueError naming both where it cannot sample the model."""
@@ -144,7 +166,7 @@ def fitted_scheduler(scheduler, transformer: ProMoETransformer2DModel):
     if not changes:
         return scheduler
     logger.info(f"{name} set to sample this {transformer.objective!r} transformer: {changes}")
-    return type(scheduler).from_config({**settings, **changes})
+    return type(scheduler).from_config(scheduler.config, **changes)
 
 
 class ProMoEPipeline(DiffusionPipeline):
@@ -181,7 +203,7 @@ class ProMoEPipeline(DiffusionPipeline):
         index = check_pipeline_index(folder)
         pipeline_objective(folder, index)
         if (folder / "vae").is_dir():
-            for file in weights_files(folder / "vae", kwargs.get("variant"), kwargs.get("use_safetensors")):
+            for file in vae_weights(folder / "vae", kwargs.get("variant"), kwargs.get("use_safetensors")):
                 if file.suffix == ".safetensors":
                     check_digest(file)
         kwargs.setdefault("low_cpu_mem_usage", is_accelerate_available())
