@@ -633,10 +633,12 @@ def test_layerwise_casting_to_fp8_computes_the_fp8_rounded_model(skip):
 
     model = tiny_model("ProMoE-S").eval()
     transformer = ProMoETransformer2DModel.from_dit(model, "rf")
-    # "none": a pattern that names no module (diffusers reads an empty one as "the defaults"), so the embedders too
-    # store fp8 and compute in fp32
+    # "none", as diffusers' docs say: the model's patterns off and one that names no module (an empty one reads as
+    # "the defaults"), so the embedders too store fp8 and compute in fp32
     patterns = (*DEFAULT_SKIP_MODULES_PATTERN, *transformer._skip_layerwise_casting_patterns) if skip == "declared" \
         else ("^no module$",)
+    if skip == "none":
+        transformer._skip_layerwise_casting_patterns = None
     reference = fp8_rounded_reference(transformer, patterns)
     inputs = model_inputs(model)
     with torch.no_grad():
