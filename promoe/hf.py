@@ -29,19 +29,29 @@ import torch
 from diffusers import AutoencoderKL, ConfigMixin, DiffusionPipeline, ModelMixin
 from diffusers.models.modeling_outputs import Transformer2DModelOutput
 from diffusers.pipelines.pipeline_utils import ImagePipelineOutput
-from diffusers.utils import is_accelerate_available
+from diffusers.utils import is_accelerate_available, logging
 from PIL import Image
 
 from promoe.config import ModelConfig
 from promoe.data.vae import load_vae
-from promoe.diffusion import DDPM, SCHEDULERS, batches_guidance, sample_with_scheduler
+from promoe.diffusion import DDPM, OBJECTIVES, SCHEDULERS, batches_guidance, sample_with_scheduler
 from promoe.diffusion.schedulers import ddpm_scheduler
-from promoe.hf_folder import check_pipeline_index, check_transformer_folder
+from promoe.hf_folder import (
+    check_digest,
+    check_pipeline_index,
+    check_transformer_folder,
+    inferred_objective,
+    pipeline_objective,
+    scheduler_changes,
+    seal,
+    weights_files,
+)
 from promoe.moe.layer import place_dispatch
 from promoe.sampling import decode, initial_noise, is_latent_model, load_model, objective_of, to_uint8
 from promoe.zoo import build_from_config
 
 OUTPUT_TYPES = ("pil", "np", "pt", "latent")
+logger = logging.get_logger(__name__)
 
 
 class ProMoETransformer2DModel(ModelMixin, ConfigMixin):
@@ -52,22 +62,56 @@ class ProMoETransformer2DModel(ModelMixin, ConfigMixin):
     forward(hidden_states [B, C, H, W], timestep [B] or a number, class_labels [B]) -> `.sample` [B, C_out, H, W]:
     the timestep is the scheduler's (sigma * 1000 for rectified flow, the training step for DDPM), label
     `num_classes` is the null class of guidance.
+
+    `objective` (promoe.diffusion.OBJECTIVES: "rf", "ddpm", "ddpm-fixed") is what the model was trained for, recorded
+    in its config: ProMoEPipeline fits its scheduler to it. None (a model built without it, a folder written before
+    it was recorded) takes the objective of the first scheduler a pipeline gives it.
     """
 
-    def __init__(self, **fields):
+    # diffusers' conventions: the DiT's blocks are what gradient checkpointing recomputes, what a device map keeps
+    # whole, what regional compilation compiles, and (under `dit`) what block-level group offloading moves. Layerwise
+    # casting keeps in the compute dtype the embedders and the routers (whose choices are discrete) besides norms.
+    _supports_gradient_checkpointing = True
+    _no_split_modules = ["DiTBlock"]
+    _repeated_blocks = ["DiTBlock"]
+    _skip_layerwise_casting_patterns = ["x_embedder", "t_embedder", "y_embedder", "router", "norm"]
+    _group_offload_block_modules = ["dit"]
+
+    def __init__(self, objective: str | None = None, **fields):
         super().__init__()
         config = ModelConfig(**fields)  # every field checked (diffusers passes the config.json's known keys)
-        self.register_to_config(**dataclasses.asdict(config))
+        if objective is not None and objective not in OBJECTIVES:
+            raise ValueError(f"objective {objective!r}: choose one of {', '.join(OBJECTIVES)}")
+        self.register_to_config(**dataclasses.asdict(config), objective=objective)
         self.dit = build_from_config(config)
 
+    @property
+    def objective(self) -> str | None:
+        return self.config.objective
+
     @classmethod
-    def from_dit(cls, dit) -> "ProMoETransformer2DModel":
-        """The diffusers model holding `dit` itself: no weight is copied (the wrapper is built on `meta`, then
-        given the DiT)."""
+    def from_dit(cls, dit, objective: str | None = None) -> "ProMoETransformer2DModel":
+        """The diffusers model holding `dit` itself, trained for `objective`: no weight is copied (the wrapper is
+        built on `meta`, then given the DiT)."""
         with torch.device("meta"):
-            model = cls(**dataclasses.asdict(dit.config))
+            model = cls(objective=objective, **dataclasses.asdict(dit.config))
         model.dit = dit
         return model
+
+    def enable_gradient_checkpointing(self, gradient_checkpointing_func=None) -> None:
+        if any(hasattr(module, "running_stats") for module in self.modules()):
+            raise ValueError("gradient checkpointing: this model's routers update running statistics in forward "
+                             "(k-means centroids, DiffMoE thresholds), which a recomputation would update twice")
+        super().enable_gradient_checkpointing(gradient_checkpointing_func)
+
+    def save_pretrained(self, save_directory, safe_serialization: bool = True, variant: str | None = None,
+                        max_shard_size: int | str = "10GB", **kwargs):
+        """diffusers' save_pretrained (any variant, shards, .bin), then each safetensors file it wrote records the
+        digest of its tensors (promoe.hf_folder.seal), checked when it is read. (A pipeline's save passes the
+        arguments that this signature names.)"""
+        super().save_pretrained(save_directory, safe_serialization=safe_serialization, variant=variant,
+                                max_shard_size=max_shard_size, **kwargs)
+        seal_weights(Path(save_directory), variant, safe_serialization)
 
     def forward(self, hidden_states: torch.Tensor, timestep, class_labels, return_dict: bool = True):
         batch = hidden_states.shape[0]
@@ -78,18 +122,51 @@ class ProMoETransformer2DModel(ModelMixin, ConfigMixin):
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, **kwargs):
-        """diffusers' from_pretrained for a local folder only, after promoe's checks: the config read as our
-        checkpoints' (an unknown field is an error) and every tensor of the weights file fitting the model."""
-        check_transformer_folder(Path(pretrained_model_name_or_path) / (kwargs.get("subfolder") or ""))
+        """diffusers' from_pretrained for a local folder only, after promoe's checks of the files diffusers will read
+        (the variant, the shards, the .bin, as its own rules pick them): the config read as our checkpoints' (an
+        unknown field is an error), every tensor of the weights fitting the model on `meta`, their digests."""
+        check_transformer_folder(Path(pretrained_model_name_or_path) / (kwargs.get("subfolder") or ""),
+                                 kwargs.get("variant"), kwargs.get("use_safetensors"))
         kwargs.setdefault("low_cpu_mem_usage", is_accelerate_available())  # without accelerate diffusers warns
         return super().from_pretrained(pretrained_model_name_or_path, **{**kwargs, "local_files_only": True})
 
 
 # diffusers reads the config keys a model takes from its __init__'s signature: the ModelConfig fields, listed once.
 ProMoETransformer2DModel.__init__.__signature__ = inspect.Signature(
-    [inspect.Parameter("self", inspect.Parameter.POSITIONAL_OR_KEYWORD)]
+    [inspect.Parameter("self", inspect.Parameter.POSITIONAL_OR_KEYWORD),
+     inspect.Parameter("objective", inspect.Parameter.KEYWORD_ONLY, default=None)]
     + [inspect.Parameter(field.name, inspect.Parameter.KEYWORD_ONLY, default=field.default)
        for field in dataclasses.fields(ModelConfig)])
+
+
+def seal_weights(folder: Path, variant: str | None, safe_serialization: bool) -> None:
+    for file in weights_files(folder, variant, safe_serialization):
+        if file.suffix == ".safetensors":
+            seal(file)
+
+
+def vae_weights(folder: Path, variant: str | None, use_safetensors: bool | None) -> list[Path]:
+    """The VAE's weights files that a pipeline's from_pretrained reads: its variant's, else (as diffusers falls back
+    for a component saved without the variant) its main ones."""
+    try:
+        return weights_files(folder, variant, use_safetensors)
+    except FileNotFoundError:
+        if variant is None:
+            raise
+        return weights_files(folder, None, use_safetensors)
+
+
+def fitted_scheduler(scheduler, transformer: ProMoETransformer2DModel):
+    """`scheduler` set to sample `transformer` (promoe.hf_folder.scheduler_changes): itself where it fits, else a copy
+    from its config with what the model fixes set; a ValueError naming both where it cannot sample the model."""
+    name, settings, config = type(scheduler).__name__, dict(scheduler.config), transformer.dit.config
+    if transformer.objective is None:  # a model that does not say: the scheduler it was first given does
+        transformer.register_to_config(objective=inferred_objective(name, settings, config))
+    changes = scheduler_changes(transformer.objective, name, settings, config)
+    if not changes:
+        return scheduler
+    logger.info(f"{name} set to sample this {transformer.objective!r} transformer: {changes}")
+    return type(scheduler).from_config(scheduler.config, **changes)
 
 
 class ProMoEPipeline(DiffusionPipeline):
@@ -110,13 +187,34 @@ class ProMoEPipeline(DiffusionPipeline):
         super().__init__()
         self.register_modules(transformer=transformer, scheduler=scheduler, vae=vae)
 
+    def __setattr__(self, name: str, value) -> None:
+        # Every scheduler the pipeline is given (at construction, `pipe.scheduler = ...`) is fitted to the transformer's
+        # objective, or refused: a scheduler of another objective samples garbage without an error.
+        if name == "scheduler" and value is not None and "transformer" in self.__dict__:
+            value = fitted_scheduler(value, self.transformer)
+        super().__setattr__(name, value)
+
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, **kwargs):
         """diffusers' from_pretrained for a local promoe pipeline folder only: a folder of any other pipeline, or a
-        name that is not a local folder, is refused before diffusers imports anything it names."""
-        check_pipeline_index(pretrained_model_name_or_path)
+        name that is not a local folder, is refused before diffusers imports anything it names; its scheduler's
+        config must fit the transformer, and the VAE's weights their digests, before diffusers reads them."""
+        folder = Path(pretrained_model_name_or_path)
+        index = check_pipeline_index(folder)
+        pipeline_objective(folder, index)
+        if (folder / "vae").is_dir():
+            for file in vae_weights(folder / "vae", kwargs.get("variant"), kwargs.get("use_safetensors")):
+                if file.suffix == ".safetensors":
+                    check_digest(file)
         kwargs.setdefault("low_cpu_mem_usage", is_accelerate_available())
         return super().from_pretrained(pretrained_model_name_or_path, **{**kwargs, "local_files_only": True})
+
+    def save_pretrained(self, save_directory, safe_serialization: bool = True, variant: str | None = None, **kwargs):
+        """diffusers' save_pretrained; the VAE's safetensors files then record their digests too (the transformer's
+        save records its own)."""
+        super().save_pretrained(save_directory, safe_serialization=safe_serialization, variant=variant, **kwargs)
+        if self.vae is not None:
+            seal_weights(Path(save_directory) / "vae", variant, safe_serialization)
 
     @torch.no_grad()
     def __call__(self, class_labels, guidance_scale: float = 1.0, num_inference_steps: int = 250,
@@ -132,6 +230,7 @@ class ProMoEPipeline(DiffusionPipeline):
         NCHW in [0, 1]) or "latent" (the samples in the model's space, before the VAE).
         """
         dit = self.transformer.dit
+        self.scheduler = self.scheduler  # fitted again, should its config have been changed in place
         labels = check_labels(class_labels, dit.num_classes)
         check_call(guidance_scale, num_inference_steps, generator, output_type)
         device = self._execution_device
@@ -216,7 +315,8 @@ def pipeline_from_checkpoint(source: str | Path, model_name: str | None = None, 
             raise ValueError("this model makes VAE latents: give --vae PATH, a local AutoencoderKL folder; nothing is "
                              "downloaded")
     scheduler = default_scheduler(objective_of(config, objective), model.config)
-    return ProMoEPipeline(ProMoETransformer2DModel.from_dit(model), scheduler, load_vae(vae) if latent else None)
+    transformer = ProMoETransformer2DModel.from_dit(model, objective or config.train.objective)
+    return ProMoEPipeline(transformer, scheduler, load_vae(vae) if latent else None)
 
 
 def save_pipeline(pipe: ProMoEPipeline, out: str | Path) -> None:

@@ -68,12 +68,12 @@ def test_every_zoo_model_and_its_pipeline_round_trip_bit_identical(name, objecti
     if name.startswith("DiffMoE"):  # its thresholds are buffers: make them matter too
         for block in model.blocks[1::2]:
             block.mlp.router.expert_threshold_E.uniform_()
-    transformer = ProMoETransformer2DModel.from_dit(model)
+    transformer = ProMoETransformer2DModel.from_dit(model, objective)
     transformer.save_pretrained(tmp_path / "t")
     assert sorted(p.name for p in (tmp_path / "t").iterdir()) == ["config.json", "diffusion_pytorch_model.safetensors"]
-    assert user_fields(tmp_path / "t" / "config.json") == dataclasses.asdict(model.config)
+    assert user_fields(tmp_path / "t" / "config.json") == {**dataclasses.asdict(model.config), "objective": objective}
     loaded = ProMoETransformer2DModel.from_pretrained(tmp_path / "t")
-    assert loaded.dit.config == model.config
+    assert loaded.dit.config == model.config and loaded.objective == objective
     assert_same_tensors(dict(loaded.dit.state_dict(keep_vars=False)), model.state_dict())
     assert torch.equal(loaded.dit.pos_embed, model.pos_embed)  # not saved: rebuilt from the config
 
@@ -344,3 +344,322 @@ def test_the_pipeline_runs_what_the_cli_runs_with_every_sampler(sampler):
     theirs = pipe(labels, guidance_scale=2.0, num_inference_steps=3, generator=torch.manual_seed(11),
                   output_type="latent", **call).images
     assert torch.equal(theirs, ours)
+
+
+# -- diffusers' conventions in full (issue 31) and the pipeline folders' digests (issue 32) --
+
+LAYOUTS = {  # save_pretrained's arguments -> from_pretrained's
+    "variant": (dict(variant="fp16"), dict(variant="fp16", torch_dtype=torch.float16)),
+    "shards": (dict(max_shard_size="10KB"), {}),
+    "shards-of-a-variant": (dict(max_shard_size="10KB", variant="fp16"),
+                            dict(variant="fp16", torch_dtype=torch.float16)),
+    "bin": (dict(safe_serialization=False), {}),
+}
+
+
+def model_inputs(model, batch: int = 3, seed: int = 0):
+    generator = torch.Generator().manual_seed(seed)
+    x = torch.randn(batch, model.in_channels, model.config.input_size, model.config.input_size, generator=generator)
+    return x, torch.rand(batch, generator=generator) * 999, torch.randint(0, model.num_classes, (batch,),
+                                                                          generator=generator)
+
+
+def safetensors_files(folder: Path) -> list[Path]:
+    return sorted(folder.glob("*.safetensors"))
+
+
+def damage(path: Path, byte: int = 0xFF) -> None:
+    """`byte` written over every byte of every tensor of a safetensors file (its header kept)."""
+    data = bytearray(path.read_bytes())
+    start = 8 + int.from_bytes(data[:8], "little")
+    data[start:] = bytes([byte]) * (len(data) - start)
+    path.write_bytes(bytes(data))
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_every_layout_diffusers_writes_loads_bit_identical(layout, tmp_path):
+    from safetensors import safe_open
+
+    from promoe.weights import TENSORS_DIGEST
+
+    save, load = LAYOUTS[layout]
+    model = tiny_model("ProMoE-S", learn_sigma=True).eval()
+    if "variant" in save:
+        model = model.half()  # what a user saves as the fp16 variant
+    pipe = pipeline_of(model, DDPM())
+    pipe.transformer.save_pretrained(tmp_path / "t", **save)
+    pipe.save_pretrained(tmp_path / "p", **save)
+    for folder in (tmp_path / "t", tmp_path / "p" / "transformer"):
+        if save.get("safe_serialization", True):
+            indexes = list(folder.glob("*.index*.json"))
+            shards = set(json.loads(indexes[0].read_text())["weight_map"].values()) if indexes else {"one"}
+            assert len(safetensors_files(folder)) == len(shards) > (1 if "max_shard_size" in save else 0)
+            for file in safetensors_files(folder):  # each file records the digest of its own tensors
+                with safe_open(str(file), framework="pt") as opened:
+                    assert TENSORS_DIGEST in opened.metadata()
+    loaded = ProMoETransformer2DModel.from_pretrained(tmp_path / "t", **load)
+    again = ProMoEPipeline.from_pretrained(tmp_path / "p", **load)
+    assert_same_tensors(loaded.dit.state_dict(), model.state_dict())
+    assert_same_tensors(again.transformer.dit.state_dict(), model.state_dict())
+    assert loaded.objective == again.transformer.objective == "ddpm"
+
+
+def test_the_sampler_reads_a_sharded_pipeline_folder_as_the_pipeline_does(tmp_path):
+    from promoe.sampling import load_model
+
+    model = tiny_model("TC-DiT-S", experts="E4A1S0U0").eval()
+    pipeline_of(model, RectifiedFlow()).save_pretrained(tmp_path / "p", max_shard_size="10KB")
+    loaded, config = load_model(tmp_path / "p")  # without diffusers: promoe.hf_folder
+    assert_same_tensors(loaded.state_dict(), model.state_dict())
+    assert config.train.objective == "rf"
+
+
+def test_a_layout_whose_shapes_do_not_fit_is_refused_before_anything_is_built(tmp_path):
+    model = tiny_model("ProMoE-S")
+    transformer = ProMoETransformer2DModel.from_dit(model, "rf")
+    for name, save in (("shards", dict(max_shard_size="10KB")), ("bin", dict(safe_serialization=False))):
+        transformer.save_pretrained(tmp_path / name, **save)
+        config = json.loads((tmp_path / name / "config.json").read_text())
+        (tmp_path / name / "config.json").write_text(json.dumps({**config, "hidden_size": 10**9, "num_heads": 4}))
+        with pytest.raises(ValueError, match="does not fit|cannot be built"):
+            ProMoETransformer2DModel.from_pretrained(tmp_path / name)
+    index = next((tmp_path / "shards").glob("*.index.json"))
+    values = json.loads(index.read_text())
+    values["weight_map"] = {key: "../elsewhere.safetensors" for key in values["weight_map"]}
+    index.write_text(json.dumps(values))
+    with pytest.raises(ValueError, match="not a file of"):
+        ProMoETransformer2DModel.from_pretrained(tmp_path / "shards")
+    index.write_text("[" * 200_000 + "]" * 200_000)  # nested past the JSON parser's recursion
+    with pytest.raises(ValueError, match="nested too deeply"):
+        ProMoETransformer2DModel.from_pretrained(tmp_path / "shards")
+
+
+def test_damaged_pipeline_weights_are_refused_in_one_line(vae_dir, tmp_path):
+    from diffusers import AutoencoderKL
+
+    model = tiny_model("ProMoE-S", learn_sigma=True).eval()
+    pipe = pipeline_of(model, DDPM(), AutoencoderKL.from_pretrained(vae_dir))
+    pipe.save_pretrained(tmp_path / "p")
+    pipe.transformer.half().save_pretrained(tmp_path / "p" / "transformer", variant="fp16")
+    pipe.transformer.float()
+    # 0xff over every tensor of the main file: refused by the pipeline and by the sampler, naming the file.
+    main = tmp_path / "p" / "transformer" / "diffusion_pytorch_model.safetensors"
+    intact = main.read_bytes()
+    damage(main)
+    with pytest.raises(ValueError, match=f"{main} is damaged"):
+        ProMoEPipeline.from_pretrained(tmp_path / "p")
+    with pytest.raises(SystemExit, match="damaged"):
+        sample(["--ckpt", str(tmp_path / "p"), "--out", str(tmp_path / "s"), "--num-images", "1"])
+    # An intact main file beside an fp16 variant of NaN: the variant is the file checked, and refused.
+    main.write_bytes(intact)
+    variant = tmp_path / "p" / "transformer" / "diffusion_pytorch_model.fp16.safetensors"
+    ProMoEPipeline.from_pretrained(tmp_path / "p", variant="fp16")
+    damage(variant, 0x7E)  # fp16 0x7e7e: NaN
+    ProMoEPipeline.from_pretrained(tmp_path / "p")  # the main file is intact
+    with pytest.raises(ValueError, match=f"{variant} is damaged"):
+        ProMoEPipeline.from_pretrained(tmp_path / "p", variant="fp16")
+    # The VAE's weights carry their digest too.
+    damage(tmp_path / "p" / "vae" / "diffusion_pytorch_model.safetensors")
+    with pytest.raises(ValueError, match="vae/diffusion_pytorch_model.safetensors is damaged"):
+        ProMoEPipeline.from_pretrained(tmp_path / "p")
+
+
+def test_a_pipeline_folder_missing_its_vae_names_the_missing_folder(vae_dir, tmp_path):
+    import shutil
+
+    from diffusers import AutoencoderKL
+
+    model = tiny_model("DiT-S", learn_sigma=True)
+    pipeline_of(model, DDPM(), AutoencoderKL.from_pretrained(vae_dir)).save_pretrained(tmp_path / "p")
+    shutil.rmtree(tmp_path / "p" / "vae")
+    with pytest.raises(FileNotFoundError, match=f"{tmp_path / 'p' / 'vae'} is missing"):
+        ProMoEPipeline.from_pretrained(tmp_path / "p")
+    with pytest.raises(SystemExit, match="vae is missing"):
+        sample(["--ckpt", str(tmp_path / "p"), "--out", str(tmp_path / "s"), "--num-images", "1"])
+
+
+def test_a_scheduler_of_another_objective_is_refused_naming_both():
+    from diffusers import DDIMScheduler, DDPMScheduler, FlowMatchEulerDiscreteScheduler
+
+    rf = pipeline_of(tiny_model("ProMoE-S"), RectifiedFlow())
+    for scheduler in (DDPMScheduler(), DDIMScheduler.from_config(rf.scheduler.config)):
+        with pytest.raises(ValueError, match=f"{type(scheduler).__name__} does not sample this transformer, trained "
+                                             "with rectified flow .*FlowMatchEulerDiscreteScheduler"):
+            rf.scheduler = scheduler
+    assert type(rf.scheduler).__name__ == "FlowMatchEulerDiscreteScheduler"  # the refused swap changed nothing
+    ddpm = pipeline_of(tiny_model("ProMoE-S", learn_sigma=True), DDPM())
+    with pytest.raises(ValueError, match="FlowMatchEulerDiscreteScheduler does not sample .* trained with DDPM"):
+        ddpm.scheduler = FlowMatchEulerDiscreteScheduler()
+    with pytest.raises(ValueError, match="does not sample"):
+        ProMoEPipeline(ProMoETransformer2DModel.from_dit(tiny_model("ProMoE-S"), "rf"), DDPMScheduler())
+
+
+def test_dpm_solver_swapped_in_as_diffusers_users_do_is_set_to_the_models_objective():
+    from diffusers import DPMSolverMultistepScheduler
+
+    # Rectified flow: DPM-Solver gets the flow sigmas and the velocity, and solves the ODE our Euler solves: its
+    # distance to a 200-step Euler shrinks with its steps as Euler's does (without them: mean |x| 140, not 0.9).
+    model = tiny_model("ProMoE-S").eval()
+    with torch.no_grad():
+        for param in model.parameters():
+            param.mul_(1 / 3)  # a smooth vector field
+    pipe = pipeline_of(model, RectifiedFlow())
+
+    def run(steps, **call):
+        return pipe([1, 2, 3], num_inference_steps=steps, generator=torch.manual_seed(0), output_type="latent",
+                    **call).images
+
+    reference = run(200, sigmas=euler_sigmas(200)[:-1].tolist())
+    euler_error = (run(30, sigmas=euler_sigmas(30)[:-1].tolist()) - reference).abs().max()
+    pipe.scheduler = DPMSolverMultistepScheduler.from_config(pipe.scheduler.config)
+    assert (pipe.scheduler.config.use_flow_sigmas, pipe.scheduler.config.prediction_type) == (True, "flow_prediction")
+    errors = [(run(steps) - reference).abs().max() for steps in (8, 30)]
+    assert errors[1] < errors[0] and errors[1] < 2 * euler_error
+
+    # DDPM with a learned variance: DPM-Solver from the DDPMScheduler's config reads the mean's channels and is the
+    # CLI's `--scheduler dpm-solver++` to the last bit.
+    model = tiny_model("ProMoE-S", learn_sigma=True).eval()
+    pipe = pipeline_of(model, DDPM())
+    pipe.scheduler = DPMSolverMultistepScheduler.from_config(pipe.scheduler.config)
+    assert pipe.scheduler.config.variance_type is None
+    labels = torch.tensor([4, 4, 8])
+    theirs = pipe(labels, guidance_scale=2.0, num_inference_steps=3, generator=torch.manual_seed(11),
+                  output_type="latent").images
+    assert torch.equal(theirs, generate(model, DDPM(), labels, torch.manual_seed(11), 3, 2.0,
+                                        scheduler="dpm-solver++"))
+
+
+def test_saving_after_a_swap_records_the_models_objective(tmp_path):
+    from diffusers import DPMSolverMultistepScheduler
+
+    from promoe.sampling import load_model
+
+    pipe = pipeline_of(tiny_model("ProMoE-S"), RectifiedFlow())
+    pipe.scheduler = DPMSolverMultistepScheduler.from_config(pipe.scheduler.config)
+    pipe.save_pretrained(tmp_path / "p")
+    assert json.loads((tmp_path / "p" / "transformer" / "config.json").read_text())["objective"] == "rf"
+    again = ProMoEPipeline.from_pretrained(tmp_path / "p")
+    assert again.transformer.objective == "rf" and again.scheduler.config.use_flow_sigmas
+    assert load_model(tmp_path / "p")[1].train.objective == "rf"  # what promoe.sample samples it with
+
+
+def test_a_pipeline_folder_whose_scheduler_does_not_fit_its_model_is_refused(tmp_path):
+    from diffusers import DDPMScheduler
+
+    pipe = pipeline_of(tiny_model("ProMoE-S"), RectifiedFlow())
+    pipe.save_pretrained(tmp_path / "p")
+    index = json.loads((tmp_path / "p" / "model_index.json").read_text())
+    scheduler = tmp_path / "p" / "scheduler" / "scheduler_config.json"
+    flow = json.loads(scheduler.read_text())
+    # An rf model saved beside a DDPMScheduler (by hand: promoe refuses the swap) samples saturated pixels.
+    (tmp_path / "p" / "model_index.json").write_text(json.dumps({**index, "scheduler": ["diffusers",
+                                                                                        "DDPMScheduler"]}))
+    DDPMScheduler().save_pretrained(tmp_path / "p" / "scheduler")
+    with pytest.raises(ValueError, match="DDPMScheduler does not sample this transformer, trained with rectified"):
+        ProMoEPipeline.from_pretrained(tmp_path / "p")
+    # A number that sizes the scheduler's tables is checked before diffusers builds it.
+    (tmp_path / "p" / "model_index.json").write_text(json.dumps(index))
+    for steps in (2_000_000_000, -5):
+        scheduler.write_text(json.dumps({**flow, "num_train_timesteps": steps}))
+        with pytest.raises(ValueError, match=f"num_train_timesteps {steps}, the model's is 1000"):
+            ProMoEPipeline.from_pretrained(tmp_path / "p")
+
+
+def test_a_folder_written_before_the_objective_was_recorded_still_loads(tmp_path):
+    model = tiny_model("ProMoE-S", learn_sigma=True)
+    pipeline_of(model, DDPM(variance="fixed")).save_pretrained(tmp_path / "p")
+    config = tmp_path / "p" / "transformer" / "config.json"
+    config.write_text(json.dumps({k: v for k, v in json.loads(config.read_text()).items() if k != "objective"}))
+    pipe = ProMoEPipeline.from_pretrained(tmp_path / "p")
+    assert pipe.transformer.objective == "ddpm-fixed"  # its DDPMScheduler's fixed variance says so, as before
+
+
+def test_gradient_checkpointing_recomputes_each_block_and_gives_the_same_gradients():
+    model = tiny_model("ProMoE-S").eval()
+    transformer = ProMoETransformer2DModel.from_dit(model, "rf")
+    inputs = model_inputs(model)
+
+    def gradients():
+        transformer.zero_grad()
+        transformer(*inputs).sample.square().sum().backward()
+        return {name: param.grad.clone() for name, param in transformer.named_parameters()}
+
+    plain = gradients()
+    calls = []
+    for block in model.blocks:  # a pre-hook: the recomputation stops once it has what backward needs
+        block.register_forward_pre_hook(lambda *_: calls.append(1))
+    transformer.enable_gradient_checkpointing()
+    assert transformer.is_gradient_checkpointing
+    checkpointed = gradients()
+    assert len(calls) == 2 * len(model.blocks)  # forward, then again in backward
+    assert_same_tensors(checkpointed, plain)
+    with torch.no_grad():  # nothing to recompute without gradients
+        calls.clear()
+        transformer(*inputs)
+        assert len(calls) == len(model.blocks)
+    diffmoe = ProMoETransformer2DModel.from_dit(tiny_model("DiffMoE-S", experts="E4A1S0U0"))
+    with pytest.raises(ValueError, match="running statistics"):
+        diffmoe.enable_gradient_checkpointing()
+
+
+def test_diffusers_finds_the_blocks_where_it_looks_for_them():
+    transformer = ProMoETransformer2DModel.from_dit(tiny_model("ProMoE-S", depth=3))
+    # regional compilation and device maps name block classes; block-level offloading looks under `dit`
+    for names in (transformer._repeated_blocks, transformer._no_split_modules):
+        assert [type(m).__name__ for m in transformer.modules() if type(m).__name__ in names] == ["DiTBlock"] * 3
+    (child,) = transformer._group_offload_block_modules
+    assert isinstance(getattr(transformer, child).blocks, torch.nn.ModuleList)
+
+
+def fp8_rounded_reference(model, patterns):
+    """A copy of `model` whose Linear and Conv2d layers that no pattern names hold their weights and biases rounded to
+    float8_e4m3fn: what layerwise casting stores, computed in fp32."""
+    import copy
+    import re
+
+    reference = copy.deepcopy(model)
+    with torch.no_grad():
+        for name, module in reference.named_modules():
+            if isinstance(module, (torch.nn.Linear, torch.nn.Conv2d)) and not any(re.search(p, name)
+                                                                                   for p in patterns):
+                for param in module.parameters(recurse=False):
+                    param.copy_(param.to(torch.float8_e4m3fn).float())
+    return reference
+
+
+@pytest.mark.parametrize("skip", ["declared", "none"])
+def test_layerwise_casting_to_fp8_computes_the_fp8_rounded_model(skip):
+    from diffusers.hooks.layerwise_casting import DEFAULT_SKIP_MODULES_PATTERN
+
+    model = tiny_model("ProMoE-S").eval()
+    transformer = ProMoETransformer2DModel.from_dit(model, "rf")
+    # "none", as diffusers' docs say: the model's patterns off and one that names no module (an empty one reads as
+    # "the defaults"), so the embedders too store fp8 and compute in fp32
+    patterns = (*DEFAULT_SKIP_MODULES_PATTERN, *transformer._skip_layerwise_casting_patterns) if skip == "declared" \
+        else ("^no module$",)
+    if skip == "none":
+        transformer._skip_layerwise_casting_patterns = None
+    reference = fp8_rounded_reference(transformer, patterns)
+    inputs = model_inputs(model)
+    with torch.no_grad():
+        expected = reference(*inputs).sample
+        transformer.enable_layerwise_casting(storage_dtype=torch.float8_e4m3fn, compute_dtype=torch.float32,
+                                             **({} if skip == "declared" else dict(skip_modules_pattern=patterns)))
+        assert model.blocks[0].attn.qkv.weight.dtype == torch.float8_e4m3fn  # stored in fp8
+        assert transformer.dtype == torch.float32
+        out = transformer(*inputs).sample
+    assert out.dtype == torch.float32 and torch.equal(out, expected)
+
+
+def test_a_half_model_with_an_fp32_pos_embed_runs_as_the_half_model():
+    model = tiny_model("ProMoE-S").eval()
+    inputs = model_inputs(model)
+    half = ProMoETransformer2DModel.from_dit(model).to(torch.bfloat16)
+    with torch.no_grad():
+        expected = half(inputs[0].bfloat16(), *inputs[1:]).sample
+        half.dit.pos_embed = half.dit.pos_embed.float()  # parameters cast one by one leave the buffer in fp32
+        out = half(inputs[0].bfloat16(), *inputs[1:]).sample
+    # Both add the same patches to the positions and round the sum to bf16 once (the second after adding the fp32
+    # positions, the first the bf16-rounded ones): the one rounding of the positions is all that differs.
+    assert out.dtype == torch.bfloat16
+    torch.testing.assert_close(out.float(), expected.float(), rtol=4 * 2**-8, atol=4 * 2**-8)

@@ -19,7 +19,7 @@ from promoe.diffusion.rectified_flow import RectifiedFlow
 from promoe.limits import check_sampling_steps
 
 
-def _ddpm_betas(ddpm: DDPM) -> dict:
+def ddpm_betas(ddpm: DDPM) -> dict:
     return dict(num_train_timesteps=ddpm.num_steps, beta_start=ddpm.beta_start, beta_end=ddpm.beta_end,
                 beta_schedule="linear", prediction_type="epsilon")
 
@@ -27,7 +27,7 @@ def _ddpm_betas(ddpm: DDPM) -> dict:
 def _dpm_solver(ddpm: DDPM):
     from diffusers import DPMSolverMultistepScheduler
 
-    return DPMSolverMultistepScheduler(**_ddpm_betas(ddpm), algorithm_type="dpmsolver++", solver_order=2)
+    return DPMSolverMultistepScheduler(**ddpm_betas(ddpm), algorithm_type="dpmsolver++", solver_order=2)
 
 
 def _ddim(ddpm: DDPM):
@@ -35,7 +35,7 @@ def _ddim(ddpm: DDPM):
 
     # trailing: the first step starts at the last training step (pure noise); no clipping of x0 (latents are not
     # in [-1, 1]), as our samplers.
-    return DDIMScheduler(**_ddpm_betas(ddpm), timestep_spacing="trailing", clip_sample=False, set_alpha_to_one=True)
+    return DDIMScheduler(**ddpm_betas(ddpm), timestep_spacing="trailing", clip_sample=False, set_alpha_to_one=True)
 
 
 def _flow_euler(flow: RectifiedFlow):
@@ -83,7 +83,7 @@ def ddpm_scheduler(ddpm: DDPM, learned_variance: bool):
     (the model's second C channels) or the fixed posterior variance; the sampler of ProMoEPipeline's DDPM models."""
     from diffusers import DDPMScheduler
 
-    return DDPMScheduler(**_ddpm_betas(ddpm), variance_type="learned_range" if learned_variance else "fixed_small",
+    return DDPMScheduler(**ddpm_betas(ddpm), variance_type="learned_range" if learned_variance else "fixed_small",
                          clip_sample=True, clip_sample_range=20.0)
 
 

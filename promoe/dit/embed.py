@@ -6,6 +6,22 @@ import torch
 import torch.nn as nn
 
 
+class Conv2dInWeightDtype(nn.Conv2d):
+    """nn.Conv2d that casts its input to its weight's dtype inside its own call: the dtype it computes in, whether the
+    weight is stored in it, gathered in it (FSDP's mixed precision) or cast to it by a hook on the layer (diffusers'
+    layerwise casting, which upcasts the weight only when the layer itself is called)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(x.to(self.weight.dtype))
+
+
+class LinearInWeightDtype(nn.Linear):
+    """nn.Linear that casts its input to its weight's dtype inside its own call (see Conv2dInWeightDtype)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(x.to(self.weight.dtype))
+
+
 class PatchEmbed(nn.Module):
     """[B, C, H, W] -> [B, T, D] with T = (H / p) * (W / p): a p x p convolution with stride p."""
 
@@ -15,13 +31,13 @@ class PatchEmbed(nn.Module):
         self.patch_size = patch_size
         self.in_channels = in_channels
         self.num_patches = (input_size // patch_size) ** 2
-        self.proj = nn.Conv2d(in_channels, dim, kernel_size=patch_size, stride=patch_size)
+        self.proj = Conv2dInWeightDtype(in_channels, dim, kernel_size=patch_size, stride=patch_size)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         expected = (self.in_channels, self.input_size, self.input_size)
         if x.dim() != 4 or tuple(x.shape[1:]) != expected:
             raise ValueError(f"expected input of shape [B, {', '.join(map(str, expected))}], got {list(x.shape)}")
-        return self.proj(x.to(self.proj.weight.dtype)).flatten(2).transpose(1, 2)  # in the compute dtype
+        return self.proj(x).flatten(2).transpose(1, 2)  # pixels or latents in the compute dtype
 
 
 def sincos_1d(dim: int, positions: torch.Tensor) -> torch.Tensor:
@@ -44,7 +60,8 @@ class TimestepEmbedder(nn.Module):
     def __init__(self, dim: int, frequency_dim: int = 256):
         super().__init__()
         self.frequency_dim = frequency_dim
-        self.mlp = nn.Sequential(nn.Linear(frequency_dim, dim), nn.SiLU(), nn.Linear(dim, dim))
+        # The sinusoid is fp32 whatever the model's dtype: its first layer takes it into the compute dtype.
+        self.mlp = nn.Sequential(LinearInWeightDtype(frequency_dim, dim), nn.SiLU(), nn.Linear(dim, dim))
 
     @staticmethod
     def sinusoid(t: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
@@ -54,7 +71,7 @@ class TimestepEmbedder(nn.Module):
         return torch.cat([args.cos(), args.sin()], dim=-1)
 
     def forward(self, t: torch.Tensor) -> torch.Tensor:
-        return self.mlp(self.sinusoid(t, self.frequency_dim).to(self.mlp[0].weight.dtype))
+        return self.mlp(self.sinusoid(t, self.frequency_dim))
 
 
 class LabelEmbedder(nn.Module):

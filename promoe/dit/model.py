@@ -1,8 +1,11 @@
 """The DiT backbone (Peebles & Xie) with adaLN-Zero blocks whose MLP is dense or a MoE layer; `compile_blocks`
 compiles its blocks in place, for the training driver and the sampling CLI alike."""
 
+import functools
+
 import torch
 import torch.nn as nn
+from torch.utils.checkpoint import checkpoint
 
 from promoe.dit.attention import Attention
 from promoe.dit.embed import LabelEmbedder, PatchEmbed, TimestepEmbedder, sincos_2d_pos_embed
@@ -53,7 +56,12 @@ class DiT(nn.Module):
     rectified flow, the step index for DDPM); y: labels, `num_classes` meaning the null class.
     In training the labels are dropped to the null class with p = class_dropout_prob (drop_labels=False when the
     caller has dropped them already), and the dropped labels are the ones every MoE layer routes by.
+    With `gradient_checkpointing` (diffusers' convention: ModelMixin.enable_gradient_checkpointing sets it and
+    `_gradient_checkpointing_func`), each block recomputes its forward in backward.
     """
+
+    gradient_checkpointing = False
+    _gradient_checkpointing_func = functools.partial(checkpoint, use_reentrant=False)
 
     def __init__(self, config, mlp_factory):
         super().__init__()
@@ -126,11 +134,17 @@ class DiT(nn.Module):
                              f"{list(y.shape)}")
         if self.training if drop_labels is None else drop_labels:
             y = self.y_embedder.drop_labels(y)
-        x = self.x_embedder(x) + self.pos_embed  # (B, T, D), T = H * W / patch_size ** 2
+        # (B, T, D), T = H * W / patch_size ** 2; in the dtype of the patches, whatever the buffer's (a model cast
+        # tensor by tensor may keep it in fp32); the sum is taken before the cast, as the blocks' input cast took it.
+        x = self.x_embedder(x)
+        x = (x + self.pos_embed).to(x.dtype)
         c = self.t_embedder(t) + self.y_embedder(y)  # (B, D)
         aux: dict[str, torch.Tensor] = {}
         for block in self.blocks:
-            x, block_aux = block(x, c, y)  # MoE layers route by the dropped labels
+            if self.gradient_checkpointing and torch.is_grad_enabled():
+                x, block_aux = self._gradient_checkpointing_func(block, x, c, y)
+            else:
+                x, block_aux = block(x, c, y)  # MoE layers route by the dropped labels
             for name, value in block_aux.items():
                 aux[name] = aux[name] + value if name in aux else value
         x = self.unpatchify(self.final_layer(x, c))  # (B, C_out, H, W)
