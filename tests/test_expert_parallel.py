@@ -1,6 +1,7 @@
 """Gradient accumulation and expert parallelism: a step of micro-batches equals the one-shot step, and spreading the
 routed experts over 2 or 4 ranks changes neither the losses nor the parameters, and resumes on another degree."""
 
+import copy
 import csv
 import os
 import socket
@@ -54,6 +55,57 @@ def test_a_step_of_four_micro_batches_equals_the_step_without(tmp_path, ranks):
     assert column(tmp_path / "micro", "grad_norm")[1] == pytest.approx(column(tmp_path / "whole", "grad_norm")[1],
                                                                        rel=1e-5)
     assert_same_parameters(exported(tmp_path / "whole"), exported(tmp_path / "micro"))
+
+
+def training_driver():
+    """train/run.py as a module (a script, not part of the package)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("train_run", ROOT / "train" / "run.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_with_the_rcl_and_load_balance_on_a_step_is_the_mean_of_its_micro_batches_forward_alone():
+    """The stated semantics (train/run.py, accumulate_gradients): each micro-batch's RCL and load-balance loss are
+    those of a forward of that micro-batch alone, and the step's gradient is the mean of the micro-batches'."""
+    from promoe.diffusion import make_objective
+    from tests.helpers import tiny_model
+
+    model = tiny_model("ProMoE-S", experts="E6A2S1U1", lb_weight=0.01).train()
+    assert model.config.rcl_weight > 0
+    objective, micro, parts = make_objective("rf"), 4, 4
+    generator = torch.Generator().manual_seed(1)
+    images, labels = torch.randn(micro * parts, 4, 8, 8, generator=generator), torch.arange(micro * parts) % 11
+    timesteps, noise = objective.draw(images.shape, generator)
+
+    alone = copy.deepcopy(model)
+    losses, terms, grads = [], [], []
+    for part in (slice(start, start + micro) for start in range(0, micro * parts, micro)):
+        alone.zero_grad(set_to_none=True)
+        loss, part_terms = objective.loss(alone, images[part], labels[part], draws=(timesteps[part], noise[part]),
+                                          drop_labels=False)
+        loss.backward()
+        losses.append(loss.detach())
+        terms.append(part_terms)
+        grads.append({name: param.grad.clone() for name, param in alone.named_parameters()})
+    assert {"rcl", "load_balance"} <= terms[0].keys()
+
+    loss, step_terms, _ = training_driver().accumulate_gradients(
+        model, objective, (images, labels, timesteps, noise), micro, torch.device("cpu"))
+    # The same forwards, one by one: the losses are bit-identical; their mean is taken over the same 4 values.
+    assert loss == torch.stack(losses).mean()
+    for name in ("rcl", "load_balance", "mse"):
+        assert step_terms[name] == torch.stack([part[name].detach() for part in terms]).mean(), name
+    for name, param in model.named_parameters():
+        # (loss_i / 4)'s gradient is g_i / 4 exactly (a power of two); the 4 of them added in another grouping.
+        expected = torch.stack([part[name] for part in grads]).mean(0)
+        torch.testing.assert_close(param.grad, expected, **reordered_sums_tolerance(
+            parts, magnitude=expected.abs().max().item()), msg=name)
+    # What the stated semantics change: one forward of the whole batch takes its RCL over all 16 samples' tokens.
+    _, whole_terms = objective.loss(copy.deepcopy(alone), images, labels, draws=(timesteps, noise), drop_labels=False)
+    assert not torch.allclose(whole_terms["rcl"], step_terms["rcl"], rtol=1e-3)
 
 
 def test_micro_batch_must_divide_the_per_rank_batch(tmp_path):
