@@ -282,3 +282,67 @@ def test_the_optimizer_fuses_fsdp_shards_and_plain_tensors_in_groups_of_their_ow
     results = mp.Manager().dict()
     mp.spawn(_fused_step_in_two_ranks, args=(port, results), nprocs=2)
     assert dict(results) == {0: True, 1: True}
+
+
+def _bank_sums_in_two_ranks(rank: int, port: int, results: dict) -> None:
+    import promoe
+    from promoe.training.expert_parallel import (
+        bank_gradient_sums,
+        sum_bank_gradients_in_backward,
+        sync_expert_gradients,
+    )
+    from promoe.zoo import build_mlp
+    from tests.helpers import TINY, randomize_
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=2)
+    try:
+        config = promoe.model_config("ProMoE-S", **TINY, experts="E6A2S1U1")
+        model = torch.nn.ModuleList([build_mlp(config, block_index=1), build_mlp(config, block_index=1)]).train()
+        randomize_(model)  # alike on both ranks
+        for layer in model:  # each rank keeps its 2 of the 4 routed experts, and the unconditional one
+            routed = layer.router.num_routed
+            layer.expert_group = ExpertGroup(dist.group.WORLD, None, 2, rank, routed,
+                                             layer.experts.num_experts - routed)
+            for name, param in list(layer.experts.named_parameters()):
+                setattr(layer.experts, name, torch.nn.Parameter(param.detach()[layer.expert_group.bank_rows()]))
+        sums = bank_gradient_sums(model)
+        started_when_the_backward_reached_layer_0 = []
+        model[0].register_full_backward_pre_hook(
+            lambda *_: started_when_the_backward_reached_layer_0.append(sums.started))
+        torch.manual_seed(1 + rank)
+        labels = torch.tensor([1, 10, 3, 4])  # 10: the null label, whose tokens run the unconditional expert
+        for last in (False, True):  # two micro-batches
+            x = torch.randn(4, 16, TINY["hidden_size"], requires_grad=True)
+            sum_bank_gradients_in_backward(model, last)
+            y = model[1](model[0](x, labels)[0], labels)[0]
+            y.square().sum().backward()
+        assert started_when_the_backward_reached_layer_0 == [0, 1]  # the last layer's sum under way, not before
+        local = {name: param.grad.clone() for name, param in model.named_parameters() if ".experts." in name}
+        sync_expert_gradients(model)
+        assert sums.started == 0 and not sums.armed
+        for name, param in model.named_parameters():
+            if ".experts." not in name:
+                continue
+            routed = model[0].expert_group.local_routed
+            expected = local[name].clone()
+            dist.all_reduce(expected[routed:])  # the unconditional rows over both ranks; the routed ones are theirs
+            # Two ranks' terms: a + b in either order is exact; the division by 2 too.
+            assert expected.isfinite().all() and expected.abs().max() > 0, name
+            torch.testing.assert_close(param.grad, expected / 2, rtol=0, atol=0,
+                                       msg=lambda text, name=name: f"{name}: {text}")
+        results[rank] = True
+    finally:
+        dist.destroy_process_group()
+
+
+def test_bank_gradient_sums_start_in_the_last_backward_per_layer_and_average_over_ranks():
+    """Two MoE layers at ep = 2 on 2 ranks, two micro-batches: the later layer's bucket is started before the
+    backward reaches the earlier layer, only in the last micro-batch's backward, and after `finish` each bank
+    gradient is the ranks' average (the unconditional rows summed over ranks, divided by the world size)."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    results = mp.Manager().dict()
+    mp.spawn(_bank_sums_in_two_ranks, args=(port, results), nprocs=2)
+    assert dict(results) == {0: True, 1: True}

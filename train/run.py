@@ -32,7 +32,7 @@ from promoe.training.batches import data_identity, global_batch_indices, load_da
 from promoe.training.checkpoints import Checkpoints, export_ema
 from promoe.training.ema import EMA
 from promoe.training.end_of_run import finish
-from promoe.training.expert_parallel import clip_gradients, sync_expert_gradients
+from promoe.training.expert_parallel import clip_gradients, sum_bank_gradients_in_backward, sync_expert_gradients
 from promoe.training.folder import lock_folder, move_aside, previous_run, remove_leftovers
 from promoe.training.metrics import MetricsLog, reduce_logged
 from promoe.training.optimizer import apply_config, make_optimizer
@@ -240,6 +240,7 @@ def accumulate_gradients(model, objective, batch: tuple[torch.Tensor, ...], micr
     losses, terms, routing = [], [], []
     for index, part in enumerate(parts):
         set_gradient_sync(model, index == len(parts) - 1)
+        sum_bank_gradients_in_backward(model, index == len(parts) - 1)
         images, labels, timesteps, noise = (tensor[part] for tensor in batch)
         with record_routing(model) as part_routing:  # closed before backward: a recomputed forward is not counted
             loss, part_terms = objective.loss(model, images.to(device), labels.to(device), draws=(timesteps, noise),
