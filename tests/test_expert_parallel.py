@@ -4,21 +4,19 @@ routed experts over 2 or 4 ranks changes neither the losses nor the parameters, 
 import copy
 import csv
 import os
-import socket
 import subprocess
 import sys
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 from safetensors.torch import load_file
 
 from promoe.moe.dispatch import make_backend
 from promoe.moe.expert_parallel import ExpertGroup, dispatch_expert_parallel
 from promoe.moe.experts import ExpertBank
 from promoe.moe.plan import token_choice_plan
-from tests.helpers import reordered_sums_tolerance, torchrun
+from tests.helpers import in_two_ranks, reordered_sums_tolerance, torchrun
 from tests.test_train import ROOT, TINY_RUN, losses, run
 
 # 8 routed experts, top-2, 1 shared and 1 unconditional; the RCL off (a statistic of each rank's tokens); EMA decay
@@ -223,12 +221,7 @@ def _dispatch_in_two_ranks(rank: int, port: int, backend_name: str, case: str, r
 @pytest.mark.parametrize("backend_name", ["torch", "loop", "triton"])
 @pytest.mark.parametrize("case", list(CASES))
 def test_expert_parallel_dispatch_equals_the_whole_banks(backend_name, case):
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    results = mp.Manager().dict()
-    mp.spawn(_dispatch_in_two_ranks, args=(port, backend_name, case, results), nprocs=2)
-    assert dict(results) == {0: True, 1: True}
+    assert in_two_ranks(_dispatch_in_two_ranks, backend_name, case) == {0: True, 1: True}
 
 
 def _fused_step_in_two_ranks(rank: int, port: int, results: dict) -> None:
@@ -276,12 +269,7 @@ def _fused_step_in_two_ranks(rank: int, port: int, results: dict) -> None:
 def test_the_optimizer_fuses_fsdp_shards_and_plain_tensors_in_groups_of_their_own():
     """Expert parallelism's plain banks beside FSDP2's DTensors: one fused group per kind, which updates as the
     per-tensor AdamW does."""
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    results = mp.Manager().dict()
-    mp.spawn(_fused_step_in_two_ranks, args=(port, results), nprocs=2)
-    assert dict(results) == {0: True, 1: True}
+    assert in_two_ranks(_fused_step_in_two_ranks) == {0: True, 1: True}
 
 
 def _bank_sums_in_two_ranks(rank: int, port: int, results: dict) -> None:
@@ -340,9 +328,4 @@ def test_bank_gradient_sums_start_in_the_last_backward_per_layer_and_average_ove
     """Two MoE layers at ep = 2 on 2 ranks, two micro-batches: the later layer's bucket is started before the
     backward reaches the earlier layer, only in the last micro-batch's backward, and after `finish` each bank
     gradient is the ranks' average (the unconditional rows summed over ranks, divided by the world size)."""
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    results = mp.Manager().dict()
-    mp.spawn(_bank_sums_in_two_ranks, args=(port, results), nprocs=2)
-    assert dict(results) == {0: True, 1: True}
+    assert in_two_ranks(_bank_sums_in_two_ranks) == {0: True, 1: True}

@@ -11,7 +11,7 @@ import torch
 
 import promoe
 from promoe.counters import OpCounter
-from tests.helpers import TINY
+from tests.helpers import TINY, in_two_ranks
 
 MODELS = {
     "promoe-top2": ("ProMoE-S", dict(experts="E6A2S1U1")),
@@ -128,14 +128,6 @@ def _count_expert_parallel_syncs(rank: int, port: int, backend: str, results: di
 def test_an_expert_parallel_layer_syncs_once_in_forward_and_never_in_backward(backend):
     """The split sizes of the token exchange are read on the host once per forward; the backward's exchange reuses
     them. The same layer with its whole bank does not sync at all."""
-    import socket
-
-    import torch.multiprocessing as mp
-
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    results = mp.Manager().dict()
-    mp.spawn(_count_expert_parallel_syncs, args=(port, backend, results), nprocs=2)
+    results = in_two_ranks(_count_expert_parallel_syncs, backend)
     for rank in (0, 1):
         assert results[rank] == {"whole bank": ([], []), "expert parallel": ([".tolist()"], [])}, rank
