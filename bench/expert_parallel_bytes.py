@@ -33,6 +33,15 @@ frees the memory of the gathered bank, E/ep of it held instead of all of it.
 parallelism, tallying the bytes each collective sends; the difference of the gathers and reduce-scatters between
 the two runs is the bank's FSDP2 traffic, set against the formula, and the all-to-all bytes against the formula
 at the run's real routing (not an even one).
+
+`--time` (under torchrun) times the driver's own step (`train_step` of train/run.py, fp32, the model built by its
+`parallelise`) of ProMoE-S on the same ranks with and without expert parallelism, and with expert parallelism and
+AdamW one tensor at a time (what the optimizer did before it had a fused group per kind of tensor), interleaved
+(A, B, C, A, ...): the ratio of each to the step without expert parallelism, per round, and the collectives each
+step calls through torch.distributed's functions (FSDP2's, promoe's; DTensor's reductions, through functional
+collectives, are not seen), by name:
+
+    torchrun --nproc_per_node=2 bench/expert_parallel_bytes.py --time --json bench/results/expert_parallel_step_S.json
 """
 
 import argparse
@@ -205,6 +214,116 @@ def measure(dropout: float) -> None:
           f"formula at an even routing {even:.0f} B")
 
 
+COLLECTIVES = ("all_to_all_single", "all_reduce", "all_gather", "broadcast", *GATHERS, *SCATTERS)
+
+
+def counting_collectives(tallies) -> None:
+    """Every collective of torch.distributed counted by name into `tallies` while `tallies["on"]` (FSDP2 and
+    promoe call them through the module, so replacing its functions sees them all)."""
+    import functools
+
+    import torch.distributed as dist
+
+    def counted(collective, function):
+        @functools.wraps(function)
+        def wrapper(*args, **kwargs):
+            if tallies["on"]:
+                tallies[collective] += 1
+            return function(*args, **kwargs)
+        return wrapper
+
+    for collective in COLLECTIVES:
+        if hasattr(dist, collective):
+            setattr(dist, collective, counted(collective, getattr(dist, collective)))
+
+
+def timed_step(degree: int, batch: int, per_tensor_adam: bool):
+    """train/run.py's train_step of ProMoE-S at expert-parallel `degree`, built as its main() builds it, as a closure
+    over an in-memory batch of latents (4 x 32 x 32: 256 tokens per image)."""
+    import itertools
+
+    import torch
+    from official_step import Latents
+
+    from promoe.diffusion import make_objective
+    from promoe.moe.layer import place_dispatch
+    from promoe.train_config import load_config
+    from promoe.training.ema import EMA
+    from promoe.training.optimizer import make_optimizer
+    from promoe.training.parallel import build_on_meta, parallelise, running_buffers
+
+    sys.path.insert(0, str(ROOT / "train"))
+    import run as driver
+
+    config = load_config(ROOT / "configs" / "promoe_s.yaml", [f"train.global_batch={batch}", "train.precision=fp32",
+                                                                "train.seed=0", f"train.expert_parallel={degree}"])
+    device = torch.device("cpu")
+    model = build_on_meta(config)
+    parallelise(model, config, device)
+    place_dispatch(model, device)
+    optim = config.optim
+    optimizer = (torch.optim.AdamW(model.parameters(), lr=optim.lr, betas=optim.betas,
+                                   weight_decay=optim.weight_decay, foreach=False, fused=False)
+                 if per_tensor_adam else make_optimizer(model, optim))
+    ema = EMA(model, config.train.ema_decay, config.train.ema_warmup)
+    generator = torch.Generator().manual_seed(0)
+    dataset = Latents(torch.randn(batch, 4, 32, 32, generator=generator),
+                      torch.randint(0, 1000, (batch,), generator=generator))
+    objective, stats, steps = make_objective(config.train.objective), running_buffers(model), itertools.count()
+
+    def step():
+        driver.train_step(model, optimizer, ema, objective, dataset, stats, config, next(steps), device)
+
+    return step
+
+
+def time_steps(batch: int, warmup: int, rounds: int) -> list[dict]:
+    """The --time table (see the module's docstring)."""
+    import collections
+    import statistics
+    import time
+
+    import torch.distributed as dist
+
+    from promoe.distributed import init_distributed
+
+    rank, world, _ = init_distributed()
+    tallies = collections.Counter(on=0)
+    counting_collectives(tallies)
+    names = {"no expert parallelism": (1, False), f"ep {world}": (world, False),
+             f"ep {world}, AdamW per tensor (before)": (world, True)}
+    steps = {name: timed_step(degree, batch, per_tensor) for name, (degree, per_tensor) in names.items()}
+    wall = {name: [] for name in steps}
+    cpu = {name: [] for name in steps}
+    collectives = {}
+    for index in range(warmup + rounds):
+        for name, step in steps.items():
+            dist.barrier()
+            tallies.clear()
+            tallies["on"] = 1
+            start, start_cpu = time.perf_counter(), time.process_time()
+            step()
+            wall[name].append(time.perf_counter() - start)
+            cpu[name].append(time.process_time() - start_cpu)
+            tallies["on"] = 0
+            collectives[name] = {key: count for key, count in tallies.items() if key != "on"}
+        if rank == 0:
+            print(f"round {index + 1 - warmup}: " + ", ".join(f"{name} {wall[name][-1]:.2f} s" for name in steps),
+                  file=sys.stderr, flush=True)
+    dist.destroy_process_group()
+    base = "no expert parallelism"
+    rows = []
+    for name in steps:
+        ratios = [wall[name][i] / wall[base][i] for i in range(warmup, warmup + rounds)]
+        cpu_ratios = [cpu[name][i] / cpu[base][i] for i in range(warmup, warmup + rounds)]
+        rows.append(dict(candidate=name, ranks=world, step_s=statistics.median(wall[name][warmup:]),
+                         ratio_median=statistics.median(ratios), ratio_min=min(ratios), ratio_max=max(ratios),
+                         cpu_ratio_median=statistics.median(cpu_ratios),
+                         collectives_per_step=sum(collectives[name].values()),
+                         by_name=" ".join(f"{key} {count}" for key, count in sorted(collectives[name].items()))))
+    return rows if rank == 0 else []
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--world", type=int, default=8, help="ranks (the paper: 8 GPUs)")
@@ -213,9 +332,21 @@ def main(argv=None) -> None:
     parser.add_argument("--dropout", type=float, default=0.1, help="label dropout (class_dropout_prob)")
     parser.add_argument("--json", type=Path, default=None)
     parser.add_argument("--measure", action="store_true", help="check the counts on a real run (under torchrun)")
+    parser.add_argument("--time", action="store_true",
+                        help="time the ProMoE-S step with and without expert parallelism (under torchrun)")
+    parser.add_argument("--batch", type=int, default=8, help="--time: the global batch")
+    parser.add_argument("--warmup", type=int, default=1, help="--time: untimed rounds")
+    parser.add_argument("--rounds", type=int, default=5, help="--time: timed rounds")
     args = parser.parse_args(argv)
     if args.measure:
         measure(args.dropout)
+        return
+    if args.time:
+        rows = time_steps(args.batch, args.warmup, args.rounds)
+        if rows:
+            report.emit(report.run_record(vars(args) | {"json": None}, rows), args.json,
+                        f"ProMoE-S training step on {rows[0]['ranks']} ranks, global batch {args.batch}, fp32: "
+                        "with expert parallelism against without (ratio per round, wall time)")
         return
     rows = table(args.world, args.tokens, args.dropout)
     report.emit(report.run_record(vars(args) | {"json": None}, rows),

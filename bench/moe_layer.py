@@ -87,7 +87,7 @@ def available_backends(dtype: str = "bf16") -> list[str]:
 
 def counters(layer, backend, x, labels, backward):
     """Host syncs and launches; the layer's bytes are counted by bench/traffic.py (every op, not only kernels)."""
-    with OpCounter() as ops, TritonLaunchCounter(ops) as triton_launches:
+    with OpCounter(x.device) as ops, TritonLaunchCounter(ops) as triton_launches:
         moe_step(layer, backend, x, labels, backward)
     return dict(host_syncs=ops.host_syncs, launches=ops.launches + triton_launches.launches)
 

@@ -30,15 +30,30 @@ def save_tiny_vae(path, sample_size: int = 32):
     return path
 
 
-def torchrun(nproc: int = 2) -> tuple[str, ...]:
-    """The command prefix of a torchrun launch on a free port (fixed ports collide when tests run side by side)."""
+def free_port() -> int:
+    """A free port for a process group's rendezvous (fixed ports collide when tests run side by side)."""
     import socket
-    import sys
 
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    return (sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", f"--master_port={port}")
+        return probe.getsockname()[1]
+
+
+def torchrun(nproc: int = 2) -> tuple[str, ...]:
+    """The command prefix of a torchrun launch on a free port."""
+    import sys
+
+    return (sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", f"--master_port={free_port()}")
+
+
+def in_two_ranks(function, *args) -> dict:
+    """`function(rank, port, *args, results)` in 2 processes, which set up their gloo group on `port`; the dict
+    `results` they filled."""
+    import torch.multiprocessing as mp
+
+    results = mp.Manager().dict()
+    mp.spawn(function, args=(free_port(), *args, results), nprocs=2)
+    return dict(results)
 
 
 def reordered_sums_tolerance(*reduction_lengths: int, magnitude: float, dtype=torch.float32) -> dict:

@@ -1,23 +1,22 @@
 """Gradient accumulation and expert parallelism: a step of micro-batches equals the one-shot step, and spreading the
 routed experts over 2 or 4 ranks changes neither the losses nor the parameters, and resumes on another degree."""
 
+import copy
 import csv
 import os
-import socket
 import subprocess
 import sys
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 from safetensors.torch import load_file
 
 from promoe.moe.dispatch import make_backend
 from promoe.moe.expert_parallel import ExpertGroup, dispatch_expert_parallel
 from promoe.moe.experts import ExpertBank
 from promoe.moe.plan import token_choice_plan
-from tests.helpers import reordered_sums_tolerance, torchrun
+from tests.helpers import in_two_ranks, reordered_sums_tolerance, torchrun
 from tests.test_train import ROOT, TINY_RUN, losses, reordered_run_tolerance, run
 
 # 8 routed experts, top-2, 1 shared and 1 unconditional; the RCL off (a statistic of each rank's tokens); EMA decay
@@ -60,6 +59,57 @@ def test_a_step_of_four_micro_batches_equals_the_step_without(tmp_path, ranks):
     assert_same_per_step(column(tmp_path / "whole", "grad_norm"), column(tmp_path / "micro", "grad_norm"),
                          *SMALL_PROMOE, key_steps=(1,))
     assert_same_parameters(exported(tmp_path / "whole"), exported(tmp_path / "micro"), *SMALL_PROMOE, steps=1)
+
+
+def training_driver():
+    """train/run.py as a module (a script, not part of the package)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("train_run", ROOT / "train" / "run.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_with_the_rcl_and_load_balance_on_a_step_is_the_mean_of_its_micro_batches_forward_alone():
+    """The stated semantics (train/run.py, accumulate_gradients): each micro-batch's RCL and load-balance loss are
+    those of a forward of that micro-batch alone, and the step's gradient is the mean of the micro-batches'."""
+    from promoe.diffusion import make_objective
+    from tests.helpers import tiny_model
+
+    model = tiny_model("ProMoE-S", experts="E6A2S1U1", lb_weight=0.01).train()
+    assert model.config.rcl_weight > 0
+    objective, micro, parts = make_objective("rf"), 4, 4
+    generator = torch.Generator().manual_seed(1)
+    images, labels = torch.randn(micro * parts, 4, 8, 8, generator=generator), torch.arange(micro * parts) % 11
+    timesteps, noise = objective.draw(images.shape, generator)
+
+    alone = copy.deepcopy(model)
+    losses, terms, grads = [], [], []
+    for part in (slice(start, start + micro) for start in range(0, micro * parts, micro)):
+        alone.zero_grad(set_to_none=True)
+        loss, part_terms = objective.loss(alone, images[part], labels[part], draws=(timesteps[part], noise[part]),
+                                          drop_labels=False)
+        loss.backward()
+        losses.append(loss.detach())
+        terms.append(part_terms)
+        grads.append({name: param.grad.clone() for name, param in alone.named_parameters()})
+    assert {"rcl", "load_balance"} <= terms[0].keys()
+
+    loss, step_terms, _ = training_driver().accumulate_gradients(
+        model, objective, (images, labels, timesteps, noise), micro, torch.device("cpu"))
+    # The same forwards, one by one: the losses are bit-identical; their mean is taken over the same 4 values.
+    assert loss == torch.stack(losses).mean()
+    for name in ("rcl", "load_balance", "mse"):
+        assert step_terms[name] == torch.stack([part[name].detach() for part in terms]).mean(), name
+    for name, param in model.named_parameters():
+        # (loss_i / 4)'s gradient is g_i / 4 exactly (a power of two); the 4 of them added in another grouping.
+        expected = torch.stack([part[name] for part in grads]).mean(0)
+        torch.testing.assert_close(param.grad, expected, **reordered_sums_tolerance(
+            parts, magnitude=expected.abs().max().item()), msg=name)
+    # What the stated semantics change: one forward of the whole batch takes its RCL over all 16 samples' tokens.
+    _, whole_terms = objective.loss(copy.deepcopy(alone), images, labels, draws=(timesteps, noise), drop_labels=False)
+    assert not torch.allclose(whole_terms["rcl"], step_terms["rcl"], rtol=1e-3)
 
 
 def test_micro_batch_must_divide_the_per_rank_batch(tmp_path):
@@ -179,9 +229,111 @@ def _dispatch_in_two_ranks(rank: int, port: int, backend_name: str, case: str, r
 @pytest.mark.parametrize("backend_name", ["torch", "loop", "triton"])
 @pytest.mark.parametrize("case", list(CASES))
 def test_expert_parallel_dispatch_equals_the_whole_banks(backend_name, case):
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    results = mp.Manager().dict()
-    mp.spawn(_dispatch_in_two_ranks, args=(port, backend_name, case, results), nprocs=2)
-    assert dict(results) == {0: True, 1: True}
+    assert in_two_ranks(_dispatch_in_two_ranks, backend_name, case) == {0: True, 1: True}
+
+
+def _fused_step_in_two_ranks(rank: int, port: int, results: dict) -> None:
+    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.tensor import DTensor
+
+    from promoe.train_config import OptimSection
+    from promoe.training.optimizer import make_optimizer
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=2)
+    try:
+        def sharded_and_plain() -> torch.nn.Module:  # FSDP2's DTensors beside a plain layer, as with expert banks
+            torch.manual_seed(0)
+            model = torch.nn.Sequential(torch.nn.Linear(6, 8), torch.nn.GELU(), torch.nn.Linear(8, 3))
+            fully_shard(model[0])
+            return model
+
+        optim = OptimSection(lr=1e-2, weight_decay=0.1)
+        fused, reference = sharded_and_plain(), sharded_and_plain()
+        optimizer = make_optimizer(fused, optim)
+        kinds = [{isinstance(param, DTensor) for param in group["params"]} for group in optimizer.param_groups]
+        assert kinds == [{True}, {False}] and all(group["fused"] for group in optimizer.param_groups)
+        # The definition: AdamW one tensor at a time.
+        slow = torch.optim.AdamW(reference.parameters(), lr=optim.lr, betas=optim.betas,
+                                 weight_decay=optim.weight_decay, foreach=False, fused=False)
+        torch.manual_seed(1 + rank)
+        for x in torch.randn(3, 5, 6):
+            for model, opt in ((fused, optimizer), (reference, slow)):
+                model(x).square().sum().backward()
+                opt.step()
+                opt.zero_grad()
+        for (name, got), (_, expected) in zip(fused.named_parameters(), reference.named_parameters()):
+            got, expected = (value.to_local() if isinstance(value, DTensor) else value for value in (got, expected))
+            # Elementwise maths, each value rounded a few times per step, in another order: 3 steps x a few eps
+            # of the parameter.
+            torch.testing.assert_close(got, expected, rtol=3 * 8 * torch.finfo(torch.float32).eps,
+                                       atol=3 * 8 * torch.finfo(torch.float32).eps * expected.abs().max().item(),
+                                       msg=name)
+        results[rank] = True
+    finally:
+        dist.destroy_process_group()
+
+
+def test_the_optimizer_fuses_fsdp_shards_and_plain_tensors_in_groups_of_their_own():
+    """Expert parallelism's plain banks beside FSDP2's DTensors: one fused group per kind, which updates as the
+    per-tensor AdamW does."""
+    assert in_two_ranks(_fused_step_in_two_ranks) == {0: True, 1: True}
+
+
+def _bank_sums_in_two_ranks(rank: int, port: int, results: dict) -> None:
+    import promoe
+    from promoe.training.expert_parallel import (
+        bank_gradient_sums,
+        sum_bank_gradients_in_backward,
+        sync_expert_gradients,
+    )
+    from promoe.zoo import build_mlp
+    from tests.helpers import TINY, randomize_
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=2)
+    try:
+        config = promoe.model_config("ProMoE-S", **TINY, experts="E6A2S1U1")
+        model = torch.nn.ModuleList([build_mlp(config, block_index=1), build_mlp(config, block_index=1)]).train()
+        randomize_(model)  # alike on both ranks
+        for layer in model:  # each rank keeps its 2 of the 4 routed experts, and the unconditional one
+            routed = layer.router.num_routed
+            layer.expert_group = ExpertGroup(dist.group.WORLD, None, 2, rank, routed,
+                                             layer.experts.num_experts - routed)
+            for name, param in list(layer.experts.named_parameters()):
+                setattr(layer.experts, name, torch.nn.Parameter(param.detach()[layer.expert_group.bank_rows()]))
+        sums = bank_gradient_sums(model)
+        started_when_the_backward_reached_layer_0 = []
+        model[0].register_full_backward_pre_hook(
+            lambda *_: started_when_the_backward_reached_layer_0.append(sums.started))
+        torch.manual_seed(1 + rank)
+        labels = torch.tensor([1, 10, 3, 4])  # 10: the null label, whose tokens run the unconditional expert
+        for last in (False, True):  # two micro-batches
+            x = torch.randn(4, 16, TINY["hidden_size"], requires_grad=True)
+            sum_bank_gradients_in_backward(model, last)
+            y = model[1](model[0](x, labels)[0], labels)[0]
+            y.square().sum().backward()
+        assert started_when_the_backward_reached_layer_0 == [0, 1]  # the last layer's sum under way, not before
+        local = {name: param.grad.clone() for name, param in model.named_parameters() if ".experts." in name}
+        sync_expert_gradients(model)
+        assert sums.started == 0 and not sums.armed
+        for name, param in model.named_parameters():
+            if ".experts." not in name:
+                continue
+            routed = model[0].expert_group.local_routed
+            expected = local[name].clone()
+            dist.all_reduce(expected[routed:])  # the unconditional rows over both ranks; the routed ones are theirs
+            # Two ranks' terms: a + b in either order is exact; the division by 2 too.
+            assert expected.isfinite().all() and expected.abs().max() > 0, name
+            torch.testing.assert_close(param.grad, expected / 2, rtol=0, atol=0,
+                                       msg=lambda text, name=name: f"{name}: {text}")
+        results[rank] = True
+    finally:
+        dist.destroy_process_group()
+
+
+def test_bank_gradient_sums_start_in_the_last_backward_per_layer_and_average_over_ranks():
+    """Two MoE layers at ep = 2 on 2 ranks, two micro-batches: the later layer's bucket is started before the
+    backward reaches the earlier layer, only in the last micro-batch's backward, and after `finish` each bank
+    gradient is the ranks' average (the unconditional rows summed over ranks, divided by the world size)."""
+    assert in_two_ranks(_bank_sums_in_two_ranks) == {0: True, 1: True}

@@ -11,7 +11,7 @@ import torch
 
 import promoe
 from promoe.counters import OpCounter
-from tests.helpers import TINY
+from tests.helpers import TINY, in_two_ranks
 
 MODELS = {
     "promoe-top2": ("ProMoE-S", dict(experts="E6A2S1U1")),
@@ -66,3 +66,68 @@ def test_the_sync_recorder_catches_the_loop_backend():
     with OpCounter() as recorder, promoe.dispatch_backend(layer, "loop"):
         layer(torch.randn(2, 16, TINY["hidden_size"]), torch.tensor([1, 2]))
     assert "boolean-mask indexing" in recorder.syncs
+
+
+def test_the_counter_sees_each_host_read_of_a_cpu_tensor():
+    """On the CPU the data is already on the host, so `.tolist()` and `.cpu()` reach no aten op; they still count,
+    as the syncs they are on an accelerator. Arithmetic does not."""
+    x = torch.arange(6)
+    reads = {".tolist()": x.tolist, ".item()": x[0].item, ".cpu()": x.cpu, ".to('cpu')": lambda: x.to("cpu"),
+             "boolean-mask indexing": lambda: x[x > 2], "aten::nonzero": x.nonzero,
+             "bool(tensor)": lambda: bool(x[1] > 0), "aten::_local_scalar_dense": lambda: torch.arange(x[3])}
+    for reason, read in reads.items():
+        with OpCounter() as recorder:
+            read()
+        assert recorder.syncs == [reason]
+    with OpCounter() as recorder:
+        (x * 2).sum().to(torch.float32)
+    assert recorder.syncs == []
+
+
+def test_host_reads_of_tensors_off_the_counted_device_do_not_count():
+    with OpCounter("cuda") as recorder:  # a CPU tensor in a GPU run: already on the host
+        torch.arange(6).tolist()
+    assert recorder.syncs == []
+
+
+def _count_expert_parallel_syncs(rank: int, port: int, backend: str, results: dict) -> None:
+    import os
+
+    import torch.distributed as dist
+
+    from promoe.moe.expert_parallel import ExpertGroup
+    from promoe.zoo import build_mlp
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=2)
+    try:
+        torch.manual_seed(rank)
+        layer = build_mlp(promoe.model_config("ProMoE-S", **TINY, experts="E6A2S1U1"), block_index=1).train()
+        x = torch.randn(4, 16, TINY["hidden_size"], requires_grad=True)
+        labels = torch.tensor([1, 10, 3, 4])
+        counts = {}
+        for setting in ("whole bank", "expert parallel"):
+            if setting == "expert parallel":  # this rank keeps its 2 of the 4 routed experts and the unconditional one
+                routed = layer.router.num_routed
+                group = ExpertGroup(dist.group.WORLD, None, 2, rank, routed, layer.experts.num_experts - routed)
+                for name, param in list(layer.experts.named_parameters()):
+                    setattr(layer.experts, name, torch.nn.Parameter(param.detach()[group.bank_rows()]))
+                layer.expert_group = group
+            with promoe.dispatch_backend(layer, backend):
+                with OpCounter() as forward:
+                    out, aux = layer(x, labels)
+                with OpCounter() as backward:
+                    (out.square().sum() + sum(aux.values(), torch.zeros(()))).backward()
+            counts[setting] = (forward.syncs, backward.syncs)
+        results[rank] = counts
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("backend", ["torch", pytest.param("triton", marks=pytest.mark.slow)])
+def test_an_expert_parallel_layer_syncs_once_in_forward_and_never_in_backward(backend):
+    """The split sizes of the token exchange are read on the host once per forward; the backward's exchange reuses
+    them. The same layer with its whole bank does not sync at all."""
+    results = in_two_ranks(_count_expert_parallel_syncs, backend)
+    for rank in (0, 1):
+        assert results[rank] == {"whole bank": ([], []), "expert parallel": ([".tolist()"], [])}, rank

@@ -32,7 +32,7 @@ from promoe.training.batches import data_identity, global_batch_indices, load_da
 from promoe.training.checkpoints import Checkpoints, export_ema
 from promoe.training.ema import EMA
 from promoe.training.end_of_run import finish
-from promoe.training.expert_parallel import clip_gradients, sync_expert_gradients
+from promoe.training.expert_parallel import clip_gradients, sum_bank_gradients_in_backward, sync_expert_gradients
 from promoe.training.folder import lock_folder, move_aside, previous_run, remove_leftovers
 from promoe.training.metrics import MetricsLog, reduce_logged
 from promoe.training.optimizer import apply_config, make_optimizer
@@ -239,16 +239,23 @@ def accumulate_gradients(model, objective, batch: tuple[torch.Tensor, ...], micr
                          ) -> tuple[torch.Tensor, dict[str, torch.Tensor], list]:
     """Forward and backward of this rank's batch (images, labels, timesteps, noise) in micro-batches of `micro`,
     their gradients added up and reduced over ranks once, in the last backward: (the mean loss, the mean of each
-    term, the routing records of every micro-batch)."""
+    term, the routing records of every micro-batch).
+
+    A step is the mean of its micro-batches' losses, each micro-batch a forward of its own, as each rank's batch
+    is: the terms computed from a batch's tokens (the RCL's centroids, the load-balance loss's expert fractions,
+    expert choice's capacity, running statistics) are those of the micro-batch, as the official code takes them
+    over each GPU's batch. The diffusion loss and its gradient are the one-shot step's; with those terms on, the
+    step is not: 4 micro-batches of 8 train like 4 ranks of 8, not like one batch of 32."""
     parts = [slice(start, start + micro) for start in range(0, len(batch[0]), micro)]
     losses, terms, routing = [], [], []
     for index, part in enumerate(parts):
         set_gradient_sync(model, index == len(parts) - 1)
+        sum_bank_gradients_in_backward(model, index == len(parts) - 1)
         images, labels, timesteps, noise = (tensor[part] for tensor in batch)
         with record_routing(model) as part_routing:  # closed before backward: a recomputed forward is not counted
             loss, part_terms = objective.loss(model, images.to(device), labels.to(device), draws=(timesteps, noise),
                                               drop_labels=False)
-        # Equal micro-batches: the mean of their mean losses is the step's mean loss, and so are the gradients.
+        # The step's loss is the mean of the micro-batches' (equal sizes: for the MSE, the whole batch's mean).
         (loss / len(parts)).backward()
         losses.append(loss.detach())
         terms.append({name: value.detach() for name, value in part_terms.items()})

@@ -10,8 +10,8 @@ One layer's dispatch on a rank, between the backend's permute and combine (both 
 
 The unconditional experts (the bank's rows E .. E+U-1) stay on every rank: null-label tokens never travel. A rank's
 bank therefore holds its routed experts, then the unconditional ones: `ExpertGroup.bank_rows`. The split sizes must
-be known on the host, so a layer synchronises with the host once per forward (and once in backward), as every
-all-to-all MoE does (MegaBlocks, torchtitan).
+be known on the host, so a layer synchronises with the host once per forward, as every all-to-all MoE does
+(MegaBlocks, torchtitan); the backward's exchange reuses them and does not (tests/test_no_host_sync.py).
 """
 
 from dataclasses import dataclass

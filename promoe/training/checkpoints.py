@@ -209,10 +209,13 @@ class Checkpoints:
     def load(self, folder: Path, model, optimizer, ema: EMA) -> dict:
         """Model, optimizer and EMA from `folder` into the sharded objects; its meta.json."""
         model_state, optim_state = get_state_dict(model, optimizer)
-        state = {"model": model_state, "optim": optim_state, "ema": ema.params}
+        # The optimizer's per-parameter state only: its groups are this run's (one per kind of tensor, which
+        # expert parallelism's degree changes; `apply_config` sets their values at every step).
+        state = {"model": model_state, "optim": {"state": optim_state["state"]}, "ema": ema.params}
         # runs no code from the folder, though it is one's own run
         load_whole_banks(model, state, lambda whole: load_dcp(whole, folder))
-        set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+        set_state_dict(model, optimizer, model_state_dict=state["model"],
+                       optim_state_dict={**optim_state, "state": state["optim"]["state"]})
         return read_meta(folder)
 
 

@@ -8,12 +8,18 @@ expert parallelism. So that a step equals the one without:
 
 - gradients: a routed expert's gradient already holds the contributions of every token of its group (they came
   back through the all-to-all); it is summed over its replicas. The unconditional experts' gradient is summed
-  over all ranks. Both are then divided by the world size, as FSDP2 averages the others.
+  over all ranks. Both are then divided by the world size, as FSDP2 averages the others. The sums are bucketed
+  per MoE layer (one flat all-reduce of its routed rows, one of its unconditional rows) and started, without
+  waiting, as soon as the step's last backward has the layer's bank gradients (`BankGradientSums`), while the
+  backward goes on through the layers before it.
 - the gradient norm counts each distinct gradient once (a routed share on one rank of its group, the
   unconditional rows once), with FSDP2's shards.
 - checkpoints and the EMA export hold whole banks, gathered when written and cut when read, so a run resumes
   on another expert-parallel degree (or without).
 """
+
+import functools
+from dataclasses import dataclass, field
 
 import torch
 import torch.distributed as dist
@@ -86,15 +92,102 @@ def whole_bank(local: torch.Tensor, group: ExpertGroup) -> torch.Tensor:
     return torch.cat([*shares, local[group.local_routed:]])
 
 
+@dataclass
+class _LayerBucket:
+    """One MoE layer's bank gradients, summed together: its rows split at the routed / unconditional boundary."""
+
+    params: list[nn.Parameter]
+    group: ExpertGroup
+    ready: set[int] = field(default_factory=set)  # ids of the parameters whose gradient this backward finished
+    # (the all-reduce under way or None, its flat buffer, the gradient rows it sums into)
+    sums: list[tuple[dist.Work | None, torch.Tensor, list[torch.Tensor]]] = field(default_factory=list)
+
+
+class BankGradientSums:
+    """The bank gradients' sums over ranks (see the module's docstring), one bucket per MoE layer, each started
+    asynchronously by a post-accumulate-grad hook once the layer's gradients are complete in the step's last
+    backward (`arm`), and finished by `finish` before the gradients are read. Every rank starts the buckets in the
+    same order, from the last layer to the first (a bucket ready early waits for the ones after it), on groups of
+    their own: the routed rows on the replicas' group, the unconditional rows on a world group apart from FSDP2's
+    (whose reduce-scatters run in the same backward)."""
+
+    def __init__(self, model: nn.Module):
+        self.world_size = dist.get_world_size()
+        self.everyone = dist.new_group()  # a collective: every rank makes it at the same point
+        self.buckets = [_LayerBucket(list(layer.experts.parameters()), layer.expert_group)
+                        for layer in reversed(moe_layers(model)) if layer.expert_group is not None]
+        self.started = 0  # buckets started this step, in order
+        self.armed = False
+        for bucket in self.buckets:
+            for param in bucket.params:
+                param.register_post_accumulate_grad_hook(functools.partial(self._gradient_ready, bucket))
+
+    def arm(self) -> None:
+        """The next backward is the step's last: start each bucket when its gradients are complete."""
+        self.armed = True
+
+    def _gradient_ready(self, bucket: _LayerBucket, param: torch.Tensor) -> None:
+        if not self.armed:
+            return
+        bucket.ready.add(id(param))
+        while self.started < len(self.buckets) and self._complete(self.buckets[self.started]):
+            self._start(self.buckets[self.started])
+
+    @staticmethod
+    def _complete(bucket: _LayerBucket) -> bool:
+        return len(bucket.ready) == len(bucket.params)
+
+    def _start(self, bucket: _LayerBucket) -> None:
+        for param in bucket.params:  # a layer that ran no token on this rank still takes part, with zeros
+            if param.grad is None:
+                param.grad = torch.zeros_like(param)
+        local = bucket.group.local_routed
+        for rows, group in (([param.grad[:local] for param in bucket.params], bucket.group.replicas),
+                            ([param.grad[local:] for param in bucket.params], self.everyone)):
+            flat = torch.cat([row.flatten() for row in rows])
+            if group is not None and flat.numel() > 0:  # the routed rows of ep = world ranks have no replica
+                bucket.sums.append((dist.all_reduce(flat, group=group, async_op=True), flat, rows))
+        self.started += 1
+
+    def finish(self) -> None:
+        """Every bucket summed (those not started yet are started now) and divided by the world size."""
+        while self.started < len(self.buckets):
+            self._start(self.buckets[self.started])
+        for bucket in self.buckets:
+            for work, flat, rows in bucket.sums:
+                work.wait()
+                for row, summed in zip(rows, flat.split([row.numel() for row in rows])):
+                    row.copy_(summed.view_as(row))
+            torch._foreach_div_([param.grad for param in bucket.params], self.world_size)
+            bucket.ready.clear()
+            bucket.sums.clear()
+        self.started, self.armed = 0, False
+
+
+def bank_gradient_sums(model: nn.Module) -> BankGradientSums | None:
+    """The model's `BankGradientSums` (None without expert parallelism), made on first use: its hooks go on the
+    banks' parameters as materialised (`to_empty` replaces the ones built on `meta`)."""
+    if not expert_banks(model):
+        return None
+    if getattr(model, "_bank_gradient_sums", None) is None:
+        model._bank_gradient_sums = BankGradientSums(model)
+    return model._bank_gradient_sums
+
+
+def sum_bank_gradients_in_backward(model: nn.Module, last: bool) -> None:
+    """Before each backward of a step: whether it is the last, in which the banks' sums start (see
+    `BankGradientSums`); the others only add up gradients on this rank."""
+    sums = bank_gradient_sums(model)
+    if sums is not None and last:
+        sums.arm()
+
+
 def sync_expert_gradients(model: nn.Module) -> None:
-    """Each bank gradient made the step's average over all ranks (see the module's docstring)."""
-    world_size = dist.get_world_size()
-    for param, group in expert_banks(model).values():
-        routed, uncond = param.grad[:group.local_routed], param.grad[group.local_routed:]
-        if group.replicas is not None:
-            dist.all_reduce(routed, group=group.replicas)
-        dist.all_reduce(uncond)
-        param.grad /= world_size
+    """Each bank gradient made the step's average over all ranks (see the module's docstring): the sums started in
+    the last backward, finished."""
+    sums = bank_gradient_sums(model)
+    if sums is not None:
+        sums.finish()
 
 
 def clip_gradients(model: nn.Module, max_norm: float) -> torch.Tensor:
@@ -105,11 +198,11 @@ def clip_gradients(model: nn.Module, max_norm: float) -> torch.Tensor:
     bank_ids = {id(param) for param, _ in banks.values()}
     others = [param for param in model.parameters() if id(param) not in bank_ids and param.grad is not None]
     total_sq = full(torch.nn.utils.get_total_norm([param.grad for param in others])).float().square()
-    for param, group in banks.values():
-        routed_sq = param.grad[:group.local_routed].float().square().sum()
-        dist.all_reduce(routed_sq, group=group.group)  # the group's shares: every routed expert once
-        total_sq = total_sq + routed_sq + param.grad[group.local_routed:].float().square().sum()
-    total = total_sq.sqrt()
+    routed_sq = torch.stack([param.grad[:group.local_routed].float().square().sum() for param, group in banks.values()])
+    expert_group = next(iter(banks.values()))[1].group  # every layer's is the mesh's
+    dist.all_reduce(routed_sq, group=expert_group)  # the group's shares: every routed expert once, all banks at once
+    uncond_sq = [param.grad[group.local_routed:].float().square().sum() for param, group in banks.values()]
+    total = (total_sq + routed_sq.sum() + torch.stack(uncond_sq).sum()).sqrt()
     # Two calls: the fused kernels take DTensors (FSDP2's shards) or plain tensors (the banks), not both at once.
     torch.nn.utils.clip_grads_with_norm_(others, max_norm, total)
     torch.nn.utils.clip_grads_with_norm_([param for param, _ in banks.values()], max_norm, total)

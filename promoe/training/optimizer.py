@@ -7,13 +7,19 @@ from promoe.train_config import OptimSection
 
 
 def make_optimizer(model: torch.nn.Module, optim: OptimSection) -> torch.optim.AdamW:
-    # The fused AdamW (one pass over each tensor, CPU and CUDA) is 6x faster than the default on stacked experts.
-    # It takes DTensors (FSDP2's shards) or plain tensors in one call, not both: with expert parallelism's banks
-    # (plain) beside FSDP2's shards, each tensor is updated on its own.
-    params = list(model.parameters())
-    one_kind = len({isinstance(param, DTensor) for param in params}) == 1
-    return torch.optim.AdamW(params, lr=optim.lr, betas=optim.betas, weight_decay=optim.weight_decay,
-                             fused=one_kind, foreach=False)
+    """AdamW with one parameter group per kind of tensor, all fused. The fused AdamW (one pass over each tensor,
+    CPU and CUDA) is 6x faster than the default on stacked experts; one call of it takes DTensors (FSDP2's shards)
+    or plain tensors (expert parallelism's banks), not both, and it is called once per group."""
+    groups = [{"params": params} for params in by_kind(model.parameters())]
+    return torch.optim.AdamW(groups, lr=optim.lr, betas=optim.betas, weight_decay=optim.weight_decay, fused=True)
+
+
+def by_kind(params) -> list[list[torch.nn.Parameter]]:
+    """The parameters split into DTensors and plain tensors, each kind in its order (one list where all are alike)."""
+    kinds: dict[bool, list] = {}
+    for param in params:
+        kinds.setdefault(isinstance(param, DTensor), []).append(param)
+    return list(kinds.values())
 
 
 def learning_rate(optim: OptimSection, step: int) -> float:
