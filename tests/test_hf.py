@@ -612,16 +612,17 @@ def test_diffusers_finds_the_blocks_where_it_looks_for_them():
 
 
 def fp8_rounded_reference(model, patterns):
-    """A copy of `model` whose Linear and Conv2d layers that no pattern names hold their weights and biases rounded to
-    float8_e4m3fn: what layerwise casting stores, computed in fp32."""
+    """A copy of `model` whose layers of the kinds diffusers casts (Linear, Conv, Embedding) that no pattern names hold
+    their parameters rounded to float8_e4m3fn: what layerwise casting stores, computed in fp32."""
     import copy
     import re
+
+    from diffusers.hooks._common import _GO_LC_SUPPORTED_PYTORCH_LAYERS as CAST  # as diffusers' own test reads it
 
     reference = copy.deepcopy(model)
     with torch.no_grad():
         for name, module in reference.named_modules():
-            if isinstance(module, (torch.nn.Linear, torch.nn.Conv2d)) and not any(re.search(p, name)
-                                                                                   for p in patterns):
+            if isinstance(module, CAST) and not any(re.search(p, name) for p in patterns):
                 for param in module.parameters(recurse=False):
                     param.copy_(param.to(torch.float8_e4m3fn).float())
     return reference
