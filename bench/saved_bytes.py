@@ -116,12 +116,16 @@ def main(argv=None):
     parser.add_argument("--dtype", choices=DTYPES, default="fp32")
     parser.add_argument("--routers", nargs="+", choices=ROUTER_MODELS, default=list(ROUTER_MODELS))
     parser.add_argument("--backend", nargs="+", default=["torch", "triton", "loop"])
+    parser.add_argument("--overrides", nargs="*", default=[],
+                        help="config overrides key=value, e.g. input_size=8 (16 tokens per image: fewer tokens, the "
+                             "same widths, for Triton's slow interpreter)")
     parser.add_argument("--json", type=Path, default=None, help="write the JSON here (a .md table beside)")
     args = parser.parse_args(argv)
 
     dtype = DTYPES[args.dtype]
-    dense = layer_of(f"DiT-{args.size}", dtype)
-    config = promoe.model_config(f"DiT-{args.size}")
+    overrides = dict(report.parse_override(item) for item in args.overrides)
+    dense = layer_of(f"DiT-{args.size}", dtype, **overrides)
+    config = promoe.model_config(f"DiT-{args.size}", **overrides)
     tokens_per_image = min(args.tokens, (config.input_size // config.patch_size) ** 2)
     num_images = max(1, args.tokens // tokens_per_image)
     g = torch.Generator().manual_seed(0)
@@ -132,12 +136,12 @@ def main(argv=None):
 
     results = [dict(router="dense DiT MLP", backend="", saved_kib_per_token=dense_kib, vs_dense=1.0)]
     for router in args.routers:
-        layer = layer_of(ROUTER_MODELS[router].format(size=args.size), dtype)
+        layer = layer_of(ROUTER_MODELS[router].format(size=args.size), dtype, **overrides)
         for backend in args.backend:
             kib = layer_kib_per_token(layer, x, labels, backend)
             results.append(dict(router=router, backend=backend, saved_kib_per_token=kib, vs_dense=kib / dense_kib))
     run = report.run_record(dict(bench="saved_bytes", size=args.size, tokens=x.shape[0] * x.shape[1],
-                                 dtype=args.dtype), results)
+                                 dtype=args.dtype, overrides=overrides), results)
     title = (f"Bytes saved for backward by one {args.size} MoE layer, {x.shape[0] * x.shape[1]} tokens, {args.dtype} "
              "(KiB per token; saved-tensor hooks, each storage once, parameters and the layer's input left out)")
     report.emit(run, args.json, title)
