@@ -3,6 +3,9 @@
     python bench/traffic.py                      # ProMoE at XL width, 512 tokens, fp32, backends torch and triton
     python bench/traffic.py --json bench/results/traffic_XL_fp32.json
 
+The last column, `saved_kib_per_token`, is the activation memory of the same forward: the bytes kept for the
+backward (bench/saved_bytes.py, KiB = 1024 bytes).
+
 Every aten op that reaches the dispatcher (views excluded) is charged the bytes of its tensor inputs and outputs,
 and every Triton launch the bytes of its tensor arguments. A tensor is charged the memory it spans (a broadcast
 dimension, stride 0, counts once; a 0-dim tensor nothing). Ops are split into GEMMs (mm, addmm, bmm, grouped_mm,
@@ -46,6 +49,7 @@ if not torch.cuda.is_available():
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import report  # noqa: E402  (bench/report.py: JSON, table and chart shared by the bench scripts)
+from saved_bytes import SavedTensorBytes  # noqa: E402  (bench/saved_bytes.py: bytes kept for backward)
 
 import promoe  # noqa: E402
 from promoe.counters import _VIEWS, OpCounter, TritonLaunchCounter  # noqa: E402
@@ -144,7 +148,9 @@ def count_layer(layer, backend: str, x_BLD: torch.Tensor, labels_B: torch.Tensor
     """Traffic of one forward and one backward of the layer alone (the upstream gradient is given, not computed)."""
     x = x_BLD.detach().requires_grad_()
     with TrafficCounter() as traffic, TritonArgumentBytes(traffic), promoe.dispatch_backend(layer, backend):
-        out, aux = layer(x, labels_B)
+        with SavedTensorBytes(left_out=[x, *layer.parameters()]) as saved:  # beside the traffic, what backward keeps
+            out, aux = layer(x, labels_B)
+        traffic.saved_bytes = saved.total_bytes
         traffic.phase = "bwd"
         losses = list(aux.values())
         torch.autograd.backward([out, *losses], [grad_BLD, *(torch.ones_like(loss) for loss in losses)])
@@ -169,7 +175,8 @@ def summarise(traffic: TrafficCounter, num_tokens: int, floor: int, floor_standa
                 bwd_nongemm_kb_per_token=per_token(traffic.total("aten", "bwd") + traffic.total("triton", "bwd")),
                 floor_kb_per_token=per_token(floor), nongemm_vs_floor=nongemm / floor,
                 floor_standalone_kb_per_token=per_token(floor_standalone),
-                nongemm_vs_floor_standalone=nongemm / floor_standalone, host_syncs=traffic.host_syncs)
+                nongemm_vs_floor_standalone=nongemm / floor_standalone, host_syncs=traffic.host_syncs,
+                saved_kib_per_token=traffic.saved_bytes / num_tokens / 1024)
 
 
 def largest_items(traffic: TrafficCounter, num_tokens: int, count: int) -> list[dict]:

@@ -97,10 +97,10 @@ def _bias_act_kernel(h_ptr, bias_ptr, offsets_ptr, out_ptr, num_slots, num_exper
 
 
 @triton.jit
-def _bias_act_backward_kernel(grad_ptr, h_ptr, bias_ptr, offsets_ptr, grad_h_ptr, partial_ptr, num_slots,
-                              num_experts, hidden, stride_g, stride_h, stride_b, stride_gh,
-                              GELU: tl.constexpr, FP64: tl.constexpr, E_PAD: tl.constexpr, BLOCK_S: tl.constexpr,
-                              BLOCK_H: tl.constexpr):
+def _bias_act_backward_kernel(grad_ptr, h_ptr, bias_ptr, offsets_ptr, grad_h_ptr, partial_ptr, act_ptr, num_slots,
+                              num_experts, hidden, stride_g, stride_h, stride_b, stride_gh, stride_act,
+                              GELU: tl.constexpr, WRITE_ACT: tl.constexpr, FP64: tl.constexpr, E_PAD: tl.constexpr,
+                              BLOCK_S: tl.constexpr, BLOCK_H: tl.constexpr):
     tile = tl.program_id(0)
     segment, rows, cols, col_ok, in_tile, is_expert, live, bias_ok = _bias_tile(
         offsets_ptr, num_experts, num_slots, hidden, tile, E_PAD, BLOCK_S, BLOCK_H)
@@ -111,7 +111,10 @@ def _bias_act_backward_kernel(grad_ptr, h_ptr, bias_ptr, offsets_ptr, grad_h_ptr
         grad = grad.to(tl.float32)
     if GELU:
         z = _biased_rows(h_ptr, bias_ptr, segment, rows, cols, stride_h, stride_b, live, bias_ok, FP64)
-        _, tanh = _gelu_tanh(z)
+        act, tanh = _gelu_tanh(z)
+        if WRITE_ACT:  # the forward's output made again (0 for a dropped row, as there), for the down GEMM's backward
+            tl.store(act_ptr + rows[:, None] * stride_act + cols[None, :], act.to(act_ptr.dtype.element_ty),
+                     mask=in_tile)
         slope = 0.5 * (1.0 + tanh) + 0.5 * z * (1.0 - tanh * tanh) * GELU_C * (1.0 + 3.0 * GELU_A * z * z)
         grad = grad * slope
         tl.store(grad_h_ptr + rows[:, None] * stride_gh + cols[None, :], grad.to(grad_h_ptr.dtype.element_ty),
@@ -240,19 +243,33 @@ def _bias_act_setup_context(ctx, inputs, output):
 def _bias_act_backward(ctx, grad_SH):
     h_SH, b_EH, offsets_E1 = ctx.saved_tensors
     if ctx.gelu:
-        grad_h_SH, grad_b_EH = _bias_gelu_backward_op(grad_SH, h_SH, b_EH, offsets_E1)
+        grad_h_SH, grad_b_EH, _ = _bias_gelu_backward_op(grad_SH, h_SH, b_EH, offsets_E1, False)
     else:
-        # Without GELU the gradient of h is the incoming one, unmasked: the rows of dropped slots are the caller's to
-        # mask (as the torch definition leaves them); the bias gradient never reads them.
-        grad_h_SH, grad_b_EH = grad_SH.to(ctx.h_dtype), _bias_backward_op(grad_SH, b_EH, offsets_E1)
+        grad_h_SH, grad_b_EH = expert_bias_backward(grad_SH, ctx.h_dtype, b_EH, offsets_E1)
     return grad_h_SH, grad_b_EH, None, None
+
+
+def expert_bias_gelu_backward(grad_SH: torch.Tensor, h_SH: torch.Tensor, b_EH: torch.Tensor, offsets_E1: torch.Tensor
+                              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(grad h, grad b, gelu(h + b)) of `expert_bias_act(h, b, offsets, gelu=True)`: its output, which the down
+    GEMM's weight gradient reads, is made again by the backward's own pass (one more write, no more reads)."""
+    return _bias_gelu_backward_op(grad_SH, h_SH, b_EH, offsets_E1, True)
+
+
+def expert_bias_backward(grad_SH: torch.Tensor, h_dtype: torch.dtype, b_EH: torch.Tensor, offsets_E1: torch.Tensor
+                         ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(grad h in h_dtype, grad b in b's dtype) of `expert_bias_act(h, b, offsets, gelu=False)`."""
+    # Without GELU the gradient of h is the incoming one, unmasked: the rows of dropped slots are the caller's to
+    # mask (as the torch definition leaves them); the bias gradient never reads them.
+    return grad_SH.to(h_dtype), _bias_backward_op(grad_SH, b_EH, offsets_E1)
 
 
 _bias_act_op.register_autograd(_bias_act_backward, setup_context=_bias_act_setup_context)
 
 
-def _bias_backward(grad_SH, h_SH, b_EH, offsets_E1):
-    """(grad h or None, grad b): the backward kernel, through GELU(tanh) when h is given, then the segment sums."""
+def _bias_backward(grad_SH, h_SH, b_EH, offsets_E1, with_activation=False):
+    """(grad h or None, grad b, act or None): the backward kernel, through GELU(tanh) when h is given (and writing
+    the activation act(h + b) again with_activation), then the segment sums."""
     grad_SH, b_EH = grad_SH.contiguous(), b_EH.contiguous()
     gelu = h_SH is not None
     num_slots, hidden = grad_SH.shape
@@ -266,26 +283,33 @@ def _bias_backward(grad_SH, h_SH, b_EH, offsets_E1):
         grad_h_arg = grad_h = empty_output((num_slots, hidden), h_SH.dtype, h_SH.device)
     else:  # the kernel reads neither h nor writes grad_h: the bias stands in for both pointers
         grad_h, h_arg, grad_h_arg = None, b_EH, b_EH
+    act_dtype = torch.promote_types(h_SH.dtype, b_EH.dtype) if gelu else b_EH.dtype
+    act = act_arg = empty_output((num_slots, hidden) if with_activation else (0,), act_dtype, grad_SH.device)
+    if not with_activation:
+        act_arg = b_EH  # never written (WRITE_ACT): the bias stands in, so that the launch is charged nothing for it
     if num_slots and hidden:
         _bias_act_backward_kernel[grid](
-            grad_SH, h_arg, b_EH, offsets_E1, grad_h_arg, partial, num_slots, num_experts, hidden,
-            grad_SH.stride(0), h_arg.stride(0), b_EH.stride(0), grad_h_arg.stride(0), GELU=gelu,
-            FP64=compute == torch.float64, E_PAD=e_pad, BLOCK_S=block_s, BLOCK_H=block_h)
+            grad_SH, h_arg, b_EH, offsets_E1, grad_h_arg, partial, act_arg, num_slots, num_experts, hidden,
+            grad_SH.stride(0), h_arg.stride(0), b_EH.stride(0), grad_h_arg.stride(0), act_arg.stride(0), GELU=gelu,
+            WRITE_ACT=with_activation, FP64=compute == torch.float64, E_PAD=e_pad, BLOCK_S=block_s, BLOCK_H=block_h)
     grad_b = _segment_sums(partial, offsets_E1, num_slots, block_s, num_experts, b_EH.dtype)
-    return grad_h, grad_b
+    return grad_h, grad_b, act
 
 
 @torch.library.custom_op("promoe::expert_bias_gelu_backward", mutates_args=())
-def _bias_gelu_backward_op(grad_SH: torch.Tensor, h_SH: torch.Tensor, b_EH: torch.Tensor, offsets_E1: torch.Tensor
-                           ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(grad h [S, H] in h's dtype, grad b [E, H] in b's dtype) of the bias + GELU(tanh) step."""
-    return _bias_backward(grad_SH, h_SH, b_EH, offsets_E1)
+def _bias_gelu_backward_op(grad_SH: torch.Tensor, h_SH: torch.Tensor, b_EH: torch.Tensor, offsets_E1: torch.Tensor,
+                           with_activation: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(grad h [S, H] in h's dtype, grad b [E, H] in b's dtype, the step's output gelu(h + b) [S, H] made again
+    in the same pass with_activation, else an empty tensor) of the bias + GELU(tanh) step."""
+    return _bias_backward(grad_SH, h_SH, b_EH, offsets_E1, with_activation)
 
 
 @_bias_gelu_backward_op.register_fake
-def _(grad_SH, h_SH, b_EH, offsets_E1):
+def _(grad_SH, h_SH, b_EH, offsets_E1, with_activation):
+    act_shape = h_SH.shape if with_activation else (0,)
     return (torch.empty_like(h_SH, memory_format=torch.contiguous_format),
-            torch.empty_like(b_EH, memory_format=torch.contiguous_format))
+            torch.empty_like(b_EH, memory_format=torch.contiguous_format),
+            h_SH.new_empty(act_shape, dtype=torch.promote_types(h_SH.dtype, b_EH.dtype)))
 
 
 @torch.library.custom_op("promoe::expert_bias_backward", mutates_args=())

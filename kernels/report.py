@@ -148,9 +148,10 @@ def _expert_specs(num_experts: int, hidden: int) -> list[KernelSpec]:
                         "stride_b": "i32", "stride_out": "i32"}, dict(GELU=gelu, FP64=False, **block)),
             KernelSpec(f"expert bias backward gelu={gelu} E={num_experts}", _bias_act_backward_kernel,
                        {"grad_ptr": "*bf16", "h_ptr": "*bf16", "bias_ptr": "*bf16", "offsets_ptr": "*i64",
-                        "grad_h_ptr": "*bf16", "partial_ptr": "*fp32", "num_slots": "i32", "num_experts": "i32",
-                        "hidden": "i32", "stride_g": "i32", "stride_h": "i32", "stride_b": "i32", "stride_gh": "i32"},
-                       dict(GELU=gelu, FP64=False, **block)),
+                        "grad_h_ptr": "*bf16", "partial_ptr": "*fp32", "act_ptr": "*bf16", "num_slots": "i32",
+                        "num_experts": "i32", "hidden": "i32", "stride_g": "i32", "stride_h": "i32", "stride_b": "i32",
+                        "stride_gh": "i32", "stride_act": "i32"},
+                       dict(GELU=gelu, WRITE_ACT=gelu, FP64=False, **block)),
         ]
     return specs + [
         KernelSpec(f"segment sum E={num_experts}", _segment_sum_kernel,

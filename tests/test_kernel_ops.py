@@ -92,7 +92,9 @@ def test_expert_bias_ops_pass_opcheck(gelu, rng):
     torch.library.opcheck(ops.expert_bias_act.default, (h, b, plan.offsets_E1, gelu))
     grad = torch.randn(num_slots, HIDDEN, generator=rng)
     if gelu:
-        torch.library.opcheck(ops.expert_bias_gelu_backward.default, (grad, h.detach(), b.detach(), plan.offsets_E1))
+        for with_activation in (True, False):  # the backward of the expert MLP makes its output again, or not
+            torch.library.opcheck(ops.expert_bias_gelu_backward.default,
+                                  (grad, h.detach(), b.detach(), plan.offsets_E1, with_activation))
     else:
         torch.library.opcheck(ops.expert_bias_backward.default, (grad, b.detach(), plan.offsets_E1))
 

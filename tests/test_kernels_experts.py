@@ -170,3 +170,21 @@ def test_plan_centroids_equal_the_one_hot_centroids_of_conditional_routing(top_k
         torch.testing.assert_close(centroids, expected, **summed_tolerance(torch.float32, num_tokens, expected))
         torch.testing.assert_close(torch.autograd.grad(centroids, x, upstream)[0], expected_grad,
                                    **summed_tolerance(torch.float32, num_tokens, expected_grad))
+
+
+def test_bias_gelu_backward_makes_the_forward_output_again_in_its_own_pass(rng):
+    """The expert MLP's backward takes the GELU output from the bias + GELU backward kernel (issue 30): it equals the
+    forward kernel's output, zero rows for dropped slots included, and the gradients are those without it."""
+    from promoe.kernels.experts import expert_bias_act, expert_bias_gelu_backward
+
+    plan = token_choice_plan(torch.where(torch.rand(45, 2, generator=rng) < 0.3, 4,
+                                         torch.randint(0, 4, (45, 2), generator=rng)),
+                             torch.rand(45, 2, generator=rng), 4, has_dropped_slots=True)
+    h = torch.randn(90, 40, generator=rng)  # 90 rows: not a multiple of the 32-row tile; 40 columns of 128
+    b = torch.randn(4, 40, generator=rng)
+    grad = torch.randn(90, 40, generator=rng)
+    grad_h, grad_b, act = expert_bias_gelu_backward(grad, h, b, plan.offsets_E1)
+    assert torch.equal(act, expert_bias_act(h, b, plan.offsets_E1, gelu=True))
+    expected_h, expected_b = torch.autograd.grad(expert_bias_act(h.requires_grad_(), b.requires_grad_(),
+                                                                 plan.offsets_E1, gelu=True), (h, b), grad)
+    assert torch.equal(grad_h, expected_h) and torch.equal(grad_b, expected_b)

@@ -28,6 +28,8 @@ import torch
 
 from promoe.config import check_backend
 from promoe.kernels.experts import expert_bias_act
+from promoe.kernels.experts import expert_bias_backward as kernel_bias_backward
+from promoe.kernels.experts import expert_bias_gelu_backward as kernel_bias_gelu_backward
 from promoe.kernels.experts import expert_token_sums as kernel_token_sums
 from promoe.kernels.fan_out import fan_out as kernel_fan_out
 from promoe.kernels.permute import combine as kernel_combine
@@ -36,8 +38,15 @@ from promoe.kernels.plan import token_choice_plan as kernel_plan
 from promoe.kernels.routing import MAX_EXPERTS, MAX_TOP_K
 from promoe.kernels.routing import prototype_scores as kernel_scores
 from promoe.kernels.routing import route_prototypes as kernel_routing
-from promoe.moe.experts import ExpertBank, autocast_dtype, gelu_tanh, grouped_mm
-from promoe.moe.plan import RoutingPlan, accumulation_dtype, gather_rows, token_choice_plan
+from promoe.moe.experts import (
+    ExpertBank,
+    autocast_dtype,
+    gelu_tanh,
+    gelu_tanh_backward,
+    grouped_mm,
+    grouped_mm_backward,
+)
+from promoe.moe.plan import RoutingPlan, accumulation_dtype, gather_rows, gather_rows_backward, token_choice_plan
 from promoe.moe.routing import RoutingOps
 
 
@@ -90,32 +99,79 @@ class TorchBackend:
     def dispatch(self, x_ND: torch.Tensor, plan: RoutingPlan, experts: ExpertBank,
                  base_ND: torch.Tensor | None = None) -> torch.Tensor:
         """y[n] = base[n] + sum over the slots s of token n of gates[s] * expert[s](x[n]): permute -> expert MLP ->
-        combine. The base (the shared experts' output) is added as the combine writes y, not by a pass of its own."""
-        return self.combine(self.run_experts(self.permute(x_ND, plan), plan, experts), plan, base_ND)
+        combine. The base (the shared experts' output) is added as the combine writes y, not by a pass of its own.
+        The permute runs inside the expert MLP, whose backward gathers x's rows again rather than keeping them."""
+        return self.combine(self.expert_mlp(x_ND, plan, experts, permute=True), plan, base_ND)
+
+    def run_experts(self, x_SD: torch.Tensor, plan: RoutingPlan, experts: ExpertBank) -> torch.Tensor:
+        """The expert MLP on rows already in slot order (the rows that expert parallelism received)."""
+        return self.expert_mlp(x_SD, plan, experts, permute=False)
+
+    def expert_mlp(self, rows: torch.Tensor, plan: RoutingPlan, experts: ExpertBank, permute: bool) -> torch.Tensor:
+        """[S, D]: (permute ->) up, bias + GELU(tanh), down, bias, for each slot's expert (`ExpertMLP`)."""
+        return ExpertMLP.apply(self, permute, plan.num_tokens, plan.has_dropped_slots, rows, plan.token_index_S,
+                               plan.expert_index_S, plan.gates_S, plan.offsets_E1, plan.slot_NK, *experts.parameters())
+
+    # The steps of the expert MLP, each a function of tensors (autograd can differentiate them: the tests compose
+    # them as the plain-autograd reference), and the backward of each, which `ExpertMLP` runs.
 
     def permute(self, x_ND: torch.Tensor, plan: RoutingPlan) -> torch.Tensor:
         """x_SD[s] = x[token of s] in slot (expert) order; zero rows for dropped slots."""
         return mask_dropped_slots(plan)(gather_rows(x_ND, plan.token_index_S))
 
-    def run_experts(self, x_SD: torch.Tensor, plan: RoutingPlan, experts: ExpertBank) -> torch.Tensor:
-        """The expert MLP of each slot's expert: up, bias + GELU(tanh), down, bias. The one definition of it; a
-        backend changes its GEMM (`gemm`) or its bias steps, never the order."""
-        h_SH = self.expert_bias_gelu(self.gemm(x_SD, experts.w_up_EDH, plan), experts.b_up_EH, plan)
-        return self.expert_bias(self.gemm(h_SH, experts.w_down_EHD, plan), experts.b_down_ED, plan)
+    def permute_backward(self, grad_SD: torch.Tensor, plan: RoutingPlan) -> torch.Tensor:
+        """grad x [N, D]: each token sums the gradients of its slots (dropped slots add nothing)."""
+        return gather_rows_backward(mask_dropped_slots(plan)(grad_SD), plan.token_index_S, plan.num_tokens)
 
     def gemm(self, x_SA: torch.Tensor, w_EAB: torch.Tensor, plan: RoutingPlan) -> torch.Tensor:
         """out[s] = x[s] @ w[expert of s], grouped over the plan's offsets. Rows of dropped slots are left
         uninitialised; the bias steps zero them."""
-        return grouped_mm(x_SA, w_EAB, plan.offsets_E1[1:].to(torch.int32))
+        return grouped_mm(x_SA, w_EAB, _ends(plan))
+
+    def gemm_input_grad(self, grad_SB: torch.Tensor, w_EAB: torch.Tensor, plan: RoutingPlan, dtype: torch.dtype
+                        ) -> torch.Tensor:
+        """grad x [S, A] of `gemm`, run in `dtype` (the forward's: the autocast dtype where it cast). Rows past the
+        last offset are left uninitialised."""
+        return grouped_mm_backward(grad_SB.to(dtype), None, w_EAB.to(dtype), _ends(plan), w_grad=False)[0]
+
+    def gemm_weight_grad(self, grad_SB: torch.Tensor, x_SA: torch.Tensor, w_EAB: torch.Tensor, plan: RoutingPlan,
+                         dtype: torch.dtype) -> torch.Tensor:
+        """grad w [E, A, B] of `gemm`, run in `dtype`, in w's dtype."""
+        grad_w_EAB = grouped_mm_backward(grad_SB.to(dtype), x_SA.to(dtype), None, _ends(plan), x_grad=False)[1]
+        return grad_w_EAB.to(w_EAB.dtype)
+
+    def add_expert_bias(self, h_SH: torch.Tensor, b_EH: torch.Tensor, plan: RoutingPlan) -> torch.Tensor:
+        """h[s] + b[expert of s] for every slot s; zero rows (forward and backward) for dropped slots, so that the
+        GEMM's uninitialised rows never reach the bias gradient."""
+        return mask_dropped_slots(plan)(h_SH + gather_rows(b_EH, _slot_experts(plan, b_EH)))
+
+    def add_expert_bias_backward(self, grad_SH: torch.Tensor, h_dtype: torch.dtype, b_EH: torch.Tensor,
+                                 plan: RoutingPlan) -> tuple[torch.Tensor, torch.Tensor]:
+        """(grad h in h_dtype, grad b) of `add_expert_bias`."""
+        grad_SH = mask_dropped_slots(plan)(grad_SH)
+        grad_b_EH = gather_rows_backward(grad_SH.to(b_EH.dtype), _slot_experts(plan, b_EH), b_EH.shape[0])
+        return grad_SH.to(h_dtype), grad_b_EH
 
     def expert_bias_gelu(self, h_SH: torch.Tensor, b_EH: torch.Tensor, plan: RoutingPlan) -> torch.Tensor:
-        """gelu_tanh(h[s] + b[expert of s]) for every slot s; zero rows (forward and backward) for dropped slots, so
-        that the GEMM's uninitialised rows never reach the bias gradient."""
-        return gelu_tanh(mask_dropped_slots(plan)(h_SH + gather_rows(b_EH, _slot_experts(plan, b_EH))))
+        """gelu_tanh(h[s] + b[expert of s]) for every slot s; zero rows for dropped slots."""
+        return gelu_tanh(self.add_expert_bias(h_SH, b_EH, plan))
+
+    def expert_bias_gelu_backward(self, grad_SH: torch.Tensor, h_SH: torch.Tensor, b_EH: torch.Tensor,
+                                  plan: RoutingPlan) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(grad h, grad b, the step's output) of `expert_bias_gelu`, from h: the GELU's input and output are made
+        again (elementwise), the output for the down GEMM's weight gradient."""
+        z_SH = self.add_expert_bias(h_SH, b_EH, plan)
+        grad_z_SH = gelu_tanh_backward(grad_SH.to(z_SH.dtype), z_SH)
+        return *self.add_expert_bias_backward(grad_z_SH, h_SH.dtype, b_EH, plan), gelu_tanh(z_SH)
 
     def expert_bias(self, out_SD: torch.Tensor, b_ED: torch.Tensor, plan: RoutingPlan) -> torch.Tensor:
         """out[s] + b[expert of s] for every slot s; zero rows for dropped slots."""
-        return mask_dropped_slots(plan)(out_SD + gather_rows(b_ED, _slot_experts(plan, b_ED)))
+        return self.add_expert_bias(out_SD, b_ED, plan)
+
+    def expert_bias_backward(self, grad_SD: torch.Tensor, out_dtype: torch.dtype, b_ED: torch.Tensor,
+                             plan: RoutingPlan) -> tuple[torch.Tensor, torch.Tensor]:
+        """(grad out in out_dtype, grad b) of `expert_bias`."""
+        return self.add_expert_bias_backward(grad_SD, out_dtype, b_ED, plan)
 
     def combine(self, out_SD: torch.Tensor, plan: RoutingPlan, base_ND: torch.Tensor | None = None) -> torch.Tensor:
         """y [N, D] = base + sum over each token's slots of gate * out, in out's dtype; dropped slots add nothing."""
@@ -136,6 +192,20 @@ class LoopBackend(TorchBackend):
             out_SB = out_SB.index_put((mask_S,), (x_SA[mask_S] @ w_EAB[expert]).to(dtype))
         return out_SB
 
+    def gemm_input_grad(self, grad_SB, w_EAB, plan, dtype):
+        grad_x_SA = grad_SB.new_zeros((grad_SB.shape[0], w_EAB.shape[1]), dtype=dtype)
+        for expert in range(w_EAB.shape[0]):
+            mask_S = plan.expert_index_S == expert
+            grad_x_SA[mask_S] = grad_SB[mask_S].to(dtype) @ w_EAB[expert].to(dtype).t()
+        return grad_x_SA
+
+    def gemm_weight_grad(self, grad_SB, x_SA, w_EAB, plan, dtype):
+        grad_w_EAB = torch.zeros_like(w_EAB)
+        for expert in range(w_EAB.shape[0]):
+            mask_S = plan.expert_index_S == expert
+            grad_w_EAB[expert] = (x_SA[mask_S].to(dtype).t() @ grad_SB[mask_S].to(dtype)).to(w_EAB.dtype)
+        return grad_w_EAB
+
 
 class GroupedGemmBackend(TorchBackend):
     """The expert GEMMs of the grouped_gemm package; every other step is the definition."""
@@ -150,6 +220,13 @@ class GroupedGemmBackend(TorchBackend):
         kept = int(batch_sizes_E.sum())
         out_KB = grouped_gemm_gmm()(x_SA[:kept], w_EAB, batch_sizes_E)
         return torch.cat([out_KB, out_KB.new_zeros((x_SA.shape[0] - kept, out_KB.shape[1]))])
+
+    def expert_mlp(self, rows, plan, experts, permute):
+        """Autograd through the steps: the package's GEMM brings its own backward (which keeps its inputs), so the
+        permuted rows and the GELU output are kept too."""
+        x_SD = self.permute(rows, plan) if permute else rows
+        a_SH = self.expert_bias_gelu(self.gemm(x_SD, experts.w_up_EDH, plan), experts.b_up_EH, plan)
+        return self.expert_bias(self.gemm(a_SH, experts.w_down_EHD, plan), experts.b_down_ED, plan)
 
 
 class TritonBackend(TorchBackend):
@@ -201,11 +278,22 @@ class TritonBackend(TorchBackend):
             return super().combine(out_SD, plan, base_ND)
         return kernel_combine(out_SD, plan.gates_S, plan.token_index_S, plan.slot_NK, plan.offsets_E1[-1:], base_ND)
 
+    def permute_backward(self, grad_SD: torch.Tensor, plan: RoutingPlan) -> torch.Tensor:
+        if not self.kernel_slots:
+            return super().permute_backward(grad_SD, plan)
+        return kernel_combine(grad_SD, None, plan.token_index_S, plan.slot_NK, plan.offsets_E1[-1:])
+
     def expert_bias_gelu(self, h_SH: torch.Tensor, b_EH: torch.Tensor, plan: RoutingPlan) -> torch.Tensor:
         return expert_bias_act(h_SH, b_EH, plan.offsets_E1, gelu=True)
 
+    def expert_bias_gelu_backward(self, grad_SH, h_SH, b_EH, plan):
+        return kernel_bias_gelu_backward(grad_SH, h_SH, b_EH, plan.offsets_E1)  # the output made in the same pass
+
     def expert_bias(self, out_SD: torch.Tensor, b_ED: torch.Tensor, plan: RoutingPlan) -> torch.Tensor:
         return expert_bias_act(out_SD, b_ED, plan.offsets_E1, gelu=False)
+
+    def expert_bias_backward(self, grad_SD, out_dtype, b_ED, plan):
+        return kernel_bias_backward(grad_SD, out_dtype, b_ED, plan.offsets_E1)
 
 
 BACKEND_CLASSES = {backend.name: backend for backend in (LoopBackend, TorchBackend, TritonBackend, GroupedGemmBackend)}
@@ -221,7 +309,68 @@ def gate_weighted_sum(out_SD: torch.Tensor, gates_S: torch.Tensor, token_S: torc
         y_ND = out_SD.new_zeros((num_tokens, out_SD.shape[1]), dtype=acc)
     else:
         y_ND = base_ND.to(acc)
-    return y_ND.index_add(0, token_S, out_SD.to(acc) * gates_S[:, None].to(acc)).to(out_SD.dtype)
+    return _GatedRowSum.apply(y_ND, out_SD, gates_S, token_S).to(out_SD.dtype)
+
+
+class _GatedRowSum(torch.autograd.Function):
+    """y.index_add(0, token, out * gates[:, None]) in y's dtype, keeping for backward out in its own dtype (not its
+    accumulation-dtype copy), the gates and the token index: not the weighted rows, which autograd's index_add keeps
+    though it reads only their shape. The backward is autograd's for the same ops, in the same order."""
+
+    @staticmethod
+    def forward(ctx, y_ND, out_SD, gates_S, token_S):
+        ctx.save_for_backward(out_SD, gates_S, token_S)
+        return y_ND.index_add(0, token_S, out_SD.to(y_ND.dtype) * gates_S[:, None].to(y_ND.dtype))
+
+    @staticmethod
+    def backward(ctx, grad_ND):
+        out_SD, gates_S, token_S = ctx.saved_tensors
+        grad_rows_SD = grad_ND.index_select(0, token_S)
+        grad_out_SD = grad_rows_SD * gates_S[:, None].to(grad_ND.dtype)
+        grad_gates_S = (grad_rows_SD * out_SD.to(grad_ND.dtype)).sum(1)
+        return grad_ND, grad_out_SD.to(out_SD.dtype), grad_gates_S.to(gates_S.dtype), None
+
+
+class ExpertMLP(torch.autograd.Function):
+    """The expert MLP of every slot, the one definition of it: (permute ->) up GEMM -> bias + GELU(tanh) -> down GEMM
+    -> bias, run by a backend's steps (`TorchBackend.permute`, `gemm`, `expert_bias_gelu`, `expert_bias`; a backend
+    changes how a step runs, never the order).
+
+    Its backward runs each step's backward in reverse, keeping from the forward only the up-GEMM's output h_SH beside
+    what is kept anyway (the rows it read: x, the layer's input, when it permutes; the weights; the plan's indices):
+    the permuted rows of x are gathered again, the GELU output (which the down GEMM's weight gradient reads) made
+    again from h. Gathers and elementwise steps are run twice, no GEMM is. Autograd through the steps would keep
+    the permuted rows, the GELU's input and its output: 2 H + D values per slot against H.
+    """
+
+    @staticmethod
+    def forward(ctx, backend, permute, num_tokens, has_dropped_slots, rows, token_S, expert_S, gates_S, offsets_E1,
+                slot_NK, w_up_EDH, b_up_EH, w_down_EHD, b_down_ED):
+        plan = RoutingPlan(token_S, expert_S, gates_S, offsets_E1, num_tokens, has_dropped_slots, slot_NK)
+        x_SD = backend.permute(rows, plan) if permute else rows
+        h_SH = backend.gemm(x_SD, w_up_EDH, plan)
+        a_SH = backend.expert_bias_gelu(h_SH, b_up_EH, plan)
+        down_SD = backend.gemm(a_SH, w_down_EHD, plan)
+        # The plan whole (its gates are kept by the combine anyway), so that the steps see the plan they saw.
+        ctx.save_for_backward(rows, h_SH, token_S, expert_S, gates_S, offsets_E1, slot_NK, w_up_EDH, b_up_EH,
+                              w_down_EHD, b_down_ED)
+        ctx.backend, ctx.permute, ctx.plan_sizes = backend, permute, (num_tokens, has_dropped_slots)
+        return backend.expert_bias(down_SD, b_down_ED, plan)
+
+    @staticmethod
+    def backward(ctx, grad_SD):
+        rows, h_SH, token_S, expert_S, gates_S, offsets_E1, slot_NK, w_up, b_up, w_down, b_down = ctx.saved_tensors
+        backend, dtype = ctx.backend, h_SH.dtype  # the GEMMs' dtype: the down GEMM's output is h's dtype too
+        plan = RoutingPlan(token_S, expert_S, gates_S, offsets_E1, *ctx.plan_sizes, slot_NK)
+        grad_down_SD, grad_b_down = backend.expert_bias_backward(grad_SD, dtype, b_down, plan)
+        grad_a_SH = backend.gemm_input_grad(grad_down_SD, w_down, plan, dtype)
+        grad_h_SH, grad_b_up, a_SH = backend.expert_bias_gelu_backward(grad_a_SH, h_SH, b_up, plan)  # a made again
+        grad_w_down = backend.gemm_weight_grad(grad_down_SD, a_SH, w_down, plan, dtype)
+        x_SD = backend.permute(rows, plan) if ctx.permute else rows  # gathered again
+        grad_x_SD = backend.gemm_input_grad(grad_h_SH, w_up, plan, dtype).to(x_SD.dtype)
+        grad_w_up = backend.gemm_weight_grad(grad_h_SH, x_SD, w_up, plan, dtype)
+        grad_rows = backend.permute_backward(grad_x_SD, plan) if ctx.permute else mask_dropped_slots(plan)(grad_x_SD)
+        return (None,) * 4 + (grad_rows,) + (None,) * 5 + (grad_w_up, grad_b_up, grad_w_down, grad_b_down)
 
 
 def grouped_gemm_gmm():
@@ -243,6 +392,11 @@ def _bf16_operands(x_SA: torch.Tensor, w_EAB: torch.Tensor) -> tuple[torch.Tenso
                         f"activations {x_SA.dtype} and expert weights {w_EAB.dtype}: cast the model to bf16, run "
                         "under bf16 autocast, or choose the `triton` or `torch` backend")
     return x_SA, w_EAB
+
+
+def _ends(plan: RoutingPlan) -> torch.Tensor:
+    """The end of each expert's rows, int32, as grouped_mm takes them."""
+    return plan.offsets_E1[1:].to(torch.int32)
 
 
 def _slot_experts(plan: RoutingPlan, table_EC: torch.Tensor) -> torch.Tensor:

@@ -1,5 +1,6 @@
 """Expert feed-forward networks: the dense FFN and the bank of stacked expert weights."""
 
+import contextlib
 import math
 
 import torch
@@ -11,8 +12,14 @@ def gelu_tanh(x: torch.Tensor) -> torch.Tensor:
     return F.gelu(x, approximate="tanh")
 
 
+def gelu_tanh_backward(grad: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+    """The gradient of gelu_tanh at z: what autograd computes for it (aten's gelu_backward), bit for bit."""
+    return torch.ops.aten.gelu_backward(grad, z, approximate="tanh")
+
+
 class FFN(nn.Module):
-    """Linear -> GELU(tanh) -> Linear; the dense DiT MLP and the shared expert (keys fc1 / fc2 as timm's Mlp)."""
+    """Linear -> GELU(tanh) -> Linear; the dense DiT MLP (keys fc1 / fc2 as timm's Mlp), as DiT writes it: autograd
+    keeps both the pre-activation and the GELU output."""
 
     def __init__(self, dim: int, hidden: int):
         super().__init__()
@@ -21,6 +28,46 @@ class FFN(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.fc2(gelu_tanh(self.fc1(x)))
+
+
+class SharedExpert(FFN):
+    """The same FFN (the same keys) run on every token of a MoE layer, keeping for backward only its pre-activation
+    besides x and the weights: the GELU output, which fc2's weight gradient reads, is recomputed from it."""
+
+    def forward(self, x_ND: torch.Tensor) -> torch.Tensor:
+        return _LinearGeluLinear.apply(x_ND, self.fc1.weight, self.fc1.bias, self.fc2.weight, self.fc2.bias)
+
+
+class _LinearGeluLinear(torch.autograd.Function):
+    """fc2(gelu_tanh(fc1(x))) for x [N, D], its backward the one autograd runs for nn.Linear (addmm) and GELU, in the
+    same order, less the GELU output that it keeps: recomputed from the pre-activation (elementwise; no GEMM runs
+    twice). Under autocast everything runs in the autocast dtype, as autocast runs nn.Linear, and the gradients go
+    back in the dtypes of the inputs."""
+
+    @staticmethod
+    def forward(ctx, x_ND, w1_HD, b1_H, w2_DH, b2_D):
+        inputs = (x_ND, w1_HD, b1_H, w2_DH, b2_D)
+        dtype = autocast_dtype(x_ND)
+        if dtype is not None:
+            x_ND, w1_HD, b1_H, w2_DH, b2_D = (t.to(dtype) for t in inputs)
+        with torch.autocast(x_ND.device.type, enabled=False) if dtype is not None else contextlib.nullcontext():
+            z_NH = F.linear(x_ND, w1_HD, b1_H)
+            y_ND = F.linear(gelu_tanh(z_NH), w2_DH, b2_D)
+        # The originals are kept (x and the weights are kept anyway); their casts are made again in backward.
+        ctx.save_for_backward(inputs[0], z_NH, inputs[1], inputs[3])
+        ctx.dtypes = [t.dtype for t in inputs]
+        return y_ND
+
+    @staticmethod
+    def backward(ctx, grad_ND):
+        x_ND, z_NH, w1_HD, w2_DH = ctx.saved_tensors
+        x_ND, w1_HD, w2_DH = (t.to(z_NH.dtype) for t in (x_ND, w1_HD, w2_DH))
+        grad_ND = grad_ND.to(z_NH.dtype)
+        a_NH = gelu_tanh(z_NH)  # recomputed, not kept
+        # addmm's backward: mat1 <- grad @ mat2.t(); a transposed weight's gradient as grad.t() @ mat1 (its layout)
+        grad_z_NH = gelu_tanh_backward(grad_ND.mm(w2_DH), z_NH)
+        grads = (grad_z_NH.mm(w1_HD), grad_z_NH.t().mm(x_ND), grad_z_NH.sum(0), grad_ND.t().mm(a_NH), grad_ND.sum(0))
+        return tuple(g.to(dtype) for g, dtype in zip(grads, ctx.dtypes))
 
 
 class ExpertBank(nn.Module):
@@ -85,12 +132,19 @@ def _grouped_mm_setup_context(ctx, inputs, output):
 
 def _grouped_mm_backward(ctx, grad_SB):
     x_SA, w_EAB, ends_E = ctx.saved_tensors
+    return (*grouped_mm_backward(grad_SB, x_SA, w_EAB, ends_E, *ctx.needs_input_grad[:2]), None)
+
+
+def grouped_mm_backward(grad_SB: torch.Tensor, x_SA: torch.Tensor, w_EAB: torch.Tensor, ends_E: torch.Tensor,
+                        x_grad: bool = True, w_grad: bool = True) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """(grad x [S, A], grad w [E, A, B]) of `grouped_mm(x, w, ends)`, each None where not asked for; x, w and grad
+    in one dtype. Rows of grad x past ends[-1] are left uninitialised."""
     # The CPU kernel fails on a gradient with zero strides: straight from .sum(), or of no rows at all (a rank of
     # expert parallelism that runs no slot), which .contiguous() leaves as they are.
     grad_SB = grad_SB.contiguous() if grad_SB.numel() else grad_SB.new_zeros(grad_SB.shape)
-    grad_x = _grouped_mm_op(grad_SB, w_EAB.transpose(1, 2), ends_E) if ctx.needs_input_grad[0] else None
-    grad_w = _grouped_mm_weight_grad_op(x_SA, grad_SB, ends_E) if ctx.needs_input_grad[1] else None
-    return grad_x, grad_w, None
+    grad_x = _grouped_mm_op(grad_SB, w_EAB.transpose(1, 2), ends_E) if x_grad else None
+    grad_w = _grouped_mm_weight_grad_op(x_SA, grad_SB, ends_E) if w_grad else None
+    return grad_x, grad_w
 
 
 _grouped_mm_op.register_autograd(_grouped_mm_backward, setup_context=_grouped_mm_setup_context)

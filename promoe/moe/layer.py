@@ -15,7 +15,7 @@ import torch.nn as nn
 from promoe.config import check_backend
 from promoe.moe.dispatch import LayerRouting, TorchBackend, default_backend_name, make_backend
 from promoe.moe.expert_parallel import ExpertGroup, dispatch_expert_parallel
-from promoe.moe.experts import FFN, ExpertBank
+from promoe.moe.experts import ExpertBank, SharedExpert
 from promoe.moe.plan import RoutingPlan
 from promoe.moe.routers import PrototypeScorer
 
@@ -35,7 +35,7 @@ class MoELayer(nn.Module):
         self.router = router
         self.experts = ExpertBank(num_bank_experts, dim, expert_hidden)
         # S shared experts of width H are one FFN of width S*H: the sum of their outputs is the same function.
-        self.shared = FFN(dim, shared_hidden) if shared_hidden > 0 else None
+        self.shared = SharedExpert(dim, shared_hidden) if shared_hidden > 0 else None
         self.activated_routed = activated_routed
         self.configured_backend = backend
         self.plan_hooks: list[Callable[[RoutingPlan], None]] = []  # called with each plan (`promoe.moe.record`)

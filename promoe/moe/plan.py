@@ -110,6 +110,32 @@ def gather_rows(table_RC: torch.Tensor, index_S: torch.Tensor) -> torch.Tensor:
     return F.embedding(index_S, table_RC)
 
 
+def gather_rows_backward(grad_SC: torch.Tensor, index_S: torch.Tensor, num_rows: int) -> torch.Tensor:
+    """The gradient of `gather_rows(table, index)` for a table of num_rows rows: row r sums the gradient rows of the
+    slots that read r, as F.embedding's backward sums them (the same sums in the same order)."""
+    return torch.ops.aten.embedding_dense_backward(grad_SC, index_S, num_rows, -1, False)
+
+
+class _AddRows(torch.autograd.Function):
+    """base.index_add(0, index, rows), keeping only the index for backward (autograd's index_add keeps the rows too,
+    although its backward reads only their shape): the rows' gradient is the gathered one, the base's passes."""
+
+    @staticmethod
+    def forward(ctx, base_RC, index_S, rows_SC):
+        ctx.save_for_backward(index_S)
+        return base_RC.index_add(0, index_S, rows_SC)
+
+    @staticmethod
+    def backward(ctx, grad_RC):
+        (index_S,) = ctx.saved_tensors
+        return grad_RC, None, grad_RC.index_select(0, index_S)
+
+
+def add_rows(base_RC: torch.Tensor, index_S: torch.Tensor, rows_SC: torch.Tensor) -> torch.Tensor:
+    """base with rows[s] added to row index[s] (`index_add` on dim 0), its backward the same as index_add's."""
+    return _AddRows.apply(base_RC, index_S, rows_SC)
+
+
 def accumulation_dtype(x: torch.Tensor) -> torch.dtype:
     """Sums over slots run in fp32 at least, float64 for float64 activations."""
     return torch.promote_types(x.dtype, torch.float32)
@@ -122,4 +148,4 @@ def expert_token_sums(x_ND: torch.Tensor, token_S: torch.Tensor, offsets_E1: tor
     out) land in a discarded row. The signature of its kernel, whose backward gathers through slot_NK."""
     x_SD = gather_rows(x_ND.to(accumulation_dtype(x_ND)), token_S)
     sums_ED = x_SD.new_zeros((offsets_E1.numel(), x_ND.shape[1]))
-    return sums_ED.index_add(0, expert_S, x_SD)[:num_experts]
+    return add_rows(sums_ED, expert_S, x_SD)[:num_experts]
