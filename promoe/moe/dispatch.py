@@ -110,7 +110,8 @@ class TorchBackend:
     def expert_mlp(self, rows: torch.Tensor, plan: RoutingPlan, experts: ExpertBank, permute: bool) -> torch.Tensor:
         """[S, D]: (permute ->) up, bias + GELU(tanh), down, bias, for each slot's expert (`ExpertMLP`)."""
         return ExpertMLP.apply(self, permute, plan.num_tokens, plan.has_dropped_slots, rows, plan.token_index_S,
-                               plan.expert_index_S, plan.gates_S, plan.offsets_E1, plan.slot_NK, *experts.parameters())
+                               plan.expert_index_S, plan.gates_S, plan.offsets_E1, plan.slot_NK, experts.w_up_EDH,
+                               experts.b_up_EH, experts.w_down_EHD, experts.b_down_ED)  # a bank, or one rank's part
 
     # The steps of the expert MLP, each a function of tensors (autograd can differentiate them: the tests compose
     # them as the plain-autograd reference), and the backward of each, which `ExpertMLP` runs.
