@@ -5,9 +5,9 @@
     torchrun --nproc_per_node=8 -m promoe.data.preprocess ...     # rank r encodes shards r, r + world, ...
 
 Each image is centre-cropped as ADM does and encoded with its horizontal flip; a shard holds the posterior moments
-of both. Resumable: a shard is written to `*.tmp` and renamed, so a shard file that exists is complete and is
-skipped, and a leftover `*.tmp` is written over. meta.json is written first and must agree with the arguments of
-a run that continues the folder. The ranks need no process group: their shards are disjoint.
+of both. Resumable: a shard is written to a temporary name and renamed, so a shard file that exists is complete
+and is skipped, and a leftover `*.tmp` of a shard being written (older runs used that fixed name) is removed.
+meta.json is written first and must agree with the arguments of a run that continues the folder. The ranks need no process group: their shards are disjoint.
 """
 
 import argparse
@@ -33,7 +33,8 @@ MUST_AGREE = ("format", "image_size", "shard_size", "dtype", "num_images", "file
 
 
 def write_atomically(path: Path, data: bytes) -> None:
-    """`data` to `path.tmp`, flushed to disk, then renamed over `path`: a reader sees all of it or nothing."""
+    """`data` to a temporary name, flushed to disk, then renamed over `path`: a reader sees all of it or nothing."""
+    path.with_name(path.name + ".tmp").unlink(missing_ok=True)  # a killed run's, from when the name was fixed
     with written_atomically(path) as tmp, open(tmp, "wb") as file:
         file.write(data)
         file.flush()

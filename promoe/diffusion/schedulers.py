@@ -102,8 +102,10 @@ def sample_with_scheduler(scheduler, model, noise: torch.Tensor, y: torch.Tensor
     """Runs a diffusers scheduler (its timesteps already set) from `noise`, with our guidance on the first C
     channels; one model call (two with two-pass guidance) per entry of `scheduler.timesteps`. `progress` wraps the
     timesteps (ProMoEPipeline passes its progress bar). The sampling CLI's --scheduler and ProMoEPipeline run this."""
-    # ProMoEPipeline sets the timesteps itself, from any number (Heun's hold about 2 per step)
-    check_sampling_steps(scheduler.num_inference_steps)
+    # ProMoEPipeline sets the timesteps itself, from any number (Heun's hold about 2 per step); timesteps or sigmas
+    # given as a list leave num_inference_steps unset on some schedulers: their count is the list's.
+    steps = scheduler.num_inference_steps
+    check_sampling_steps(len(scheduler.timesteps) if steps is None else steps)
     channels = noise.shape[1]
     variance = reads_variance(scheduler)
     x = noise  # these schedulers start from unit noise and feed the model x unscaled

@@ -47,10 +47,11 @@ class _LinearGeluLinear(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x_ND, w1_HD, b1_H, w2_DH, b2_D):
         inputs = (x_ND, w1_HD, b1_H, w2_DH, b2_D)
-        dtype = autocast_dtype(x_ND)
-        if dtype is not None:
-            x_ND, w1_HD, b1_H, w2_DH, b2_D = (t.to(dtype) for t in inputs)
-        with torch.autocast(x_ND.device.type, enabled=False) if dtype is not None else contextlib.nullcontext():
+        # Without autocast the weights compute in x's dtype: storage in another (diffusers' layerwise casting keeps
+        # fc1 and fc2 in float8 and casts them in their own forward, which this function replaces) is cast here.
+        autocast = autocast_dtype(x_ND)
+        x_ND, w1_HD, b1_H, w2_DH, b2_D = (t.to(autocast or x_ND.dtype) for t in inputs)
+        with torch.autocast(x_ND.device.type, enabled=False) if autocast is not None else contextlib.nullcontext():
             z_NH = F.linear(x_ND, w1_HD, b1_H)
             y_ND = F.linear(gelu_tanh(z_NH), w2_DH, b2_D)
         # The originals are kept (x and the weights are kept anyway); their casts are made again in backward.
