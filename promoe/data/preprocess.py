@@ -7,7 +7,8 @@
 Each image is centre-cropped as ADM does and encoded with its horizontal flip; a shard holds the posterior moments
 of both. Resumable: a shard is written to a temporary name and renamed, so a shard file that exists is complete
 and is skipped, and a leftover `*.tmp` of a shard being written (older runs used that fixed name) is removed.
-meta.json is written first and must agree with the arguments of a run that continues the folder. The ranks need no process group: their shards are disjoint.
+meta.json is written first and must agree with the arguments of a run that continues the folder. The ranks need
+no process group: their shards are disjoint.
 """
 
 import argparse
