@@ -89,27 +89,27 @@ def compiled_steps(world_size: int, overrides: list[str]) -> dict[int, list[dict
     return dict(results)
 
 
-# (ranks, overrides, graphs a forward runs). A block runs as one graph; the expert-parallel MoE block as two, the
-# layer's exchange between them (its one graph break, `run_on_expert_ranks`).
+# (ranks, overrides, graphs a forward runs). A block runs as one graph. In the expert-parallel MoE block the exchange
+# (`run_on_expert_ranks`, run as it is) cuts the trace of each frame that encloses it: the block's, the MoE layer's
+# and `dispatch_expert_parallel`'s, each traced up to the call and resumed after it; measured, 5 graphs (torch 2.13).
 SETTINGS = {"compile": (1, [], 2), "checkpointing": (1, [CHECKPOINTING], 2),
-            "checkpointing-expert-parallel": (2, [CHECKPOINTING, EXPERT_PARALLEL], 3)}
+            "checkpointing-expert-parallel": (2, [CHECKPOINTING, EXPERT_PARALLEL], 1 + 5)}
 
 
 @pytest.mark.parametrize("setting", [pytest.param(name, marks=[pytest.mark.slow] if SETTINGS[name][0] > 1 else [])
                                      for name in SETTINGS])
-def test_every_block_runs_compiled_with_one_break_per_expert_parallel_layer_and_no_recompile(setting):
+def test_every_block_runs_compiled_breaking_only_at_the_exchange_and_never_recompiles(setting):
     ranks, overrides, graphs_per_forward = SETTINGS[setting]
     for rank, steps in compiled_steps(ranks, overrides).items():
         for step, counts in enumerate(steps, start=1):
-            # A block left eager would show its own nodes: its two LayerNorms, and one compiled graph fewer.
+            # A block left eager would show its own nodes: its two LayerNorms, and its compiled graphs missing.
             assert counts["nodes"]["CompiledFunctionBackward"] == graphs_per_forward, (rank, step, counts)
             assert counts["nodes"]["NativeLayerNormBackward0"] == 1, (rank, step, counts)  # the final layer's
         first, last = steps[1], steps[-1]  # by the end of step 2 everything is compiled: nothing after
         assert (last["graphs"], last["frames"]) == (first["graphs"], first["frames"]), (rank, steps)
         assert first["graphs"] >= graphs_per_forward, (rank, steps)
-        if EXPERT_PARALLEL in overrides:
-            assert all("run_on_expert_ranks" in reason for reason in last["breaks"]), (rank, last["breaks"])
-            assert sum(last["breaks"].values()) >= 1
+        if EXPERT_PARALLEL in overrides:  # one place breaks the graph: the exchange
+            assert len(last["breaks"]) == 1 and "run_on_expert_ranks" in next(iter(last["breaks"])), last["breaks"]
         else:
             assert last["breaks"] == {}, (rank, last["breaks"])
 
