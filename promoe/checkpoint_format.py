@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from promoe.errors import error_message, one_line, parse_json, quoted, read_small_text
+from promoe.errors import Refusal, error_message, one_line, parse_json, quoted, read_small_text
 from promoe.train_config import RunConfig, config_from_json
 from promoe.weights import build_to_fit, check_fits, dcp_shapes, load_dcp
 
@@ -56,9 +56,9 @@ def read_manifest(folder: Path) -> dict[str, dict] | None:
         for name, entry in files.items():
             if Path(name).name != name or name in (".", "..") or not isinstance(entry["bytes"], int) \
                     or not isinstance(entry["blake2b"], str):
-                raise ValueError(f"the entry {quoted(name)} is not a file of the folder with its size and digest")
+                raise Refusal(f"the entry {quoted(name)} is not a file of the folder with its size and digest")
     except (ValueError, KeyError, TypeError, AttributeError) as error:
-        raise ValueError(f"{path} is unreadable ({one_line(str(error), 200)})") from None
+        raise Refusal(f"{path} is unreadable ({one_line(str(error), 200)})") from None
     return files
 
 
@@ -93,8 +93,8 @@ def verify_checkpoint(folder: Path) -> bool:
     if problem is None and files is not None:
         problem = changed_file(folder, files, {name: file_digest(folder / name) for name in files})
     if problem is not None:
-        raise ValueError(f"checkpoint {folder} is damaged: {problem}; use another checkpoint of the run (the "
-                         "resume of a run moves a damaged one aside and uses the newest intact one)")
+        raise Refusal(f"checkpoint {folder} is damaged: {problem}; use another checkpoint of the run (the "
+                      "resume of a run moves a damaged one aside and uses the newest intact one)")
     return files is not None
 
 
@@ -107,11 +107,11 @@ def check_step_folder(folder: Path) -> None:
         latest = root / LATEST
         named = (root / latest.read_text().strip()[:100]) if latest.is_file() else root / "step_NNNNNNN"
         exported = f", or {root.parent / 'ema.safetensors'}" if (root.parent / "ema.safetensors").is_file() else ""
-        raise ValueError(f"{folder} holds a run's checkpoints, not one saved step: give one of its step folders, "
-                         f"e.g. {named}{exported}")
+        raise Refusal(f"{folder} holds a run's checkpoints, not one saved step: give one of its step folders, "
+                      f"e.g. {named}{exported}")
     if not (folder / ".metadata").is_file() and not (folder / MANIFEST).is_file():
-        raise ValueError(f"{folder} is not a checkpoint folder (no .metadata, no {MANIFEST}): give a step folder "
-                         "(runs/NAME/checkpoints/step_NNNNNNN), an ema.safetensors or an official .pth")
+        raise Refusal(f"{folder} is not a checkpoint folder (no .metadata, no {MANIFEST}): give a step folder "
+                      "(runs/NAME/checkpoints/step_NNNNNNN), an ema.safetensors or an official .pth")
 
 
 def read_run_config(path: Path) -> RunConfig:
@@ -127,9 +127,9 @@ def read_meta(folder: Path) -> dict:
     try:
         meta = parse_json(read_small_text(path, "a checkpoint's step and data set"))
         if not isinstance(meta, dict) or not isinstance(meta.get("step"), int):
-            raise ValueError("it holds no step number")
+            raise Refusal("it holds no step number")
     except ValueError as error:
-        raise ValueError(f"{path} is unreadable ({one_line(str(error), 200)})") from None
+        raise Refusal(f"{path} is unreadable ({one_line(str(error), 200)})") from None
     return meta
 
 

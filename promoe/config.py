@@ -8,7 +8,7 @@ import types
 import typing
 from dataclasses import dataclass
 
-from promoe.errors import error_message, parse_json, quoted, read_small_text
+from promoe.errors import Refusal, error_message, parse_json, quoted, read_small_text
 
 ROUTERS = ("dense", "promoe", "promoe_ec", "tc", "ec", "diffmoe", "classifier", "kmeans")
 BACKENDS = ("loop", "torch", "triton", "grouped_gemm")  # the dispatch backends of promoe.moe.dispatch
@@ -17,12 +17,12 @@ ACTIVATIONS = ("identity", "sigmoid", "softmax")  # ProMoE's router activations 
 
 def check_backend(name: str) -> None:
     if name not in BACKENDS:
-        raise ValueError(f"unknown dispatch backend {name!r}; choose one of {BACKENDS}")
+        raise Refusal(f"unknown dispatch backend {name!r}; choose one of {BACKENDS}")
 
 
 def check_activation(name: str) -> None:
     if name not in ACTIVATIONS:
-        raise ValueError(f"unknown router activation {name!r}; choose one of {sorted(ACTIVATIONS)}")
+        raise Refusal(f"unknown router activation {name!r}; choose one of {sorted(ACTIVATIONS)}")
 
 # The most a model's fields may ask for: far beyond every model of the paper (DiT-XL: hidden 1152, depth 28, 256
 # tokens, 1000 classes, 16 experts), so that a file or a mistyped override cannot ask for terabytes. Whether a model
@@ -52,22 +52,22 @@ class ExpertSpec:
     def parse(cls, text: str) -> "ExpertSpec":
         match = _EXPERT_STRING.fullmatch(text)
         if match is None:
-            raise ValueError(f"bad expert string {text!r}: expected the form E<total>A<activated>S<shared>U<uncond>, "
-                             "e.g. 'E14A1S1U1'")
+            raise Refusal(f"bad expert string {text!r}: expected the form E<total>A<activated>S<shared>U<uncond>, "
+                          "e.g. 'E14A1S1U1'")
         spec = cls(*map(int, match.groups()))
         if spec.total > MAX_EXPERTS:
-            raise ValueError(f"expert string {text!r}: at most {MAX_EXPERTS} experts are supported")
+            raise Refusal(f"expert string {text!r}: at most {MAX_EXPERTS} experts are supported")
         if spec.routed < 1:
-            raise ValueError(f"expert string {text!r} leaves {spec.routed} routed experts (E - S - U must be >= 1)")
+            raise Refusal(f"expert string {text!r} leaves {spec.routed} routed experts (E - S - U must be >= 1)")
         if not 1 <= spec.activated <= spec.routed:
-            raise ValueError(f"expert string {text!r}: A={spec.activated} must lie in 1..{spec.routed} (routed)")
+            raise Refusal(f"expert string {text!r}: A={spec.activated} must lie in 1..{spec.routed} (routed)")
         if spec.uncond > 1:
-            raise ValueError(f"expert string {text!r}: at most one unconditional expert (U0 or U1) is supported, "
-                             "as in the official implementation")
+            raise Refusal(f"expert string {text!r}: at most one unconditional expert (U0 or U1) is supported, "
+                          "as in the official implementation")
         return spec
 
 
-class FieldError(ValueError):
+class FieldError(Refusal):
     """An impossible value of one ModelConfig field; `field` names it, so callers can say where it was set."""
 
     def __init__(self, field: str, message: str):
@@ -89,7 +89,7 @@ def coerce(value, annotation):
             pass
     if origin is tuple:
         if not isinstance(value, (list, tuple)) or len(value) != len(typing.get_args(annotation)):
-            raise ValueError(f"expected a list of {len(typing.get_args(annotation))} numbers, got {quoted(value)}")
+            raise Refusal(f"expected a list of {len(typing.get_args(annotation))} numbers, got {quoted(value)}")
         return tuple(coerce(v, t) for v, t in zip(value, typing.get_args(annotation)))
     if origin in (typing.Union, types.UnionType):
         for option in typing.get_args(annotation):
@@ -100,10 +100,10 @@ def coerce(value, annotation):
                     return coerce(value, option)
                 except ValueError:
                     pass
-        raise ValueError(f"{quoted(value)} is not a {annotation}")
+        raise Refusal(f"{quoted(value)} is not a {annotation}")
     expected = origin or annotation
     if not isinstance(value, expected) or (expected is int and isinstance(value, bool)):
-        raise ValueError(f"expected {getattr(expected, '__name__', expected)}, got {quoted(value)}")
+        raise Refusal(f"expected {getattr(expected, '__name__', expected)}, got {quoted(value)}")
     return value
 
 
@@ -251,5 +251,5 @@ class ModelConfig:
         known = {f.name for f in dataclasses.fields(self)}
         unknown = sorted(set(overrides) - known)
         if unknown:
-            raise ValueError(f"unknown model config key(s) {unknown}; known keys: {sorted(known)}")
+            raise Refusal(f"unknown model config key(s) {unknown}; known keys: {sorted(known)}")
         return dataclasses.replace(self, **overrides)

@@ -29,7 +29,7 @@ import torch
 
 from promoe.diffusion import OBJECTIVES
 from promoe.dit.model import DiT
-from promoe.errors import exits_with_message, one_line
+from promoe.errors import Refusal, exits_with_message, one_line
 from promoe.moe.routers import DiffMoERouter
 from promoe.weights import check_fits, save_weights, unpickling_refusal
 from promoe.zoo import build_model
@@ -92,8 +92,8 @@ def _strip_prefixes(key: str) -> str:
 
 def layout_of(router: str) -> OfficialLayout:
     if router not in LAYOUTS:
-        raise ValueError(f"the official code has no model with router {router!r}; it has {sorted(LAYOUTS)} "
-                         "and Dense-DiT")
+        raise Refusal(f"the official code has no model with router {router!r}; it has {sorted(LAYOUTS)} "
+                      "and Dense-DiT")
     return LAYOUTS[router]
 
 
@@ -128,7 +128,7 @@ def official_to_promoe(official: dict[str, torch.Tensor], router: str) -> dict[s
         converted[f"{match['layer']}.{_rename(match['rest'], layout.renames, key)}"] = value
     for (layer, name), by_index in experts.items():
         if sorted(by_index) != list(range(len(by_index))):
-            raise ValueError(f"{layer}.experts: expert indices {sorted(by_index)} are not 0..{len(by_index) - 1}")
+            raise Refusal(f"{layer}.experts: expert indices {sorted(by_index)} are not 0..{len(by_index) - 1}")
         converted[f"{layer}.experts.{name}"] = torch.stack([by_index[i] for i in range(len(by_index))])
     return converted
 
@@ -164,8 +164,8 @@ def check_constants(official: dict[str, torch.Tensor], expected: dict[str, torch
     for key, value in expected.items():
         name = key.rpartition(".")[2]
         if name in _FIXED_HINTS and not torch.allclose(official[key].float(), value.float(), atol=1e-5):
-            raise ValueError(f"checkpoint does not fit {model_name}: key {key!r} does not hold the model's fixed "
-                             f"value ({_FIXED_HINTS[name]})")
+            raise Refusal(f"checkpoint does not fit {model_name}: key {key!r} does not hold the model's fixed "
+                          f"value ({_FIXED_HINTS[name]})")
 
 
 def load_official_checkpoint(source: str | Path | dict, model_name: str, prefer: str = "ema", **overrides):
@@ -177,8 +177,8 @@ def load_official_checkpoint(source: str | Path | dict, model_name: str, prefer:
     checkpoint = read_official(Path(source)) if isinstance(source, (str, Path)) else source
     weights = pick_weights(checkpoint, prefer) if isinstance(checkpoint, dict) else None
     if not isinstance(weights, dict) or not all(isinstance(value, torch.Tensor) for value in weights.values()):
-        raise ValueError(f"{source} holds no state dict (a mapping of names to tensors, alone or under "
-                         "'ema_model_state_dict' / 'model_state_dict'): is it an official checkpoint?")
+        raise Refusal(f"{source} holds no state dict (a mapping of names to tensors, alone or under "
+                      "'ema_model_state_dict' / 'model_state_dict'): is it an official checkpoint?")
     official = {_strip_prefixes(key): value for key, value in weights.items()}
     model = build_model(model_name, **overrides)
     expected = promoe_to_official(model)
@@ -196,11 +196,11 @@ def read_official(path: Path) -> dict:
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as error:
-        raise ValueError(f"{path} holds objects other than tensors and plain data, which are not unpickled (they "
-                         f"could run code): {unpickling_refusal(error)}; convert it where you trust it") from None
+        raise Refusal(f"{path} holds objects other than tensors and plain data, which are not unpickled (they "
+                      f"could run code): {unpickling_refusal(error)}; convert it where you trust it") from None
     except (RuntimeError, EOFError) as error:  # torch's reader on a file that is not a whole checkpoint
-        raise ValueError(f"{path} is not a readable torch checkpoint ({type(error).__name__}: "
-                         f"{one_line(str(error), 150)}): empty or cut short? Download it again") from None
+        raise Refusal(f"{path} is not a readable torch checkpoint ({type(error).__name__}: "
+                      f"{one_line(str(error), 150)}): empty or cut short? Download it again") from None
 
 
 @exits_with_message
@@ -240,7 +240,7 @@ def to_diffusers(args) -> None:
     try:
         pipe = pipeline_from_checkpoint(args.checkpoint, args.model, args.weights, args.objective, args.vae)
         save_pipeline(pipe, args.out)
-    except (FileNotFoundError, ValueError) as error:
+    except (FileNotFoundError, Refusal) as error:
         raise SystemExit(f"error: {error}") from None
     print(f"wrote {args.out}: {type(pipe.scheduler).__name__}, {'a VAE' if pipe.vae is not None else 'no VAE'}")
 

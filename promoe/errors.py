@@ -1,9 +1,11 @@
 """What goes wrong with the files and options a user gives us, said in one line: the file named and what to do.
 
-Our refusals are ValueErrors whose message names the file; the operating system's errors (a missing file, a
-read-only folder, a full disk) are OSErrors. Each command's `main` is wrapped in `exits_with_message`, its one error
-path: either ends as `error: <one line>` and exit status 1, not a traceback. Values quoted in a message go through
-`quoted` (a bounded repr), and what a file can make us read is bounded (`read_small_text`).
+Our refusals are `Refusal`s (a ValueError) whose message names the file, key or argument; the operating system's
+errors about files (a missing file, a read-only folder, a full disk, a planted link) are OSErrors of the errnos in
+`FILE_SYSTEM_ERRNOS`. Each command's `main` is wrapped in `exits_with_message`, its one error path: either ends as
+`error: <one line>` and exit status 1, not a traceback. Any other exception, a plain ValueError included, is a bug
+and keeps its traceback. Values quoted in a message go through `quoted` (a bounded repr), and what a file can make us
+read is bounded (`read_small_text`).
 """
 
 import errno
@@ -19,6 +21,12 @@ from pathlib import Path
 
 DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
 NOT_ALLOWED = (errno.EACCES, errno.EPERM, errno.EROFS)
+# What the file system says of the paths a user gave: these OSErrors (ours too, raised with a message of our own and
+# no errno), and the plain OSErrors of the errnos below (a full disk, a read-only disk, a planted link, a long name).
+# The user's to fix, so said in one line; any other OSError (a socket's, a bug's) keeps its traceback.
+FILE_SYSTEM_ERRORS = (FileNotFoundError, FileExistsError, IsADirectoryError, NotADirectoryError, PermissionError)
+FILE_SYSTEM_ERRNOS = frozenset({errno.ENOENT, errno.EEXIST, errno.EISDIR, errno.ENOTDIR, errno.ENOTEMPTY,
+                                errno.ELOOP, errno.ENAMETOOLONG, errno.EXDEV, errno.EBUSY, *DISK_FULL, *NOT_ALLOWED})
 # Configs, manifests, meta.json, sampling.json: a few KB when written by us or by hand.
 SMALL_FILE_BYTES = 1 << 20
 MESSAGE_CHARACTERS = 600
@@ -26,6 +34,11 @@ MESSAGE_CHARACTERS = 600
 _REPR = reprlib.Repr()  # its limits set one by one: Python 3.11's takes no arguments
 _REPR.maxlevel, _REPR.maxdict, _REPR.maxlist, _REPR.maxtuple, _REPR.maxset = 3, 6, 8, 8, 6
 _REPR.maxstring, _REPR.maxother, _REPR.maxlong = 80, 80, 40
+
+
+class Refusal(ValueError):
+    """Bad input refused by promoe (a file, a config, an argument, a limit), its message one line naming what and
+    what to do. The commands say it as `error: <message>`; a plain ValueError is a bug and keeps its traceback."""
 
 
 def quoted(value) -> str:
@@ -45,26 +58,28 @@ def read_small_text(path: str | Path, what: str, limit: int = SMALL_FILE_BYTES) 
     a regular file (a FIFO, a device) is refused without waiting for a writer."""
     path = Path(path)
     if path.is_dir():
-        raise ValueError(f"{path} is a folder; it should be a file holding {what}")
+        raise Refusal(f"{path} is a folder; it should be a file holding {what}")
     with open(path, "rb", opener=lambda name, flags: os.open(name, flags | os.O_NONBLOCK)) as file:
         if not stat.S_ISREG(os.fstat(file.fileno()).st_mode):
-            raise ValueError(f"{path} is not a regular file (a FIFO or a device?); it should be a file holding {what}")
+            raise Refusal(f"{path} is not a regular file (a FIFO or a device?); it should be a file holding {what}")
         data = file.read(limit + 1)
     if len(data) > limit:
-        raise ValueError(f"{path} is larger than {limit // 1024} KiB, too large for {what}: is it the right file?")
+        raise Refusal(f"{path} is larger than {limit // 1024} KiB, too large for {what}: is it the right file?")
     try:
         return data.decode("utf-8")
     except UnicodeDecodeError:
-        raise ValueError(f"{path} is not UTF-8 text, so it cannot hold {what}: is it the right file?") from None
+        raise Refusal(f"{path} is not UTF-8 text, so it cannot hold {what}: is it the right file?") from None
 
 
 def parse_json(text: str):
-    """json.loads, with a value nested too deeply for Python's recursion refused as a ValueError (a JSON error
-    already is one): callers name the file."""
+    """json.loads, with text that is not JSON, or a value nested too deeply for Python's recursion, refused in one
+    line (a Refusal): callers name the file."""
     try:
         return json.loads(text)
     except RecursionError:
-        raise ValueError(NESTED_TOO_DEEPLY) from None
+        raise Refusal(NESTED_TOO_DEEPLY) from None
+    except ValueError as error:  # json.JSONDecodeError; an integer of more digits than Python converts
+        raise Refusal(one_line(str(error), 200)) from None
 
 
 NESTED_TOO_DEEPLY = "nested deeper than Python's recursion allows: not a file promoe wrote"
@@ -144,12 +159,21 @@ def write_text_atomically(path: Path, text: str) -> None:
         tmp.write_text(text)
 
 
+def is_users_to_fix(error: BaseException) -> bool:
+    """True for our refusals and the file system's errors: what the one-line path says; anything else is a bug."""
+    return isinstance(error, (Refusal, *FILE_SYSTEM_ERRORS)) or isinstance(error, OSError) and (
+        error.errno in FILE_SYSTEM_ERRNOS)
+
+
 @contextmanager
 def said_in_one_line():
-    """Our refusals (ValueError) and the system's errors (OSError) inside become `error: <one line>`, exit status 1."""
+    """Our refusals (`Refusal`) and the file system's errors inside become `error: <one line>`, exit status 1; any
+    other exception (a bug's ValueError deep in a training step) goes on with its traceback."""
     try:
         yield
     except (ValueError, OSError) as error:
+        if not is_users_to_fix(error):
+            raise
         raise SystemExit(f"error: {error_message(error)}") from None
 
 

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from promoe.errors import exits_with_message, one_line, parse_json, read_small_text, write_text_atomically
+from promoe.errors import Refusal, exits_with_message, one_line, parse_json, read_small_text, write_text_atomically
 from promoe.eval.images import check_enough, open_images
 from promoe.eval.inception import load_inception
 from promoe.eval.metrics import inception_score, precision_recall
@@ -84,7 +84,7 @@ def main(argv=None) -> dict:
         try:
             metrics["sampling"] = parse_json(read_small_text(sampling, "the settings of a sampling job"))
         except ValueError as error:
-            raise ValueError(f"{sampling} is unreadable ({one_line(str(error), 150)}): delete or fix it") from None
+            raise Refusal(f"{sampling} is unreadable ({one_line(str(error), 150)}): delete or fix it") from None
     write_text_atomically(folder / "metrics.json", json.dumps(metrics, indent=2))
     print(f"wrote {folder / 'metrics.json'}")
     return metrics

@@ -19,9 +19,12 @@ batch, the same labels, steps and guidance scale, the images are the CLI's to th
 """
 
 import dataclasses
+import errno
 import inspect
 import math
+import os
 import shutil
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -33,9 +36,10 @@ from diffusers.utils import is_accelerate_available, logging
 from PIL import Image
 
 from promoe.config import ModelConfig
-from promoe.data.vae import load_vae
+from promoe.data.vae import check_vae_config, load_vae
 from promoe.diffusion import DDPM, OBJECTIVES, SCHEDULERS, batches_guidance, sample_with_scheduler
 from promoe.diffusion.schedulers import ddpm_scheduler
+from promoe.errors import Refusal, current_umask
 from promoe.hf_folder import (
     check_digest,
     check_pipeline_index,
@@ -46,6 +50,7 @@ from promoe.hf_folder import (
     seal,
     weights_files,
 )
+from promoe.limits import check_sampling_steps
 from promoe.moe.layer import place_dispatch
 from promoe.sampling import decode, initial_noise, is_latent_model, load_model, objective_of, to_uint8
 from promoe.zoo import build_from_config
@@ -81,7 +86,7 @@ class ProMoETransformer2DModel(ModelMixin, ConfigMixin):
         super().__init__()
         config = ModelConfig(**fields)  # every field checked (diffusers passes the config.json's known keys)
         if objective is not None and objective not in OBJECTIVES:
-            raise ValueError(f"objective {objective!r}: choose one of {', '.join(OBJECTIVES)}")
+            raise Refusal(f"objective {objective!r}: choose one of {', '.join(OBJECTIVES)}")
         self.register_to_config(**dataclasses.asdict(config), objective=objective)
         self.dit = build_from_config(config)
 
@@ -100,8 +105,8 @@ class ProMoETransformer2DModel(ModelMixin, ConfigMixin):
 
     def enable_gradient_checkpointing(self, gradient_checkpointing_func=None) -> None:
         if any(hasattr(module, "running_stats") for module in self.modules()):
-            raise ValueError("gradient checkpointing: this model's routers update running statistics in forward "
-                             "(k-means centroids, DiffMoE thresholds), which a recomputation would update twice")
+            raise Refusal("gradient checkpointing: this model's routers update running statistics in forward "
+                          "(k-means centroids, DiffMoE thresholds), which a recomputation would update twice")
         super().enable_gradient_checkpointing(gradient_checkpointing_func)
 
     def save_pretrained(self, save_directory, safe_serialization: bool = True, variant: str | None = None,
@@ -203,6 +208,7 @@ class ProMoEPipeline(DiffusionPipeline):
         index = check_pipeline_index(folder)
         pipeline_objective(folder, index)
         if (folder / "vae").is_dir():
+            check_vae_config(folder / "vae" / "config.json")
             for file in vae_weights(folder / "vae", kwargs.get("variant"), kwargs.get("use_safetensors")):
                 if file.suffix == ".safetensors":
                     check_digest(file)
@@ -248,25 +254,26 @@ class ProMoEPipeline(DiffusionPipeline):
 def check_labels(class_labels, num_classes: int) -> torch.Tensor:
     labels = torch.as_tensor(class_labels).reshape(-1)
     if labels.numel() == 0 or labels.dtype.is_floating_point or labels.dtype == torch.bool:
-        raise ValueError(f"class_labels must be one or more integers in 0..{num_classes - 1}, got {class_labels!r}")
+        raise Refusal(f"class_labels must be one or more integers in 0..{num_classes - 1}, got {class_labels!r}")
     bad = labels[(labels < 0) | (labels >= num_classes)].tolist()
     if bad:
-        raise ValueError(f"class_labels {bad} outside 0..{num_classes - 1}")
+        raise Refusal(f"class_labels {bad} outside 0..{num_classes - 1}")
     return labels.long()
 
 
 def check_call(guidance_scale: float, steps: int, generator, output_type: str) -> None:
     # nan or inf give black images; a scale below 1 moves samples away from their class (as promoe.sample refuses).
     if not (isinstance(guidance_scale, (int, float)) and 1 <= guidance_scale < math.inf):
-        raise ValueError(f"guidance_scale {guidance_scale!r}: a guidance scale is a finite number >= 1 (1: no "
-                         "guidance)")
+        raise Refusal(f"guidance_scale {guidance_scale!r}: a guidance scale is a finite number >= 1 (1: no "
+                      "guidance)")
     if not (isinstance(steps, int) and steps >= 1):
-        raise ValueError(f"num_inference_steps must be an integer >= 1, got {steps!r}")
+        raise Refusal(f"num_inference_steps must be an integer >= 1, got {steps!r}")
+    check_sampling_steps(steps, "num_inference_steps")  # before the scheduler lays out its tables
     if generator is not None and not (isinstance(generator, torch.Generator) and generator.device.type == "cpu"):
-        raise ValueError("generator: one CPU torch.Generator for the whole batch (promoe draws a batch's noise from "
-                         f"one generator on the CPU, as promoe.sample does), got {generator!r}")
+        raise Refusal("generator: one CPU torch.Generator for the whole batch (promoe draws a batch's noise from "
+                      f"one generator on the CPU, as promoe.sample does), got {generator!r}")
     if output_type not in OUTPUT_TYPES:
-        raise ValueError(f"output_type {output_type!r}: choose one of {', '.join(OUTPUT_TYPES)}")
+        raise Refusal(f"output_type {output_type!r}: choose one of {', '.join(OUTPUT_TYPES)}")
 
 
 def set_timesteps(scheduler, steps: int, sigmas, timesteps) -> None:
@@ -276,10 +283,11 @@ def set_timesteps(scheduler, steps: int, sigmas, timesteps) -> None:
         scheduler.set_timesteps(steps)
         return
     if sigmas is not None and timesteps is not None:
-        raise ValueError("give sigmas or timesteps, not both")
+        raise Refusal("give sigmas or timesteps, not both")
     name, values = ("sigmas", sigmas) if sigmas is not None else ("timesteps", timesteps)
     if name not in inspect.signature(scheduler.set_timesteps).parameters:
-        raise ValueError(f"{type(scheduler).__name__} takes no custom {name}")
+        raise Refusal(f"{type(scheduler).__name__} takes no custom {name}")
+    check_sampling_steps(len(values), f"{name} of length")
     scheduler.set_timesteps(**{name: [float(v) if name == "sigmas" else int(v) for v in values]})
 
 
@@ -312,23 +320,32 @@ def pipeline_from_checkpoint(source: str | Path, model_name: str | None = None, 
     if latent and vae is None:
         vae = config.data.vae if config is not None and config.data.vae else None
         if vae is None:
-            raise ValueError("this model makes VAE latents: give --vae PATH, a local AutoencoderKL folder; nothing is "
-                             "downloaded")
+            raise Refusal("this model makes VAE latents: give --vae PATH, a local AutoencoderKL folder; nothing is "
+                          "downloaded")
     scheduler = default_scheduler(objective_of(config, objective), model.config)
     transformer = ProMoETransformer2DModel.from_dit(model, objective or config.train.objective)
     return ProMoEPipeline(transformer, scheduler, load_vae(vae) if latent else None)
 
 
 def save_pipeline(pipe: ProMoEPipeline, out: str | Path) -> None:
-    """pipe.save_pretrained into a temporary folder, renamed to `out` once complete (a killed run leaves no half
-    folder under the name); an existing `out` is refused."""
+    """pipe.save_pretrained into a new temporary folder of a unique name beside `out` (so neither a planted link nor
+    another writer's folder is written through), renamed to `out` once complete: a killed run leaves no half folder
+    under the name, and of concurrent writers one renames its whole folder, the others are refused. An existing `out`
+    is refused. The folder takes the mode a plain mkdir gives under the umask (mkdtemp's is 0700)."""
     out = Path(out)
-    if out.exists():
-        raise ValueError(f"{out} exists: give a new folder")
-    tmp = out.with_name(out.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    pipe.save_pretrained(tmp)
-    tmp.rename(out)
+    if out.exists() or out.is_symlink():
+        raise Refusal(f"{out} exists: give a new folder")
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
+    try:
+        os.chmod(tmp, 0o777 & ~current_umask())
+        pipe.save_pretrained(tmp)
+        os.rename(tmp, out)  # fails where another writer's folder (not empty) took the name meanwhile
+    except OSError as error:
+        if out.exists() and error.errno in (errno.EEXIST, errno.ENOTEMPTY):
+            raise Refusal(f"{out} exists (written meanwhile by another command?): give a new folder") from None
+        raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 __all__ = ["ProMoEPipeline", "ProMoETransformer2DModel", "pipeline_from_checkpoint", "save_pipeline"]

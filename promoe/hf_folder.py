@@ -30,10 +30,10 @@ from safetensors import SafetensorError, safe_open
 from promoe.config import ModelConfig
 from promoe.diffusion import OBJECTIVES, make_objective
 from promoe.diffusion.schedulers import ddpm_betas
-from promoe.errors import one_line, quoted, read_small_text, written_atomically
+from promoe.errors import Refusal, one_line, parse_json, quoted, read_small_text, written_atomically
 from promoe.train_config import DataSection, ModelSection, RunConfig, TrainSection, model_config_from_fields
 from promoe.weights import TENSORS_DIGEST, check_shapes_fit, read_tensors, tensors_digest
-from promoe.zoo import build_from_config
+from promoe.zoo import build_from_config, check_memory
 
 PIPELINE_CLASS = "ProMoEPipeline"
 TRANSFORMER_CLASS = "ProMoETransformer2DModel"
@@ -71,16 +71,17 @@ def is_pipeline_folder(path: str | Path) -> bool:
 
 
 def read_json(path: Path, what: str) -> dict:
+    """The JSON object of a small file (errors.read_small_text's bounds: its size, a FIFO, UTF-8), parsed by
+    errors.parse_json (its nesting bounded); what is wrong said in one line naming the file."""
     if not path.is_file():
         raise FileNotFoundError(f"{path} is missing: {what}")
+    text = read_small_text(path, what)
     try:
-        values = json.loads(read_small_text(path, what))
-    except (UnicodeDecodeError, ValueError) as error:
-        raise ValueError(f"{path} is not JSON ({one_line(str(error), 200)})") from None
-    except RecursionError:  # json's parser recurses once per level of nesting
-        raise ValueError(f"{path} is nested too deeply to be {what}: is it the right file?") from None
+        values = parse_json(text)
+    except Refusal as error:
+        raise Refusal(f"{path} is not JSON ({error})") from None
     if not isinstance(values, dict):
-        raise ValueError(f"{path} holds a {type(values).__name__}, not a JSON object")
+        raise Refusal(f"{path} holds a {type(values).__name__}, not a JSON object")
     return values
 
 
@@ -100,22 +101,22 @@ def check_pipeline_index(path: str | Path) -> dict:
     index = read_json(folder / INDEX, "it says which pipeline the folder holds")
     name = f"{folder / INDEX}"
     if index.get("_class_name") != PIPELINE_CLASS:
-        raise ValueError(f"{name}: not a promoe pipeline (it holds a {quoted(index.get('_class_name'))}, promoe "
-                         f"writes {PIPELINE_CLASS!r})")
+        raise Refusal(f"{name}: not a promoe pipeline (it holds a {quoted(index.get('_class_name'))}, promoe "
+                      f"writes {PIPELINE_CLASS!r})")
     if index.get("transformer") != [LIBRARY, TRANSFORMER_CLASS]:
-        raise ValueError(f"{name}: transformer {quoted(index.get('transformer'))}, a promoe pipeline holds "
-                         f"{[LIBRARY, TRANSFORMER_CLASS]}")
+        raise Refusal(f"{name}: transformer {quoted(index.get('transformer'))}, a promoe pipeline holds "
+                      f"{[LIBRARY, TRANSFORMER_CLASS]}")
     scheduler = index.get("scheduler")
     if not (isinstance(scheduler, list) and len(scheduler) == 2 and scheduler[0] == "diffusers"
             and scheduler[1] in SCHEDULER_OBJECTIVES):
-        raise ValueError(f"{name}: scheduler {quoted(scheduler)}; a promoe pipeline holds one of diffusers' "
-                         f"{', '.join(SCHEDULER_OBJECTIVES)}")
+        raise Refusal(f"{name}: scheduler {quoted(scheduler)}; a promoe pipeline holds one of diffusers' "
+                      f"{', '.join(SCHEDULER_OBJECTIVES)}")
     if index.get("vae", [None, None]) not in ([None, None], list(VAE)):
-        raise ValueError(f"{name}: vae {quoted(index.get('vae'))}; a promoe pipeline holds {list(VAE)} or none")
+        raise Refusal(f"{name}: vae {quoted(index.get('vae'))}; a promoe pipeline holds {list(VAE)} or none")
     extra = sorted(key for key in index if not key.startswith("_") and key not in COMPONENTS)
     if extra:
-        raise ValueError(f"{name}: unknown component(s) {quoted(extra)}; a promoe pipeline holds "
-                         f"{', '.join(COMPONENTS)}")
+        raise Refusal(f"{name}: unknown component(s) {quoted(extra)}; a promoe pipeline holds "
+                      f"{', '.join(COMPONENTS)}")
     for component in COMPONENTS:
         if index.get(component, [None, None]) != [None, None] and not (folder / component).is_dir():
             raise FileNotFoundError(f"{folder / component} is missing: {INDEX} names a {component} "
@@ -156,11 +157,11 @@ def shard_files(index: Path) -> list[Path]:
     """The files an index of shards names ({"weight_map": {tensor: file}}), each a file of the index's folder."""
     weight_map = read_json(index, "the index of the weights' shards").get("weight_map")
     if not isinstance(weight_map, dict) or not all(isinstance(file, str) for file in weight_map.values()):
-        raise ValueError(f"{index}: weight_map is not a mapping of tensor names to files")
+        raise Refusal(f"{index}: weight_map is not a mapping of tensor names to files")
     files = sorted(set(weight_map.values()))
     for name in files:
         if Path(name).name != name or name in ("", ".", ".."):
-            raise ValueError(f"{index} names {quoted(name)}, which is not a file of {index.parent}: not loaded")
+            raise Refusal(f"{index} names {quoted(name)}, which is not a file of {index.parent}: not loaded")
         if not (index.parent / name).is_file():
             raise FileNotFoundError(f"{index.parent / name} is missing: {index.name} names it as a shard of the "
                                     "weights")
@@ -174,7 +175,7 @@ def weights_shapes(files: list[Path]) -> dict[str, torch.Tensor]:
     for path in files:
         for name, tensor in file_shapes(path).items():
             if name in shapes:
-                raise ValueError(f"{path}: tensor {quoted(name)} is in another shard too: not loaded")
+                raise Refusal(f"{path}: tensor {quoted(name)} is in another shard too: not loaded")
             shapes[name] = tensor
     return shapes
 
@@ -185,15 +186,15 @@ def file_shapes(path: Path) -> dict[str, torch.Tensor]:
             with safe_open(str(path), framework="pt") as file:
                 return {name: torch.empty(file.get_slice(name).get_shape(), device="meta") for name in file.keys()}
         except SafetensorError as error:
-            raise ValueError(f"{path} is not a readable safetensors file ({one_line(str(error), 120)}): cut short? "
-                             "Copy or save it again") from None
+            raise Refusal(f"{path} is not a readable safetensors file ({one_line(str(error), 120)}): cut short? "
+                          "Copy or save it again") from None
     try:
         state = torch.load(path, map_location="meta", weights_only=True, mmap=True)
     except Exception as error:  # torch.load raises what the damage makes of it (UnpicklingError, RuntimeError, ...)
-        raise ValueError(f"{path} is not a readable torch file of tensors ({type(error).__name__}: "
-                         f"{one_line(str(error), 160)})") from None
+        raise Refusal(f"{path} is not a readable torch file of tensors ({type(error).__name__}: "
+                      f"{one_line(str(error), 160)})") from None
     if not (isinstance(state, dict) and all(isinstance(value, torch.Tensor) for value in state.values())):
-        raise ValueError(f"{path} holds a {type(state).__name__}, not a state dict of tensors")
+        raise Refusal(f"{path} holds a {type(state).__name__}, not a state dict of tensors")
     return state
 
 
@@ -220,11 +221,11 @@ def check_digest(path: Path) -> None:
         with safe_open(str(path), framework="pt") as file:
             recorded = (file.metadata() or {}).get(TENSORS_DIGEST)
             if recorded is not None and recorded != tensors_digest(_FileTensors(file)):
-                raise ValueError(f"{path} is damaged: its tensors do not match the digest recorded when it was "
-                                 "written; copy or save it again")
+                raise Refusal(f"{path} is damaged: its tensors do not match the digest recorded when it was "
+                              "written; copy or save it again")
     except SafetensorError as error:
-        raise ValueError(f"{path} is not a readable safetensors file ({one_line(str(error), 120)}): cut short? Copy "
-                         "or save it again") from None
+        raise Refusal(f"{path} is not a readable safetensors file ({one_line(str(error), 120)}): cut short? Copy "
+                      "or save it again") from None
 
 
 def seal(path: Path) -> None:
@@ -250,11 +251,11 @@ def transformer_config(path: str | Path) -> tuple[ModelConfig, str | None]:
     folder = check_local_folder(path, "a ProMoETransformer2DModel folder")
     values = read_json(folder / CONFIG, "it holds the config that rebuilds the model")
     if values.get("_class_name") != TRANSFORMER_CLASS:
-        raise ValueError(f"{folder / CONFIG}: not a promoe transformer (class {quoted(values.get('_class_name'))}, "
-                         f"promoe writes {TRANSFORMER_CLASS!r})")
+        raise Refusal(f"{folder / CONFIG}: not a promoe transformer (class {quoted(values.get('_class_name'))}, "
+                      f"promoe writes {TRANSFORMER_CLASS!r})")
     objective = values.pop("objective", None)
     if objective is not None and objective not in OBJECTIVES:
-        raise ValueError(f"{folder / CONFIG}: objective {quoted(objective)}; choose one of {', '.join(OBJECTIVES)}")
+        raise Refusal(f"{folder / CONFIG}: objective {quoted(objective)}; choose one of {', '.join(OBJECTIVES)}")
     return model_config_from_fields({k: v for k, v in values.items() if not k.startswith("_")},
                                     str(folder / CONFIG)), objective
 
@@ -264,8 +265,9 @@ def check_transformer_folder(path: str | Path, variant: str | None = None, use_s
     """(config, objective, weights files) of a ProMoETransformer2DModel folder whose weights fit the model its config
     describes: the files diffusers would read (`weights_files`), their shapes compared on `meta` before anything is
     loaded or built (promoe.weights.check_shapes_fit), the first missing, unexpected or mis-shaped tensor named, then
-    each safetensors file's digest checked."""
+    each safetensors file's digest checked. A model larger than the memory free is refused before any of it."""
     config, objective = transformer_config(path)
+    check_memory(config, str(Path(path) / CONFIG))
     files = weights_files(path, variant, use_safetensors)
     source = str(files[0]) if len(files) == 1 else f"{path} (the shards of {len(files)} files)"
     check_shapes_fit(config, weights_shapes(files), source, prefix=PREFIX)
@@ -307,8 +309,8 @@ def scheduler_changes(objective: str, scheduler: str, settings: dict, config: Mo
     clipping) is left as the scheduler has it."""
     kind = "rf" if objective == "rf" else "ddpm"
     if scheduler not in SCHEDULERS_OF[kind]:
-        raise ValueError(f"{scheduler} does not sample this transformer, trained with {OBJECTIVE_NAMES[objective]} "
-                         f"(objective {objective!r}): give it one of {', '.join(SCHEDULERS_OF[kind])}")
+        raise Refusal(f"{scheduler} does not sample this transformer, trained with {OBJECTIVE_NAMES[objective]} "
+                      f"(objective {objective!r}): give it one of {', '.join(SCHEDULERS_OF[kind])}")
     if kind == "rf":
         wanted = {"num_train_timesteps": FLOW_TRAIN_TIMESTEPS}
         if scheduler == "DPMSolverMultistepScheduler":
@@ -332,12 +334,12 @@ def check_scheduler_folder(folder: Path, index: dict, objective: str, config: Mo
     try:
         changes = scheduler_changes(objective, name, settings, config)
     except ValueError as error:
-        raise ValueError(f"{folder / SCHEDULER_CONFIG}: {error}") from None
+        raise Refusal(f"{folder / SCHEDULER_CONFIG}: {error}") from None
     if changes:
         wrong = "; ".join(f"{key} {quoted(settings[key])}, the model's is {quoted(value)}"
                           for key, value in changes.items())
-        raise ValueError(f"{folder / SCHEDULER_CONFIG}: {wrong} ({OBJECTIVE_NAMES[objective]} model): damaged or "
-                         "edited? Save the pipeline again")
+        raise Refusal(f"{folder / SCHEDULER_CONFIG}: {wrong} ({OBJECTIVE_NAMES[objective]} model): damaged or "
+                      "edited? Save the pipeline again")
 
 
 def pipeline_objective(folder: Path, index: dict) -> str:

@@ -5,6 +5,8 @@ or an allocator's traceback. The model's own fields are bounded by promoe.config
 
 import os
 
+from promoe.errors import Refusal
+
 # Steps of one sampling run (Euler, a diffusers scheduler, respaced DDPM): 40 times the paper's 250.
 MAX_SAMPLING_STEPS = 10_000
 # One image to evaluate: the Inception resizes every image to 299 x 299, so 4096 x 4096 is far more than enough.
@@ -29,4 +31,4 @@ def in_mib(size: int) -> str:
 def check_sampling_steps(steps: int, what: str = "steps") -> None:
     """Refuse a number of sampling steps outside 1..MAX_SAMPLING_STEPS, before a sampler lays out its schedule."""
     if not 1 <= steps <= MAX_SAMPLING_STEPS:
-        raise ValueError(f"{what} {steps}: sampling takes 1..{MAX_SAMPLING_STEPS} steps (the paper samples with 250)")
+        raise Refusal(f"{what} {steps}: sampling takes 1..{MAX_SAMPLING_STEPS} steps (the paper samples with 250)")

@@ -32,6 +32,7 @@ from promoe.diffusion import GUIDANCE_MODES, OBJECTIVES, SCHEDULERS, RectifiedFl
 from promoe.distributed import init_distributed
 from promoe.dit.model import compile_blocks
 from promoe.errors import (
+    Refusal,
     exits_with_message,
     one_line,
     parse_json,
@@ -57,7 +58,7 @@ def draw_labels(num: int, num_classes: int, given: list[int] | None, seed: int) 
     if given:
         bad = [label for label in given if not 0 <= label < num_classes]
         if bad:
-            raise ValueError(f"--labels {bad} outside 0..{num_classes - 1}")
+            raise Refusal(f"--labels {bad} outside 0..{num_classes - 1}")
         return torch.tensor(given).repeat(-(-num // len(given)))[:num]
     return torch.randint(0, num_classes, (num,), generator=torch.Generator().manual_seed(seed))
 
@@ -105,11 +106,11 @@ def read_settings(record: Path) -> dict:
     try:
         previous = parse_json(read_small_text(record, "the settings of a sampling job"))
     except ValueError as error:
-        raise ValueError(f"{record} is unreadable ({one_line(str(error), 150)}): delete it, or give another --out"
-                         ) from None
+        raise Refusal(f"{record} is unreadable ({one_line(str(error), 150)}): delete it, or give another --out"
+                      ) from None
     if not isinstance(previous, dict):
-        raise ValueError(f"{record} holds {quoted(previous)}, not the settings of a sampling job: delete it, or "
-                         "give another --out")
+        raise Refusal(f"{record} holds {quoted(previous)}, not the settings of a sampling job: delete it, or "
+                      "give another --out")
     return previous
 
 
@@ -146,8 +147,8 @@ def plan(folders: list[Path], num_images: int, image_shape: tuple[int, int, int]
     label_bytes = 8 * num_images  # int64, held whole by every process
     available = available_memory()
     if label_bytes > available // 2:
-        raise ValueError(f"--num-images {num_images}: their labels alone take {in_mib(label_bytes)}, this machine "
-                         f"has {in_mib(available)} free; sample fewer per call (another --seed and --out per part)")
+        raise Refusal(f"--num-images {num_images}: their labels alone take {in_mib(label_bytes)}, this machine "
+                      f"has {in_mib(available)} free; sample fewer per call (another --seed and --out per part)")
     existing = next(parent for parent in (folders[0], *folders[0].parents) if parent.exists())
     block = os.statvfs(existing).f_frsize  # a file takes whole blocks of the disk
     # A PNG of noise-like samples can be as large as its pixels (plus its headers); the archive holds them raw.
@@ -156,9 +157,9 @@ def plan(folders: list[Path], num_images: int, image_shape: tuple[int, int, int]
                  for folder in folders)
     free = shutil.disk_usage(existing).free
     if needed > free:
-        raise ValueError(f"--num-images {num_images} of {'x'.join(map(str, image_shape))} pixels need about "
-                         f"{in_mib(needed)} on the disk of {existing} (PNG files and samples.npz), {in_mib(free)} "
-                         "are free: free space, give another --out, or sample fewer")
+        raise Refusal(f"--num-images {num_images} of {'x'.join(map(str, image_shape))} pixels need about "
+                      f"{in_mib(needed)} on the disk of {existing} (PNG files and samples.npz), {in_mib(free)} "
+                      "are free: free space, give another --out, or sample fewer")
 
 
 def written_samples(folder: Path) -> int:
@@ -209,7 +210,7 @@ def check_args(parser: argparse.ArgumentParser, args) -> None:
             parser.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     try:
         check_sampling_steps(args.steps, "--steps")
-    except ValueError as error:
+    except Refusal as error:
         parser.error(str(error))
     if args.grid < 0:
         parser.error(f"--grid must be >= 0, got {args.grid}")

@@ -16,7 +16,7 @@ import promoe
 from promoe.checkpoint_format import CONFIG, read_checkpoint, read_run_config
 from promoe.data.vae import load_vae, vae_downsampling
 from promoe.diffusion import DDPM, batches_guidance, make_objective, make_scheduler, sample_with_scheduler
-from promoe.errors import written_atomically
+from promoe.errors import Refusal, written_atomically
 from promoe.hf_folder import is_pipeline_folder, load_pipeline_folder
 from promoe.train_config import RunConfig
 from promoe.weights import build_to_fit, read_tensors, read_weights_header
@@ -32,22 +32,22 @@ def load_model(source: str | Path, model_name: str | None = None, weights: str =
         raise FileNotFoundError(f"checkpoint {source} does not exist{link}: check the path")
     if source.suffix == ".pth":
         if model_name is None:
-            raise ValueError(f"{source} is an official checkpoint: name its model with --model, e.g. ProMoE-XL")
+            raise Refusal(f"{source} is an official checkpoint: name its model with --model, e.g. ProMoE-XL")
         return promoe.load_official_checkpoint(source, model_name, prefer=weights).eval(), None
     if model_name is not None:
-        raise ValueError(f"--model {model_name}: {source} records the model it holds; --model names the model of "
-                         "an official .pth checkpoint only")
+        raise Refusal(f"--model {model_name}: {source} records the model it holds; --model names the model of "
+                      "an official .pth checkpoint only")
     if source.suffix == ".safetensors":
         if weights != "ema":
-            raise ValueError(f"{source} holds the EMA weights only; the live weights are in the checkpoint folders")
+            raise Refusal(f"{source} holds the EMA weights only; the live weights are in the checkpoint folders")
         return load_safetensors(source)
     if is_pipeline_folder(source):
         if weights != "ema":
-            raise ValueError(f"{source} is a diffusers pipeline folder: it holds one set of weights, read with "
-                             "--weights ema")
+            raise Refusal(f"{source} is a diffusers pipeline folder: it holds one set of weights, read with "
+                          "--weights ema")
         return load_pipeline_folder(source)
     if not source.is_dir():
-        raise ValueError(f"{source} is neither a checkpoint folder, nor a .safetensors or .pth file")
+        raise Refusal(f"{source} is neither a checkpoint folder, nor a .safetensors or .pth file")
     return read_checkpoint(source, weights)
 
 
@@ -68,7 +68,7 @@ def objective_of(config: RunConfig | None, override: str | None):
     """The objective a checkpoint trained with, or `override`; an official checkpoint does not say, so it must be
     named."""
     if override is None and config is None:
-        raise ValueError("an official checkpoint does not record its objective: give --objective rf or ddpm")
+        raise Refusal("an official checkpoint does not record its objective: give --objective rf or ddpm")
     return make_objective(override or config.train.objective)
 
 
@@ -150,8 +150,8 @@ class Decoder:
         self.vae = None
         if latent:
             if vae_path is None:
-                raise ValueError("this model makes VAE latents: give --vae PATH, a local AutoencoderKL folder (e.g. "
-                                 "stabilityai/sd-vae-ft-mse saved with save_pretrained); nothing is downloaded")
+                raise Refusal("this model makes VAE latents: give --vae PATH, a local AutoencoderKL folder (e.g. "
+                              "stabilityai/sd-vae-ft-mse saved with save_pretrained); nothing is downloaded")
             self.vae = load_vae(vae_path, device)
 
     def image_shape(self, model) -> tuple[int, int, int]:

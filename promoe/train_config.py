@@ -18,7 +18,7 @@ import yaml
 from promoe.config import FieldError, ModelConfig, coerce
 from promoe.data.build import KINDS
 from promoe.diffusion import OBJECTIVES
-from promoe.errors import NESTED_TOO_DEEPLY, one_line, parse_json, quoted, read_small_text
+from promoe.errors import NESTED_TOO_DEEPLY, Refusal, one_line, parse_json, quoted, read_small_text
 from promoe.zoo import model_config
 
 # config.json 1: the model as zoo name + overrides only (rebuilt from today's zoo); 2: also every ModelConfig field.
@@ -114,7 +114,7 @@ class RunConfig:
         train, data = self.train, self.data
 
         def fail(key: str, message: str):
-            raise ValueError(f"{key} {message} {self.where(key, source)}")
+            raise Refusal(f"{key} {message} {self.where(key, source)}")
 
         if train.precision not in ("auto", "fp32", "bf16"):
             fail("train.precision", f"must be auto, fp32 or bf16, got {train.precision!r}")
@@ -152,9 +152,9 @@ class RunConfig:
         try:
             self.model_config()
         except FieldError as error:
-            raise ValueError(f"model: {error} {self.where(f'model.overrides.{error.field}', source)}") from None
+            raise Refusal(f"model: {error} {self.where(f'model.overrides.{error.field}', source)}") from None
         except ValueError as error:
-            raise ValueError(f"model: {error} {self.where('model.name', source)}") from None
+            raise Refusal(f"model: {error} {self.where('model.name', source)}") from None
 
     def to_json(self) -> str:
         """Every setting, and the resolved model (every ModelConfig field): a later change of the zoo never changes
@@ -170,13 +170,13 @@ def _where(source: str) -> str:
 
 def _fill(section, values: dict, prefix: str, source: str):
     if not isinstance(values, dict):
-        raise ValueError(f"{prefix or 'config'}: expected a mapping, got {quoted(values)} {_where(source)}")
+        raise Refusal(f"{prefix or 'config'}: expected a mapping, got {quoted(values)} {_where(source)}")
     hints = typing.get_type_hints(type(section))
     names = {f.name for f in dataclasses.fields(section)}
     for key, value in values.items():
         dotted = f"{prefix}{key}"
         if key not in names:
-            raise ValueError(f"unknown config key {quoted(dotted)} {_where(source)}; known here: {sorted(names)}")
+            raise Refusal(f"unknown config key {quoted(dotted)} {_where(source)}; known here: {sorted(names)}")
         current = getattr(section, key)
         if dataclasses.is_dataclass(current):
             _fill(current, value, f"{dotted}.", source)
@@ -184,7 +184,7 @@ def _fill(section, values: dict, prefix: str, source: str):
             try:
                 setattr(section, key, coerce(value, hints[key]))
             except ValueError as error:
-                raise ValueError(f"{dotted}: {error} {_where(source)}") from None
+                raise Refusal(f"{dotted}: {error} {_where(source)}") from None
 
 
 def config_from_json(text: str, source: str) -> RunConfig:
@@ -193,17 +193,17 @@ def config_from_json(text: str, source: str) -> RunConfig:
     try:
         values = parse_json(text)
     except ValueError as error:
-        raise ValueError(f"{source} is not valid JSON ({error}): damaged? Use the config.json of another checkpoint "
-                         "of the run") from None
+        raise Refusal(f"{source} is not valid JSON ({error}): damaged? Use the config.json of another checkpoint "
+                      "of the run") from None
     if not isinstance(values, dict) or not isinstance(values.get("model", {}), dict):
-        raise ValueError(f"{source}: expected a run config (a mapping of sections), got {quoted(values)}")
+        raise Refusal(f"{source}: expected a run config (a mapping of sections), got {quoted(values)}")
     version = values.pop("format_version", 1)
     if version not in (1, FORMAT_VERSION):
-        raise ValueError(f"{source}: format_version {quoted(version)}; this promoe reads 1 and {FORMAT_VERSION} (a "
-                         "newer promoe wrote it?)")
+        raise Refusal(f"{source}: format_version {quoted(version)}; this promoe reads 1 and {FORMAT_VERSION} (a "
+                      "newer promoe wrote it?)")
     resolved = values.get("model", {}).pop("resolved", None)
     if version == FORMAT_VERSION and not isinstance(resolved, dict):
-        raise ValueError(f"{source}: format_version {version} needs model.resolved, every field of the model config")
+        raise Refusal(f"{source}: format_version {version} needs model.resolved, every field of the model config")
     config = RunConfig()
     _fill(config, values, "", source)
     if resolved is not None:
@@ -217,15 +217,15 @@ def model_config_from_fields(values: dict, source: str) -> ModelConfig:
     known = {f.name for f in dataclasses.fields(ModelConfig)}
     unknown = sorted(set(values) - known)
     if unknown:
-        raise ValueError(f"{source}: model.resolved holds unknown field(s) {quoted(unknown)} (a newer promoe wrote "
-                         "it?)")
+        raise Refusal(f"{source}: model.resolved holds unknown field(s) {quoted(unknown)} (a newer promoe wrote "
+                      "it?)")
     if isinstance(values.get("superclasses"), str):  # a stored config carries its values, it names no file
-        raise ValueError(f"{source}: model.resolved.superclasses names a file ({quoted(values['superclasses'])}); "
-                         "a stored config holds the list itself: not loaded")
+        raise Refusal(f"{source}: model.resolved.superclasses names a file ({quoted(values['superclasses'])}); "
+                      "a stored config holds the list itself: not loaded")
     try:
         return ModelConfig(**values)
     except FieldError as error:
-        raise ValueError(f"{source}: model.resolved.{error}") from None
+        raise Refusal(f"{source}: model.resolved.{error}") from None
 
 
 def same_model(saved: RunConfig, config: RunConfig) -> str | None:
@@ -246,23 +246,23 @@ def read_config_file(path: Path, including: tuple[Path, ...] = ()) -> dict:
     on their own, so an error names the file that holds the key; a file that includes itself is refused."""
     chain = (*including, path.resolve())
     if path.resolve() in including:
-        raise ValueError("config files name each other as base in a cycle: " + " -> ".join(map(str, chain)))
+        raise Refusal("config files name each other as base in a cycle: " + " -> ".join(map(str, chain)))
     if not path.exists():
         raise FileNotFoundError(f"config file {path} does not exist: check the path (configs/ holds the shipped ones)")
     values = parse_yaml(read_small_text(path, "a run config"), str(path))
     values = {} if values is None else values
     if not isinstance(values, dict):
-        raise ValueError(f"config: expected a mapping, got {quoted(values)} (in {path})")
+        raise Refusal(f"config: expected a mapping, got {quoted(values)} (in {path})")
     values = dict(values)
     base = values.pop(BASE_KEY, None)
     _fill(RunConfig(), values, "", str(path))
     if base is None:
         return values
     if not isinstance(base, str):
-        raise ValueError(f"{BASE_KEY}: expected the name of a YAML file, got {quoted(base)} (in {path})")
+        raise Refusal(f"{BASE_KEY}: expected the name of a YAML file, got {quoted(base)} (in {path})")
     base_path = path.parent / base
     if not base_path.is_file():
-        raise ValueError(f"{BASE_KEY}: {base_path} does not exist (named in {path}, relative to its folder)")
+        raise Refusal(f"{BASE_KEY}: {base_path} does not exist (named in {path}, relative to its folder)")
     return _merge(read_config_file(base_path, chain), values)
 
 
@@ -296,10 +296,10 @@ def parse_yaml(text: str, source: str):
         if mark is not None:
             where += f", line {mark.line + 1} column {mark.column + 1}"
         problem = getattr(error, "problem", None) or str(error)
-        raise ValueError(f"{where}: {one_line(problem, 300)}") from None
+        raise Refusal(f"{where}: {one_line(problem, 300)}") from None
     except RecursionError:
         where = "a value on the command line" if source == COMMAND_LINE else source
-        raise ValueError(f"{where}: {NESTED_TOO_DEEPLY}") from None
+        raise Refusal(f"{where}: {NESTED_TOO_DEEPLY}") from None
 
 
 def _merge(base: dict, values: dict) -> dict:
@@ -320,7 +320,7 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> RunConfig
     for item in overrides:
         key, sep, raw = item.partition("=")
         if not sep:
-            raise ValueError(f"override {quoted(item)} is not of the form key.sub=value")
+            raise Refusal(f"override {quoted(item)} is not of the form key.sub=value")
         nested: dict = {}
         cursor = nested
         *parents, leaf = key.split(".")

@@ -31,7 +31,7 @@ from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
 from torch.distributed.checkpoint.metadata import Metadata, StorageMeta
 
 from promoe.config import ModelConfig
-from promoe.errors import one_line, parse_json, quoted, written_atomically
+from promoe.errors import Refusal, one_line, parse_json, quoted, written_atomically
 from promoe.train_config import FORMAT_VERSION, RunConfig, config_from_json, model_config_from_fields
 from promoe.zoo import build_from_config, check_memory
 
@@ -87,11 +87,11 @@ def read_weights_header(path: str | Path) -> tuple[dict[str, torch.Tensor], Mode
             metadata = file.metadata() or {}
             shapes = {name: torch.empty(file.get_slice(name).get_shape(), device="meta") for name in file.keys()}
     except SafetensorError as error:
-        raise ValueError(f"{path} is not a readable safetensors file ({one_line(str(error), 120)}): empty or cut "
-                         "short? Copy or export it again") from None
+        raise Refusal(f"{path} is not a readable safetensors file ({one_line(str(error), 120)}): empty or cut "
+                      "short? Copy or export it again") from None
     if metadata.get("format_version", str(FORMAT_VERSION)) != str(FORMAT_VERSION):
-        raise ValueError(f"{source}: format_version {quoted(metadata['format_version'])}; this promoe reads "
-                         f"{FORMAT_VERSION} (a newer promoe wrote it?)")
+        raise Refusal(f"{source}: format_version {quoted(metadata['format_version'])}; this promoe reads "
+                      f"{FORMAT_VERSION} (a newer promoe wrote it?)")
     run_config = config_from_json(metadata["run_config"], source) if "run_config" in metadata else None
     if run_config is not None:
         model_config = run_config.model_config()
@@ -99,9 +99,9 @@ def read_weights_header(path: str | Path) -> tuple[dict[str, torch.Tensor], Mode
         try:
             fields = parse_json(metadata.get("model_config", metadata.get("config")))
         except ValueError as error:
-            raise ValueError(f"{source}: model_config is not JSON ({error})") from None
+            raise Refusal(f"{source}: model_config is not JSON ({error})") from None
         if not isinstance(fields, dict):
-            raise ValueError(f"{source}: model_config is not a mapping of fields, got {quoted(fields)}")
+            raise Refusal(f"{source}: model_config is not a mapping of fields, got {quoted(fields)}")
         model_config = model_config_from_fields(fields, source)
     else:
         model_config = None
@@ -116,11 +116,11 @@ def read_tensors(path: str | Path) -> dict[str, torch.Tensor]:
         with safe_open(str(path), framework="pt") as file:
             recorded = (file.metadata() or {}).get(TENSORS_DIGEST)
     except SafetensorError as error:
-        raise ValueError(f"{path} is not a readable safetensors file ({one_line(str(error), 120)}): copy or export "
-                         "it again") from None
+        raise Refusal(f"{path} is not a readable safetensors file ({one_line(str(error), 120)}): copy or export "
+                      "it again") from None
     if recorded is not None and recorded != tensors_digest(state):
-        raise ValueError(f"{path} is damaged: its tensors do not match the digest recorded when it was written; copy "
-                         "or export it again")
+        raise Refusal(f"{path} is damaged: its tensors do not match the digest recorded when it was written; copy "
+                      "or export it again")
     return state
 
 
@@ -161,8 +161,8 @@ def check_shapes_fit(model_config: ModelConfig, shapes: dict[str, torch.Tensor],
         skeleton = build_from_config(model_config.replace(depth=min(model_config.depth, len(blocks) + 1)),
                                      device="meta")
     except RuntimeError as error:  # e.g. "Storage size calculation overflowed"
-        raise ValueError(f"{source}: its config describes a model that cannot be built ({one_line(str(error), 120)})"
-                         ) from None
+        raise Refusal(f"{source}: its config describes a model that cannot be built ({one_line(str(error), 120)})"
+                      ) from None
     check_fits(shapes, {prefix + key: value for key, value in skeleton.state_dict().items()}, model)
 
 
@@ -171,13 +171,13 @@ def check_fits(given: dict[str, torch.Tensor], expected: dict[str, torch.Tensor]
     another shape, or a tensor of `given` the model has no place for; `model` says which model, e.g. "ProMoE-S"."""
     for key, value in expected.items():
         if key not in given:
-            raise ValueError(f"checkpoint does not fit {model}: missing key {key!r} (shape {list(value.shape)})")
+            raise Refusal(f"checkpoint does not fit {model}: missing key {key!r} (shape {list(value.shape)})")
         if given[key].shape != value.shape:
-            raise ValueError(f"checkpoint does not fit {model}: key {key!r} has shape {list(given[key].shape)}, the "
-                             f"model expects {list(value.shape)}")
+            raise Refusal(f"checkpoint does not fit {model}: key {key!r} has shape {list(given[key].shape)}, the "
+                          f"model expects {list(value.shape)}")
     for key in given:
         if key not in expected:
-            raise ValueError(f"checkpoint does not fit {model}: unexpected key {key!r}")
+            raise Refusal(f"checkpoint does not fit {model}: unexpected key {key!r}")
 
 
 class _DCPMetadataUnpickler(pickle.Unpickler):
@@ -199,18 +199,18 @@ class SafeReader(FileSystemReader):
         if not path.is_file():
             raise FileNotFoundError(f"{path} is missing: {path.parent} is not a complete checkpoint folder")
         if path.stat().st_size > DCP_METADATA_BYTES:
-            raise ValueError(f"{path} holds {path.stat().st_size >> 20} MiB, more than any checkpoint's index: not "
-                             "loaded")
+            raise Refusal(f"{path} holds {path.stat().st_size >> 20} MiB, more than any checkpoint's index: not "
+                          "loaded")
         with open(path, "rb") as file:
             try:
                 metadata = _DCPMetadataUnpickler(file).load()
             except pickle.UnpicklingError as error:
-                raise ValueError(f"{path}: {one_line(str(error), 200)}; not loaded") from None
+                raise Refusal(f"{path}: {one_line(str(error), 200)}; not loaded") from None
             except (EOFError, ValueError, TypeError, AttributeError, IndexError, KeyError) as error:
-                raise ValueError(f"{path} is not a readable checkpoint index ({type(error).__name__}: "
-                                 f"{one_line(str(error), 120)}): damaged or cut short?") from None
+                raise Refusal(f"{path} is not a readable checkpoint index ({type(error).__name__}: "
+                              f"{one_line(str(error), 120)}): damaged or cut short?") from None
         if not isinstance(metadata, Metadata):
-            raise ValueError(f"{path} holds a {type(metadata).__name__}, not a distributed checkpoint's Metadata")
+            raise Refusal(f"{path} holds a {type(metadata).__name__}, not a distributed checkpoint's Metadata")
         check_storage(metadata, path.parent)
         if getattr(metadata, "storage_meta", None) is None:
             metadata.storage_meta = StorageMeta()
@@ -227,17 +227,17 @@ def check_storage(metadata: Metadata, folder: Path) -> None:
         if name not in sizes:
             path = folder / name
             if Path(name).name != name or path.is_symlink() or not path.is_file():
-                raise ValueError(f"{folder / '.metadata'} names {quoted(name)}, which is not a file of {folder}: "
-                                 "not loaded")
+                raise Refusal(f"{folder / '.metadata'} names {quoted(name)}, which is not a file of {folder}: "
+                              "not loaded")
             sizes[name] = path.stat().st_size
         if not 0 <= info.offset <= info.offset + info.length <= sizes[name]:
-            raise ValueError(f"{folder / name} holds {sizes[name]} bytes, its index reads bytes {info.offset} to "
-                             f"{info.offset + info.length}: cut short? Not loaded")
+            raise Refusal(f"{folder / name} holds {sizes[name]} bytes, its index reads bytes {info.offset} to "
+                          f"{info.offset + info.length}: cut short? Not loaded")
     tensor_bytes = sum(entry.size.numel() * entry.properties.dtype.itemsize
                        for entry in metadata.state_dict_metadata.values() if hasattr(entry, "size"))
     if tensor_bytes > sum(sizes.values()):
-        raise ValueError(f"{folder / '.metadata'} describes {tensor_bytes} bytes of tensors, its files hold "
-                         f"{sum(sizes.values())}: not loaded")
+        raise Refusal(f"{folder / '.metadata'} describes {tensor_bytes} bytes of tensors, its files hold "
+                      f"{sum(sizes.values())}: not loaded")
 
 
 class SafePlanner(DefaultLoadPlanner):
@@ -264,13 +264,13 @@ def load_dcp(state: dict, folder: str | Path) -> None:
         failures = [failure[0] if isinstance(failure, tuple) else failure for failure in error.failures.values()]
         refused = [exc for exc in failures if isinstance(exc, pickle.UnpicklingError)]
         if refused:
-            raise ValueError(f"{folder}: an item is not plain data and was not loaded (unpickling it could run "
-                             f"code): {unpickling_refusal(refused[0])}") from None
+            raise Refusal(f"{folder}: an item is not plain data and was not loaded (unpickling it could run "
+                          f"code): {unpickling_refusal(refused[0])}") from None
         first = failures[0] if failures else error
         if isinstance(first, OSError):
             raise first from None  # a full disk, a missing file: said by the caller as such
-        raise ValueError(f"{folder}: reading the checkpoint failed ({type(first).__name__}: "
-                         f"{one_line(str(first), 200)}): damaged? Use another checkpoint") from None
+        raise Refusal(f"{folder}: reading the checkpoint failed ({type(first).__name__}: "
+                      f"{one_line(str(first), 200)}): damaged? Use another checkpoint") from None
 
 
 def unpickling_refusal(error: pickle.UnpicklingError) -> str:

@@ -8,6 +8,7 @@ import torch.nn as nn
 
 from promoe.config import ModelConfig
 from promoe.dit.model import DiT
+from promoe.errors import Refusal
 from promoe.limits import available_memory, in_mib
 from promoe.moe.experts import FFN
 from promoe.moe.layer import MoELayer
@@ -51,8 +52,8 @@ def model_config(name: str, **overrides) -> ModelConfig:
     """The config of a named model; any field can be overridden by keyword (unknown keys are errors)."""
     match = _NAME.fullmatch(name)
     if match is None:
-        raise ValueError(f"unknown model {name!r}; models of the paper: {', '.join(PAPER_MODELS)} "
-                         "(any family-size pair works, e.g. 'ProMoE-EC-S')")
+        raise Refusal(f"unknown model {name!r}; models of the paper: {', '.join(PAPER_MODELS)} "
+                      "(any family-size pair works, e.g. 'ProMoE-EC-S')")
     fields = dict(SIZES[match["size"]], **FAMILIES[match["family"]])
     if overrides.get("router", fields["router"]) != fields["router"]:
         # The family's loss weights belong to its router (RCL needs prototypes): another router starts without.
@@ -60,7 +61,7 @@ def model_config(name: str, **overrides) -> ModelConfig:
         fields.pop("lb_weight", None)
     if match["experts"]:
         if match["family"] in ("DiT", "ProMoE", "ProMoE-EC"):
-            raise ValueError(f"model {name!r}: give ProMoE's expert string as experts='E..A..S..U..', not a suffix")
+            raise Refusal(f"model {name!r}: give ProMoE's expert string as experts='E..A..S..U..', not a suffix")
         fields["experts"] = f"E{match['experts']}A1S0U0"
     return ModelConfig().replace(**fields).replace(**overrides)
 
@@ -102,8 +103,8 @@ def check_memory(config: ModelConfig, source: str) -> None:
     elements, size = model_size(config)
     free = available_memory()
     if size > free:
-        raise ValueError(f"{source}: the model takes {in_mib(size)} ({elements} parameters and buffers), this "
-                         f"machine has {in_mib(free)} free: is its config right?")
+        raise Refusal(f"{source}: the model takes {in_mib(size)} ({elements} parameters and buffers), this "
+                      f"machine has {in_mib(free)} free: is its config right?")
 
 
 def build_mlp(config: ModelConfig, block_index: int) -> nn.Module:
@@ -140,8 +141,8 @@ def build_router(config: ModelConfig) -> nn.Module:
         return ExpertChoiceRouter(scorer, routed, capacity_factor, conditional, **losses)
     if config.router == "diffmoe":
         if conditional:
-            raise ValueError(f"DiffMoE has no unconditional expert: use an expert string with U0, "
-                             f"not {config.experts!r}")
+            raise Refusal(f"DiffMoE has no unconditional expert: use an expert string with U0, "
+                          f"not {config.experts!r}")
         return DiffMoERouter(dim, routed, capacity_factor,
                              predictor_loss_weight=config.capacity_predictor_loss_weight)
     if config.router == "kmeans":
@@ -149,8 +150,8 @@ def build_router(config: ModelConfig) -> nn.Module:
                             lb_weight=config.lb_weight, **losses)
     superclass_of_class = config.superclass_list()
     if max(superclass_of_class) + 1 != routed:
-        raise ValueError(f"classifier routing: {max(superclass_of_class) + 1} superclasses need as many routed "
-                         f"experts, the expert string {config.experts!r} has {routed}")
+        raise Refusal(f"classifier routing: {max(superclass_of_class) + 1} superclasses need as many routed "
+                      f"experts, the expert string {config.experts!r} has {routed}")
     return ClassifierRouter(dim, superclass_of_class, spec.activated, conditional, config.classifier_loss_weight,
                             lb_weight=config.lb_weight, **losses)
 

@@ -17,14 +17,14 @@ ROOT = Path(__file__).resolve().parent.parent
 TWO_RANKS = textwrap.dedent("""
     import sys
     import torch.distributed as dist
-    from promoe.errors import said_in_one_line
+    from promoe.errors import Refusal, said_in_one_line
     from promoe.training.ranks import said_once
 
     dist.init_process_group("gloo")
     try:
         with said_once(), said_in_one_line():
             if dist.get_rank() == 1:
-                raise ValueError("shard_00001.safetensors is damaged: preprocess it again")
+                raise Refusal("shard_00001.safetensors is damaged: preprocess it again")
             dist.barrier()
     finally:
         dist.destroy_process_group()

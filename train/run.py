@@ -24,7 +24,7 @@ from tqdm import tqdm
 
 from promoe.diffusion import make_objective
 from promoe.distributed import init_distributed
-from promoe.errors import error_message, said_in_one_line
+from promoe.errors import Refusal, error_message, said_in_one_line
 from promoe.moe.layer import describe_dispatch, place_dispatch
 from promoe.moe.record import merge_records, record_routing
 from promoe.train_config import RunConfig, load_config
@@ -121,7 +121,7 @@ def configure(args, world_size: int) -> RunConfig:
         config = load_config(args.config, args.overrides)
         config.validate(world_size, str(args.config or "defaults"))
         check_memory(config.model_config(), "model")
-    except (ValueError, OSError) as error:
+    except (Refusal, OSError) as error:
         raise AllRanksStop(f"config: {error_message(error)}") from None
     return config
 
@@ -268,7 +268,7 @@ def append_metrics(metrics: MetricsLog, row: dict) -> str | None:
     """Append the row to metrics.csv (rank 0); a failed write (a full disk) is the message that stops every rank."""
     try:
         metrics.append(row)
-    except (OSError, ValueError) as error:  # a full disk; the file of a resumed run unreadable
+    except (OSError, Refusal) as error:  # a full disk; the file of a resumed run unreadable
         return f"error: writing metrics.csv at step {row['step']}: {error_message(error)}"
     return None
 

@@ -7,6 +7,7 @@ import torch
 from promoe.data.images import EncodedImageFolder, ImageFolderDataset
 from promoe.data.latents import LatentDataset
 from promoe.data.pixels import FASHION_MNIST_FILES, default_pixel_dataset
+from promoe.errors import Refusal
 
 KINDS = ("pixels", "latents", "images")
 
@@ -22,13 +23,13 @@ def build_dataset(kind: str, folder: str | Path | None, *, image_size: int = 256
       AutoencoderKL folder) encoded on the fly on `device` (`EncodedImageFolder`).
     """
     if kind not in KINDS:
-        raise ValueError(f"unknown data set kind {kind!r}: choose one of {', '.join(KINDS)}")
+        raise Refusal(f"unknown data set kind {kind!r}: choose one of {', '.join(KINDS)}")
     if kind == "pixels":
         if folder is not None:
             check_fashion_mnist_folder(Path(folder))
         return default_pixel_dataset(folder)
     if folder is None:
-        raise ValueError(f"data set kind {kind!r} needs a folder")
+        raise Refusal(f"data set kind {kind!r} needs a folder")
     if not Path(folder).is_dir():
         raise FileNotFoundError(f"{folder}: no such folder (data set kind {kind!r})")
     if kind == "latents":

@@ -16,6 +16,7 @@ import torch
 from PIL import Image
 
 from promoe.data.vae import load_vae, sample_posterior, vae_downsampling
+from promoe.errors import Refusal
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")  # compared lower-case: ImageNet's .JPEG counts
 
@@ -32,7 +33,7 @@ def scan_class_folders(folder: Path, suffixes: tuple[str, ...]) -> tuple[list[st
         raise FileNotFoundError(f"{folder}: no such folder")
     classes = sorted(entry.name for entry in os.scandir(folder) if entry.is_dir() and not entry.name.startswith("."))
     if not classes:
-        raise ValueError(f"{folder}: no class sub-folders (expected the ImageNet layout: one folder per class)")
+        raise Refusal(f"{folder}: no class sub-folders (expected the ImageNet layout: one folder per class)")
     files, labels = [], []
     for label, name in enumerate(classes):
         found = sorted(
@@ -42,7 +43,7 @@ def scan_class_folders(folder: Path, suffixes: tuple[str, ...]) -> tuple[list[st
             if file.lower().endswith(suffixes)
         )
         if not found:
-            raise ValueError(f"{folder / name}: class folder holds no {'/'.join(suffixes)} file")
+            raise Refusal(f"{folder / name}: class folder holds no {'/'.join(suffixes)} file")
         files += found
         labels += [label] * len(found)
     return classes, files, torch.tensor(labels, dtype=torch.int64)
@@ -67,7 +68,7 @@ def load_image(path: Path, image_size: int) -> torch.Tensor:
         with Image.open(path) as image:
             image = center_crop_arr(image.convert("RGB"), image_size)
     except (OSError, ValueError, Image.DecompressionBombError) as error:
-        raise ValueError(f"{path}: cannot read image ({error})") from error
+        raise Refusal(f"{path}: cannot read image ({error})") from error
     return torch.from_numpy(np.asarray(image, dtype=np.float32) / 127.5 - 1).permute(2, 0, 1)
 
 
@@ -124,7 +125,7 @@ class ImageFolderDataset:
                 self.unreadable.add(candidate)
                 print(f"skipped an unreadable image, replaced by the next file of its folder: {error}",
                       file=sys.stderr)
-        raise ValueError(f"{self.folder}: no image of the folder is readable")
+        raise Refusal(f"{self.folder}: no image of the folder is readable")
 
 
 class EncodedImageFolder:

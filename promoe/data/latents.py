@@ -36,7 +36,7 @@ from safetensors import SafetensorError, safe_open
 
 from promoe.data.images import scan_class_folders
 from promoe.data.vae import sample_posterior
-from promoe.errors import parse_json, read_small_text
+from promoe.errors import Refusal, parse_json, read_small_text
 
 FORMAT = "promoe-latents-v1"
 SD_VAE_SCALING_FACTOR = 0.18215
@@ -58,9 +58,9 @@ class _Shards:
             missing = [shard_path(folder, i).name for i in range(meta["num_shards"])
                        if not shard_path(folder, i).exists()]
             if missing:
-                raise ValueError(f"{folder}: preprocessing unfinished, {len(missing)} of {meta['num_shards']} shards "
-                                 f"missing ({', '.join(missing[:3])}{' ...' if len(missing) > 3 else ''}); rerun "
-                                 "promoe.data.preprocess with the same arguments to finish")
+                raise Refusal(f"{folder}: preprocessing unfinished, {len(missing)} of {meta['num_shards']} shards "
+                              f"missing ({', '.join(missing[:3])}{' ...' if len(missing) > 3 else ''}); rerun "
+                              "promoe.data.preprocess with the same arguments to finish")
         offsets, labels, shape = [0], [], None
         for path in paths:
             try:
@@ -69,22 +69,22 @@ class _Shards:
                     moments_shape = list(file.get_slice("moments").get_shape())
                     shard_labels = file.get_tensor("labels")
             except (SafetensorError, OSError, KeyError) as error:
-                raise ValueError(f"{path}: cannot read latent shard ({error})") from error
+                raise Refusal(f"{path}: cannot read latent shard ({error})") from error
             if header.get("format") != FORMAT:
-                raise ValueError(f"{path}: not a {FORMAT} shard (metadata format {header.get('format')!r})")
+                raise Refusal(f"{path}: not a {FORMAT} shard (metadata format {header.get('format')!r})")
             n = len(shard_labels)
             if len(moments_shape) != 5 or moments_shape[0] != n or moments_shape[1] != 2 or moments_shape[2] % 2:
-                raise ValueError(f"{path}: moments {moments_shape} and labels [{n}] are not [n, 2, 2C, h, w] and [n]")
+                raise Refusal(f"{path}: moments {moments_shape} and labels [{n}] are not [n, 2, 2C, h, w] and [n]")
             if shape is not None and moments_shape[2:] != shape:
-                raise ValueError(f"{path}: moments of shape {moments_shape[2:]}, shard {paths[0].name} has {shape}")
+                raise Refusal(f"{path}: moments of shape {moments_shape[2:]}, shard {paths[0].name} has {shape}")
             if int(header.get("first_index", -1)) != offsets[-1]:
-                raise ValueError(f"{path}: starts at image {header.get('first_index')}, the shards before it end at "
-                                 f"{offsets[-1]}: a shard is missing (rerun promoe.data.preprocess to finish)")
+                raise Refusal(f"{path}: starts at image {header.get('first_index')}, the shards before it end at "
+                              f"{offsets[-1]}: a shard is missing (rerun promoe.data.preprocess to finish)")
             shape = moments_shape[2:]
             offsets.append(offsets[-1] + n)
             labels.append(shard_labels.long())
         if meta is not None and offsets[-1] != meta["num_images"]:
-            raise ValueError(f"{folder}: the shards hold {offsets[-1]} images, meta.json says {meta['num_images']}")
+            raise Refusal(f"{folder}: the shards hold {offsets[-1]} images, meta.json says {meta['num_images']}")
         self.offsets = offsets
         self.labels = torch.cat(labels)
         self.stored_shape = tuple(shape)  # (2C, h, w)
@@ -100,7 +100,7 @@ class _Shards:
             try:
                 self._open[shard] = safe_open(self.paths[shard], framework="pt")
             except (SafetensorError, OSError) as error:
-                raise ValueError(f"{self.paths[shard]}: cannot read latent shard ({error})") from error
+                raise Refusal(f"{self.paths[shard]}: cannot read latent shard ({error})") from error
         return self._open[shard].get_slice("moments")[row:row + 1, int(flip):int(flip) + 1][0, 0]
 
 
@@ -113,9 +113,9 @@ class _NpzFiles:
         self.stored_shape = None
         first = self.read(0, False)
         if first.ndim != 3 or first.shape[0] not in (latent_channels, 2 * latent_channels):
-            raise ValueError(f"{folder / self.files[0]}: latent of shape {tuple(first.shape)}, expected "
-                             f"[{2 * latent_channels}, h, w] (posterior moments) or [{latent_channels}, h, w] "
-                             f"(a sampled latent) for a VAE of {latent_channels} latent channels")
+            raise Refusal(f"{folder / self.files[0]}: latent of shape {tuple(first.shape)}, expected "
+                          f"[{2 * latent_channels}, h, w] (posterior moments) or [{latent_channels}, h, w] "
+                          f"(a sampled latent) for a VAE of {latent_channels} latent channels")
         self.moments = first.shape[0] == 2 * latent_channels
         self.stored_shape = tuple(first.shape)
 
@@ -126,9 +126,9 @@ class _NpzFiles:
             with np.load(path) as file:
                 array = file[key]
         except Exception as error:  # zip, zlib, pickle, key and OS errors all mean the same: a bad file
-            raise ValueError(f"{path}: cannot read {key} ({type(error).__name__}: {error})") from error
+            raise Refusal(f"{path}: cannot read {key} ({type(error).__name__}: {error})") from error
         if self.stored_shape is not None and array.shape != self.stored_shape:
-            raise ValueError(f"{path}: {key} has shape {array.shape}, the other files {self.stored_shape}")
+            raise Refusal(f"{path}: {key} has shape {array.shape}, the other files {self.stored_shape}")
         return torch.from_numpy(array)
 
 
@@ -147,7 +147,7 @@ class LatentDataset:
         try:
             meta = parse_json(read_small_text(meta_path, "the latents' meta")) if meta_path.exists() else None
         except (OSError, ValueError) as error:
-            raise ValueError(f"{meta_path}: cannot read ({error})") from error
+            raise Refusal(f"{meta_path}: cannot read ({error})") from error
         shards = sorted(self.folder.glob("shard_*.safetensors"))
         if shards:
             self.source = _Shards(self.folder, shards, meta)
@@ -155,8 +155,8 @@ class LatentDataset:
             self.layout = "shards"
         else:
             if not any(p.is_dir() and not p.name.startswith(".") for p in self.folder.iterdir()):
-                raise ValueError(f"{self.folder}: no latent shards (shard_*.safetensors) and no class folders of "
-                                 f"*{NPZ_SUFFIX} files")
+                raise Refusal(f"{self.folder}: no latent shards (shard_*.safetensors) and no class folders of "
+                              f"*{NPZ_SUFFIX} files")
             self.source = _NpzFiles(self.folder, latent_channels)
             self.class_names = self.source.class_names
             self.layout = "npz"

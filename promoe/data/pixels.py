@@ -11,6 +11,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from promoe.errors import Refusal
+
 FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
 FASHION_MNIST_FILES = {
     "train": ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz"),
@@ -29,18 +31,18 @@ def read_idx(path: Path) -> np.ndarray:
         else:
             raw = path.read_bytes()
     except (OSError, EOFError) as error:
-        raise ValueError(f"{path}: cannot read ({error})") from error
+        raise Refusal(f"{path}: cannot read ({error})") from error
     if len(raw) < 4 or raw[:2] != b"\0\0" or raw[2] != _UBYTE:
-        raise ValueError(f"{path}: not an IDX file of unsigned bytes (bad magic number)")
+        raise Refusal(f"{path}: not an IDX file of unsigned bytes (bad magic number)")
     ndim = raw[3]
     header = 4 + 4 * ndim
     if len(raw) < header:
-        raise ValueError(f"{path}: truncated IDX header")
+        raise Refusal(f"{path}: truncated IDX header")
     shape = struct.unpack(f">{ndim}I", raw[4:header])
     expected = header + int(np.prod(shape))
     if len(raw) != expected:
-        raise ValueError(f"{path}: IDX header promises {expected - header} bytes of data for shape {shape}, "
-                         f"the file holds {len(raw) - header}")
+        raise Refusal(f"{path}: IDX header promises {expected - header} bytes of data for shape {shape}, "
+                      f"the file holds {len(raw) - header}")
     return np.frombuffer(raw, dtype=np.uint8, offset=header).reshape(shape).copy()  # writable, as torch wants
 
 
@@ -49,9 +51,9 @@ def load_fashion_mnist(folder: Path = FASHION_MNIST_DIR, split: str = "train") -
     images_name, labels_name = FASHION_MNIST_FILES[split]
     images, labels = read_idx(Path(folder) / images_name), read_idx(Path(folder) / labels_name)
     if images.ndim != 3 or labels.ndim != 1 or len(images) != len(labels):
-        raise ValueError(f"{folder}: {images_name} {images.shape} and {labels_name} {labels.shape} do not pair up")
+        raise Refusal(f"{folder}: {images_name} {images.shape} and {labels_name} {labels.shape} do not pair up")
     if labels.max(initial=0) > 9:
-        raise ValueError(f"{Path(folder) / labels_name}: labels above 9 in a 10-class data set")
+        raise Refusal(f"{Path(folder) / labels_name}: labels above 9 in a 10-class data set")
     return images, labels.astype(np.int64)
 
 

@@ -26,7 +26,7 @@ from tqdm import tqdm
 from promoe.data.images import IMAGE_SUFFIXES, load_images, scan_class_folders
 from promoe.data.latents import FORMAT, shard_path
 from promoe.data.vae import load_vae, vae_downsampling
-from promoe.errors import written_atomically
+from promoe.errors import Refusal, written_atomically
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16}
 MUST_AGREE = ("format", "image_size", "shard_size", "dtype", "num_images", "files_sha256", "class_names",
@@ -147,7 +147,7 @@ def main(argv=None) -> list[Path]:
     try:
         return preprocess(args.images, args.out, args.vae, args.image_size, args.batch_size, args.shard_size,
                           device, args.dtype, rank, world_size, args.workers)
-    except (FileNotFoundError, ValueError) as error:
+    except (FileNotFoundError, Refusal) as error:
         raise SystemExit(f"error: {error}") from error
 
 

@@ -7,6 +7,7 @@ from promoe.diffusion.ddpm import DDPM
 from promoe.diffusion.guidance import GUIDANCE_MODES, batches_guidance, guided_prediction
 from promoe.diffusion.rectified_flow import RectifiedFlow, euler_sigmas
 from promoe.diffusion.schedulers import SCHEDULERS, make_scheduler, sample_with_scheduler, schedulers_for
+from promoe.errors import Refusal
 
 # ddpm: the variance learned when the model has learn_sigma=True (as the paper's DDPM runs), fixed otherwise;
 # ddpm-fixed: the fixed variance beta-tilde and the plain MSE whatever the model.
@@ -16,7 +17,7 @@ OBJECTIVES = {"rf": RectifiedFlow, "ddpm": DDPM, "ddpm-fixed": partial(DDPM, var
 def make_objective(name: str):
     """The objective (and its sampler) of a run config's `train.objective`."""
     if name not in OBJECTIVES:
-        raise ValueError(f"unknown objective {name!r}: choose one of {', '.join(OBJECTIVES)}")
+        raise Refusal(f"unknown objective {name!r}: choose one of {', '.join(OBJECTIVES)}")
     return OBJECTIVES[name]()
 
 

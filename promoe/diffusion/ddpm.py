@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 import torch
 
 from promoe.diffusion.guidance import guided_prediction
+from promoe.errors import Refusal
 
 VARIANCES = ("auto", "learned", "fixed")
 
@@ -95,7 +96,7 @@ class DDPM:
 
     def __post_init__(self):
         if self.variance not in VARIANCES:
-            raise ValueError(f"unknown DDPM variance {self.variance!r}: choose one of {', '.join(VARIANCES)}")
+            raise Refusal(f"unknown DDPM variance {self.variance!r}: choose one of {', '.join(VARIANCES)}")
         betas = torch.linspace(self.beta_start, self.beta_end, self.num_steps, dtype=torch.float64)
         self.chain = Chain(torch.arange(self.num_steps), torch.cumprod(1 - betas, dim=0))
 
@@ -107,14 +108,14 @@ class DDPM:
         """Whether the variance comes from the model's second C channels (see `variance`)."""
         has_variance_channels = prediction_channels == 2 * data_channels
         if self.variance == "learned" and not has_variance_channels:
-            raise ValueError(f"DDPM variance 'learned' needs a model with learn_sigma=True ({2 * data_channels} output "
-                             f"channels); this one has {prediction_channels}")
+            raise Refusal(f"DDPM variance 'learned' needs a model with learn_sigma=True ({2 * data_channels} output "
+                          f"channels); this one has {prediction_channels}")
         return self.variance == "learned" or (self.variance == "auto" and has_variance_channels)
 
     def respaced(self, steps: int) -> Chain:
         """The chain over `steps` evenly spaced training steps (the first and the last among them)."""
         if not 1 <= steps <= self.num_steps:
-            raise ValueError(f"DDPM sampling takes 1..{self.num_steps} steps, got {steps}")
+            raise Refusal(f"DDPM sampling takes 1..{self.num_steps} steps, got {steps}")
         timesteps = torch.linspace(0, self.num_steps - 1, steps, dtype=torch.float64).round().long()
         if steps == 1:
             timesteps = timesteps.new_full((1,), self.num_steps - 1)  # one step goes from pure noise to data

@@ -3,6 +3,8 @@ unconditional expert."""
 
 import torch
 
+from promoe.errors import Refusal
+
 # auto: two passes for a model whose routing couples the samples of a batch (DiffMoE), one batch for the others.
 GUIDANCE_MODES = ("auto", "batched", "two-pass")
 
@@ -13,7 +15,7 @@ def batches_guidance(model, mode: str) -> bool:
     In one batch the halves compete for the experts of a model whose routing couples the samples of a batch, and
     guidance becomes another function than the two passes that define it (and that the official code runs)."""
     if mode not in GUIDANCE_MODES:
-        raise ValueError(f"unknown guidance mode {mode!r}: choose one of {', '.join(GUIDANCE_MODES)}")
+        raise Refusal(f"unknown guidance mode {mode!r}: choose one of {', '.join(GUIDANCE_MODES)}")
     if mode == "auto":
         return not model.routing_couples_samples
     return mode == "batched"

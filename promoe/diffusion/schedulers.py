@@ -16,6 +16,7 @@ import torch
 from promoe.diffusion.ddpm import DDPM
 from promoe.diffusion.guidance import guided_prediction
 from promoe.diffusion.rectified_flow import RectifiedFlow
+from promoe.errors import Refusal
 from promoe.limits import check_sampling_steps
 
 
@@ -68,11 +69,11 @@ def make_scheduler(name: str, objective, steps: int):
     """A diffusers scheduler for `objective`, set to `steps` steps; a clear error when it does not fit."""
     check_sampling_steps(steps)
     if name not in SCHEDULERS:
-        raise ValueError(f"unknown scheduler {name!r}: choose one of {', '.join(SCHEDULERS)}")
+        raise Refusal(f"unknown scheduler {name!r}: choose one of {', '.join(SCHEDULERS)}")
     kind, build = SCHEDULERS[name]
     if not isinstance(objective, kind):
-        raise ValueError(f"scheduler {name!r} is for {kind.__name__} models, not {type(objective).__name__}: choose "
-                         f"one of {', '.join(schedulers_for(objective))}")
+        raise Refusal(f"scheduler {name!r} is for {kind.__name__} models, not {type(objective).__name__}: choose "
+                      f"one of {', '.join(schedulers_for(objective))}")
     scheduler = build(objective)
     scheduler.set_timesteps(steps)
     return scheduler

@@ -4,6 +4,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from promoe.errors import Refusal
+
 try:  # optional CUDA extra: pip install ".[gpu]"
     from flash_attn import flash_attn_func
 except ImportError:
@@ -18,7 +20,7 @@ class Attention(nn.Module):
     def __init__(self, dim: int, num_heads: int, qk_norm: bool = False):
         super().__init__()
         if dim % num_heads:
-            raise ValueError(f"hidden size {dim} is not divisible by num_heads={num_heads}")
+            raise Refusal(f"hidden size {dim} is not divisible by num_heads={num_heads}")
         self.num_heads = num_heads
         head_dim = dim // num_heads
         self.qkv = nn.Linear(dim, 3 * dim)

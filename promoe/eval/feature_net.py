@@ -20,6 +20,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from promoe.errors import Refusal
 from promoe.eval.metrics import GaussianStats
 
 DEFAULT_FEATURE_NET = Path("runs/feature_net/fashion_feature_net.safetensors")
@@ -107,7 +108,7 @@ def load_feature_net(path=DEFAULT_FEATURE_NET, device="cpu") -> FeatureNet:
     with safe_open(str(path), framework="pt") as file:
         metadata = file.metadata() or {}
     if "config" not in metadata:
-        raise ValueError(f"{path}: no feature-net config in its metadata; was it written by save_feature_net?")
+        raise Refusal(f"{path}: no feature-net config in its metadata; was it written by save_feature_net?")
     net = FeatureNet(**json.loads(metadata["config"]))
     net.load_state_dict(load_file(path))
     net.info = json.loads(metadata.get("info", "{}"))

@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from promoe.errors import Refusal
 from promoe.limits import IMAGE_BATCH_BYTES, MAX_IMAGE_PIXELS
 
 SAMPLES_NPZ = "samples.npz"  # what `python -m promoe.sample` writes beside its PNGs
@@ -31,11 +32,11 @@ class NpzImages:
         try:
             archive = zipfile.ZipFile(self.path)
         except (OSError, zipfile.BadZipFile) as error:
-            raise ValueError(f"{self.path}: not a readable .npz file ({error})") from error
+            raise Refusal(f"{self.path}: not a readable .npz file ({error})") from error
         if f"{self.key}.npy" not in archive.namelist():
             keys = sorted(name.removesuffix(".npy") for name in archive.namelist())
             archive.close()
-            raise ValueError(f"{self.path}: no {self.key!r} array (it holds {keys})")
+            raise Refusal(f"{self.path}: no {self.key!r} array (it holds {keys})")
         return _ClosingMember(archive, f"{self.key}.npy")
 
     def batches(self, batch_size: int) -> Iterator[np.ndarray]:
@@ -48,7 +49,7 @@ class NpzImages:
                 rows = min(rows_within_budget(batch_size, self.shape), count - start)
                 data = file.read(rows * row_bytes)
                 if len(data) != rows * row_bytes:
-                    raise ValueError(f"{self.path}: {self.key} is truncated at image {start}")
+                    raise Refusal(f"{self.path}: {self.key} is truncated at image {start}")
                 images = np.frombuffer(bytearray(data), np.uint8)  # writable, as torch.from_numpy wants
                 yield to_rgb(images.reshape(rows, height, width, channels))
 
@@ -60,7 +61,7 @@ class PngFolder:
         self.path = Path(folder)
         self.files = sorted(self.path.glob("*.png"))
         if not self.files:
-            raise ValueError(f"{self.path}: no .png files (and no {SAMPLES_NPZ})")
+            raise Refusal(f"{self.path}: no .png files (and no {SAMPLES_NPZ})")
         height, width, _ = _read_png(self.files[0]).shape
         self.shape = check_images_shape((len(self.files), height, width, 3), np.dtype(np.uint8), str(self.path))
 
@@ -73,8 +74,8 @@ class PngFolder:
             images = [_read_png(path) for path in self.files[start:start + batch_size]]
             for path, image in zip(self.files[start:], images):
                 if image.shape != self.shape[1:]:
-                    raise ValueError(f"{path}: size {image.shape[:2]} differs from the first image's "
-                                     f"{self.shape[1:3]} ({self.files[0].name})")
+                    raise Refusal(f"{path}: size {image.shape[:2]} differs from the first image's "
+                                  f"{self.shape[1:3]} ({self.files[0].name})")
             yield np.stack(images)
 
 
@@ -86,29 +87,29 @@ def open_images(path) -> NpzImages | PngFolder:
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such file or folder")
     if path.suffix != ".npz":
-        raise ValueError(f"{path}: expected an .npz file (arr_0 uint8 [N, H, W, 3]) or a folder of PNG files")
+        raise Refusal(f"{path}: expected an .npz file (arr_0 uint8 [N, H, W, 3]) or a folder of PNG files")
     return NpzImages(path)
 
 
 def check_images_shape(shape: tuple, dtype: np.dtype, what: str) -> tuple[int, int, int, int]:
     if dtype != np.uint8:
-        raise ValueError(f"{what}: images of dtype {dtype}; expected uint8 in 0..255")
+        raise Refusal(f"{what}: images of dtype {dtype}; expected uint8 in 0..255")
     if len(shape) != 4 or shape[-1] not in (1, 3):
         hint = " (channels first? the layout is NHWC)" if len(shape) == 4 and shape[1] in (1, 3) else ""
-        raise ValueError(f"{what}: images of shape {tuple(shape)}; expected [N, H, W, 3]{hint}")
+        raise Refusal(f"{what}: images of shape {tuple(shape)}; expected [N, H, W, 3]{hint}")
     if shape[0] == 0:
-        raise ValueError(f"{what}: no images")
+        raise Refusal(f"{what}: no images")
     if shape[1] * shape[2] > MAX_IMAGE_PIXELS:
         side = int(MAX_IMAGE_PIXELS ** 0.5)
-        raise ValueError(f"{what}: images of {shape[1]}x{shape[2]} pixels, more than {side}x{side}; the Inception "
-                         "sees them at 299x299: resize them first")
+        raise Refusal(f"{what}: images of {shape[1]}x{shape[2]} pixels, more than {side}x{side}; the Inception "
+                      "sees them at 299x299: resize them first")
     return tuple(int(n) for n in shape)
 
 
 def check_enough(images: "NpzImages | PngFolder", what: str) -> None:
     """A set of one image has no covariance: refused before the Inception's pass, not after it."""
     if len(images) < 2:
-        raise ValueError(f"{what}: one image; the metrics need at least 2 (their statistics hold a covariance)")
+        raise Refusal(f"{what}: one image; the metrics need at least 2 (their statistics hold a covariance)")
 
 
 def rows_within_budget(batch_size: int, shape: tuple[int, int, int, int]) -> int:
@@ -125,7 +126,7 @@ def _read_png(path: Path) -> np.ndarray:
         with Image.open(path) as image:
             return np.asarray(image.convert("RGB"))
     except OSError as error:
-        raise ValueError(f"{path}: cannot read as an image ({error})") from error
+        raise Refusal(f"{path}: cannot read as an image ({error})") from error
 
 
 def _npy_header(file, path: Path, key: str) -> tuple[tuple, np.dtype]:
@@ -135,9 +136,9 @@ def _npy_header(file, path: Path, key: str) -> tuple[tuple, np.dtype]:
     elif version == (2, 0):
         shape, fortran, dtype = np.lib.format.read_array_header_2_0(file)
     else:
-        raise ValueError(f"{path}: {key} is in .npy format {version}, which this reader does not stream")
+        raise Refusal(f"{path}: {key} is in .npy format {version}, which this reader does not stream")
     if fortran:
-        raise ValueError(f"{path}: {key} is stored in Fortran order; save it C-contiguous (np.ascontiguousarray)")
+        raise Refusal(f"{path}: {key} is stored in Fortran order; save it C-contiguous (np.ascontiguousarray)")
     return shape, dtype
 
 
@@ -153,11 +154,11 @@ def npz_array(npz, key: str, path: Path) -> np.ndarray:
         with npz.zip.open(info) as member:
             shape, dtype = _npy_header(member, path, key)
     except zipfile.BadZipFile as error:
-        raise ValueError(f"{path}: not a readable .npz file ({error})") from None
+        raise Refusal(f"{path}: not a readable .npz file ({error})") from None
     declared = int(np.prod(shape, dtype=object)) * dtype.itemsize
     if declared > info.file_size or info.file_size > _MOST_EXPANSION * path.stat().st_size:
-        raise ValueError(f"{path}: '{key}' declares {declared} bytes ({shape}), more than the file holds: damaged or "
-                         "not an evaluation file")
+        raise Refusal(f"{path}: '{key}' declares {declared} bytes ({shape}), more than the file holds: damaged or "
+                      "not an evaluation file")
     return npz[key]
 
 

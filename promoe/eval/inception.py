@@ -18,6 +18,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from promoe.errors import Refusal
+
 WEIGHTS_NAME = "pt_inception-2015-12-05-6726825d.pth"
 WEIGHTS_URL = f"https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/{WEIGHTS_NAME}"
 INPUT_SIZE = 299
@@ -257,13 +259,13 @@ def check_state_dict(model: nn.Module, state_dict: dict, source: str = "state di
         if name not in state_dict:
             if name.endswith("num_batches_tracked"):
                 continue
-            raise ValueError(f"{source}: missing key {name!r}; expected the layout of pytorch-fid's {WEIGHTS_NAME}")
+            raise Refusal(f"{source}: missing key {name!r}; expected the layout of pytorch-fid's {WEIGHTS_NAME}")
         if tuple(state_dict[name].shape) != tuple(tensor.shape):
-            raise ValueError(f"{source}: key {name!r} has shape {tuple(state_dict[name].shape)}, "
-                             f"expected {tuple(tensor.shape)}")
+            raise Refusal(f"{source}: key {name!r} has shape {tuple(state_dict[name].shape)}, "
+                          f"expected {tuple(tensor.shape)}")
     for name in state_dict:
         if name not in expected:
-            raise ValueError(f"{source}: unexpected key {name!r}; expected the layout of pytorch-fid's {WEIGHTS_NAME}")
+            raise Refusal(f"{source}: unexpected key {name!r}; expected the layout of pytorch-fid's {WEIGHTS_NAME}")
 
 
 def load_inception(path, device="cpu") -> FIDInceptionV3:
@@ -276,9 +278,9 @@ def load_inception(path, device="cpu") -> FIDInceptionV3:
     try:
         state_dict = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:
-        raise ValueError(f"{path}: not a torch state dict of tensors ({error})") from error
+        raise Refusal(f"{path}: not a torch state dict of tensors ({error})") from error
     if not isinstance(state_dict, dict):
-        raise ValueError(f"{path}: holds a {type(state_dict).__name__}, not a state dict")
+        raise Refusal(f"{path}: holds a {type(state_dict).__name__}, not a state dict")
     model = FIDInceptionV3()
     check_state_dict(model, state_dict, str(path))
     model.load_state_dict(state_dict, strict=False)  # strict except the optional num_batches_tracked, checked above

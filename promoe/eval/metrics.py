@@ -20,6 +20,8 @@ import numpy as np
 import torch
 from scipy import linalg
 
+from promoe.errors import Refusal
+
 
 def frechet_distance(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma2: np.ndarray,
                      eps: float = 1e-6) -> float:
@@ -27,8 +29,8 @@ def frechet_distance(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma
     mu1, mu2 = np.atleast_1d(np.asarray(mu1, np.float64)), np.atleast_1d(np.asarray(mu2, np.float64))
     sigma1, sigma2 = np.atleast_2d(np.asarray(sigma1, np.float64)), np.atleast_2d(np.asarray(sigma2, np.float64))
     if mu1.shape != mu2.shape or sigma1.shape != sigma2.shape or sigma1.shape != (len(mu1), len(mu1)):
-        raise ValueError(f"statistics do not match: mu {mu1.shape} vs {mu2.shape}, "
-                         f"sigma {sigma1.shape} vs {sigma2.shape}")
+        raise Refusal(f"statistics do not match: mu {mu1.shape} vs {mu2.shape}, "
+                      f"sigma {sigma1.shape} vs {sigma2.shape}")
     diff = mu1 - mu2
     covmean = linalg.sqrtm(sigma1 @ sigma2)
     if not np.isfinite(covmean).all():  # the product is (nearly) singular: offset both diagonals
@@ -72,7 +74,7 @@ class GaussianStats:
     def sigma(self) -> np.ndarray:
         """Unbiased covariance (divides by count - 1, as `np.cov`)."""
         if self.count < 2:
-            raise ValueError(f"a covariance needs at least 2 features, got {self.count}")
+            raise Refusal(f"a covariance needs at least 2 features, got {self.count}")
         mu = self.mu
         return (self.sum_outer_DD - self.count * np.outer(mu, mu)) / (self.count - 1)
 
@@ -113,7 +115,7 @@ def manifold_radii(features_ND, k: int = 3, block: int = 1024) -> torch.Tensor:
     """Squared distance of each feature to its k-th nearest neighbour in the same set (itself excluded): [N]."""
     x_ND = torch.as_tensor(np.asarray(features_ND), dtype=torch.float32)
     if len(x_ND) <= k:
-        raise ValueError(f"precision/recall with k={k} needs more than {k} features, got {len(x_ND)}")
+        raise Refusal(f"precision/recall with k={k} needs more than {k} features, got {len(x_ND)}")
     # the (k+1)-th smallest of a row, as the evaluator's partition at index k (the row holds the self-distance 0)
     return torch.cat([_squared_distances(rows, x_ND).kthvalue(k + 1, dim=1).values for rows in x_ND.split(block)])
 

@@ -14,7 +14,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from promoe.errors import written_atomically
+from promoe.errors import Refusal, written_atomically
 from promoe.eval.images import NpzImages, check_enough, npz_array, open_images, rows_within_budget
 from promoe.eval.metrics import FixedStats, GaussianStats
 
@@ -65,20 +65,20 @@ def read_reference(path, net=None, batch_size: int = 64, device="cpu", need_pool
         check_finite({**stats, "pool": pool}, path)
         has_stats = len(stats) == len(STATS_KEYS)
         if 0 < len(stats) < len(STATS_KEYS):
-            raise ValueError(f"{path}: holds {sorted(stats)} but not all of {list(STATS_KEYS)}")
+            raise Refusal(f"{path}: holds {sorted(stats)} but not all of {list(STATS_KEYS)}")
         if has_stats and (pool is not None or not need_pool or "arr_0" not in keys):
             return InceptionFeatures(FixedStats(stats["mu"], stats["sigma"]),
                                      FixedStats(stats["mu_s"], stats["sigma_s"]), pool)
         if "arr_0" not in keys:
-            raise ValueError(f"{path}: neither reference statistics ({', '.join(STATS_KEYS)}) nor images (arr_0); "
-                             f"it holds {sorted(keys)}")
+            raise Refusal(f"{path}: neither reference statistics ({', '.join(STATS_KEYS)}) nor images (arr_0); "
+                          f"it holds {sorted(keys)}")
         images = NpzImages(path)
     else:
         images = open_images(path)
         has_stats = False
     check_enough(images, str(path))
     if net is None:
-        raise ValueError(f"{path}: reference features must be computed from its images, which needs the Inception")
+        raise Refusal(f"{path}: reference features must be computed from its images, which needs the Inception")
     features = inception_features(images, net, batch_size, device, keep_logits=False, desc="reference")
     if has_stats:  # as the evaluator: FID statistics from the file, features from the images
         features.pool_stats = FixedStats(stats["mu"], stats["sigma"])
@@ -91,8 +91,8 @@ def check_finite(arrays: dict[str, np.ndarray | None], path) -> None:
     for key, array in arrays.items():
         if array is not None and not np.isfinite(array).all():
             bad = np.size(array) - np.isfinite(array).sum()
-            raise ValueError(f"{path}: '{key}' holds {bad} NaN or infinite values of {np.size(array)}: the reference "
-                             "is damaged; recompute it from its images (--save-ref)")
+            raise Refusal(f"{path}: '{key}' holds {bad} NaN or infinite values of {np.size(array)}: the reference "
+                          "is damaged; recompute it from its images (--save-ref)")
 
 
 def save_reference(path, features: InceptionFeatures) -> None:

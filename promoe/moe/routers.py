@@ -18,6 +18,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from promoe.config import check_activation
+from promoe.errors import Refusal
 from promoe.moe.losses import load_balance_loss, plan_centroids, routing_contrastive_loss, token_centroids
 from promoe.moe.plan import RoutingPlan, expert_choice_plan, sort_slots
 from promoe.moe.routing import RoutingOps, null_tokens_to_uncond_expert, prototype_scores, top_k
@@ -95,11 +96,11 @@ class TokenChoiceRouter(nn.Module):
                  rcl_weight: float = 0.0, rcl_temperature: float = 0.07, lb_weight: float = 0.0):
         super().__init__()
         if not 1 <= top_k <= num_routed:
-            raise ValueError(f"top_k={top_k} must lie in 1..{num_routed} (the number of routed experts)")
+            raise Refusal(f"top_k={top_k} must lie in 1..{num_routed} (the number of routed experts)")
         if rcl_weight > 0 and not isinstance(scorer, PrototypeScorer):
-            raise ValueError("the routing contrastive loss needs prototypes (a PrototypeScorer)")
+            raise Refusal("the routing contrastive loss needs prototypes (a PrototypeScorer)")
         if lb_weight > 0 and scorer is None:
-            raise ValueError("the load-balance loss needs router scores; this router has none")
+            raise Refusal("the load-balance loss needs router scores; this router has none")
         self.scorer = scorer
         self.num_routed = num_routed
         self.top_k = top_k
@@ -170,7 +171,7 @@ class ExpertChoiceRouter(nn.Module):
                  rcl_weight: float = 0.0, rcl_temperature: float = 0.07):
         super().__init__()
         if rcl_weight > 0 and not isinstance(scorer, PrototypeScorer):
-            raise ValueError("the routing contrastive loss needs prototypes (a PrototypeScorer)")
+            raise Refusal("the routing contrastive loss needs prototypes (a PrototypeScorer)")
         self.scorer = scorer
         self.num_routed = num_routed
         self.capacity_factor = capacity_factor

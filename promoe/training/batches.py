@@ -3,6 +3,7 @@
 import torch
 
 from promoe.data import build_dataset
+from promoe.errors import Refusal
 from promoe.train_config import RunConfig
 from promoe.training.ranks import AllRanksStop
 
@@ -13,7 +14,7 @@ def load_dataset(config: RunConfig, device: torch.device):
     data, model = config.data, config.model_config()
     try:
         dataset = build_dataset(data.kind, data.folder, image_size=data.image_size, vae=data.vae, device=device)
-    except (OSError, ValueError) as error:
+    except (OSError, Refusal) as error:
         raise AllRanksStop(f"data: {error}") from None
     if len(dataset) < config.train.global_batch:
         raise AllRanksStop(f"data set {dataset.name} holds {len(dataset)} items, fewer than one global batch")

@@ -37,7 +37,7 @@ from promoe.checkpoint_format import (
     step_folder_name,
     step_of,
 )
-from promoe.errors import DISK_FULL, error_message, write_text_atomically
+from promoe.errors import DISK_FULL, Refusal, error_message, write_text_atomically
 from promoe.train_config import RunConfig
 from promoe.training.ema import EMA
 from promoe.training.expert_parallel import expert_banks, load_whole_banks, whole_bank, with_whole_banks
@@ -81,7 +81,7 @@ def unreadable(folder: Path) -> str | None:
         read_dcp_metadata(folder)
         read_run_config(folder / CONFIG)
         read_meta(folder)
-    except (OSError, ValueError) as error:
+    except (OSError, Refusal) as error:
         return error_message(error)
     return None
 

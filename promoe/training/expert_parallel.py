@@ -29,7 +29,7 @@ from torch.distributed.device_mesh import init_device_mesh
 from promoe.moe.expert_parallel import ExpertGroup
 from promoe.moe.layer import moe_layers
 from promoe.train_config import RunConfig
-from promoe.training.ranks import full
+from promoe.training.ranks import AllRanksStop, full
 
 
 def apply_expert_parallel(model: nn.Module, config: RunConfig, device: torch.device) -> None:
@@ -40,7 +40,7 @@ def apply_expert_parallel(model: nn.Module, config: RunConfig, device: torch.dev
     layers = moe_layers(model)
     refusal = expert_parallel_refusal(layers, degree, config.model.name)
     if refusal:
-        raise SystemExit(f"train.expert_parallel={degree}: {refusal}")
+        raise AllRanksStop(f"train.expert_parallel={degree}: {refusal}")
     world_size = dist.get_world_size()
     mesh = init_device_mesh(device.type, (world_size // degree, degree), mesh_dim_names=("replica", "expert"))
     replicas = mesh.get_group("replica") if world_size > degree else None

@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from promoe.errors import not_following_links, write_text_atomically
+from promoe.errors import Refusal, not_following_links, write_text_atomically
 
 
 def reduce_logged(loss: torch.Tensor, terms: dict, routing: list, world_size: int) -> dict[str, float]:
@@ -50,8 +50,8 @@ class MetricsLog:
             with open(self.path, newline="") as file:
                 return file.read().splitlines(keepends=True)
         except UnicodeDecodeError:
-            raise ValueError(f"{self.path} is not a text file of metrics (not UTF-8): move it aside, or give another "
-                             "--out") from None
+            raise Refusal(f"{self.path} is not a text file of metrics (not UTF-8): move it aside, or give another "
+                          "--out") from None
 
     def drop_rows_after(self, step: int) -> None:
         lines = self.read_lines()

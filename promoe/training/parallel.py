@@ -16,6 +16,7 @@ from torch.utils.checkpoint import checkpoint
 
 from promoe.train_config import RunConfig
 from promoe.training.expert_parallel import apply_expert_parallel, expert_banks, local_rows
+from promoe.training.ranks import AllRanksStop
 from promoe.zoo import build_from_config
 
 
@@ -69,8 +70,8 @@ def apply_activation_checkpointing(model: torch.nn.Module, config: RunConfig) ->
     if not config.train.activation_checkpointing:
         return
     if running_buffers(model):
-        raise SystemExit(f"train.activation_checkpointing: the router of {config.model.name} updates running "
-                         "statistics in forward, which a recomputation would update twice; turn it off")
+        raise AllRanksStop(f"train.activation_checkpointing: the router of {config.model.name} updates running "
+                           "statistics in forward, which a recomputation would update twice; turn it off")
     for block in model.blocks:
         checkpointed(block)
 

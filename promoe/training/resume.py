@@ -7,6 +7,7 @@ import dataclasses
 from pathlib import Path
 
 from promoe.checkpoint_format import CONFIG, read_meta, read_run_config
+from promoe.errors import Refusal
 from promoe.train_config import RunConfig, same_model
 from promoe.training.ranks import AllRanksStop
 
@@ -30,7 +31,7 @@ def check_resumable(folder: Path, config: RunConfig, data: dict) -> list[str]:
     settings that changed since it was written."""
     try:
         saved = read_run_config(folder / CONFIG)
-    except (OSError, ValueError) as error:
+    except (OSError, Refusal) as error:
         raise AllRanksStop(f"cannot resume from {folder}: {error}") from None
     difference = same_model(saved, config)
     if difference is not None:

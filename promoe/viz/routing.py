@@ -24,7 +24,7 @@ import torch  # noqa: E402
 
 from promoe.diffusion import OBJECTIVES  # noqa: E402
 from promoe.dit.model import modulate  # noqa: E402
-from promoe.errors import exits_with_message, write_text_atomically  # noqa: E402
+from promoe.errors import Refusal, exits_with_message, write_text_atomically  # noqa: E402
 from promoe.moe.layer import MoELayer  # noqa: E402
 from promoe.moe.record import record_routing  # noqa: E402
 from promoe.plots import save_figure  # noqa: E402
@@ -53,7 +53,7 @@ def sample_with_routing(model, objective, labels: torch.Tensor, steps: int, seed
     information comes from its tokens or from the label that every token's modulation carries."""
     moe_blocks = [block for block in model.blocks if isinstance(block.mlp, MoELayer)]
     if not moe_blocks:
-        raise ValueError("the model has no MoE layer: nothing routes")
+        raise Refusal("the model has no MoE layer: nothing routes")
     inputs, timesteps, streams = [], [], []  # streams: per forward and MoE block, [norm2(x), conditioning c]
 
     def keep_input(module, args):  # the model's forward(x, t, y)
