@@ -157,6 +157,18 @@ def test_a_binary_metrics_csv_on_resume_is_named_in_one_line(tmp_path):
     log.close()
 
 
+@pytest.mark.parametrize("text", ["step,loss\n1,0.5\nx,0.4\n", "step,loss\n1,0.5\n,0.4\n"])
+def test_a_metrics_csv_without_integer_steps_on_resume_is_named_in_one_line(tmp_path, text):
+    from promoe.errors import Refusal
+    from promoe.training.metrics import MetricsLog
+
+    (tmp_path / "metrics.csv").write_text(text)
+    log = MetricsLog(tmp_path, start=2)
+    with pytest.raises(Refusal, match=rf"{tmp_path / 'metrics.csv'} is not a file of metrics"):
+        log.append({"step": 3, "loss": 0.5})
+    log.close()
+
+
 def test_fewer_steps_than_a_finished_run_trained_are_refused_before_exporting(tiny_run, tmp_path):
     import shutil
 

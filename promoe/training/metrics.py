@@ -56,8 +56,12 @@ class MetricsLog:
     def drop_rows_after(self, step: int) -> None:
         lines = self.read_lines()
         rows = list(csv.reader(lines))
-        column = rows[0].index("step")
-        kept = lines[:1] + [line for line, row in zip(lines[1:], rows[1:]) if row and int(row[column]) <= step]
+        try:
+            column = rows[0].index("step")
+            kept = lines[:1] + [line for line, row in zip(lines[1:], rows[1:]) if row and int(row[column]) <= step]
+        except (IndexError, ValueError):  # no header, no step column, a step that is no integer
+            raise Refusal(f"{self.path} is not a file of metrics (each row's step in a column 'step'): move it "
+                          "aside, or give another --out") from None
         if len(kept) < len(lines):
             write_text_atomically(self.path, "".join(kept))
 
