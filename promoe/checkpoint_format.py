@@ -87,7 +87,7 @@ def changed_file(folder: Path, files: dict[str, dict], digests: dict[str, str]) 
 
 
 def verify_checkpoint(folder: Path) -> bool:
-    """Check one of our checkpoint folders against its manifest, as a resume does: ValueError naming the first file
+    """Check one of our checkpoint folders against its manifest, as a resume does: a Refusal naming the first file
     missing, truncated or changed; True when verified, False for a folder without a manifest (not verified)."""
     files, problem = check_sizes(folder)
     if problem is None and files is not None:

@@ -1,11 +1,11 @@
 """What goes wrong with the files and options a user gives us, said in one line: the file named and what to do.
 
 Our refusals are `Refusal`s (a ValueError) whose message names the file, key or argument; the operating system's
-errors about files (a missing file, a read-only folder, a full disk, a planted link) are OSErrors of the errnos in
-`FILE_SYSTEM_ERRNOS`. Each command's `main` is wrapped in `exits_with_message`, its one error path: either ends as
-`error: <one line>` and exit status 1, not a traceback. Any other exception, a plain ValueError included, is a bug
-and keeps its traceback. Values quoted in a message go through `quoted` (a bounded repr), and what a file can make us
-read is bounded (`read_small_text`).
+errors about files (a missing file, a read-only folder, a full disk, a planted link) are the OSErrors of
+`FILE_SYSTEM_ERRORS` and `FILE_SYSTEM_ERRNOS`. Each command's `main` is wrapped in `exits_with_message`, its one
+error path: either ends as `error: <one line>` and exit status 1, not a traceback. Any other exception, a plain
+ValueError included, is a bug and keeps its traceback. Values quoted in a message go through `quoted` (a bounded
+repr), and what a file can make us read is bounded (`read_small_text`).
 """
 
 import errno

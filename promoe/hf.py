@@ -163,7 +163,7 @@ def vae_weights(folder: Path, variant: str | None, use_safetensors: bool | None)
 
 def fitted_scheduler(scheduler, transformer: ProMoETransformer2DModel):
     """`scheduler` set to sample `transformer` (promoe.hf_folder.scheduler_changes): itself where it fits, else a copy
-    from its config with what the model fixes set; a ValueError naming both where it cannot sample the model."""
+    from its config with what the model fixes set; a Refusal naming both where it cannot sample the model."""
     name, settings, config = type(scheduler).__name__, dict(scheduler.config), transformer.dit.config
     if transformer.objective is None:  # a model that does not say: the scheduler it was first given does
         transformer.register_to_config(objective=inferred_objective(name, settings, config))

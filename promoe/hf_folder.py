@@ -95,7 +95,7 @@ def check_local_folder(path: str | Path, what: str) -> Path:
 
 
 def check_pipeline_index(path: str | Path) -> dict:
-    """model_index.json of a promoe pipeline folder, every component checked and its folder present; a ValueError that
+    """model_index.json of a promoe pipeline folder, every component checked and its folder present; a Refusal that
     says what is wrong for a folder of any other pipeline."""
     folder = check_local_folder(path, "a ProMoEPipeline folder")
     index = read_json(folder / INDEX, "it says which pipeline the folder holds")
@@ -303,7 +303,7 @@ def inferred_objective(scheduler: str, settings: dict, config: ModelConfig) -> s
 
 def scheduler_changes(objective: str, scheduler: str, settings: dict, config: ModelConfig) -> dict:
     """The settings that a diffusers scheduler (class name, config) must change to sample a model of `objective` and
-    `config`: {} where it fits as it is; a ValueError naming both where no setting makes it fit. What the model fixes
+    `config`: {} where it fits as it is; a Refusal naming both where no setting makes it fit. What the model fixes
     is set (rectified flow: the flow sigmas and the velocity; DDPM: the training betas, the noise prediction, the
     learned variance range where the model learned it); what is a sampling choice (steps, spacing, order, shift,
     clipping) is left as the scheduler has it."""

@@ -167,7 +167,7 @@ def check_shapes_fit(model_config: ModelConfig, shapes: dict[str, torch.Tensor],
 
 
 def check_fits(given: dict[str, torch.Tensor], expected: dict[str, torch.Tensor], model: str) -> None:
-    """Raise ValueError naming the first tensor of `expected` (a model's state) that `given` lacks or holds in
+    """Raise a Refusal naming the first tensor of `expected` (a model's state) that `given` lacks or holds in
     another shape, or a tensor of `given` the model has no place for; `model` says which model, e.g. "ProMoE-S"."""
     for key, value in expected.items():
         if key not in given:
@@ -257,7 +257,7 @@ def read_dcp_metadata(folder: str | Path) -> Metadata:
 
 def load_dcp(state: dict, folder: str | Path) -> None:
     """dcp.load(state, folder) that runs no code from the folder (see the module's docstring); a failure is a
-    ValueError naming the folder."""
+    a Refusal naming the folder."""
     try:
         dcp.load(state, storage_reader=SafeReader(str(folder)), planner=SafePlanner())
     except CheckpointException as error:  # DCP wraps each rank's exception (a BaseException)

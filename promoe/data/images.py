@@ -62,7 +62,7 @@ def center_crop_arr(image: Image.Image, image_size: int) -> Image.Image:
 
 
 def load_image(path: Path, image_size: int) -> torch.Tensor:
-    """One image file as float [3, image_size, image_size] in [-1, 1], centre-cropped; ValueError naming the file
+    """One image file as float [3, image_size, image_size] in [-1, 1], centre-cropped; a Refusal naming the file
     if PIL cannot read it."""
     try:
         with Image.open(path) as image:

@@ -24,7 +24,7 @@ and the official `CustomImageFolder`.
 
 Either way `batch(indices, generator)` draws for each item a horizontal flip (p = 1/2) and, for moments, the
 posterior noise from `generator`: latent = (mean + exp(logvar / 2) * eps) * scaling_factor, log-variance clamped
-to [-30, 20] as diffusers does. A file that cannot be read is a ValueError naming its path.
+to [-30, 20] as diffusers does. A file that cannot be read is a Refusal naming its path.
 """
 
 import bisect

@@ -22,7 +22,7 @@ _UBYTE = 0x08
 
 
 def read_idx(path: Path) -> np.ndarray:
-    """An IDX file (optionally gzipped) of unsigned bytes as an array; ValueError naming the file if it is bad."""
+    """An IDX file (optionally gzipped) of unsigned bytes as an array; a Refusal naming the file if it is bad."""
     path = Path(path)
     try:
         if path.suffix == ".gz":

@@ -253,7 +253,7 @@ class FIDInceptionV3(nn.Module):
 
 
 def check_state_dict(model: nn.Module, state_dict: dict, source: str = "state dict") -> None:
-    """ValueError naming the first missing, unexpected or misshaped key. `num_batches_tracked` is optional."""
+    """A Refusal naming the first missing, unexpected or misshaped key. `num_batches_tracked` is optional."""
     expected = model.state_dict()
     for name, tensor in expected.items():
         if name not in state_dict:
