@@ -3,8 +3,8 @@ CUDA, else gloo) and this rank's device.
 
 A rank waits at most `collective_timeout()` for the others in a collective (PROMOE_COLLECTIVE_TIMEOUT seconds, 30
 minutes by default, for nccl and gloo alike): a peer that hangs or dies, leaving the others in a collective, ends the
-run with the backend's timeout error instead of leaving them waiting for ever. It must outlast the longest work one
-rank does while the others wait (rank 0's end of a run: the plots, the sample grid, the FID)."""
+run (promoe.training.ranks.said_once says so in one line) instead of leaving them waiting for ever. It must outlast
+the longest work one rank does while the others wait (rank 0's end of a run: the plots, the sample grid, the FID)."""
 
 import datetime
 import os

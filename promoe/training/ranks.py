@@ -1,9 +1,12 @@
 """The small all-reduces by which every rank takes the same decision (the process group is promoe.distributed's)."""
 
+import re
 from contextlib import contextmanager
 
 import torch
 import torch.distributed as dist
+
+from promoe.distributed import TIMEOUT_VARIABLE, collective_timeout
 
 
 def any_rank(flag: bool) -> bool:
@@ -30,6 +33,9 @@ class AllRanksStop(SystemExit):
     """A verdict every rank reaches alike (the config's errors, `stop_if_any`'s, a divergence): said once, by rank 0."""
 
 
+# What gloo ("Timed out waiting 2000ms for recv") and nccl's watchdog ("... before timing out") say of a collective
+# that outlasted the process group's timeout.
+TIMED_OUT = re.compile(r"timed out|timing out", re.IGNORECASE)
 FIRST_FAILURE = "promoe/first_failure"  # the store's key of the first rank's own error: "<rank>\n<message>"
 
 
@@ -39,7 +45,8 @@ def said_once():
     (`AllRanksStop`) is said by rank 0 alone; the other ranks exit with status 1 quietly. A rank's own error (a
     SystemExit with a message: a file only it reads is damaged) is said by that rank, which also records it in the
     process group's store; a rank that a peer's exit then stops in a collective says which rank failed and its
-    message, instead of the backend's traceback."""
+    message, instead of the backend's traceback; a rank whose collective outlasted the process group's timeout (a
+    peer hung, or died unheard) says so and how to change the wait."""
     try:
         yield
     except AllRanksStop as stop:
@@ -51,12 +58,16 @@ def said_once():
             raise
         record_failure(stop.code)
         raise SystemExit(f"{rank_prefix()}{stop.code.removeprefix('error: ')}") from None
-    except RuntimeError:  # a collective that a peer's exit broke (gloo: "Connection closed by peer")
+    except RuntimeError as error:  # a collective that a peer's exit broke (gloo: "Connection closed by peer")
         first = dist.get_world_size() > 1 and recorded_failure()
-        if not first:
-            raise
-        rank, message = first
-        raise SystemExit(f"{rank_prefix()}stopped because rank {rank} failed: {message}") from None
+        if first:
+            rank, message = first
+            raise SystemExit(f"{rank_prefix()}stopped because rank {rank} failed: {message}") from None
+        if dist.get_world_size() > 1 and TIMED_OUT.search(str(error)):
+            raise SystemExit(f"{rank_prefix()}the other ranks did not join a collective within "
+                             f"{collective_timeout().total_seconds():g} s: one hangs, or died without a message "
+                             f"(see its output); {TIMEOUT_VARIABLE}=<seconds> sets this wait") from None
+        raise
 
 
 def rank_prefix() -> str:
