@@ -71,7 +71,8 @@ def parse_args(argv):
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    rank, world_size, device = init_distributed()
+    with said_in_one_line():  # a PROMOE_COLLECTIVE_TIMEOUT that is no number of seconds
+        rank, world_size, device = init_distributed()
     try:
         with said_once(), said_in_one_line():
             config = configure(args, world_size)
