@@ -21,7 +21,9 @@ setup(
         "scikit-learn",  # its digits are the demo's zero-install data
     ],
     extras_require={
-        "dev": ["pytest", "pytest-benchmark", "hypothesis", "ruff"],
+        # accelerate: diffusers' group offloading moves each hooked module's inputs with its send_to_device (the
+        # offloading tests of tests/test_hf.py; without it they skip)
+        "dev": ["pytest", "pytest-benchmark", "hypothesis", "ruff", "accelerate"],
         # grouped_gemm (MegaBlocks' grouped GEMM, without megablocks, whose only release pins torch 2.7.0): the
         # `grouped_gemm` dispatch backend, bf16 only. Both build from CUDA source; no test needs them.
         "gpu": ["flash-attn", "grouped_gemm"],

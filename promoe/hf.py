@@ -23,6 +23,7 @@ import errno
 import inspect
 import math
 import os
+import re
 import shutil
 import tempfile
 from pathlib import Path
@@ -30,6 +31,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from diffusers import AutoencoderKL, ConfigMixin, DiffusionPipeline, ModelMixin
+from diffusers.hooks.layerwise_casting import DEFAULT_SKIP_MODULES_PATTERN, apply_layerwise_casting_hook
 from diffusers.models.modeling_outputs import Transformer2DModelOutput
 from diffusers.pipelines.pipeline_utils import ImagePipelineOutput
 from diffusers.utils import is_accelerate_available, logging
@@ -51,6 +53,7 @@ from promoe.hf_folder import (
     weights_files,
 )
 from promoe.limits import check_sampling_steps
+from promoe.moe.experts import ExpertBank
 from promoe.moe.layer import place_dispatch
 from promoe.sampling import decode, initial_noise, is_latent_model, load_model, objective_of, to_uint8
 from promoe.zoo import build_from_config
@@ -108,6 +111,25 @@ class ProMoETransformer2DModel(ModelMixin, ConfigMixin):
             raise Refusal("gradient checkpointing: this model's routers update running statistics in forward "
                           "(k-means centroids, DiffMoE thresholds), which a recomputation would update twice")
         super().enable_gradient_checkpointing(gradient_checkpointing_func)
+
+    def enable_layerwise_casting(self, storage_dtype: torch.dtype = torch.float8_e4m3fn,
+                                 compute_dtype: torch.dtype | None = None, skip_modules_pattern=None,
+                                 skip_modules_classes=None, non_blocking: bool = False) -> None:
+        """diffusers' layerwise casting, which casts the layer kinds it knows (Linear, Conv, Embedding), and the
+        expert banks too, which hold most of a MoE model's weights: each bank is stored in `storage_dtype` and cast
+        to `compute_dtype` in its own module call (`ExpertBank.forward`). A bank is skipped as diffusers skips a
+        layer: a pattern matches its name or one of its parents', or its class is among `skip_modules_classes`."""
+        compute_dtype = compute_dtype or self.dtype  # before anything is cast, as diffusers takes it
+        super().enable_layerwise_casting(storage_dtype, compute_dtype, skip_modules_pattern, skip_modules_classes,
+                                         non_blocking)
+        # The patterns that diffusers' own method gathers (the caller's or its defaults, then the model's).
+        patterns = (*(skip_modules_pattern or DEFAULT_SKIP_MODULES_PATTERN), *(self._keep_in_fp32_modules or ()),
+                    *(self._skip_layerwise_casting_patterns or ()))
+        for name, bank in self.named_modules():
+            parents = [".".join(name.split(".")[:end]) for end in range(1, name.count(".") + 2)]
+            skipped = any(re.search(pattern, parent) for pattern in patterns for parent in parents)
+            if isinstance(bank, ExpertBank) and not skipped and not isinstance(bank, skip_modules_classes or ()):
+                apply_layerwise_casting_hook(bank, storage_dtype, compute_dtype, non_blocking)
 
     def save_pretrained(self, save_directory, safe_serialization: bool = True, variant: str | None = None,
                         max_shard_size: int | str = "10GB", **kwargs):

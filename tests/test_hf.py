@@ -18,6 +18,7 @@ pytest.importorskip("diffusers")
 from promoe.convert import main as convert  # noqa: E402
 from promoe.diffusion import DDPM, RectifiedFlow, euler_sigmas, make_scheduler  # noqa: E402
 from promoe.hf import ProMoEPipeline, ProMoETransformer2DModel, default_scheduler, save_pipeline  # noqa: E402
+from promoe.moe.experts import ExpertBank  # noqa: E402
 from promoe.sample import main as sample  # noqa: E402
 from promoe.sampling import generate, initial_noise  # noqa: E402
 from tests.helpers import save_tiny_vae, tiny_model  # noqa: E402
@@ -613,17 +614,18 @@ def test_diffusers_finds_the_blocks_where_it_looks_for_them():
 
 
 def fp8_rounded_reference(model, patterns):
-    """A copy of `model` whose layers of the kinds diffusers casts (Linear, Conv, Embedding) that no pattern names hold
-    their parameters rounded to float8_e4m3fn: what layerwise casting stores, computed in fp32."""
+    """A copy of `model` whose layers of the kinds diffusers casts (Linear, Conv, Embedding) and expert banks that no
+    pattern names hold their parameters rounded to float8_e4m3fn: what layerwise casting stores, computed in fp32."""
     import copy
     import re
 
-    from diffusers.hooks._common import _GO_LC_SUPPORTED_PYTORCH_LAYERS as CAST  # as diffusers' own test reads it
+    from diffusers.hooks._common import _GO_LC_SUPPORTED_PYTORCH_LAYERS  # as diffusers' own test reads it
 
     reference = copy.deepcopy(model)
     with torch.no_grad():
         for name, module in reference.named_modules():
-            if isinstance(module, CAST) and not any(re.search(p, name) for p in patterns):
+            if isinstance(module, (*_GO_LC_SUPPORTED_PYTORCH_LAYERS, ExpertBank)) and \
+                    not any(re.search(p, name) for p in patterns):
                 for param in module.parameters(recurse=False):
                     param.copy_(param.to(torch.float8_e4m3fn).float())
     return reference
@@ -648,6 +650,7 @@ def test_layerwise_casting_to_fp8_computes_the_fp8_rounded_model(skip):
         transformer.enable_layerwise_casting(storage_dtype=torch.float8_e4m3fn, compute_dtype=torch.float32,
                                              **({} if skip == "declared" else dict(skip_modules_pattern=patterns)))
         assert model.blocks[0].attn.qkv.weight.dtype == torch.float8_e4m3fn  # stored in fp8
+        assert model.blocks[1].mlp.experts.w_up_EDH.dtype == torch.float8_e4m3fn  # the experts too
         assert transformer.dtype == torch.float32
         out = transformer(*inputs).sample
     assert out.dtype == torch.float32 and torch.equal(out, expected)
@@ -665,3 +668,83 @@ def test_a_half_model_with_an_fp32_pos_embed_runs_as_the_half_model():
     # positions, the first the bf16-rounded ones): the one rounding of the positions is all that differs.
     assert out.dtype == torch.bfloat16
     torch.testing.assert_close(out.float(), expected.float(), rtol=4 * 2**-8, atol=4 * 2**-8)
+
+
+def test_layerwise_casting_skips_the_expert_banks_that_a_pattern_or_class_names():
+    for skip in (dict(skip_modules_pattern=("mlp",)), dict(skip_modules_pattern=(r"blocks\.1$",)),
+                 dict(skip_modules_classes=(ExpertBank,))):
+        model = tiny_model("ProMoE-S").eval()
+        ProMoETransformer2DModel.from_dit(model).enable_layerwise_casting(torch.float8_e4m3fn, torch.float32, **skip)
+        assert model.blocks[1].mlp.experts.w_up_EDH.dtype == torch.float32, skip
+
+
+def weights_absent_outside_their_calls(model: torch.nn.Module) -> None:
+    """Each module's own floating-point parameters and buffers hold NaN except inside its call: what offloading does
+    to a weight that is read outside its module's call (diffusers' disk offload leaves it uninitialised)."""
+    for module in model.modules():
+        tensors = [t for t in [*module.parameters(recurse=False), *module.buffers(recurse=False)]
+                   if t.is_floating_point()]
+        if not tensors:
+            continue
+        values = [t.data for t in tensors]
+
+        def bring_in(*_, tensors=tensors, values=values):
+            for tensor, value in zip(tensors, values):
+                tensor.data = value
+
+        def take_away(*_, tensors=tensors):
+            for tensor in tensors:
+                tensor.data = torch.full_like(tensor.data, float("nan"))
+
+        module.register_forward_pre_hook(bring_in)
+        module.register_forward_hook(take_away)
+        take_away()
+
+
+@pytest.mark.parametrize("name", ZOO)
+def test_every_weight_is_read_inside_its_own_modules_call(name):
+    model = tiny_model(name, **ZOO[name]).eval()
+    transformer = ProMoETransformer2DModel.from_dit(model, "rf")
+    inputs = model_inputs(model)
+    with torch.no_grad():
+        expected = transformer(*inputs).sample
+        weights_absent_outside_their_calls(transformer)
+        banks = [module for module in model.modules() if isinstance(module, ExpertBank)]
+        for weight in [model.blocks[0].attn.qkv.weight, *(bank.w_up_EDH for bank in banks)]:
+            assert weight.isnan().all()  # taken away until their module runs
+        assert torch.equal(transformer(*inputs).sample, expected)
+
+
+@pytest.mark.parametrize("name", ZOO)
+def test_leaf_level_group_offloading_to_disk_gives_the_unoffloaded_outputs(name, tmp_path):
+    pytest.importorskip("accelerate")  # diffusers' offloading hooks move their inputs with accelerate's send_to_device
+    model = tiny_model(name, **ZOO[name]).eval()
+    transformer = ProMoETransformer2DModel.from_dit(model, "rf")
+    inputs = model_inputs(model)
+    with torch.no_grad():
+        expected = transformer(*inputs).sample
+        # On a CPU-only machine both devices are the CPU: disk is where the weights go and come back from.
+        transformer.enable_group_offload(torch.device("cpu"), offload_type="leaf_level", offload_to_disk_path=tmp_path)
+        for _ in range(2):  # the first call writes the files, the second reads them
+            assert torch.equal(transformer(*inputs).sample, expected)
+    offloaded = [module._diffusers_hook.get_hook("group_offloading").group for module in transformer.modules()
+                 if hasattr(module, "_diffusers_hook")]
+    if name != "DiT-S":  # each bank is a group of its own, in a file of its own
+        banks = [group for group in offloaded if group.offload_leader is model.blocks[1].mlp.experts]
+        assert len(banks) == 1 and Path(banks[0].safetensors_file_path).is_file()
+
+
+def test_block_level_group_offloading_to_disk_moves_each_dit_block_alone(tmp_path):
+    pytest.importorskip("accelerate")
+    model = tiny_model("ProMoE-S", **ZOO["ProMoE-S"]).eval()
+    transformer = ProMoETransformer2DModel.from_dit(model, "rf")
+    inputs = model_inputs(model)
+    with torch.no_grad():
+        expected = transformer(*inputs).sample
+        transformer.enable_group_offload(torch.device("cpu"), offload_type="block_level", num_blocks_per_group=1,
+                                         offload_to_disk_path=tmp_path)
+        for _ in range(2):
+            assert torch.equal(transformer(*inputs).sample, expected)
+    for block in model.blocks:  # found under `dit` (`_group_offload_block_modules`), each its own group and file
+        group = block._diffusers_hook.get_hook("group_offloading").group
+        assert group.modules == [block] and Path(group.safetensors_file_path).is_file()

@@ -40,6 +40,7 @@ from promoe.kernels.routing import prototype_scores as kernel_scores
 from promoe.kernels.routing import route_prototypes as kernel_routing
 from promoe.moe.experts import (
     ExpertBank,
+    ExpertWeights,
     autocast_dtype,
     gelu_tanh,
     gelu_tanh_backward,
@@ -101,17 +102,19 @@ class TorchBackend:
         """y[n] = base[n] + sum over the slots s of token n of gates[s] * expert[s](x[n]): permute -> expert MLP ->
         combine. The base (the shared experts' output) is added as the combine writes y, not by a pass of its own.
         The permute runs inside the expert MLP, whose backward gathers x's rows again rather than keeping them."""
-        return self.combine(self.expert_mlp(x_ND, plan, experts, permute=True), plan, base_ND)
+        return self.combine(experts(x_ND, plan, self, permute=True), plan, base_ND)
 
     def run_experts(self, x_SD: torch.Tensor, plan: RoutingPlan, experts: ExpertBank) -> torch.Tensor:
         """The expert MLP on rows already in slot order (the rows that expert parallelism received)."""
-        return self.expert_mlp(x_SD, plan, experts, permute=False)
+        return experts(x_SD, plan, self, permute=False)
 
-    def expert_mlp(self, rows: torch.Tensor, plan: RoutingPlan, experts: ExpertBank, permute: bool) -> torch.Tensor:
-        """[S, D]: (permute ->) up, bias + GELU(tanh), down, bias, for each slot's expert (`ExpertMLP`)."""
+    def expert_mlp(self, rows: torch.Tensor, plan: RoutingPlan, experts: ExpertWeights, permute: bool
+                   ) -> torch.Tensor:
+        """[S, D]: (permute ->) up, bias + GELU(tanh), down, bias, for each slot's expert (`ExpertMLP`), on the
+        weights that the bank's call hands over (`ExpertBank.forward`: a whole bank, or one rank's part)."""
         return ExpertMLP.apply(self, permute, plan.num_tokens, plan.has_dropped_slots, rows, plan.token_index_S,
                                plan.expert_index_S, plan.gates_S, plan.offsets_E1, plan.slot_NK, experts.w_up_EDH,
-                               experts.b_up_EH, experts.w_down_EHD, experts.b_down_ED)  # a bank, or one rank's part
+                               experts.b_up_EH, experts.w_down_EHD, experts.b_down_ED)
 
     # The steps of the expert MLP, each a function of tensors (autograd can differentiate them: the tests compose
     # them as the plain-autograd reference), and the backward of each, which `ExpertMLP` runs.

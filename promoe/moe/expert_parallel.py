@@ -72,21 +72,6 @@ class AllToAll(torch.autograd.Function):
         return AllToAll.apply(grad_RD, in_splits, out_splits, ctx.group), None, None, None
 
 
-@dataclass
-class LocalExperts:
-    """The bank tensors one rank runs, in the compute dtype (as FSDP would gather them)."""
-
-    w_up_EDH: torch.Tensor
-    b_up_EH: torch.Tensor
-    w_down_EHD: torch.Tensor
-    b_down_ED: torch.Tensor
-
-
-def local_experts(experts, dtype: torch.dtype) -> LocalExperts:
-    return LocalExperts(experts.w_up_EDH.to(dtype), experts.b_up_EH.to(dtype), experts.w_down_EHD.to(dtype),
-                        experts.b_down_ED.to(dtype))
-
-
 def local_plan(counts_E: torch.Tensor, num_rows: int) -> RoutingPlan:
     """The plan of `num_rows` rows already in expert order, `counts_E[e]` of them for local expert e, each row its
     own token."""
@@ -133,8 +118,7 @@ def run_on_expert_ranks(backend, x_SD: torch.Tensor, counts_E: torch.Tensor, exp
     order_R = torch.sort(expert_R, stable=True).indices
     x_local_SD = torch.cat([x_recv_RD[order_R], x_SD[sent:sent + num_uncond]])  # the unconditional slots stay
     counts_local_E = torch.cat([recv_RC.sum(0), counts_E[routed:]])
-    out_local_SD = backend.run_experts(x_local_SD, local_plan(counts_local_E, received + num_uncond),
-                                       local_experts(experts, x_SD.dtype))
+    out_local_SD = backend.run_experts(x_local_SD, local_plan(counts_local_E, received + num_uncond), experts)
     out_recv_RD = torch.empty_like(out_local_SD[:received]).index_copy(0, order_R, out_local_SD[:received])
     out_sent_RD = AllToAll.apply(out_recv_RD, send, recv, group.group)
     dropped = out_local_SD.new_zeros((x_SD.shape[0] - sent - num_uncond, out_local_SD.shape[1]))

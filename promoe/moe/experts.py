@@ -2,10 +2,16 @@
 
 import contextlib
 import math
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+if TYPE_CHECKING:  # the backends import this module
+    from promoe.moe.dispatch import TorchBackend
+    from promoe.moe.plan import RoutingPlan
 
 
 def gelu_tanh(x: torch.Tensor) -> torch.Tensor:
@@ -30,52 +36,74 @@ class FFN(nn.Module):
         return self.fc2(gelu_tanh(self.fc1(x)))
 
 
-class SharedExpert(FFN):
+class SharedExpert(nn.Module):
     """The same FFN (the same keys) run on every token of a MoE layer, keeping for backward only its pre-activation
-    besides x and the weights: the GELU output, which fc2's weight gradient reads, is recomputed from it."""
+    besides x and the weights: the GELU output, which fc2's weight gradient reads, is recomputed from it (fc2 is a
+    `GeluLinear`). Each linear runs in its own module call, so that what hooks a module call (diffusers' group
+    offloading, layerwise casting) sees its weights."""
+
+    def __init__(self, dim: int, hidden: int):
+        super().__init__()
+        self.fc1 = nn.Linear(dim, hidden)
+        self.fc2 = GeluLinear(hidden, dim)
 
     def forward(self, x_ND: torch.Tensor) -> torch.Tensor:
-        return _LinearGeluLinear.apply(x_ND, self.fc1.weight, self.fc1.bias, self.fc2.weight, self.fc2.bias)
+        return self.fc2(self.fc1(x_ND))  # fc1 keeps x, as nn.Linear does
 
 
-class _LinearGeluLinear(torch.autograd.Function):
-    """fc2(gelu_tanh(fc1(x))) for x [N, D], its backward the one autograd runs for nn.Linear (addmm) and GELU, in the
-    same order, less the GELU output that it keeps: recomputed from the pre-activation (elementwise; no GEMM runs
-    twice). Under autocast everything runs in the autocast dtype, as autocast runs nn.Linear, and the gradients go
-    back in the dtypes of the inputs."""
+class GeluLinear(nn.Linear):
+    """linear(gelu_tanh(z)) for z [N, H], keeping z (not the GELU output, made again in backward)."""
+
+    def forward(self, z_NH: torch.Tensor) -> torch.Tensor:
+        return _GeluLinear.apply(z_NH, self.weight, self.bias)
+
+
+class _GeluLinear(torch.autograd.Function):
+    """F.linear(gelu_tanh(z), w, b) for z [N, H], its backward the one autograd runs for GELU and nn.Linear (addmm),
+    in the same order, less the GELU output that it keeps: recomputed from z (elementwise; no GEMM runs twice). Under
+    autocast it runs in the autocast dtype, as autocast runs nn.Linear, and the gradients go back in the dtypes of
+    the inputs."""
 
     @staticmethod
-    def forward(ctx, x_ND, w1_HD, b1_H, w2_DH, b2_D):
-        inputs = (x_ND, w1_HD, b1_H, w2_DH, b2_D)
-        # Without autocast the weights compute in x's dtype: storage in another (diffusers' layerwise casting keeps
-        # fc1 and fc2 in float8 and casts them in their own forward, which this function replaces) is cast here.
-        autocast = autocast_dtype(x_ND)
-        x_ND, w1_HD, b1_H, w2_DH, b2_D = (t.to(autocast or x_ND.dtype) for t in inputs)
-        with torch.autocast(x_ND.device.type, enabled=False) if autocast is not None else contextlib.nullcontext():
-            z_NH = F.linear(x_ND, w1_HD, b1_H)
-            y_ND = F.linear(gelu_tanh(z_NH), w2_DH, b2_D)
-        # The originals are kept (x and the weights are kept anyway); their casts are made again in backward.
-        ctx.save_for_backward(inputs[0], z_NH, inputs[1], inputs[3])
+    def forward(ctx, z_NH, w_DH, b_D):
+        inputs = (z_NH, w_DH, b_D)
+        # Without autocast the weights compute in z's dtype: storage in another is cast here, as the bank does.
+        autocast = autocast_dtype(z_NH)
+        z_NH, w_DH, b_D = (t.to(autocast or z_NH.dtype) for t in inputs)
+        with torch.autocast(z_NH.device.type, enabled=False) if autocast is not None else contextlib.nullcontext():
+            y_ND = F.linear(gelu_tanh(z_NH), w_DH, b_D)
+        # The originals are kept (the weight is kept anyway); the casts are made again in backward.
+        ctx.save_for_backward(inputs[0], inputs[1])
         ctx.dtypes = [t.dtype for t in inputs]
+        ctx.compute_dtype = z_NH.dtype
         return y_ND
 
     @staticmethod
     def backward(ctx, grad_ND):
-        x_ND, z_NH, w1_HD, w2_DH = ctx.saved_tensors
-        x_ND, w1_HD, w2_DH = (t.to(z_NH.dtype) for t in (x_ND, w1_HD, w2_DH))
-        grad_ND = grad_ND.to(z_NH.dtype)
+        z_NH, w_DH = (t.to(ctx.compute_dtype) for t in ctx.saved_tensors)
+        grad_ND = grad_ND.to(ctx.compute_dtype)
         a_NH = gelu_tanh(z_NH)  # recomputed, not kept
         # addmm's backward: mat1 <- grad @ mat2.t(); a transposed weight's gradient as grad.t() @ mat1 (its layout)
-        grad_z_NH = gelu_tanh_backward(grad_ND.mm(w2_DH), z_NH)
-        grads = (grad_z_NH.mm(w1_HD), grad_z_NH.t().mm(x_ND), grad_z_NH.sum(0), grad_ND.t().mm(a_NH), grad_ND.sum(0))
+        grads = (gelu_tanh_backward(grad_ND.mm(w_DH), z_NH), grad_ND.t().mm(a_NH), grad_ND.sum(0))
         return tuple(g.to(dtype) for g, dtype in zip(grads, ctx.dtypes))
+
+
+@dataclass
+class ExpertWeights:
+    """The four stacked tensors of a bank as one expert MLP reads them (`TorchBackend.expert_mlp`)."""
+
+    w_up_EDH: torch.Tensor
+    b_up_EH: torch.Tensor
+    w_down_EHD: torch.Tensor
+    b_down_ED: torch.Tensor
 
 
 class ExpertBank(nn.Module):
     """E experts of the same shape, stacked so that one grouped GEMM runs them all.
 
     Expert e computes `gelu_tanh(x @ w_up_EDH[e] + b_up_EH[e]) @ w_down_EHD[e] + b_down_ED[e]`; the dispatch backends
-    run it on the slots of every expert at once (`TorchBackend.run_experts`, the one definition).
+    run it on the slots of every expert at once (`TorchBackend.expert_mlp`, the one definition), through this
+    module's call.
     """
 
     def __init__(self, num_experts: int, dim: int, hidden: int):
@@ -92,6 +120,21 @@ class ExpertBank(nn.Module):
     @property
     def params_per_expert(self) -> int:
         return sum(p[0].numel() for p in self.parameters())
+
+    def forward(self, rows: torch.Tensor, plan: "RoutingPlan", backend: "TorchBackend", permute: bool
+                ) -> torch.Tensor:
+        """[S, D]: the expert MLP of every slot of `plan`, run by `backend` on this bank's weights (rows: x [N, D]
+        when `permute`, else x's rows already in slot order).
+
+        The weights are read here, inside the bank's own module call, so that what hooks a module call sees them
+        where they are used: diffusers' group offloading brings them in before and takes them out after, layerwise
+        casting casts them, a forward hook sees them. Without autocast they compute in the rows' dtype, storage in
+        another is cast here (as the shared expert does; expert parallelism's ranks hold the bank in fp32 out of
+        FSDP's mixed precision); under autocast the GEMMs cast, as every matmul does there."""
+        weights = (self.w_up_EDH, self.b_up_EH, self.w_down_EHD, self.b_down_ED)
+        if autocast_dtype(rows) is None:
+            weights = tuple(w.to(rows.dtype) for w in weights)  # no copy where the dtype is the rows' already
+        return backend.expert_mlp(rows, plan, ExpertWeights(*weights), permute)
 
     @torch.no_grad()
     def init_weights(self) -> None:

@@ -11,6 +11,7 @@ The maths of the routing is in `promoe.moe.routing`; a router runs it through `s
 definitions unless its layer's backend handed it kernels of the same signatures. A router knows no backend.
 """
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -59,8 +60,11 @@ class PrototypeScorer(nn.Module):
     def init_weights(self) -> None:
         nn.init.normal_(self.prototypes, std=0.02)
 
-    def forward(self, x_ND: torch.Tensor) -> torch.Tensor:
-        return prototype_scores(x_ND, self.prototypes, self.activation, self.alpha)
+    def forward(self, x_ND: torch.Tensor, op: Callable = prototype_scores):
+        """The scores [N, E], or what `op` (a routing function of these arguments: `RoutingOps`) makes of them. The
+        prototypes are read inside this module's call, so that what hooks it (diffusers' group offloading) sees
+        them."""
+        return op(x_ND, self.prototypes, self.activation, self.alpha)
 
 
 class LinearScorer(nn.Module):
@@ -119,10 +123,12 @@ class TokenChoiceRouter(nn.Module):
         """Both routing steps: expert ids [N, K] and gates [N, K] (null-label tokens to the unconditional expert when
         conditional), and the scores that the losses read (None where none needs them)."""
         if isinstance(self.scorer, PrototypeScorer):  # ProMoE: one function, which the triton backend fuses
-            scorer = self.scorer
-            expert_ids_NK, gates_NK = self.ops.route_prototypes(x_ND, scorer.prototypes, cond_N, self.top_k,
-                                                                scorer.activation, scorer.alpha, self.conditional)
-            scores_NE = scorer(x_ND) if self.training and self.lb_weight > 0 else None
+            def route(x_ND, prototypes_ED, activation, alpha):
+                return self.ops.route_prototypes(x_ND, prototypes_ED, cond_N, self.top_k, activation, alpha,
+                                                 self.conditional)
+
+            expert_ids_NK, gates_NK = self.scorer(x_ND, route)
+            scores_NE = self.scorer(x_ND) if self.training and self.lb_weight > 0 else None
             return TokenChoice(expert_ids_NK, gates_NK, scores_NE)
         expert_ids_NK, gates_NK, scores = self.choose(x_ND, cond_N, num_samples)
         if self.conditional:
@@ -193,7 +199,7 @@ class ExpertChoiceRouter(nn.Module):
     def scores(self, x_ND: torch.Tensor) -> torch.Tensor:
         """[N, E]; the prototypes' scores through `ops` (the routing kernel's similarity code on triton)."""
         if isinstance(self.scorer, PrototypeScorer):
-            return self.ops.prototype_scores(x_ND, self.scorer.prototypes, self.scorer.activation, self.scorer.alpha)
+            return self.scorer(x_ND, self.ops.prototype_scores)
         return self.scorer(x_ND)
 
     def plan(self, token_BEC, gates_BEC, cond_N, num_tokens) -> RoutingPlan:
