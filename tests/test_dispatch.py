@@ -294,9 +294,9 @@ def test_grouped_gemm_backend_says_how_to_install_it_when_missing(rng):
 def make_promoe_layer(dim, num_routed, top_k, rng):
     """A ProMoE MoE layer (prototype router with conditional routing, unconditional and shared experts)."""
     from promoe.moe.layer import MoELayer
-    from promoe.moe.routers import PrototypeScorer, TokenChoiceRouter
+    from promoe.moe.routers import PrototypeRouter, PrototypeScorer
 
-    layer = MoELayer(TokenChoiceRouter(PrototypeScorer(dim, num_routed), num_routed, top_k, conditional=True),
+    layer = MoELayer(PrototypeRouter(PrototypeScorer(dim, num_routed), num_routed, top_k, conditional=True),
                      num_routed + 1, dim, 2 * dim, dim, top_k, null_label=10)
     with torch.no_grad():
         for p in layer.parameters():
@@ -342,7 +342,7 @@ def test_gates_stay_float32_in_the_plan_of_a_bfloat16_layer(backend, rng):
     x = torch.randn(40, DIM, generator=rng).bfloat16()
     cond = torch.rand(40, generator=rng) > 0.2
     with promoe.dispatch_backend(layer, backend):
-        choice = layer.router(x, cond, 2)
+        choice = layer.router(x, cond, torch.tensor([3, 5]), layer.backend.routing)
         plan = layer.backend.token_choice_plan(choice.expert_ids_NK, choice.gates_NK, layer.experts.num_experts,
                                                layer.router.has_dropped_slots)
     assert plan.gates_S.dtype == torch.float32

@@ -21,7 +21,7 @@ def batch(seed: int, broken: tuple[int, ...] = (0,)) -> torch.Tensor:
 def route(router, x_ND: torch.Tensor):
     num_tokens = x_ND.shape[0]
     cond_N = torch.ones(num_tokens, dtype=torch.bool)
-    return router(x_ND, cond_N, num_tokens // TOKENS)
+    return router(x_ND, cond_N, torch.zeros(num_tokens // TOKENS, dtype=torch.long))
 
 
 def kept_slots(plan) -> set[tuple[int, int]]:
