@@ -165,21 +165,22 @@ class TokenChoiceRouter(ScoredRouter):
 
 class PrototypeRouter(TokenChoiceRouter):
     """ProMoE's two-step router (the paper's Sec. 3) over a PrototypeScorer: `route_prototypes`, one function (one
-    fused kernel on triton) from the tokens to their experts and gates."""
-
-    def forward(self, x_ND: torch.Tensor, cond_N: torch.Tensor, labels_B: torch.Tensor,
-                ops: RoutingOps = DEFINITIONS) -> TokenChoice:
-        if self.training and self.lb_weight > 0:  # the loss reads the scores: route by those very scores
-            return super().forward(x_ND, cond_N, labels_B, ops)
-        scorer = self.scorer
-        expert_ids_NK, gates_NK = ops.route_prototypes(x_ND, scorer.prototypes, cond_N, self.top_k, scorer.activation,
-                                                       scorer.alpha, self.conditional)
-        return TokenChoice(expert_ids_NK, gates_NK, None, cond_N, labels_B)
+    fused kernel on triton) from the tokens to their experts and gates. Where a load-balance loss reads the scores
+    (training with lb_weight > 0) it routes as `TokenChoiceRouter`, by the scores that the loss then reads."""
 
     def __init__(self, scorer: PrototypeScorer, *args, **kwargs):
         if not isinstance(scorer, PrototypeScorer):
             raise ValueError(f"ProMoE's router scores by prototypes (a PrototypeScorer), not {type(scorer).__name__}")
         super().__init__(scorer, *args, **kwargs)
+
+    def forward(self, x_ND: torch.Tensor, cond_N: torch.Tensor, labels_B: torch.Tensor,
+                ops: RoutingOps = DEFINITIONS) -> TokenChoice:
+        if self.training and self.lb_weight > 0:
+            return super().forward(x_ND, cond_N, labels_B, ops)
+        scorer = self.scorer
+        expert_ids_NK, gates_NK = ops.route_prototypes(x_ND, scorer.prototypes, cond_N, self.top_k, scorer.activation,
+                                                       scorer.alpha, self.conditional)
+        return TokenChoice(expert_ids_NK, gates_NK, None, cond_N, labels_B)
 
 
 def per_image_capacity(tokens_per_image: int, num_experts: int, capacity_factor: float) -> int:
@@ -281,9 +282,8 @@ class KMeansRouter(TokenChoiceRouter):
     """K-means routing (the paper's Sec. 4.2): each token goes to its nearest centroid's expert (gate 1).
 
     Centroids start as randomly sampled tokens of the first training batch (drawn in this process's first training
-    step only: a resumed router keeps its centroids); after each training step's
-    assignment each centroid becomes the mean of its routed tokens (an EMA of it when decay > 0). An expert
-    that received no token keeps its centroid.
+    step only; a resumed router keeps its centroids); after each training step's assignment each centroid becomes
+    the mean of its routed tokens (an EMA of it when decay > 0). An expert that received no token keeps its centroid.
     """
 
     def __init__(self, dim: int, num_routed: int, top_k: int, conditional: bool, decay: float = 0.0, **losses):
@@ -316,7 +316,8 @@ class KMeansRouter(TokenChoiceRouter):
 
     def seed_centroids(self, x_ND: torch.Tensor, finite_x_ND: torch.Tensor, finite_N: torch.Tensor) -> None:
         """Uninitialised centroids become randomly sampled tokens (a broken one: the mean of the finite tokens). The
-        choice between old and sampled stays on the device: a resumed router drew once and kept its centroids."""
+        choice between old and sampled stays on the device, so no host sync: a resumed router draws once and keeps
+        its centroids."""
         sampled = x_ND[torch.randint(0, x_ND.shape[0], (self.num_routed,), device=x_ND.device)]
         finite_mean_D = finite_x_ND.sum(0) / finite_N.sum().clamp(min=1)
         sampled = torch.where(sampled.isfinite().all(dim=-1, keepdim=True), sampled, finite_mean_D)
