@@ -83,6 +83,7 @@ class TorchBackend:
     name = "torch"
 
     def __init__(self, router: RouterSpec = TOKEN_CHOICE):
+        # The definitions apply to every router; `router` is what a backend with kernels chooses them by.
         self.routing: RoutingOps = DEFINITIONS  # the routing maths the layer hands its router
 
     def describe(self) -> str:
