@@ -77,7 +77,7 @@ class MoELayer(nn.Module):
             plan = choice.plan
         for hook in self.plan_hooks:
             hook(plan)
-        # The losses read only the choice and the plan. Taken before the dispatch, as they always were: autograd sums
+        # The losses read the choice, the plan and x. Taken before the dispatch, as they always were: autograd sums
         # x's gradients in the reverse order of x's uses, and this order keeps every loss bit-identical.
         aux = self.router.aux_losses(x_losses_ND, choice, plan, self.backend.routing) if self.training else {}
         shared_ND = None if self.shared is None else self.shared(x_shared_ND)
