@@ -32,7 +32,7 @@ def inputs():
     protos = (torch.randn(EXPERTS, DIM, generator=g) * 0.02).to(DEVICE, DTYPE)
     cond = (torch.rand(NUM_TOKENS, generator=g) > 0.1).to(DEVICE)
     torch_backend = make_backend("torch")
-    ids, gates = torch_backend.routing_ops().route_prototypes(x, protos, cond, TOP_K, "identity", 1.0, True)
+    ids, gates = torch_backend.routing.route_prototypes(x, protos, cond, TOP_K, "identity", 1.0, True)
     plan = torch_backend.token_choice_plan(ids, gates, EXPERTS + 1, has_dropped_slots=False)
     return x, protos, cond, ids, gates, plan
 
@@ -40,7 +40,7 @@ def inputs():
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_routing(benchmark, inputs, backend):
     x, protos, cond, *_ = inputs
-    route = make_backend(backend).routing_ops().route_prototypes
+    route = make_backend(backend).routing.route_prototypes
     benchmark(synchronized(lambda: route(x, protos, cond, TOP_K, "identity", 1.0, True)))
 
 

@@ -27,7 +27,7 @@ import torch
 import triton
 import triton.language as tl
 
-from promoe.kernels.launch import dim_block, empty_output, expert_block
+from promoe.kernels.launch import accumulation_dtype, dim_block, empty_output, expert_block
 
 GELU_C = tl.constexpr(0.7978845608028654)  # sqrt(2 / pi)
 GELU_A = tl.constexpr(0.044715)
@@ -198,10 +198,6 @@ def _grid(num_slots, num_experts, hidden, block_s, block_h):
     return triton.cdiv(num_slots, block_s) + num_experts + 1, triton.cdiv(hidden, block_h)
 
 
-def _compute_dtype(*tensors) -> torch.dtype:
-    return torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
-
-
 def _segment_sums(partial_TH, offsets_E1, num_slots, block_s, num_out, out_dtype):
     """[num_out, H]: the segment sums of the first num_out experts (the tile layout is that of all the experts)."""
     num_experts, hidden = offsets_E1.numel() - 1, partial_TH.shape[1]
@@ -224,7 +220,7 @@ def _bias_act_op(h_SH: torch.Tensor, b_EH: torch.Tensor, offsets_E1: torch.Tenso
     if num_slots and hidden:
         _bias_act_kernel[_grid(num_slots, num_experts, hidden, block_s, block_h)](
             h_SH, b_EH, offsets_E1, out, num_slots, num_experts, hidden, h_SH.stride(0), b_EH.stride(0),
-            out.stride(0), GELU=gelu, FP64=_compute_dtype(h_SH, b_EH) == torch.float64, E_PAD=e_pad,
+            out.stride(0), GELU=gelu, FP64=accumulation_dtype(h_SH, b_EH) == torch.float64, E_PAD=e_pad,
             BLOCK_S=block_s, BLOCK_H=block_h)
     return out
 
@@ -276,7 +272,7 @@ def _bias_backward(grad_SH, h_SH, b_EH, offsets_E1, with_activation=False):
     num_experts = b_EH.shape[0]
     e_pad, block_s, block_h = blocks(num_experts, hidden)
     grid = _grid(num_slots, num_experts, hidden, block_s, block_h)
-    compute = _compute_dtype(grad_SH, b_EH, *([h_SH] if gelu else []))
+    compute = accumulation_dtype(grad_SH, b_EH, *([h_SH] if gelu else []))
     partial = empty_output((grid[0], hidden), compute, grad_SH.device)
     if gelu:
         h_arg = h_SH = h_SH.contiguous()
@@ -337,7 +333,7 @@ def _token_sums_op(x_ND: torch.Tensor, token_S: torch.Tensor, offsets_E1: torch.
     all_experts = offsets_E1.numel() - 1
     e_pad, block_s, block_d = blocks(all_experts, dim)
     grid = _grid(num_slots, all_experts, dim, block_s, block_d)
-    compute = _compute_dtype(x_ND)
+    compute = accumulation_dtype(x_ND)
     partial = empty_output((grid[0], dim), compute, x_ND.device)
     if num_slots and dim:
         _gather_partials_kernel[grid](x_ND, token_S, offsets_E1, partial, num_slots, all_experts, dim, x_ND.stride(0),
@@ -347,7 +343,7 @@ def _token_sums_op(x_ND: torch.Tensor, token_S: torch.Tensor, offsets_E1: torch.
 
 @_token_sums_op.register_fake
 def _(x_ND, token_S, offsets_E1, num_experts, expert_S, slot_NK):
-    return x_ND.new_empty((num_experts, x_ND.shape[1]), dtype=_compute_dtype(x_ND))
+    return x_ND.new_empty((num_experts, x_ND.shape[1]), dtype=accumulation_dtype(x_ND))
 
 
 def _token_sums_setup_context(ctx, inputs, output):
@@ -376,7 +372,7 @@ def _token_sums_backward_op(grad_ED: torch.Tensor, expert_S: torch.Tensor, slot_
     if num_tokens and dim:
         _token_sums_backward_kernel[(triton.cdiv(num_tokens, block_n), triton.cdiv(dim, block_d))](
             grad_ED, slot_NK, expert_S, end, out, num_tokens, num_experts, dim, grad_ED.stride(0), out.stride(0),
-            TOP_K=top_k, FP64=_compute_dtype(grad_ED) == torch.float64, BLOCK_N=block_n, BLOCK_D=block_d)
+            TOP_K=top_k, FP64=accumulation_dtype(grad_ED) == torch.float64, BLOCK_N=block_n, BLOCK_D=block_d)
     return out
 
 

@@ -1,7 +1,15 @@
 """Launch parameters shared by the kernels: block sizes and grids in one place, not at every call site."""
 
+import functools
+
 import torch
 import triton
+
+
+def accumulation_dtype(*tensors: torch.Tensor) -> torch.dtype:
+    """Sums (over slots, over an expert's rows) and the kernels' arithmetic run in fp32 at least, float64 where an
+    input is float64: the one rule for the definitions in `promoe.moe` and the kernels alike."""
+    return functools.reduce(torch.promote_types, (t.dtype for t in tensors), torch.float32)
 
 
 def token_block(num_tokens: int) -> int:

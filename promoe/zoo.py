@@ -18,6 +18,7 @@ from promoe.moe.routers import (
     ExpertChoiceRouter,
     KMeansRouter,
     LinearScorer,
+    PrototypeRouter,
     PrototypeScorer,
     TokenChoiceRouter,
 )
@@ -136,7 +137,8 @@ def build_router(config: ModelConfig) -> nn.Module:
     elif config.router in ("tc", "ec"):
         scorer = LinearScorer(dim, routed, init_std=0.006 if config.router == "ec" else None)
     if config.router in ("promoe", "tc"):
-        return TokenChoiceRouter(scorer, routed, spec.activated, conditional, lb_weight=config.lb_weight, **losses)
+        router_class = PrototypeRouter if config.router == "promoe" else TokenChoiceRouter
+        return router_class(scorer, routed, spec.activated, conditional, lb_weight=config.lb_weight, **losses)
     if config.router in ("promoe_ec", "ec"):
         return ExpertChoiceRouter(scorer, routed, capacity_factor, conditional, **losses)
     if config.router == "diffmoe":

@@ -7,9 +7,10 @@ import pytest
 import torch
 
 import promoe
-from promoe.moe.dispatch import make_backend
+from promoe.moe.dispatch import RouterSpec, make_backend
 from promoe.moe.experts import ExpertBank, grouped_mm
 from promoe.moe.plan import token_choice_plan
+from promoe.moe.routing import DEFINITIONS, RoutingOps, route_prototypes
 from tests.helpers import reordered_sums_tolerance
 
 pytestmark = pytest.mark.order_sensitive  # two summation orders at derived tolerances (see pytest.ini)
@@ -294,9 +295,9 @@ def test_grouped_gemm_backend_says_how_to_install_it_when_missing(rng):
 def make_promoe_layer(dim, num_routed, top_k, rng):
     """A ProMoE MoE layer (prototype router with conditional routing, unconditional and shared experts)."""
     from promoe.moe.layer import MoELayer
-    from promoe.moe.routers import PrototypeScorer, TokenChoiceRouter
+    from promoe.moe.routers import PrototypeRouter, PrototypeScorer
 
-    layer = MoELayer(TokenChoiceRouter(PrototypeScorer(dim, num_routed), num_routed, top_k, conditional=True),
+    layer = MoELayer(PrototypeRouter(PrototypeScorer(dim, num_routed), num_routed, top_k, conditional=True),
                      num_routed + 1, dim, 2 * dim, dim, top_k, null_label=10)
     with torch.no_grad():
         for p in layer.parameters():
@@ -342,7 +343,7 @@ def test_gates_stay_float32_in_the_plan_of_a_bfloat16_layer(backend, rng):
     x = torch.randn(40, DIM, generator=rng).bfloat16()
     cond = torch.rand(40, generator=rng) > 0.2
     with promoe.dispatch_backend(layer, backend):
-        choice = layer.router(x, cond, 2)
+        choice = layer.router(x, cond, torch.tensor([3, 5]), layer.backend.routing)
         plan = layer.backend.token_choice_plan(choice.expert_ids_NK, choice.gates_NK, layer.experts.num_experts,
                                                layer.router.has_dropped_slots)
     assert plan.gates_S.dtype == torch.float32
@@ -389,3 +390,46 @@ def test_row_gather_backward_is_bitwise_repeatable_on_a_multithreaded_cpu():
     # Each row sums the upstream rows of its index, index_add in another order than gather_rows's backward.
     torch.testing.assert_close(grads[0], expected, **reordered_sums_tolerance(
         int(torch.bincount(index).max()), magnitude=expected.abs().max().item()))
+
+
+TRITON_TABLES = {  # router -> (steps run by their kernel, steps run by the definition), of those named
+    "promoe-top2": (RouterSpec(True, 6, 2), {"route_prototypes", "prototype_scores", "permute", "expert_token_sums"},
+                    {"gemm"}),
+    "128-prototypes": (RouterSpec(True, 128, 1), {"permute", "combine"}, {"route_prototypes", "prototype_scores"}),
+    "top-8": (RouterSpec(True, 16, 8), {"prototype_scores"}, {"route_prototypes"}),
+    "expert-choice": (RouterSpec(False, 6), {"prototype_scores", "expert_bias"},
+                      {"route_prototypes", "token_choice_plan", "permute", "combine", "expert_token_sums"}),
+    "linear-gate": (RouterSpec(True), {"token_choice_plan", "permute"}, {"route_prototypes", "prototype_scores"}),
+}
+
+
+@pytest.mark.parametrize("router", TRITON_TABLES)
+def test_the_triton_backend_runs_each_step_as_its_table_says_and_describe_prints_that_table(router):
+    spec, kernels, definitions = TRITON_TABLES[router]
+    backend = make_backend("triton", spec)
+    assert {name for name in kernels | definitions if backend.steps[name].kernel} == kernels
+    for name in ("route_prototypes", "prototype_scores", "expert_token_sums"):  # the router's ops follow the table
+        assert (getattr(backend.routing, name) is not getattr(DEFINITIONS, name)) == backend.steps[name].kernel
+    kernels_said, definitions_said = backend.describe().removeprefix("triton (kernels: ").split("; definitions: ")
+    assert kernels_said.split(", ") == [name for name, step in backend.steps.items() if step.kernel]
+    assert definitions_said == "; ".join(f"{name} ({step.why})" for name, step in backend.steps.items()
+                                         if not step.kernel) + ")"
+
+
+def test_a_layer_hands_its_router_the_routing_of_the_backend_it_runs(rng):
+    """Chosen with the backend, passed in the forward that runs: the router keeps no routing functions of its own."""
+    import promoe.kernels.routing
+
+    layer = make_promoe_layer(DIM, 6, 2, rng)
+    with promoe.dispatch_backend(layer, "triton"):
+        assert layer.backend.routing.route_prototypes is promoe.kernels.routing.route_prototypes
+    assert layer.backend.routing is DEFINITIONS and not hasattr(layer.router, "ops")
+    calls = []
+
+    def recorded(*args):
+        calls.append(args[0].shape)
+        return route_prototypes(*args)
+
+    layer.backend.routing = RoutingOps(route_prototypes=recorded)
+    layer(torch.randn(2, 5, DIM, generator=rng), torch.tensor([1, 10]))
+    assert calls == [(10, DIM)]

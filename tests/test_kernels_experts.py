@@ -5,8 +5,8 @@ import pytest
 import torch
 
 import promoe.kernels.experts
-from promoe.moe.dispatch import LayerRouting, TorchBackend, TritonBackend
-from promoe.moe.losses import plan_centroids, token_centroids
+from promoe.moe.dispatch import RouterSpec, TorchBackend, TritonBackend
+from promoe.moe.losses import choice_counts, plan_centroids
 from promoe.moe.plan import expert_choice_plan, expert_token_sums, token_choice_plan
 from promoe.moe.routing import null_tokens_to_uncond_expert
 from tests.helpers import reordered_sums_tolerance
@@ -141,30 +141,39 @@ def test_expert_token_sums_match_definition_forward_and_backward(routing, dtype,
 
 def test_an_expert_choice_layer_runs_the_definitions_of_the_token_sums_permute_and_combine(rng):
     """Its plans have no slot_NK, which the kernels gather through: decided once, when the backend is made."""
-    backend = TritonBackend(LayerRouting(token_choice=False, num_prototypes=NUM_EXPERTS))
-    assert backend.routing_ops().expert_token_sums is expert_token_sums
+    backend = TritonBackend(RouterSpec(token_choice=False, num_prototypes=NUM_EXPERTS))
+    assert backend.routing.expert_token_sums is expert_token_sums
     plan = expert_choice_plan(torch.randint(0, 20, (NUM_EXPERTS, 7), generator=rng),
                               torch.rand(NUM_EXPERTS, 7, generator=rng), 20)
     x = torch.randn(20, HIDDEN, generator=rng)
     torch.testing.assert_close(backend.combine(backend.permute(x, plan), plan),
                                DEFINITION.combine(DEFINITION.permute(x, plan), plan))
-    assert "expert-choice plan -> torch permute" in backend.describe()
+    assert not any(backend.steps[step].kernel for step in ("permute", "combine", "expert_token_sums"))
+    assert "permute (expert-choice plan: no slot_NK to gather through)" in backend.describe()
+
+
+def one_hot_centroids(x_ND, expert_ids_NK, weight_N, num_experts):
+    """The reference: the mean of the tokens of weight 1 that chose each expert, by a one-hot GEMM; and the mask of
+    the experts that received one."""
+    assign_NE = choice_counts(expert_ids_NK, num_experts).clamp(max=1) * weight_N[:, None]
+    counts_E = assign_NE.sum(0)
+    return ((assign_NE.t() @ x_ND.float()) / counts_E.clamp(min=1)[:, None])[None], (counts_E > 0)[None]
 
 
 @pytest.mark.parametrize("top_k", [1, 2])
 def test_plan_centroids_equal_the_one_hot_centroids_of_conditional_routing(top_k, rng):
-    """The routing contrastive loss's centroids from the plan (both backends) are those of `token_centroids`."""
+    """The routing contrastive loss's centroids from the plan (both backends) are those of a one-hot GEMM."""
     num_routed, num_tokens = NUM_EXPERTS - 1, 37
     cond = torch.rand(num_tokens, generator=rng) < 0.7
     ids, gates = null_tokens_to_uncond_expert(distinct_ids(num_tokens, num_routed, top_k, rng),
                                               torch.rand(num_tokens, top_k, generator=rng), cond, num_routed)
     plan = token_choice_plan(ids, gates, NUM_EXPERTS, has_dropped_slots=top_k > 1)
     x = torch.randn(num_tokens, HIDDEN, generator=rng, requires_grad=True)
-    expected, expected_active = token_centroids(x, ids, cond.float(), num_routed)
+    expected, expected_active = one_hot_centroids(x, ids, cond.float(), num_routed)
     upstream = torch.randn(expected.shape, generator=rng)
     expected_grad = torch.autograd.grad(expected, x, upstream)[0]
     for backend in (DEFINITION, KERNELS):
-        centroids, active = plan_centroids(x, plan, num_routed, backend.routing_ops().expert_token_sums)
+        centroids, active = plan_centroids(x, plan, num_routed, backend.routing.expert_token_sums)
         assert torch.equal(active, expected_active)
         # Sums over an expert's tokens (then a division by their count), in the backend's order or one-hot GEMM's.
         torch.testing.assert_close(centroids, expected, **summed_tolerance(torch.float32, num_tokens, expected))

@@ -21,7 +21,7 @@ def batch(seed: int, broken: tuple[int, ...] = (0,)) -> torch.Tensor:
 def route(router, x_ND: torch.Tensor):
     num_tokens = x_ND.shape[0]
     cond_N = torch.ones(num_tokens, dtype=torch.bool)
-    return router(x_ND, cond_N, num_tokens // TOKENS)
+    return router(x_ND, cond_N, torch.zeros(num_tokens // TOKENS, dtype=torch.long))
 
 
 def kept_slots(plan) -> set[tuple[int, int]]:
@@ -95,3 +95,20 @@ def test_kmeans_routes_with_its_buffers_in_another_dtype(dtype):
     compute = torch.promote_types(dtype, torch.float32)
     nearest_N = torch.cdist(x_ND.to(compute), router.centroids_ED.to(compute)).argmin(dim=1)
     assert torch.equal(choice.expert_ids_NK[:, 0], nearest_N)
+
+
+def test_kmeans_draws_its_seed_tokens_in_its_first_training_step_only():
+    """Later steps leave the random stream alone, and a router resumed from a seeded one keeps its centroids (it
+    draws once, and the draw is thrown away on the device)."""
+    torch.manual_seed(0)
+    router = KMeansRouter(DIM, EXPERTS, top_k=1, conditional=False).train()
+    route(router, batch(7, broken=()))
+    resumed = KMeansRouter(DIM, EXPERTS, top_k=1, conditional=False).train()
+    resumed.load_state_dict(router.state_dict())
+    x_ND = batch(8, broken=())
+    state = torch.get_rng_state()
+    route(router, x_ND)
+    assert torch.equal(torch.get_rng_state(), state)
+    route(resumed, x_ND)
+    assert not torch.equal(torch.get_rng_state(), state)
+    assert torch.equal(resumed.centroids_ED, router.centroids_ED)

@@ -2,6 +2,7 @@
 compiles its blocks in place, for the training driver and the sampling CLI alike."""
 
 import functools
+from typing import NamedTuple
 
 import torch
 import torch.nn as nn
@@ -14,6 +15,18 @@ from promoe.moe.layer import MoELayer
 
 def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     return x * (1 + scale.unsqueeze(1)) + shift.unsqueeze(1)
+
+
+class Modulation(NamedTuple):
+    """adaLN-Zero's six vectors [B, D] from a block's conditioning: shift, scale and gate of the attention, then of the
+    MLP."""
+
+    shift_msa: torch.Tensor
+    scale_msa: torch.Tensor
+    gate_msa: torch.Tensor
+    shift_mlp: torch.Tensor
+    scale_mlp: torch.Tensor
+    gate_mlp: torch.Tensor
 
 
 class DiTBlock(nn.Module):
@@ -29,12 +42,19 @@ class DiTBlock(nn.Module):
     def is_moe(self) -> bool:
         return isinstance(self.mlp, MoELayer)
 
+    def modulation(self, c: torch.Tensor) -> Modulation:
+        return Modulation(*self.adaLN_modulation(c).chunk(6, dim=1))
+
+    def mlp_input(self, x: torch.Tensor, m: Modulation) -> torch.Tensor:
+        """The MLP's input: the residual stream after the attention, normalised, under the MLP's shift and scale."""
+        return modulate(self.norm2(x), m.shift_mlp, m.scale_mlp)
+
     def forward(self, x, c, labels_B):
-        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.adaLN_modulation(c).chunk(6, dim=1)
-        x = x + gate_msa.unsqueeze(1) * self.attn(modulate(self.norm1(x), shift_msa, scale_msa))
-        h = modulate(self.norm2(x), shift_mlp, scale_mlp)
+        m = self.modulation(c)
+        x = x + m.gate_msa.unsqueeze(1) * self.attn(modulate(self.norm1(x), m.shift_msa, m.scale_msa))
+        h = self.mlp_input(x, m)
         h, aux = self.mlp(h, labels_B) if self.is_moe else (self.mlp(h), {})
-        return x + gate_mlp.unsqueeze(1) * h, aux
+        return x + m.gate_mlp.unsqueeze(1) * h, aux
 
 
 class FinalLayer(nn.Module):

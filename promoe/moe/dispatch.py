@@ -1,9 +1,10 @@
 """Dispatch backends: how a MoE layer runs its plan, one object per layer, chosen once when the layer is built.
 
 A backend builds a token-choice plan, permutes the tokens into expert order, runs the expert MLP and combines the
-experts' outputs onto the shared experts' output; `routing_ops` hands the layer's router the routing maths it runs
-(`promoe.moe.routing.RoutingOps`). `TorchBackend` is at the same time the readable definition of each step and the
-reference that every Triton kernel is tested against; the others change how a step runs, never what it computes:
+experts' outputs onto the shared experts' output; its `routing` is the routing maths that the layer hands its
+router with each call (`promoe.moe.routing.RoutingOps`). `TorchBackend` is at the same time the readable definition
+of each step and the reference that every Triton kernel is tested against; the others change how a step runs, never
+what it computes:
 
 - `torch`: gather rows in expert order, two `grouped_mm` GEMMs over the plan's offsets, gate-weighted sum back. No
   host synchronisation, no data-dependent shapes. The default off CUDA.
@@ -13,7 +14,8 @@ reference that every Triton kernel is tested against; the others change how a st
   counting-sort plan, the permute and gather-form combine, the expert bias (+ GELU) and the RCL's token sums, around
   the same expert GEMMs. Where a kernel does not apply to a layer (more than 64 experts or K > 4 for the routing
   kernel; an expert-choice plan, which has no fixed K per token, for permute, combine and token sums), the layer
-  runs the definition, decided when the backend is made and said by `describe()`. The default on CUDA; on the CPU
+  runs the definition: one table per layer (`triton_steps`), made with the backend, which the steps consult and
+  `describe()` prints. The default on CUDA; on the CPU
   it needs Triton's interpreter (TRITON_INTERPRET=1 before triton is imported), which is for tests, not speed.
 - `grouped_gemm`: the expert GEMMs of the `grouped_gemm` package (MegaBlocks' grouped GEMM, CUTLASS, CUDA, bf16
   only; `pip install ".[gpu]"`). It takes the per-expert batch sizes on the host, so it costs one host
@@ -22,7 +24,7 @@ reference that every Triton kernel is tested against; the others change how a st
   refused.
 """
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 import torch
 
@@ -32,6 +34,7 @@ from promoe.kernels.experts import expert_bias_backward as kernel_bias_backward
 from promoe.kernels.experts import expert_bias_gelu_backward as kernel_bias_gelu_backward
 from promoe.kernels.experts import expert_token_sums as kernel_token_sums
 from promoe.kernels.fan_out import fan_out as kernel_fan_out
+from promoe.kernels.launch import accumulation_dtype
 from promoe.kernels.permute import combine as kernel_combine
 from promoe.kernels.permute import permute as kernel_permute
 from promoe.kernels.plan import token_choice_plan as kernel_plan
@@ -47,12 +50,12 @@ from promoe.moe.experts import (
     grouped_mm,
     grouped_mm_backward,
 )
-from promoe.moe.plan import RoutingPlan, accumulation_dtype, gather_rows, gather_rows_backward, token_choice_plan
-from promoe.moe.routing import RoutingOps
+from promoe.moe.plan import RoutingPlan, gather_rows, gather_rows_backward, token_choice_plan
+from promoe.moe.routing import DEFINITIONS, RoutingOps
 
 
 @dataclass(frozen=True)
-class LayerRouting:
+class RouterSpec:
     """What a backend must know of a layer's router to choose its kernels."""
 
     token_choice: bool  # K slots per token (a plan with slot_NK); False for expert choice
@@ -60,7 +63,7 @@ class LayerRouting:
     top_k: int = 1
 
 
-TOKEN_CHOICE = LayerRouting(token_choice=True)  # a plan of K slots per token: every kernel applies
+TOKEN_CHOICE = RouterSpec(token_choice=True)  # a plan of K slots per token: every kernel applies
 
 
 def default_backend_name(device: torch.device) -> str:
@@ -69,10 +72,10 @@ def default_backend_name(device: torch.device) -> str:
     return "triton" if device.type == "cuda" else "torch"
 
 
-def make_backend(name: str, routing: LayerRouting = TOKEN_CHOICE) -> "TorchBackend":
+def make_backend(name: str, router: RouterSpec = TOKEN_CHOICE) -> "TorchBackend":
     """The backend object for one layer (by default, one that runs token-choice plans)."""
     check_backend(name)
-    return BACKEND_CLASSES[name](routing)
+    return BACKEND_CLASSES[name](router)
 
 
 class TorchBackend:
@@ -80,14 +83,12 @@ class TorchBackend:
 
     name = "torch"
 
-    def __init__(self, routing: LayerRouting = TOKEN_CHOICE):
-        self.routing = routing
+    def __init__(self, router: RouterSpec = TOKEN_CHOICE):
+        # The definitions apply to every router; `router` is what a backend with kernels chooses them by.
+        self.routing: RoutingOps = DEFINITIONS  # the routing maths the layer hands its router
 
     def describe(self) -> str:
         return self.name
-
-    def routing_ops(self) -> RoutingOps:
-        return RoutingOps()
 
     def fan_out(self, x_ND: torch.Tensor, readers: int) -> tuple[torch.Tensor, ...]:
         """x for each of its readers in the layer; x's gradient is the sum of theirs (autograd adds them as they
@@ -233,37 +234,68 @@ class GroupedGemmBackend(TorchBackend):
         return self.expert_bias(self.gemm(a_SH, experts.w_down_EHD, plan), experts.b_down_ED, plan)
 
 
+@dataclass(frozen=True)
+class Step:
+    """How the triton backend runs one step of a layer: by its kernel or by the definition, and why."""
+
+    kernel: bool
+    why: str
+
+
+def triton_steps(router: RouterSpec) -> dict[str, Step]:
+    """The triton backend's choice for each step of a layer with this router: the one table that the backend's
+    steps consult and `describe()` prints."""
+    prototypes, top_k = router.num_prototypes, router.top_k
+    if not prototypes:
+        scores = Step(False, "no prototypes: the scorer is the router's own")
+    elif prototypes > MAX_EXPERTS:
+        scores = Step(False, f"{prototypes} prototypes > {MAX_EXPERTS}")
+    else:
+        scores = Step(True, f"{prototypes} prototypes <= {MAX_EXPERTS}")
+    if not router.token_choice:
+        routing = Step(False, "expert choice: no top-K per token")
+    elif scores.kernel and top_k > MAX_TOP_K:
+        routing = Step(False, f"top-{top_k} > {MAX_TOP_K}")
+    else:
+        routing = scores
+    if router.token_choice:
+        plan = Step(True, "counting sort of the K slots per token")
+        slots = Step(True, "gathers through the plan's slot_NK")
+    else:
+        plan = Step(False, "expert choice: the router's choice is the plan")
+        slots = Step(False, "expert-choice plan: no slot_NK to gather through")
+    return {
+        "fan_out": Step(True, "sums the gradients of x's readers in one pass"),
+        "route_prototypes": routing,
+        "prototype_scores": scores,
+        "token_choice_plan": plan,
+        "permute": slots,
+        "combine": slots,
+        "expert_token_sums": slots,
+        "expert_bias": Step(True, "per-expert segment tiles over the plan's offsets"),
+        "gemm": Step(False, "grouped_mm: no Triton GEMM of ours"),
+    }
+
+
+ROUTING_KERNELS = {"route_prototypes": kernel_routing, "prototype_scores": kernel_scores,
+                   "expert_token_sums": kernel_token_sums}
+
+
 class TritonBackend(TorchBackend):
-    """The `torch` backend's steps, each replaced by its kernel where the kernel applies to the layer."""
+    """The `torch` backend's steps, each replaced by its kernel where `triton_steps` says the kernel applies."""
 
     name = "triton"
 
-    def __init__(self, routing: LayerRouting = TOKEN_CHOICE):
-        super().__init__(routing)
-        self.kernel_scores = 0 < routing.num_prototypes <= MAX_EXPERTS
-        self.kernel_routing = self.kernel_scores and routing.token_choice and routing.top_k <= MAX_TOP_K
-        self.kernel_slots = routing.token_choice  # permute, combine and token sums gather through slot_NK
+    def __init__(self, router: RouterSpec = TOKEN_CHOICE):
+        super().__init__(router)
+        self.steps = triton_steps(router)
+        self.routing = RoutingOps(**{op.name: ROUTING_KERNELS[op.name] if self.steps[op.name].kernel
+                                     else getattr(DEFINITIONS, op.name) for op in fields(RoutingOps)})
 
     def describe(self) -> str:
-        fallbacks = []
-        if self.routing.num_prototypes and not self.kernel_scores:
-            fallbacks.append(f"{self.routing.num_prototypes} prototypes > {MAX_EXPERTS} -> torch routing")
-        elif self.routing.token_choice and self.kernel_scores and not self.kernel_routing:
-            fallbacks.append(f"top-{self.routing.top_k} > {MAX_TOP_K} -> torch routing")
-        if not self.kernel_slots:
-            fallbacks.append("expert-choice plan -> torch permute, combine and token sums")
-        kernels_used = ["routing kernel"] if self.kernel_routing else []
-        kernels_used += ["scores kernel"] if self.kernel_scores and not self.routing.token_choice else []
-        kernels_used += ["plan, permute, combine kernels"] if self.kernel_slots else []
-        kernels_used.append("expert bias and x-gradient kernels")
-        return f"triton ({', '.join(kernels_used)}" + (f"; {'; '.join(fallbacks)})" if fallbacks else ")")
-
-    def routing_ops(self) -> RoutingOps:
-        definitions = RoutingOps()
-        return RoutingOps(
-            route_prototypes=kernel_routing if self.kernel_routing else definitions.route_prototypes,
-            prototype_scores=kernel_scores if self.kernel_scores else definitions.prototype_scores,
-            expert_token_sums=kernel_token_sums if self.kernel_slots else definitions.expert_token_sums)
+        kernels = [name for name, step in self.steps.items() if step.kernel]
+        definitions = [f"{name} ({step.why})" for name, step in self.steps.items() if not step.kernel]
+        return f"triton (kernels: {', '.join(kernels)}; definitions: {'; '.join(definitions)})"
 
     def fan_out(self, x_ND: torch.Tensor, readers: int) -> tuple[torch.Tensor, ...]:
         return kernel_fan_out(x_ND, readers)  # the readers' gradients summed in one pass
@@ -273,17 +305,17 @@ class TritonBackend(TorchBackend):
         return RoutingPlan(token_S, expert_S, gates_S, offsets_E1, expert_ids_NK.shape[0], has_dropped_slots, slot_NK)
 
     def permute(self, x_ND: torch.Tensor, plan: RoutingPlan) -> torch.Tensor:
-        if not self.kernel_slots:
+        if not self.steps["permute"].kernel:
             return super().permute(x_ND, plan)
         return kernel_permute(x_ND, plan.token_index_S, plan.slot_NK, plan.offsets_E1[-1:])  # the end stays on device
 
     def combine(self, out_SD: torch.Tensor, plan: RoutingPlan, base_ND: torch.Tensor | None = None) -> torch.Tensor:
-        if not self.kernel_slots:
+        if not self.steps["combine"].kernel:
             return super().combine(out_SD, plan, base_ND)
         return kernel_combine(out_SD, plan.gates_S, plan.token_index_S, plan.slot_NK, plan.offsets_E1[-1:], base_ND)
 
     def permute_backward(self, grad_SD: torch.Tensor, plan: RoutingPlan) -> torch.Tensor:
-        if not self.kernel_slots:
+        if not self.steps["permute"].kernel:
             return super().permute_backward(grad_SD, plan)
         return kernel_combine(grad_SD, None, plan.token_index_S, plan.slot_NK, plan.offsets_E1[-1:])
 

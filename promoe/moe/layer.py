@@ -1,7 +1,8 @@
 """The MoE layer: a router, a bank of routed (+ unconditional) experts, optional shared experts, and the dispatch
 backend that runs them, chosen once when the layer is built (or placed on its device).
 
-One forward, in the order of the algorithm: route (the router's choices, conditional routing included) -> plan
+One forward, in the order of the algorithm: route (the router's choices, conditional routing included, by the
+routing maths of the backend: the definitions, or on triton the kernels its table picked) -> plan
 (the slots sorted by expert) -> auxiliary losses (from the choice and the plan) -> dispatch the tokens to the
 experts -> combine their outputs onto the shared experts' output.
 """
@@ -13,7 +14,7 @@ import torch
 import torch.nn as nn
 
 from promoe.config import check_backend
-from promoe.moe.dispatch import LayerRouting, TorchBackend, default_backend_name, make_backend
+from promoe.moe.dispatch import RouterSpec, TorchBackend, default_backend_name, make_backend
 from promoe.moe.expert_parallel import ExpertGroup, dispatch_expert_parallel
 from promoe.moe.experts import ExpertBank, SharedExpert
 from promoe.moe.plan import RoutingPlan
@@ -43,15 +44,14 @@ class MoELayer(nn.Module):
         self.use_backend(backend or default_backend_name(torch.get_default_device()))
 
     def use_backend(self, name: str) -> None:
-        """Run on backend `name` from now on: the backend decides here, once, which kernels apply to this layer,
-        and hands the router the routing functions it runs."""
-        self.backend: TorchBackend = make_backend(name, self.layer_routing())
-        self.router.ops = self.backend.routing_ops()
+        """Run on backend `name` from now on: the backend decides here, once, which kernels run this layer's steps,
+        the routing maths (`backend.routing`, which forward hands the router) among them."""
+        self.backend: TorchBackend = make_backend(name, self.router_spec())
 
-    def layer_routing(self) -> LayerRouting:
+    def router_spec(self) -> RouterSpec:
         scorer = getattr(self.router, "scorer", None)
         prototypes = scorer.prototypes.shape[0] if isinstance(scorer, PrototypeScorer) else 0
-        return LayerRouting(self.router.token_choice, prototypes, getattr(self.router, "top_k", 1))
+        return RouterSpec(self.router.token_choice, prototypes, getattr(self.router, "top_k", 1))
 
     @property
     def num_bank_experts(self) -> int:
@@ -64,12 +64,12 @@ class MoELayer(nn.Module):
 
     def forward(self, x_BLD: torch.Tensor, labels_B: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """labels_B: the labels after dropout; the tokens of null-label samples are the unconditional ones."""
-        num_samples, tokens_per_image, dim = x_BLD.shape
+        _, tokens_per_image, dim = x_BLD.shape
         x_ND = x_BLD.reshape(-1, dim)
         cond_N = (labels_B != self.null_label).repeat_interleave(tokens_per_image)
         # Four ops read x; each takes its own view, so that the backend can sum their gradients in one pass.
         x_route_ND, x_losses_ND, x_shared_ND, x_dispatch_ND = self.backend.fan_out(x_ND, 4)
-        choice = self.router(x_route_ND, cond_N, num_samples)
+        choice = self.router(x_route_ND, cond_N, labels_B, self.backend.routing)
         if self.router.token_choice:  # each token chose K experts: sort its slots by expert
             plan = self.backend.token_choice_plan(choice.expert_ids_NK, choice.gates_NK, self.num_bank_experts,
                                                   self.router.has_dropped_slots)
@@ -77,9 +77,9 @@ class MoELayer(nn.Module):
             plan = choice.plan
         for hook in self.plan_hooks:
             hook(plan)
-        # The losses read only the choice and the plan. Taken before the dispatch, as they always were: autograd sums
+        # The losses read the choice, the plan and x. Taken before the dispatch, as they always were: autograd sums
         # x's gradients in the reverse order of x's uses, and this order keeps every loss bit-identical.
-        aux = self.router.aux_losses(x_losses_ND, cond_N, choice, plan, labels_B) if self.training else {}
+        aux = self.router.aux_losses(x_losses_ND, choice, plan, self.backend.routing) if self.training else {}
         shared_ND = None if self.shared is None else self.shared(x_shared_ND)
         # permute into expert order -> the expert MLP -> combine, gate-weighted, onto the shared experts' output
         if self.expert_group is None:

@@ -1,7 +1,11 @@
 """Auxiliary losses of the MoE layers. Each returns an unweighted scalar; the layer applies the weight."""
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
+
+from promoe.moe.plan import RoutingPlan, expert_token_sums
 
 # exp(-1e4 - 15) is 0 in fp32, so this masks like -inf without the NaN that -inf gives in the backward
 # of a row with no active column.
@@ -26,30 +30,18 @@ def routing_contrastive_loss(prototypes_ED: torch.Tensor, centroids_GED: torch.T
     return total / counted_GE.sum().clamp(min=1)
 
 
-def token_centroids(x_ND: torch.Tensor, expert_ids_NK: torch.Tensor, weight_N: torch.Tensor, num_experts: int):
-    """Mean of the tokens that chose each expert (any of their K choices), over tokens with weight 1.
+def plan_centroids(x_ND: torch.Tensor, plan: RoutingPlan, num_experts: int,
+                   expert_token_sums: Callable = expert_token_sums) -> tuple[torch.Tensor, torch.Tensor]:
+    """The mean of the token rows that each of the plan's first num_experts experts received (the routing contrastive
+    loss's centroids, k-means' new centroids): the per-expert sums over the expert-sorted slots (`expert_token_sums`:
+    the definition in `promoe.moe.plan` or its kernel; no [N, E] one-hot GEMM) over the experts' slot counts.
 
-    Returns centroids [1, E, D] and the mask of experts that received at least one token [1, E].
+    With conditional routing the tokens sent to the unconditional expert (index num_experts) and their dropped slots
+    count for no routed expert. Returns centroids [1, E, D] (fp32) and the experts that received a token [1, E].
     """
-    assign_NE = choice_counts(expert_ids_NK, num_experts).clamp(max=1) * weight_N[:, None]
-    counts_E = assign_NE.sum(0)
-    centroids_ED = (assign_NE.t() @ x_ND.float()) / counts_E.clamp(min=1)[:, None]
-    return centroids_ED[None], (counts_E > 0)[None]
-
-
-def plan_centroids(x_ND: torch.Tensor, plan, num_routed: int, expert_token_sums) -> tuple[torch.Tensor, torch.Tensor]:
-    """`token_centroids` read off a token-choice plan: the mean of the rows each routed expert (< num_routed)
-    received, from the per-expert sums over the expert-sorted slots (`expert_token_sums`: the definition in
-    `promoe.moe.plan` or its kernel; no [N, E] one-hot GEMM).
-
-    The same centroids as `token_centroids(x_ND, expert_ids_NK, routed_weight_N, num_routed)` when a token's K
-    experts are distinct and the tokens of weight 0 reach no routed expert (conditional routing sends them to the
-    unconditional expert, index num_routed, and drops their other slots): the plan holds exactly the weighted
-    (token, routed expert) pairs. Returns centroids [1, E, D] (fp32) and the experts that received a token [1, E].
-    """
-    sums_ED = expert_token_sums(x_ND, plan.token_index_S, plan.offsets_E1, num_routed, plan.expert_index_S,
+    sums_ED = expert_token_sums(x_ND, plan.token_index_S, plan.offsets_E1, num_experts, plan.expert_index_S,
                                 plan.slot_NK).float()
-    counts_E = plan.counts_E[:num_routed].to(sums_ED.dtype)
+    counts_E = plan.counts_E[:num_experts].to(sums_ED.dtype)
     return (sums_ED / counts_E.clamp(min=1)[:, None])[None], (counts_E > 0)[None]
 
 

@@ -16,6 +16,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from promoe.kernels.launch import accumulation_dtype
+
 
 @dataclass
 class RoutingPlan:
@@ -134,11 +136,6 @@ class _AddRows(torch.autograd.Function):
 def add_rows(base_RC: torch.Tensor, index_S: torch.Tensor, rows_SC: torch.Tensor) -> torch.Tensor:
     """base with rows[s] added to row index[s] (`index_add` on dim 0), its backward the same as index_add's."""
     return _AddRows.apply(base_RC, index_S, rows_SC)
-
-
-def accumulation_dtype(x: torch.Tensor) -> torch.dtype:
-    """Sums over slots run in fp32 at least, float64 for float64 activations."""
-    return torch.promote_types(x.dtype, torch.float32)
 
 
 def expert_token_sums(x_ND: torch.Tensor, token_S: torch.Tensor, offsets_E1: torch.Tensor, num_experts: int,

@@ -7,8 +7,9 @@ ProMoE routes in two steps (the paper's Sec. 3):
    (`prototype_scores`), and it takes its top-K experts with the raw scores as gates (`top_k`).
 `route_prototypes` is the two composed, the function that the `triton` backend runs as one fused kernel.
 
-A router runs its maths through `RoutingOps`: the definitions below by default, or kernels of the same signatures
-that a dispatch backend hands the layer once, when it is built. The router never learns which.
+A router runs its maths through the `RoutingOps` its layer passes with each call: the backend's
+(`TorchBackend.routing`), chosen with the backend, once; `DEFINITIONS` (the functions below) where a router runs
+alone. The router never learns which.
 """
 
 from collections.abc import Callable
@@ -72,3 +73,6 @@ class RoutingOps:
     route_prototypes: Callable = route_prototypes
     prototype_scores: Callable = prototype_scores
     expert_token_sums: Callable = expert_token_sums  # the RCL's per-expert sums of a plan's token rows [E, D]
+
+
+DEFINITIONS = RoutingOps()

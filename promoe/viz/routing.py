@@ -23,7 +23,6 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from promoe.diffusion import OBJECTIVES  # noqa: E402
-from promoe.dit.model import modulate  # noqa: E402
 from promoe.errors import Refusal, exits_with_message, write_text_atomically  # noqa: E402
 from promoe.moe.layer import MoELayer  # noqa: E402
 from promoe.moe.record import record_routing  # noqa: E402
@@ -48,13 +47,13 @@ def sample_with_routing(model, objective, labels: torch.Tensor, steps: int, seed
     step, with each step's input.
 
     swapped_labels: also route the same hidden states as if the label were another: at every step, each MoE block's
-    MLP input is rebuilt from the residual stream it saw, with the shift and scale of the conditioning of the
-    swapped label (the timestep's part unchanged), and only the MoE layer runs on it. Whether a layer's class
-    information comes from its tokens or from the label that every token's modulation carries."""
+    MLP input is made again (`DiTBlock.mlp_input`) from the residual stream it saw, with the modulation of the
+    conditioning of the swapped label (the timestep's part unchanged), and only the MoE layer runs on it. Whether a
+    layer's class information comes from its tokens or from the label that every token's modulation carries."""
     moe_blocks = [block for block in model.blocks if isinstance(block.mlp, MoELayer)]
     if not moe_blocks:
         raise Refusal("the model has no MoE layer: nothing routes")
-    inputs, timesteps, streams = [], [], []  # streams: per forward and MoE block, [norm2(x), conditioning c]
+    inputs, timesteps, streams = [], [], []  # streams: per forward and MoE block, [x after attention, conditioning c]
 
     def keep_input(module, args):  # the model's forward(x, t, y)
         inputs.append(args[0].cpu())
@@ -63,14 +62,14 @@ def sample_with_routing(model, objective, labels: torch.Tensor, steps: int, seed
     def keep_conditioning(block, args):  # a block's forward(x, c, labels_B)
         streams.append([None, args[1]])
 
-    def keep_normed(norm, args, output):  # its MLP input before the modulation
-        streams[-1][0] = output
+    def keep_residual(norm, args):  # the residual stream that its MLP input is made from
+        streams[-1][0] = args[0]
 
     handles = [model.register_forward_pre_hook(keep_input)]
     if swapped_labels is not None:
         for block in moe_blocks:
             handles += [block.register_forward_pre_hook(keep_conditioning),
-                        block.norm2.register_forward_hook(keep_normed)]
+                        block.norm2.register_forward_pre_hook(keep_residual)]
     try:
         with record_routing(model, tokens=True) as routing:
             images = generate(model, objective, labels, torch.Generator().manual_seed(seed), steps, cfg_scale=1.0)
@@ -88,15 +87,14 @@ def sample_with_routing(model, objective, labels: torch.Tensor, steps: int, seed
 @torch.no_grad()
 def route_swapped(model, moe_blocks, streams, labels: torch.Tensor, swapped: torch.Tensor, steps: int):
     """[steps, layers, B, T]: the top expert of each token when its block's MLP input carries `swapped`'s
-    conditioning. streams: per forward, in block order, (norm2(x) [B, T, D], conditioning c [B, D])."""
+    conditioning. streams: per forward, in block order, (x after attention [B, T, D], conditioning c [B, D])."""
     device = next(model.parameters()).device
     labels, swapped = labels.to(device), swapped.to(device)
     label_shift_BD = model.y_embedder(swapped) - model.y_embedder(labels)  # c = t_embedding + y_embedding
     with record_routing(model, tokens=True) as routing:
-        for index, (normed_BTD, c_BD) in enumerate(streams):
+        for index, (x_BTD, c_BD) in enumerate(streams):
             block = moe_blocks[index % len(moe_blocks)]
-            _, _, _, shift_mlp, scale_mlp, _ = block.adaLN_modulation(c_BD + label_shift_BD).chunk(6, dim=1)
-            block.mlp(modulate(normed_BTD, shift_mlp, scale_mlp), swapped)
+            block.mlp(block.mlp_input(x_BTD, block.modulation(c_BD + label_shift_BD)), swapped)
     experts = torch.stack([torch.stack(layer.top_expert_N) for layer in routing], dim=1)
     return experts.view(steps, len(routing), len(labels), -1).cpu()
 
