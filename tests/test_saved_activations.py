@@ -191,3 +191,35 @@ def test_a_promoe_model_step_is_bitwise_that_of_plain_autograd_through_the_steps
     layer.shared.forward = lambda x_ND: FFN.forward(layer.shared, x_ND)
     for a, b in zip(lean, step(), strict=True):
         assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_expert_choice_plan_stores_only_the_slots_that_can_run_and_changes_no_output_or_gradient(backend, rng,
+                                                                                                  monkeypatch):
+    """ProMoE-EC: an image runs its E*C routed slots or its L unconditional ones; the plan keeps B * max(E*C, L)
+    slots of the B*E*C + N, and the layer's output and every gradient are those of the plan with all of them."""
+    layer = randomize_(saved_bytes.layer_of("ProMoE-EC-S", torch.float32, hidden_size=32, num_heads=2))
+    x = torch.randn(4, 16, 32, generator=rng)
+    labels = torch.tensor([3, 1000, 5, 7])  # one null-label image
+    upstream = torch.randn(x.shape, generator=rng)
+    plans = []
+    layer.plan_hooks.append(plans.append)
+
+    def run():
+        layer.zero_grad()
+        x_in = x.clone().requires_grad_()
+        with promoe.dispatch_backend(layer, backend):
+            y, aux = layer(x_in, labels)
+        torch.autograd.backward([y, *aux.values()], [upstream, *(torch.ones_like(a) for a in aux.values())])
+        return [y, x_in.grad, *(p.grad.clone() for p in layer.parameters())]
+
+    cut = run()
+    routed, capacity = layer.router.num_routed, layer.router.capacity_factor
+    running = 4 * max(routed * max(1, int(16 / routed * capacity)), 16)
+    assert plans[-1].token_index_S.numel() == running < 4 * 16 + 4 * routed * max(1, int(16 / routed * capacity))
+    uncut = promoe.moe.routers.sort_slots
+    monkeypatch.setattr(promoe.moe.routers, "sort_slots", lambda *args, max_running=None, **kw: uncut(*args, **kw))
+    whole = run()
+    assert plans[-1].token_index_S.numel() > running
+    for a, b in zip(cut, whole, strict=True):
+        assert torch.equal(a, b)
