@@ -10,11 +10,12 @@ reference that every Triton kernel is tested against; the others change how a st
 - `loop`: the paper's Algorithm 1, the expert GEMMs as a loop over experts with a boolean mask each. The benchmark
   baseline; it synchronises with the host once per expert (boolean-mask indexing).
 - `triton`: the kernels of `promoe.kernels` in place of the definitions: the fused routing kernel, the
-  counting-sort plan, the permute and gather-form combine, the expert bias (+ GELU) and the RCL's token sums, around
-  the same expert GEMMs. Where a kernel does not apply to a layer (more than 64 experts or K > 4 for the routing
-  kernel; an expert-choice plan, which has no fixed K per token, for permute, combine and token sums), the layer
-  runs the definition, decided when the backend is made and said by `describe()`. The default on CUDA; on the CPU
-  it needs Triton's interpreter (TRITON_INTERPRET=1 before triton is imported), which is for tests, not speed.
+  counting-sort plan, the permute and gather-form combine, the expert bias (+ GELU; the shared expert's too) and the
+  RCL's token sums, around the same expert GEMMs. Where a kernel does not apply to a layer (more than 64 experts
+  or K > 4 for the routing kernel; an expert-choice plan, which has no fixed K per token, for permute, combine and
+  token sums), the layer runs the definition, decided when the backend is made and said by `describe()`. The
+  default on CUDA; on the CPU it needs Triton's interpreter (TRITON_INTERPRET=1 before triton is imported), which
+  is for tests, not speed.
 - `grouped_gemm`: the expert GEMMs of the `grouped_gemm` package (MegaBlocks' grouped GEMM, CUTLASS, CUDA, bf16
   only; `pip install ".[gpu]"`). It takes the per-expert batch sizes on the host, so it costs one host
   synchronisation per GEMM: worth it only where its GEMM beats `grouped_mm` (sm_80, where `grouped_mm` falls back to
@@ -78,6 +79,7 @@ class TorchBackend:
     """Every step of a MoE layer's dispatch in PyTorch: the definitions."""
 
     name = "torch"
+    shared_bias_gelu = None  # the shared expert's bias + GELU step (`SharedExpert`); None: the definition's
 
     def __init__(self, routing: LayerRouting = TOKEN_CHOICE):
         self.routing = routing
@@ -230,10 +232,30 @@ class GroupedGemmBackend(TorchBackend):
         return self.expert_bias(self.gemm(a_SH, experts.w_down_EHD, plan), experts.b_down_ED, plan)
 
 
+class OneExpertBiasGelu:
+    """The shared expert's bias + GELU(tanh) by the expert bias kernels, its N rows one expert's: the backward reads
+    the gradient and fc1's output once and writes their gradient and the GELU output again, in one pass."""
+
+    @staticmethod
+    def forward(h_NH: torch.Tensor, b_H: torch.Tensor) -> torch.Tensor:
+        return expert_bias_act(h_NH, b_H[None], _one_segment(h_NH), gelu=True)
+
+    @staticmethod
+    def backward(grad_NH, h_NH, b_H) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        grad_h_NH, grad_b_1H, a_NH = kernel_bias_gelu_backward(grad_NH, h_NH, b_H[None], _one_segment(h_NH))
+        return grad_h_NH, grad_b_1H[0], a_NH
+
+
+def _one_segment(rows: torch.Tensor) -> torch.Tensor:
+    """The offsets [0, N] of one expert that takes every row, made on the rows' device (no host copy)."""
+    return torch.arange(2, device=rows.device) * rows.shape[0]
+
+
 class TritonBackend(TorchBackend):
     """The `torch` backend's steps, each replaced by its kernel where the kernel applies to the layer."""
 
     name = "triton"
+    shared_bias_gelu = OneExpertBiasGelu
 
     def __init__(self, routing: LayerRouting = TOKEN_CHOICE):
         super().__init__(routing)

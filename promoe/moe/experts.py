@@ -32,43 +32,59 @@ class FFN(nn.Module):
 
 class SharedExpert(FFN):
     """The same FFN (the same keys) run on every token of a MoE layer, keeping for backward only its pre-activation
-    besides x and the weights: the GELU output, which fc2's weight gradient reads, is recomputed from it."""
+    besides x and the weights: the GELU output, which fc2's weight gradient reads, is recomputed from it.
 
-    def forward(self, x_ND: torch.Tensor) -> torch.Tensor:
-        return _LinearGeluLinear.apply(x_ND, self.fc1.weight, self.fc1.bias, self.fc2.weight, self.fc2.bias)
+    `bias_gelu` (a dispatch backend's, or None for the definition: fc1's bias in its GEMM, GELU by aten) runs fc1's
+    bias + GELU and their backward as one step, see `_LinearGeluLinear`."""
+
+    def forward(self, x_ND: torch.Tensor, bias_gelu=None) -> torch.Tensor:
+        return _LinearGeluLinear.apply(x_ND, self.fc1.weight, self.fc1.bias, self.fc2.weight, self.fc2.bias, bias_gelu)
 
 
 class _LinearGeluLinear(torch.autograd.Function):
     """fc2(gelu_tanh(fc1(x))) for x [N, D], its backward the one autograd runs for nn.Linear (addmm) and GELU, in the
     same order, less the GELU output that it keeps: recomputed from the pre-activation (elementwise; no GEMM runs
     twice). Under autocast everything runs in the autocast dtype, as autocast runs nn.Linear, and the gradients go
-    back in the dtypes of the inputs."""
+    back in the dtypes of the inputs.
+
+    With a `bias_gelu` step (`forward(h, b) -> gelu(h + b)`, `backward(grad, h, b) -> (grad h, grad b, gelu(h + b))`)
+    fc1's GEMM leaves out the bias, and the step adds it in its GELU pass; it keeps h, fc1's output without the bias,
+    and its backward makes the GELU output again in the pass that computes the gradients."""
 
     @staticmethod
-    def forward(ctx, x_ND, w1_HD, b1_H, w2_DH, b2_D):
+    def forward(ctx, x_ND, w1_HD, b1_H, w2_DH, b2_D, bias_gelu):
         inputs = (x_ND, w1_HD, b1_H, w2_DH, b2_D)
         # Without autocast the weights compute in x's dtype: storage in another (diffusers' layerwise casting keeps
         # fc1 and fc2 in float8 and casts them in their own forward, which this function replaces) is cast here.
         autocast = autocast_dtype(x_ND)
         x_ND, w1_HD, b1_H, w2_DH, b2_D = (t.to(autocast or x_ND.dtype) for t in inputs)
         with torch.autocast(x_ND.device.type, enabled=False) if autocast is not None else contextlib.nullcontext():
-            z_NH = F.linear(x_ND, w1_HD, b1_H)
-            y_ND = F.linear(gelu_tanh(z_NH), w2_DH, b2_D)
+            if bias_gelu is None:
+                z_NH = F.linear(x_ND, w1_HD, b1_H)  # the pre-activation
+                a_NH = gelu_tanh(z_NH)
+            else:
+                z_NH = F.linear(x_ND, w1_HD)  # h, fc1's output less its bias
+                a_NH = bias_gelu.forward(z_NH, b1_H)
+            y_ND = F.linear(a_NH, w2_DH, b2_D)
         # The originals are kept (x and the weights are kept anyway); their casts are made again in backward.
-        ctx.save_for_backward(inputs[0], z_NH, inputs[1], inputs[3])
-        ctx.dtypes = [t.dtype for t in inputs]
+        ctx.save_for_backward(inputs[0], z_NH, inputs[1], inputs[2] if bias_gelu is not None else None, inputs[3])
+        ctx.dtypes, ctx.bias_gelu = [t.dtype for t in inputs], bias_gelu
         return y_ND
 
     @staticmethod
     def backward(ctx, grad_ND):
-        x_ND, z_NH, w1_HD, w2_DH = ctx.saved_tensors
+        x_ND, z_NH, w1_HD, b1_H, w2_DH = ctx.saved_tensors
         x_ND, w1_HD, w2_DH = (t.to(z_NH.dtype) for t in (x_ND, w1_HD, w2_DH))
         grad_ND = grad_ND.to(z_NH.dtype)
-        a_NH = gelu_tanh(z_NH)  # recomputed, not kept
         # addmm's backward: mat1 <- grad @ mat2.t(); a transposed weight's gradient as grad.t() @ mat1 (its layout)
-        grad_z_NH = gelu_tanh_backward(grad_ND.mm(w2_DH), z_NH)
-        grads = (grad_z_NH.mm(w1_HD), grad_z_NH.t().mm(x_ND), grad_z_NH.sum(0), grad_ND.t().mm(a_NH), grad_ND.sum(0))
-        return tuple(g.to(dtype) for g, dtype in zip(grads, ctx.dtypes))
+        if ctx.bias_gelu is None:
+            a_NH = gelu_tanh(z_NH)  # recomputed, not kept
+            grad_z_NH = gelu_tanh_backward(grad_ND.mm(w2_DH), z_NH)
+            grad_b1_H = grad_z_NH.sum(0)
+        else:
+            grad_z_NH, grad_b1_H, a_NH = ctx.bias_gelu.backward(grad_ND.mm(w2_DH), z_NH, b1_H.to(z_NH.dtype))
+        grads = (grad_z_NH.mm(w1_HD), grad_z_NH.t().mm(x_ND), grad_b1_H, grad_ND.t().mm(a_NH), grad_ND.sum(0))
+        return *(g.to(dtype) for g, dtype in zip(grads, ctx.dtypes)), None
 
 
 class ExpertBank(nn.Module):

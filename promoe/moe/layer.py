@@ -80,7 +80,7 @@ class MoELayer(nn.Module):
         # The losses read only the choice and the plan. Taken before the dispatch, as they always were: autograd sums
         # x's gradients in the reverse order of x's uses, and this order keeps every loss bit-identical.
         aux = self.router.aux_losses(x_losses_ND, cond_N, choice, plan, labels_B) if self.training else {}
-        shared_ND = None if self.shared is None else self.shared(x_shared_ND)
+        shared_ND = None if self.shared is None else self.shared(x_shared_ND, self.backend.shared_bias_gelu)
         # permute into expert order -> the expert MLP -> combine, gate-weighted, onto the shared experts' output
         if self.expert_group is None:
             y_ND = self.backend.dispatch(x_dispatch_ND, plan, self.experts, shared_ND)
