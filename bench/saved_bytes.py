@@ -2,6 +2,7 @@
 
     python bench/saved_bytes.py                  # every router at XL width, 1024 tokens, fp32, torch/triton/loop
     python bench/saved_bytes.py --json bench/results/saved_bytes_XL_fp32.json
+    python bench/saved_bytes.py --models --json bench/results/saved_bytes_models.json   # whole training steps
 
 How it is counted (`SavedTensorBytes`): every tensor that autograd saves for the backward passes through
 `torch.autograd.graph.saved_tensors_hooks`' pack hook (aten ops and custom autograd functions alike, the Triton
@@ -13,6 +14,11 @@ The reference is the dense DiT MLP of the same model (Linear 4D -> GELU(tanh) ->
 its pre-activation and its GELU output, 2 x 4D values per token (36 KiB at D = 1152 in fp32). KiB = 1024 bytes.
 On a machine without a GPU `triton` runs under Triton's interpreter: what its custom ops save is what they save on
 a GPU.
+
+With --models, the same count over a whole model's training forward (the rectified-flow loss, auxiliary losses
+included) of the demo (configs/demo.yaml) and of ProMoE-S, each against its dense DiT of the same widths: the
+activation part of one training step's peak (the parameters, their gradients and AdamW's two moments come on top,
+4 x the parameters' bytes; the model's input latents are left out). MiB = 2^20 bytes.
 """
 
 import argparse
@@ -30,6 +36,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import report  # noqa: E402  (bench/report.py: JSON, table and chart shared by the bench scripts)
 
 import promoe  # noqa: E402
+from promoe.diffusion import RectifiedFlow  # noqa: E402
 from promoe.zoo import build_mlp  # noqa: E402
 
 ROUTER_MODELS = {"ProMoE": "ProMoE-{size}", "ProMoE-EC": "ProMoE-EC-{size}", "TC-DiT": "TC-DiT-{size}-E8",
@@ -99,6 +106,43 @@ def layer_kib_per_token(layer: torch.nn.Module, x_BLD: torch.Tensor, labels_B: t
     return nbytes / num_tokens / KIB
 
 
+# The whole models of --models: (name, config overrides, batch), the demo's as configs/demo.yaml trains it.
+DEMO_OVERRIDES = dict(input_size=28, patch_size=4, in_channels=1, learn_sigma=False, num_classes=10, hidden_size=128,
+                      num_heads=4, depth=6)
+MODEL_STEPS = {"demo": ("ProMoE-S", dict(DEMO_OVERRIDES, experts="E8A1S1U1"), 64),
+               "demo's DiT": ("DiT-S", DEMO_OVERRIDES, 64),
+               "ProMoE-S": ("ProMoE-S", {}, 8),
+               "DiT-S": ("DiT-S", {}, 8)}
+DENSE_OF = {"demo": "demo's DiT", "ProMoE-S": "DiT-S"}
+
+
+def model_step_mib(name: str, overrides: dict, batch: int, backend: str) -> float:
+    """MiB saved for backward by one training forward of a whole model (parameters and input latents left out)."""
+    torch.manual_seed(0)
+    model = promoe.build_model(name, **overrides).train()
+    config = model.config
+    g = torch.Generator().manual_seed(0)
+    x0 = torch.randn(batch, config.in_channels, config.input_size, config.input_size, generator=g)
+    labels = torch.randint(0, config.num_classes, (batch,), generator=g)
+    with promoe.dispatch_backend(model, backend):
+        nbytes = saved_bytes(lambda x: RectifiedFlow().loss(model, x, labels, g), x0,
+                             model.parameters())
+    return nbytes / 2**20
+
+
+def model_steps(backends: list[str]) -> list[dict]:
+    results = []
+    for label, (name, overrides, batch) in MODEL_STEPS.items():
+        for backend in backends if label in DENSE_OF else ["torch"]:
+            mib = model_step_mib(name, overrides, batch, backend)
+            results.append(dict(model=label, backend=backend if label in DENSE_OF else "", batch=batch,
+                                saved_mib=mib, saved_mib_per_image=mib / batch))
+    dense_mib = {row["model"]: row["saved_mib"] for row in results if row["model"] not in DENSE_OF}
+    for row in results:
+        row["vs_dense"] = row["saved_mib"] / dense_mib[DENSE_OF.get(row["model"], row["model"])]
+    return results
+
+
 def layer_of(model: str, dtype: torch.dtype, **overrides) -> torch.nn.Module:
     config = promoe.model_config(model, **overrides)
     torch.manual_seed(0)
@@ -119,8 +163,15 @@ def main(argv=None):
     parser.add_argument("--overrides", nargs="*", default=[],
                         help="config overrides key=value, e.g. input_size=8 (16 tokens per image: fewer tokens, the "
                              "same widths, for Triton's slow interpreter)")
+    parser.add_argument("--models", action="store_true",
+                        help="whole training steps: the demo and ProMoE-S against their dense DiTs")
     parser.add_argument("--json", type=Path, default=None, help="write the JSON here (a .md table beside)")
     args = parser.parse_args(argv)
+    if args.models:
+        run = report.run_record(dict(bench="saved_bytes_models", dtype="fp32"), model_steps(args.backend))
+        report.emit(run, args.json, "Bytes saved for backward by one training step's forward, whole model, fp32 "
+                    "(MiB; saved-tensor hooks, each storage once, parameters and input latents left out)")
+        return
 
     dtype = DTYPES[args.dtype]
     overrides = dict(report.parse_override(item) for item in args.overrides)

