@@ -1,0 +1,230 @@
+"""The setup of a real expert-parallel run measured whole, on tiny runs of ProMoE-S or ProMoE-XL widths (the paper's
+hidden size, expert width and experts; depth 2, one MoE layer; latents of 8 x 8, 16 tokens per image) on the ranks
+of one torchrun, gloo on the CPU. One row per setting: without expert parallelism, then ep = 2 and 4 where they
+divide the ranks.
+
+    MALLOC_MMAP_THRESHOLD_=65536 torchrun --nproc_per_node=2 bench/expert_parallel_table.py --size S \\
+        --json bench/results/expert_parallel_table_S_2.json
+
+Columns:
+- `graphs`, `breaks`, `recompiled`: what Dynamo compiled of the model with train.compile and activation
+  checkpointing (the driver's `parallelise`, the tests' "aot_eager" backend: the same graphs and breaks as
+  Inductor, minutes faster), over 3 steps from a reset; `recompiled` counts the graphs of step 3 (0: nothing
+  recompiles after the warm-up).
+- `syncs_per_layer`: host synchronisations made inside the MoE layers' forwards in one eager training step
+  (`promoe.counters.OpCounter`, which counts every read a GPU would wait for), per MoE layer: activation
+  checkpointing runs each forward twice.
+- `collectives`: the torch.distributed calls of one step, by name (FSDP2's and promoe's; see
+  expert_parallel_bytes.py's `counting_collectives`).
+- `step_ratio`: the eager step's wall time over the step without expert parallelism's, median (min-max) of the
+  rounds, the settings interleaved round by round.
+- `bank_state_MB`: the bank state this rank holds between steps (weights, both AdamW moments, the EMA), largest
+  over the ranks; `whole_bank_state_MB`: the same for whole banks.
+- `save_peak_MB`, `load_peak_MB`: the growth of the resident memory of a rank while it writes and while it reads
+  a checkpoint (`Checkpoints.save` / `.load`), largest over the ranks: the kernel's high-water mark of the process
+  (VmHWM, reset through /proc/self/clear_refs before each) less its resident size just before. It counts every
+  byte the save or load touches, banks or not. glibc must return freed blocks to the system for it to mean
+  anything: the command line above sends every allocation of 64 KiB or more to mmap.
+"""
+
+import argparse
+import collections
+import gc
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+import report  # noqa: E402
+from expert_parallel_bytes import counting_collectives, training_setup  # noqa: E402
+
+CONFIGS = {"S": "promoe_s.yaml", "XL": "promoe_xl.yaml"}
+TINY = ("model.overrides.depth=2", "model.overrides.input_size=8", "train.activation_checkpointing=true")
+LATENT_SIZE = 8
+COMPILED_STEPS = 3
+
+
+def resident_bytes(field: str) -> int:
+    """VmRSS or VmHWM of this process, in bytes."""
+    with open("/proc/self/status") as status:
+        line = next(line for line in status if line.startswith(field + ":"))
+    return int(line.split()[1]) * 1024
+
+
+def peak_growth(function) -> int:
+    """The bytes by which this process's resident memory rose at most while `function()` ran."""
+    gc.collect()
+    with open("/proc/self/clear_refs", "w") as clear:
+        clear.write("5")  # resets VmHWM to the current VmRSS
+    before = resident_bytes("VmRSS")
+    function()
+    return resident_bytes("VmHWM") - before
+
+
+def bank_state_bytes(model, optimizer, ema) -> tuple[int, int]:
+    """(bytes of the bank state this rank holds, bytes of the same state for whole banks)."""
+    from promoe.training.expert_parallel import expert_banks
+
+    held = whole = 0
+    for name, param in model.named_parameters():
+        if ".experts." not in name:
+            continue
+        group = expert_banks(model).get(name, (None, None))[1]
+        tensors = [param, ema.params[name], *(value for value in optimizer.state[param].values()
+                                              if value.dim() > 0)]
+        mine = sum(tensor.numel() * tensor.element_size() for tensor in tensors)
+        rows = param.shape[0]
+        if group is None:  # FSDP2's shard of the whole bank
+            local = sum(tensor.to_local().numel() * tensor.element_size() if hasattr(tensor, "to_local")
+                        else tensor.numel() * tensor.element_size() for tensor in tensors)
+            held, whole = held + local, whole + mine
+        else:
+            held, whole = held + mine, whole + mine * group.bank_size // rows
+    return held, whole
+
+
+def largest(value: float) -> float:
+    """The largest of every rank's `value`."""
+    import torch
+    import torch.distributed as dist
+
+    tensor = torch.tensor([float(value)])
+    dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
+    return tensor.item()
+
+
+def checkpoint_peaks(step, model, optimizer, ema, config) -> tuple[int, int]:
+    """(peak growth while saving, while loading) a checkpoint of the trained state, on this rank."""
+    import torch.distributed as dist
+
+    from promoe.training.checkpoints import Checkpoints
+
+    folder = [tempfile.mkdtemp(prefix="ep_table_") if dist.get_rank() == 0 else None]
+    dist.broadcast_object_list(folder)
+    checkpoints = Checkpoints(Path(folder[0]), keep=1)
+    saved = []
+    save = peak_growth(lambda: saved.append(checkpoints.save(1, model, optimizer, ema, config, {"name": "bench"})))
+    load = peak_growth(lambda: checkpoints.load(saved[0], model, optimizer, ema))
+    dist.barrier()
+    if dist.get_rank() == 0:
+        import shutil
+
+        shutil.rmtree(folder[0])
+    return save, load
+
+
+def compile_counts(degree: int, batch: int, config_name: str) -> dict:
+    """Dynamo's graphs and breaks for the compiled model over COMPILED_STEPS steps from a reset."""
+    import torch._dynamo
+    from torch._dynamo.utils import counters
+
+    import promoe.training.parallel as parallel
+
+    torch._dynamo.reset()
+    counters.clear()
+    backend, parallel.COMPILE_BACKEND = parallel.COMPILE_BACKEND, "aot_eager"
+    try:
+        step = training_setup(degree, batch, config_name=config_name,
+                              overrides=(*TINY, "train.compile=true"), latent_size=LATENT_SIZE)[0]
+        graphs = []
+        for _ in range(COMPILED_STEPS):
+            step()
+            graphs.append(counters["stats"]["unique_graphs"])
+    finally:
+        parallel.COMPILE_BACKEND = backend
+    return dict(graphs=graphs[-1], breaks=sum(counters["graph_break"].values()), recompiled=graphs[-1] - graphs[-2])
+
+
+def host_syncs_in_moe_layers(step, model) -> int:
+    """Host synchronisations of one training step made inside the MoE layers' forwards (activation checkpointing's
+    recomputation included); the backward's exchange reuses the forward's split sizes (tests/test_no_host_sync.py)."""
+    from promoe.counters import OpCounter
+    from promoe.moe.layer import moe_layers
+
+    counter = OpCounter()
+    counter.paused = True  # counting only inside the layers
+
+    def inside(*_):
+        counter.paused = False
+
+    def outside(*_):
+        counter.paused = True
+
+    hooks = [hook for layer in moe_layers(model)
+             for hook in (layer.register_forward_pre_hook(inside), layer.register_forward_hook(outside))]
+    try:
+        with counter:
+            step()
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return counter.host_syncs
+
+
+def measure(size: str, rounds: int) -> list[dict]:
+    import torch.distributed as dist
+
+    from promoe.distributed import init_distributed
+    from promoe.moe.layer import moe_layers
+
+    rank, world, _ = init_distributed()
+    batch = 4 * world
+    config_name = CONFIGS[size]
+    degrees = [degree for degree in (1, 2, 4) if degree <= world and world % degree == 0]
+    setups = {degree: training_setup(degree, batch, config_name=config_name, overrides=TINY,
+                                     latent_size=LATENT_SIZE) for degree in degrees}
+    tallies = collections.Counter(on=0)
+    counting_collectives(tallies)
+    wall, collectives = {degree: [] for degree in degrees}, {}
+    for _ in range(rounds + 1):  # the first round warms up, untimed
+        for degree, (step, *_) in setups.items():
+            dist.barrier()
+            tallies.clear()
+            tallies["on"] = 1
+            start = time.perf_counter()
+            step()
+            wall[degree].append(time.perf_counter() - start)
+            tallies["on"] = 0
+            collectives[degree] = {key: count for key, count in tallies.items() if key != "on"}
+    rows = []
+    for degree, (step, model, optimizer, ema, config) in setups.items():
+        layers = len(moe_layers(model))
+        syncs = host_syncs_in_moe_layers(step, model)
+        held, whole = bank_state_bytes(model, optimizer, ema)
+        save, load = checkpoint_peaks(step, model, optimizer, ema, config)
+        counts = compile_counts(degree, batch, config_name)
+        ratios = [mine / plain for mine, plain in zip(wall[degree][1:], wall[1][1:])]
+        rows.append(dict(size=size, ranks=world, ep=degree if degree > 1 else "no", **counts,
+                         syncs_per_layer=syncs / layers,
+                         collectives=sum(collectives[degree].values()),
+                         by_name=" ".join(f"{key} {count}" for key, count in sorted(collectives[degree].items())),
+                         step_s=statistics.median(wall[degree][1:]),
+                         step_ratio=f"{statistics.median(ratios):.2f} ({min(ratios):.2f}-{max(ratios):.2f})",
+                         bank_state_MB=round(largest(held) / 1e6, 1), whole_bank_state_MB=round(whole / 1e6, 1),
+                         save_peak_MB=round(largest(save) / 1e6, 1), load_peak_MB=round(largest(load) / 1e6, 1)))
+    dist.destroy_process_group()
+    return rows if rank == 0 else []
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--size", choices=sorted(CONFIGS), default="S", help="the widths of ProMoE-S or ProMoE-XL")
+    parser.add_argument("--rounds", type=int, default=5, help="timed rounds of the eager steps")
+    parser.add_argument("--json", type=Path, default=None)
+    args = parser.parse_args(argv)
+    if "MALLOC_MMAP_THRESHOLD_" not in os.environ:
+        raise SystemExit("set MALLOC_MMAP_THRESHOLD_=65536 (see the docstring): without it, the peaks measure glibc's "
+                         "free lists, not the checkpoint")
+    rows = measure(args.size, args.rounds)
+    if rows:
+        report.emit(report.run_record(vars(args) | {"json": None}, rows),
+                    args.json, f"ProMoE-{args.size} widths, depth 2, on {rows[0]['ranks']} ranks (gloo, CPU, fp32): "
+                    "compile, syncs, collectives, step time and checkpoint memory per expert-parallel setting")
+
+
+if __name__ == "__main__":
+    main()
