@@ -97,7 +97,7 @@ def largest(value: float) -> float:
     return tensor.item()
 
 
-def checkpoint_peaks(step, model, optimizer, ema, config) -> tuple[int, int]:
+def checkpoint_peaks(model, optimizer, ema, config) -> tuple[int, int]:
     """(peak growth while saving, while loading) a checkpoint of the trained state, on this rank."""
     import torch.distributed as dist
 
@@ -165,7 +165,16 @@ def host_syncs_in_moe_layers(step, model) -> int:
     return counter.host_syncs
 
 
-def measure(size: str, rounds: int) -> list[dict]:
+def checkpoint_row(size: str, world: int, degree: int, model, optimizer, ema, config) -> dict:
+    """The bank state a rank holds and its peaks while saving and loading, largest over the ranks."""
+    held, whole = bank_state_bytes(model, optimizer, ema)
+    save, load = checkpoint_peaks(model, optimizer, ema, config)
+    return dict(size=size, ranks=world, ep=degree if degree > 1 else "no",
+                bank_state_MB=round(largest(held) / 1e6, 1), whole_bank_state_MB=round(whole / 1e6, 1),
+                save_peak_MB=round(largest(save) / 1e6, 1), load_peak_MB=round(largest(load) / 1e6, 1))
+
+
+def measure(size: str, rounds: int, checkpoints_only: bool) -> list[dict]:
     import torch.distributed as dist
 
     from promoe.distributed import init_distributed
@@ -177,6 +186,13 @@ def measure(size: str, rounds: int) -> list[dict]:
     degrees = [degree for degree in (1, 2, 4) if degree <= world and world % degree == 0]
     setups = {degree: training_setup(degree, batch, config_name=config_name, overrides=TINY,
                                      latent_size=LATENT_SIZE) for degree in degrees}
+    if checkpoints_only:
+        rows = []
+        for degree, (step, model, optimizer, ema, config) in setups.items():
+            step()  # AdamW's moments exist from the first step
+            rows.append(checkpoint_row(size, world, degree, model, optimizer, ema, config))
+        dist.destroy_process_group()
+        return rows if rank == 0 else []
     tallies = collections.Counter(on=0)
     counting_collectives(tallies)
     wall, collectives = {degree: [] for degree in degrees}, {}
@@ -194,18 +210,16 @@ def measure(size: str, rounds: int) -> list[dict]:
     for degree, (step, model, optimizer, ema, config) in setups.items():
         layers = len(moe_layers(model))
         syncs = host_syncs_in_moe_layers(step, model)
-        held, whole = bank_state_bytes(model, optimizer, ema)
-        save, load = checkpoint_peaks(step, model, optimizer, ema, config)
+        checkpoint = checkpoint_row(size, world, degree, model, optimizer, ema, config)
         counts = compile_counts(degree, batch, config_name)
         ratios = [mine / plain for mine, plain in zip(wall[degree][1:], wall[1][1:])]
-        rows.append(dict(size=size, ranks=world, ep=degree if degree > 1 else "no", **counts,
+        rows.append(dict(size=size, ranks=world, ep=checkpoint.pop("ep"), **counts,
                          syncs_per_layer=syncs / layers,
                          collectives=sum(collectives[degree].values()),
                          by_name=" ".join(f"{key} {count}" for key, count in sorted(collectives[degree].items())),
                          step_s=statistics.median(wall[degree][1:]),
                          step_ratio=f"{statistics.median(ratios):.2f} ({min(ratios):.2f}-{max(ratios):.2f})",
-                         bank_state_MB=round(largest(held) / 1e6, 1), whole_bank_state_MB=round(whole / 1e6, 1),
-                         save_peak_MB=round(largest(save) / 1e6, 1), load_peak_MB=round(largest(load) / 1e6, 1)))
+                         **{key: value for key, value in checkpoint.items() if key not in ("size", "ranks")}))
     dist.destroy_process_group()
     return rows if rank == 0 else []
 
@@ -214,12 +228,14 @@ def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--size", choices=sorted(CONFIGS), default="S", help="the widths of ProMoE-S or ProMoE-XL")
     parser.add_argument("--rounds", type=int, default=5, help="timed rounds of the eager steps")
+    parser.add_argument("--checkpoints-only", action="store_true",
+                        help="only the bank state and the checkpoint peaks (to measure another commit's checkpoints)")
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args(argv)
     if "MALLOC_MMAP_THRESHOLD_" not in os.environ:
         raise SystemExit("set MALLOC_MMAP_THRESHOLD_=65536 (see the docstring): without it, the peaks measure glibc's "
                          "free lists, not the checkpoint")
-    rows = measure(args.size, args.rounds)
+    rows = measure(args.size, args.rounds, args.checkpoints_only)
     if rows:
         report.emit(report.run_record(vars(args) | {"json": None}, rows),
                     args.json, f"ProMoE-{args.size} widths, depth 2, on {rows[0]['ranks']} ranks (gloo, CPU, fp32): "

@@ -230,6 +230,15 @@ def bank_entries(model: nn.Module, state: dict) -> list[tuple[dict, str, ExpertG
     return entries
 
 
+def sharing_storage_exactly(rows: torch.Tensor) -> torch.Tensor:
+    """Contiguous rows of a bigger tensor as a tensor of the same memory whose storage is exactly its bytes. DCP's
+    writer copies a tensor whose storage is larger than it, and keeps each tensor it wrote until its file is
+    complete: a rank's rows as views would be copied whole while it saves."""
+    start = rows.storage_offset() * rows.element_size()
+    storage = rows.untyped_storage()[start:start + rows.nbytes]  # a slice of a storage shares its memory
+    return rows.new_empty(0).set_(storage, 0, rows.shape, rows.stride())
+
+
 class BankRows(torch.Tensor):
     """A bank tensor as distributed checkpointing sees it: the whole bank's shape [E + U, ...], of which this rank
     holds two blocks of rows, views of its own tensor: its routed experts at their offset in the whole, and the
@@ -246,8 +255,9 @@ class BankRows(torch.Tensor):
         rows.local = local
         first = sum(group.shares[:group.index])
         # {first row in the whole bank: this rank's rows there}; an empty block (no unconditional expert) is left out
-        rows.blocks = {start: block for start, block in ((first, local[:group.local_routed]),
-                                                         (group.num_routed, local[group.local_routed:]))
+        rows.blocks = {start: sharing_storage_exactly(block)
+                       for start, block in ((first, local[:group.local_routed]),
+                                            (group.num_routed, local[group.local_routed:]))
                        if block.numel() > 0}
         return rows
 
