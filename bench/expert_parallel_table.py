@@ -7,13 +7,15 @@ divide the ranks.
         --json bench/results/expert_parallel_table_S_2.json
 
 Columns:
-- `graphs`, `breaks`, `recompiled`: what Dynamo compiled of the model with train.compile and activation
+- `graphs`, `break_places`, `recompiled`: what Dynamo compiled of the model with train.compile and activation
   checkpointing (the driver's `parallelise`, the tests' "aot_eager" backend: the same graphs and breaks as
-  Inductor, minutes faster), over 3 steps from a reset; `recompiled` counts the graphs of step 3 (0: nothing
-  recompiles after the warm-up).
-- `syncs_per_layer`: host synchronisations made inside the MoE layers' forwards in one eager training step
-  (`promoe.counters.OpCounter`, which counts every read a GPU would wait for), per MoE layer: activation
-  checkpointing runs each forward twice.
+  Inductor, minutes faster), over 3 steps from a reset: its graphs, the distinct reasons it broke a graph for,
+  and the graphs step 3 added (0: nothing recompiles after the warm-up).
+- `syncs_per_forward`, `forwards_per_layer`: host synchronisations inside one MoE layer's forward, seen by
+  `promoe.counters.OpCounter` (which counts every read a GPU would wait for), and how often a step runs each
+  MoE layer's forward: twice with activation checkpointing, whose recomputation makes the exchange's read again
+  (the counter's TorchFunctionMode is not active in backward, so it counts the first only). A step's syncs per
+  layer are their product.
 - `collectives`: the torch.distributed calls of one step, by name (FSDP2's and promoe's; see
   expert_parallel_bytes.py's `counting_collectives`).
 - `step_ratio`: the eager step's wall time over the step without expert parallelism's, median (min-max) of the
@@ -136,19 +138,24 @@ def compile_counts(degree: int, batch: int, config_name: str) -> dict:
             graphs.append(counters["stats"]["unique_graphs"])
     finally:
         parallel.COMPILE_BACKEND = backend
-    return dict(graphs=graphs[-1], breaks=sum(counters["graph_break"].values()), recompiled=graphs[-1] - graphs[-2])
+    return dict(graphs=graphs[-1], break_places=len(counters["graph_break"]),
+                recompiled=graphs[-1] - graphs[-2])
 
 
-def host_syncs_in_moe_layers(step, model) -> int:
-    """Host synchronisations of one training step made inside the MoE layers' forwards (activation checkpointing's
-    recomputation included); the backward's exchange reuses the forward's split sizes (tests/test_no_host_sync.py)."""
+def host_syncs_in_moe_layers(step, model) -> tuple[int, int]:
+    """(host synchronisations that `OpCounter` sees inside the MoE layers' forwards in one training step, the MoE
+    layers' forward calls). The backward's exchange reuses the forward's split sizes (tests/test_no_host_sync.py).
+    Activation checkpointing calls each forward again in backward, where the counter's TorchFunctionMode is not
+    active: the recomputation's `.tolist()` is made (its all-to-alls are counted) but not seen."""
     from promoe.counters import OpCounter
     from promoe.moe.layer import moe_layers
 
     counter = OpCounter()
     counter.paused = True  # counting only inside the layers
+    forwards = []
 
     def inside(*_):
+        forwards.append(1)
         counter.paused = False
 
     def outside(*_):
@@ -162,7 +169,7 @@ def host_syncs_in_moe_layers(step, model) -> int:
     finally:
         for hook in hooks:
             hook.remove()
-    return counter.host_syncs
+    return counter.host_syncs, len(forwards)
 
 
 def checkpoint_row(size: str, world: int, degree: int, model, optimizer, ema, config) -> dict:
@@ -209,12 +216,12 @@ def measure(size: str, rounds: int, checkpoints_only: bool) -> list[dict]:
     rows = []
     for degree, (step, model, optimizer, ema, config) in setups.items():
         layers = len(moe_layers(model))
-        syncs = host_syncs_in_moe_layers(step, model)
+        syncs, forwards = host_syncs_in_moe_layers(step, model)
         checkpoint = checkpoint_row(size, world, degree, model, optimizer, ema, config)
         counts = compile_counts(degree, batch, config_name)
         ratios = [mine / plain for mine, plain in zip(wall[degree][1:], wall[1][1:])]
         rows.append(dict(size=size, ranks=world, ep=checkpoint.pop("ep"), **counts,
-                         syncs_per_layer=syncs / layers,
+                         syncs_per_forward=syncs / forwards, forwards_per_layer=forwards / layers,
                          collectives=sum(collectives[degree].values()),
                          by_name=" ".join(f"{key} {count}" for key, count in sorted(collectives[degree].items())),
                          step_s=statistics.median(wall[degree][1:]),
