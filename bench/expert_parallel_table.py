@@ -191,15 +191,20 @@ def measure(size: str, rounds: int, checkpoints_only: bool) -> list[dict]:
     batch = 4 * world
     config_name = CONFIGS[size]
     degrees = [degree for degree in (1, 2, 4) if degree <= world and world % degree == 0]
-    setups = {degree: training_setup(degree, batch, config_name=config_name, overrides=TINY,
-                                     latent_size=LATENT_SIZE) for degree in degrees}
-    if checkpoints_only:
+
+    def setup(degree: int):
+        return training_setup(degree, batch, config_name=config_name, overrides=TINY, latent_size=LATENT_SIZE)
+
+    if checkpoints_only:  # one setting at a time: the XL widths on 4 ranks fill this machine's memory otherwise
         rows = []
-        for degree, (step, model, optimizer, ema, config) in setups.items():
+        for degree in degrees:
+            step, model, optimizer, ema, config = setup(degree)
             step()  # AdamW's moments exist from the first step
             rows.append(checkpoint_row(size, world, degree, model, optimizer, ema, config))
+            del step, model, optimizer, ema
         dist.destroy_process_group()
         return rows if rank == 0 else []
+    setups = {degree: setup(degree) for degree in degrees}
     tallies = collections.Counter(on=0)
     counting_collectives(tallies)
     wall, collectives = {degree: [] for degree in degrees}, {}
@@ -218,15 +223,18 @@ def measure(size: str, rounds: int, checkpoints_only: bool) -> list[dict]:
         layers = len(moe_layers(model))
         syncs, forwards = host_syncs_in_moe_layers(step, model)
         checkpoint = checkpoint_row(size, world, degree, model, optimizer, ema, config)
-        counts = compile_counts(degree, batch, config_name)
         ratios = [mine / plain for mine, plain in zip(wall[degree][1:], wall[1][1:])]
-        rows.append(dict(size=size, ranks=world, ep=checkpoint.pop("ep"), **counts,
+        rows.append(dict(size=size, ranks=world, ep=checkpoint.pop("ep"),
                          syncs_per_forward=syncs / forwards, forwards_per_layer=forwards / layers,
                          collectives=sum(collectives[degree].values()),
                          by_name=" ".join(f"{key} {count}" for key, count in sorted(collectives[degree].items())),
                          step_s=statistics.median(wall[degree][1:]),
                          step_ratio=f"{statistics.median(ratios):.2f} ({min(ratios):.2f}-{max(ratios):.2f})",
                          **{key: value for key, value in checkpoint.items() if key not in ("size", "ranks")}))
+    setups.clear()  # the compiled models are built one at a time, the eager ones freed
+    del step, model, optimizer, ema
+    for row, degree in zip(rows, degrees):
+        row.update(compile_counts(degree, batch, config_name))
     dist.destroy_process_group()
     return rows if rank == 0 else []
 
