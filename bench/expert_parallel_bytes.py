@@ -237,9 +237,11 @@ def counting_collectives(tallies) -> None:
             setattr(dist, collective, counted(collective, getattr(dist, collective)))
 
 
-def timed_step(degree: int, batch: int, per_tensor_adam: bool):
-    """train/run.py's train_step of ProMoE-S at expert-parallel `degree`, built as its main() builds it, as a closure
-    over an in-memory batch of latents (4 x 32 x 32: 256 tokens per image)."""
+def training_setup(degree: int, batch: int, per_tensor_adam: bool = False, config_name: str = "promoe_s.yaml",
+                   overrides: tuple[str, ...] = (), latent_size: int = 32):
+    """train/run.py's train_step at expert-parallel `degree`, built as its main() builds it, as a closure over an
+    in-memory batch of latents (4 x latent_size^2: 256 tokens per image at 32), with what it trains:
+    (step, model, optimizer, ema, config)."""
     import itertools
 
     import torch
@@ -255,8 +257,9 @@ def timed_step(degree: int, batch: int, per_tensor_adam: bool):
     sys.path.insert(0, str(ROOT / "train"))
     import run as driver
 
-    config = load_config(ROOT / "configs" / "promoe_s.yaml", [f"train.global_batch={batch}", "train.precision=fp32",
-                                                                "train.seed=0", f"train.expert_parallel={degree}"])
+    config = load_config(ROOT / "configs" / config_name, [f"train.global_batch={batch}", "train.precision=fp32",
+                                                          "train.seed=0", f"train.expert_parallel={degree}",
+                                                          *overrides])
     device = torch.device("cpu")
     model = build_on_meta(config)
     parallelise(model, config, device)
@@ -267,14 +270,14 @@ def timed_step(degree: int, batch: int, per_tensor_adam: bool):
                  if per_tensor_adam else make_optimizer(model, optim))
     ema = EMA(model, config.train.ema_decay, config.train.ema_warmup)
     generator = torch.Generator().manual_seed(0)
-    dataset = Latents(torch.randn(batch, 4, 32, 32, generator=generator),
+    dataset = Latents(torch.randn(batch, 4, latent_size, latent_size, generator=generator),
                       torch.randint(0, 1000, (batch,), generator=generator))
     objective, stats, steps = make_objective(config.train.objective), running_buffers(model), itertools.count()
 
     def step():
         driver.train_step(model, optimizer, ema, objective, dataset, stats, config, next(steps), device)
 
-    return step
+    return step, model, optimizer, ema, config
 
 
 def time_steps(batch: int, warmup: int, rounds: int) -> list[dict]:
@@ -292,7 +295,7 @@ def time_steps(batch: int, warmup: int, rounds: int) -> list[dict]:
     counting_collectives(tallies)
     names = {"no expert parallelism": (1, False), f"ep {world}": (world, False),
              f"ep {world}, AdamW per tensor (before)": (world, True)}
-    steps = {name: timed_step(degree, batch, per_tensor) for name, (degree, per_tensor) in names.items()}
+    steps = {name: training_setup(degree, batch, per_tensor)[0] for name, (degree, per_tensor) in names.items()}
     wall = {name: [] for name in steps}
     cpu = {name: [] for name in steps}
     collectives = {}

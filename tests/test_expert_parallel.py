@@ -16,6 +16,7 @@ from promoe.moe.dispatch import make_backend
 from promoe.moe.expert_parallel import ExpertGroup, dispatch_expert_parallel
 from promoe.moe.experts import ExpertBank
 from promoe.moe.plan import token_choice_plan
+from promoe.sampling import load_model
 from tests.helpers import in_two_ranks, reordered_sums_tolerance, torchrun
 from tests.test_train import ROOT, TINY_RUN, losses, reordered_run_tolerance, run
 
@@ -148,6 +149,9 @@ def test_an_expert_parallel_checkpoint_resumes_on_another_degree(tmp_path):
     for degree in (1, 4):
         out = tmp_path / f"then_ep{degree}"
         run(out, "--max-steps", "2", *SMALL_PROMOE, "train.expert_parallel=2", launcher=torchrun(4))
+        # The sampler reads the expert-parallel checkpoint's banks whole: the EMA weights the run exported.
+        sampled = load_model(out / "checkpoints" / "step_0000002", weights="ema")[0].state_dict()
+        assert all(torch.equal(sampled[name], value) for name, value in exported(out).items())
         result = run(out, "--max-steps", "3", *SMALL_PROMOE, f"train.expert_parallel={degree}",
                      launcher=torchrun(4))
         assert "resumed from" in result.stdout
@@ -337,3 +341,41 @@ def test_bank_gradient_sums_start_in_the_last_backward_per_layer_and_average_ove
     backward reaches the earlier layer, only in the last micro-batch's backward, and after `finish` each bank
     gradient is the ranks' average (the unconditional rows summed over ranks, divided by the world size)."""
     assert in_two_ranks(_bank_sums_in_two_ranks) == {0: True, 1: True}
+
+
+def _bank_rows_in_two_ranks(rank: int, port: int, folder: str, results: dict) -> None:
+    import torch.distributed.checkpoint as dcp
+
+    from promoe.training.expert_parallel import BankRows
+    from promoe.weights import load_dcp, read_dcp_metadata
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=2)
+    try:
+        torch.manual_seed(0)  # the same whole bank on both ranks: 7 routed experts dealt 4 + 3, 1 unconditional
+        whole = torch.randn(8, 3, 2)
+        group = ExpertGroup(dist.group.WORLD, None, 2, rank, 7, 1)
+        local = whole[group.bank_rows()]
+        dcp.save({"bank": BankRows(local, group)}, checkpoint_id=folder)
+        stored = read_dcp_metadata(folder).state_dict_metadata["bank"]
+        # On disk: the whole bank's shape, each rank's routed rows at their offset, the unconditional row once.
+        assert stored.size == whole.shape
+        assert sorted((chunk.offsets[0], chunk.sizes[0]) for chunk in stored.chunks) == [(0, 4), (4, 3), (7, 1)]
+        with pytest.raises(RuntimeError, match="runs no op"):
+            BankRows(local, group) + 1
+        # Read whole (as without expert parallelism, the sampler or the EMA export do) ...
+        read_whole = torch.zeros_like(whole)
+        load_dcp({"bank": read_whole}, folder)
+        # ... and into the other rank's rows, in place (as another degree would cut them), by offset alone.
+        other = ExpertGroup(dist.group.WORLD, None, 2, 1 - rank, 7, 1)
+        read_other = torch.zeros((len(other.bank_rows()), 3, 2))
+        load_dcp({"bank": BankRows(read_other, other)}, folder)
+        results[rank] = (torch.equal(read_whole, whole), torch.equal(read_other, whole[other.bank_rows()]))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_a_checkpoint_of_bank_rows_holds_whole_banks_and_loads_into_any_rows(tmp_path):
+    """Each rank writes its own rows of a bank (no rank gathers it), the file holds the whole bank, and it reads back
+    whole or into another rank's rows, bit for bit."""
+    assert in_two_ranks(_bank_rows_in_two_ranks, str(tmp_path / "checkpoint")) == {0: (True, True), 1: (True, True)}

@@ -40,7 +40,7 @@ from promoe.checkpoint_format import (
 from promoe.errors import DISK_FULL, Refusal, error_message, write_text_atomically
 from promoe.train_config import RunConfig
 from promoe.training.ema import EMA
-from promoe.training.expert_parallel import expert_banks, load_whole_banks, whole_bank, with_whole_banks
+from promoe.training.expert_parallel import expert_banks, local_bank_rows, whole_bank_on_rank_0, with_bank_rows
 from promoe.training.ranks import any_rank, stop_if_any
 from promoe.weights import load_dcp, read_dcp_metadata, save_weights
 
@@ -123,7 +123,7 @@ class Checkpoints:
             error = self._try(self._start, tmp, config, {"step": step, "data": data})
         if not any_rank(error is not None):
             model_state, optim_state = get_state_dict(model, optimizer)
-            state = with_whole_banks(model, {"model": model_state, "optim": optim_state, "ema": ema.params})
+            state = with_bank_rows(model, {"model": model_state, "optim": optim_state, "ema": ema.params})
             error = self._try(dcp.save, state, checkpoint_id=str(tmp))
         if not any_rank(error is not None):
             error = self._try(self._commit, tmp, final)
@@ -211,9 +211,10 @@ class Checkpoints:
         model_state, optim_state = get_state_dict(model, optimizer)
         # The optimizer's per-parameter state only: its groups are this run's (one per kind of tensor, which
         # expert parallelism's degree changes; `apply_config` sets their values at every step).
-        state = {"model": model_state, "optim": {"state": optim_state["state"]}, "ema": ema.params}
-        # runs no code from the folder, though it is one's own run
-        load_whole_banks(model, state, lambda whole: load_dcp(whole, folder))
+        state = with_bank_rows(model, {"model": model_state, "optim": {"state": optim_state["state"]},
+                                       "ema": ema.params})
+        load_dcp(state, folder)  # runs no code from the folder, though it is one's own run
+        state = local_bank_rows(state)
         set_state_dict(model, optimizer, model_state_dict=state["model"],
                        optim_state_dict={**optim_state, "state": state["optim"]["state"]})
         return read_meta(folder)
@@ -226,10 +227,10 @@ def gather_ema(model: torch.nn.Module, ema: EMA) -> dict[str, torch.Tensor]:
         for name, p in model.named_parameters():
             p.copy_(ema.params[name].to(p.dtype))
     state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-    for name, (param, group) in expert_banks(model).items():  # a collective: every rank gathers, rank 0 keeps
-        whole = whole_bank(param.detach(), group).cpu()
-        if dist.get_rank() == 0:
-            state[name] = whole
+    for name, (param, group) in expert_banks(model).items():  # a collective of rank 0's expert group
+        whole = whole_bank_on_rank_0(param.detach(), group)
+        if whole is not None:
+            state[name] = whole.cpu()
     # On one CPU rank the gathered tensors can be the parameters themselves: copy before the live weights return.
     state = {name: value.clone() for name, value in state.items()}
     with torch.no_grad():

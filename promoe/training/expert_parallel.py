@@ -14,8 +14,9 @@ expert parallelism. So that a step equals the one without:
   backward goes on through the layers before it.
 - the gradient norm counts each distinct gradient once (a routed share on one rank of its group, the
   unconditional rows once), with FSDP2's shards.
-- checkpoints and the EMA export hold whole banks, gathered when written and cut when read, so a run resumes
-  on another expert-parallel degree (or without).
+- checkpoints hold whole banks, written and read by each rank as its own rows at their offsets in the whole
+  (`BankRows`): no rank gathers a bank, and a run resumes on another expert-parallel degree (or without). The EMA
+  export, one file on rank 0, gathers each bank there alone.
 """
 
 import functools
@@ -24,6 +25,8 @@ from dataclasses import dataclass, field
 import torch
 import torch.distributed as dist
 import torch.nn as nn
+from torch.distributed.checkpoint.metadata import ChunkStorageMetadata, MetadataIndex, TensorProperties
+from torch.distributed.checkpoint.planner import TensorWriteData, WriteItem, WriteItemType
 from torch.distributed.device_mesh import init_device_mesh
 
 from promoe.moe.expert_parallel import ExpertGroup
@@ -80,14 +83,18 @@ def local_rows(model: nn.Module) -> dict[str, torch.Tensor]:
     return {name: group.bank_rows() for name, (_, group) in expert_banks(model).items()}
 
 
-def whole_bank(local: torch.Tensor, group: ExpertGroup) -> torch.Tensor:
-    """A bank tensor whole [E + U, ...] from this rank's rows (a collective of the expert group). Shares of
-    unequal size travel padded to the largest."""
-    largest = max(group.shares)
-    routed = local.new_zeros((largest, *local.shape[1:]))
+def whole_bank_on_rank_0(local: torch.Tensor, group: ExpertGroup) -> torch.Tensor | None:
+    """A bank tensor whole [E + U, ...] on rank 0, gathered from the rows of its expert group (a collective of that
+    group; the ranks of the other groups return at once); None on every other rank, which holds its own rows only.
+    Shares of unequal size travel padded to the largest."""
+    if 0 not in dist.get_process_group_ranks(group.group):
+        return None
+    routed = local.new_zeros((max(group.shares), *local.shape[1:]))
     routed[:group.local_routed] = local[:group.local_routed]
-    gathered = [torch.empty_like(routed) for _ in range(group.size)]
-    dist.all_gather(gathered, routed, group=group.group)
+    gathered = [torch.empty_like(routed) for _ in range(group.size)] if dist.get_rank() == 0 else None
+    dist.gather(routed, gathered, dst=0, group=group.group)
+    if gathered is None:
+        return None
     shares = [rows[:share] for rows, share in zip(gathered, group.shares)]
     return torch.cat([*shares, local[group.local_routed:]])
 
@@ -223,22 +230,74 @@ def bank_entries(model: nn.Module, state: dict) -> list[tuple[dict, str, ExpertG
     return entries
 
 
-def with_whole_banks(model: nn.Module, state: dict) -> dict:
-    """The checkpoint state to write: every bank entry whole (the EMA dict copied, the live one kept)."""
+def sharing_storage_exactly(rows: torch.Tensor) -> torch.Tensor:
+    """Contiguous rows of a bigger tensor as a tensor of the same memory whose storage is exactly its bytes. DCP's
+    writer copies a tensor whose storage is larger than it, and keeps each tensor it wrote until its file is
+    complete: a rank's rows as views would be copied whole while it saves."""
+    start = rows.storage_offset() * rows.element_size()
+    storage = rows.untyped_storage()[start:start + rows.nbytes]  # a slice of a storage shares its memory
+    return rows.new_empty(0).set_(storage, 0, rows.shape, rows.stride())
+
+
+class BankRows(torch.Tensor):
+    """A bank tensor as distributed checkpointing sees it: the whole bank's shape [E + U, ...], of which this rank
+    holds two blocks of rows, views of its own tensor: its routed experts at their offset in the whole, and the
+    unconditional rows at E. DCP writes and reads each block at its offset (the protocol DTensor implements for it:
+    `__create_write_items__`, `__create_chunk_list__`, `__get_tensor_shard__`): the file holds whole banks whatever
+    the degree (replicas' blocks, written alike, are deduplicated), a load reads into this rank's rows from whatever
+    blocks were written, and no rank ever holds more of a bank than its own rows. It carries no storage of its own
+    and runs no op."""
+
+    @staticmethod
+    def __new__(cls, local: torch.Tensor, group: ExpertGroup):
+        rows = torch.Tensor._make_wrapper_subclass(cls, (group.bank_size, *local.shape[1:]), dtype=local.dtype,
+                                                   device=local.device)
+        rows.local = local
+        first = sum(group.shares[:group.index])
+        # {first row in the whole bank: this rank's rows there}; an empty block (no unconditional expert) is left out
+        rows.blocks = {start: sharing_storage_exactly(block)
+                       for start, block in ((first, local[:group.local_routed]),
+                                            (group.num_routed, local[group.local_routed:]))
+                       if block.numel() > 0}
+        return rows
+
+    @classmethod
+    def __torch_dispatch__(cls, func, types, args=(), kwargs=None):
+        raise RuntimeError(f"BankRows only travels to distributed checkpointing, it runs no op ({func} called)")
+
+    def _chunks(self):
+        for start, block in self.blocks.items():
+            yield block, ChunkStorageMetadata(offsets=torch.Size([start] + [0] * (block.dim() - 1)),
+                                              sizes=block.shape)
+
+    def __create_write_items__(self, fqn: str, _) -> list[WriteItem]:
+        return [WriteItem(index=MetadataIndex(fqn, chunk.offsets), type=WriteItemType.SHARD,
+                          tensor_data=TensorWriteData(chunk=chunk, properties=TensorProperties.create_from_tensor(
+                              block), size=self.shape))
+                for block, chunk in self._chunks()]
+
+    def __create_chunk_list__(self) -> list[ChunkStorageMetadata]:
+        return [chunk for _, chunk in self._chunks()]
+
+    def __get_tensor_shard__(self, index: MetadataIndex) -> torch.Tensor:
+        return self.blocks[index.offset[0]]
+
+
+def with_bank_rows(model: nn.Module, state: dict) -> dict:
+    """The checkpoint state to write or read into: every bank entry as its `BankRows` (the EMA dict copied, the live
+    one kept). DCP writes each rank's rows of the whole bank, and loads into them in place."""
     state = {**state, "ema": dict(state["ema"])}
     for values, key, group in bank_entries(model, state):
-        values[key] = whole_bank(values[key], group)
+        values[key] = BankRows(values[key], group)
     return state
 
 
-def load_whole_banks(model: nn.Module, state: dict, load) -> None:
-    """`load(state)` with each bank entry read whole, then cut back into this rank's tensors in `state`."""
-    cut = []
-    for values, key, group in bank_entries(model, state):
-        local = values[key]
-        values[key] = local.new_empty((group.bank_size, *local.shape[1:]))
-        cut.append((values, key, local, group.bank_rows().to(local.device)))
-    load(state)
-    for values, key, local, rows in cut:
-        local.copy_(values[key][rows])
-        values[key] = local
+def local_bank_rows(state: dict) -> dict:
+    """`state` (after `with_bank_rows` and a load) with each `BankRows` given back as this rank's tensor, for
+    `set_state_dict`."""
+    def local(value):
+        if isinstance(value, BankRows):
+            return value.local
+        return {key: local(item) for key, item in value.items()} if isinstance(value, dict) else value
+
+    return local(state)
