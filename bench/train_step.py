@@ -48,7 +48,9 @@ def make_candidate(name, backend, overrides, batch, device, generator, autocast_
 
 def ratio_spread(ratios: list[float]) -> dict:
     """Median, lowest, highest and quartiles of sorted per-round ratios (the quartiles by the nearest rank)."""
-    quartile = lambda q: ratios[min(len(ratios) - 1, int(q * len(ratios)))]  # noqa: E731
+    def quartile(q: float) -> float:
+        return ratios[min(len(ratios) - 1, int(q * len(ratios)))]
+
     return dict(round_ratio_median=quartile(0.5), round_ratio_min=ratios[0], round_ratio_q1=quartile(0.25),
                 round_ratio_q3=quartile(0.75), round_ratio_max=ratios[-1])
 

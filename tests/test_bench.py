@@ -11,7 +11,8 @@ ROOT = Path(__file__).resolve().parent.parent
 TINY = ["--overrides", "input_size=8", "hidden_size=64", "num_heads=4", "depth=2", "--reps", "1", "--warmup", "0"]
 RECORD_KEYS = {
     "moe_layer": {"backend", "mode", "tokens_per_s", "speedup_vs_loop", "time_vs_dense", "host_syncs", "launches"},
-    "train_step": {"backend", "mode", "images_per_s", "speedup_vs_loop", "time_vs_dense"},
+    "train_step": {"backend", "mode", "images_per_s", "speedup_vs_loop", "time_vs_dense", "round_ratio_median",
+                   "round_ratio_min", "round_ratio_q1", "round_ratio_q3", "round_ratio_max"},
 }
 
 
