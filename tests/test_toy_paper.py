@@ -27,6 +27,7 @@ def tiny_argv(tmp_path, feature_net, *extra):
             "--sample-steps", "2", "--val-images", "20", "--feature-net", str(feature_net), *extra]
 
 
+@pytest.mark.slow  # 53 s; the pipeline's pairing, caching and resume run by default in the RCL ablation's test
 def test_router_swap_writes_every_pair_per_seed_and_resumes_without_work(tmp_path, feature_net):
     import toy_paper
 
@@ -47,6 +48,7 @@ def test_router_swap_writes_every_pair_per_seed_and_resumes_without_work(tmp_pat
     assert cache.stat().st_mtime_ns == first
 
 
+@pytest.mark.slow  # 53 s
 def test_long_run_is_evaluated_at_each_milestone_and_resumed_between_them(tmp_path, feature_net):
     import toy_paper
 
@@ -67,6 +69,7 @@ def test_unknown_model_names_the_experiments_models(tmp_path, feature_net):
         toy_paper.main(tiny_argv(tmp_path, feature_net, "--experiment", "routers", "--models", "ProMoE"))
 
 
+@pytest.mark.slow  # 73 s; the pipeline it shares with the RCL ablation runs by default in that test
 def test_decisive_experiment_states_its_endpoints_first_and_measures_noise_null_and_label_swap(tmp_path,
                                                                                                  feature_net):
     import toy_paper

@@ -131,7 +131,7 @@ def test_resume_refuses_a_checkpoint_of_another_model(tmp_path):
     assert result.returncode != 0 and "was trained with model" in result.stderr
 
 
-@pytest.mark.parametrize("first_ranks, then_ranks", [(2, 1), (1, 2)])
+@pytest.mark.parametrize("first_ranks, then_ranks", [(2, 1), pytest.param(1, 2, marks=pytest.mark.slow)])
 def test_a_run_resumes_on_another_number_of_ranks(tmp_path, first_ranks, then_ranks):
     """One fp32 process trains without FSDP2 (plain tensors), two ranks with it (DTensor shards): the checkpoint of
     either loads into the other."""
