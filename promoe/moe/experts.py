@@ -9,8 +9,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-if TYPE_CHECKING:  # the backends import this module
-    from promoe.moe.dispatch import TorchBackend
+if TYPE_CHECKING:
     from promoe.moe.plan import RoutingPlan
 
 
@@ -121,10 +120,10 @@ class ExpertBank(nn.Module):
     def params_per_expert(self) -> int:
         return sum(p[0].numel() for p in self.parameters())
 
-    def forward(self, rows: torch.Tensor, plan: "RoutingPlan", backend: "TorchBackend", permute: bool
-                ) -> torch.Tensor:
-        """[S, D]: the expert MLP of every slot of `plan`, run by `backend` on this bank's weights (rows: x [N, D]
-        when `permute`, else x's rows already in slot order).
+    def forward(self, rows: torch.Tensor, plan: "RoutingPlan", backend, permute: bool) -> torch.Tensor:
+        """[S, D]: the expert MLP of every slot of `plan`, run by `backend` (a dispatch backend of
+        `promoe.moe.dispatch`, which imports this module: not named here, so the two do not import each other) on
+        this bank's weights (rows: x [N, D] when `permute`, else x's rows already in slot order).
 
         The weights are read here, inside the bank's own module call, so that what hooks a module call sees them
         where they are used: diffusers' group offloading brings them in before and takes them out after, layerwise
