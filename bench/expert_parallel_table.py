@@ -14,7 +14,7 @@ Columns:
 - `syncs_per_forward`, `forwards_per_layer`: host synchronisations inside one MoE layer's forward, seen by
   `promoe.counters.OpCounter` (which counts every read a GPU would wait for), and how often a step runs each
   MoE layer's forward: twice with activation checkpointing, whose recomputation makes the exchange's read again
-  (the counter's TorchFunctionMode is not active in backward, so it counts the first only). A step's syncs per
+  (the counter sees reads in backward too). A step's syncs per
   layer are their product.
 - `collectives`: the torch.distributed calls of one step, by name (FSDP2's and promoe's; see
   expert_parallel_bytes.py's `counting_collectives`).
@@ -145,8 +145,8 @@ def compile_counts(degree: int, batch: int, config_name: str) -> dict:
 def host_syncs_in_moe_layers(step, model) -> tuple[int, int]:
     """(host synchronisations that `OpCounter` sees inside the MoE layers' forwards in one training step, the MoE
     layers' forward calls). The backward's exchange reuses the forward's split sizes (tests/test_no_host_sync.py).
-    Activation checkpointing calls each forward again in backward, where the counter's TorchFunctionMode is not
-    active: the recomputation's `.tolist()` is made (its all-to-alls are counted) but not seen."""
+    Activation checkpointing calls each forward again in backward (its forward hooks fire again): the
+    recomputation's `.tolist()` counts as a sync of a forward of its own."""
     from promoe.counters import OpCounter
     from promoe.moe.layer import moe_layers
 

@@ -10,13 +10,16 @@ by promoe's kernels count too (`TritonLaunchCounter`).
 A host synchronisation is seen at two levels. The dispatcher sees the ops whose output shape is data (nonzero,
 boolean-mask indexing, ...) and the scalar reads that C++ makes (`_local_scalar_dense`). The reads that Python
 makes of a whole tensor (`.tolist()`, `.cpu()`, `.numpy()`) reach no aten op on the CPU, where the data is
-already on the host, so they are seen as the Tensor methods they are (a `TorchFunctionMode`). On the CPU every
+already on the host, so they are seen as the Tensor methods they are: while a counter is active, those methods of
+`torch.Tensor` are wrapped (a `TorchFunctionMode` would miss every read made in backward: the autograd engine runs
+custom functions' backwards and a checkpoint's recomputation with no function mode active). On the CPU every
 tensor stands for the accelerator's: a read of it counts as the sync it would be there. Given another device,
-only reads of tensors on that device count.
+only reads of tensors on that device count. Reads made by other threads while a counter is active count too.
 """
 
+import functools
+
 import torch
-from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
 
 # Ops whose output shape depends on the data, or that read a device scalar on the host.
@@ -45,20 +48,18 @@ def host_sync_reason(func, args, kwargs) -> str | None:
     return None
 
 
-# Tensor methods that read a tensor's data on the host, by what a sync is called.
-_HOST_READS = {torch.Tensor.tolist: ".tolist()", torch.Tensor.item: ".item()", torch.Tensor.cpu: ".cpu()",
-               torch.Tensor.numpy: ".numpy()", torch.Tensor.__bool__: "bool(tensor)",
-               torch.Tensor.__int__: "int(tensor)", torch.Tensor.__float__: "float(tensor)",
-               torch.Tensor.__index__: "tensor as an index"}
+# Tensor methods that read a tensor's data on the host, by name, with what the sync is called.
+_HOST_READS = {"tolist": ".tolist()", "item": ".item()", "cpu": ".cpu()", "numpy": ".numpy()",
+               "__bool__": "bool(tensor)", "__int__": "int(tensor)", "__float__": "float(tensor)",
+               "__index__": "tensor as an index", "to": ".to('cpu')"}
 
 
-def host_read_reason(func, args, kwargs) -> str | None:
-    """The name of a Tensor method call that reads the tensor's data on the host, or None."""
-    if func in _HOST_READS:
-        return _HOST_READS[func]
-    if func is torch.Tensor.to and _to_host(args[1:], kwargs):
-        return ".to('cpu')"
-    return None
+def host_read_reason(method: str, args, kwargs) -> str | None:
+    """What a call of the Tensor method `method` is called as a host read, or None where it reads nothing (a `.to`
+    that does not go to the CPU)."""
+    if method == "to" and not _to_host(args[1:], kwargs):
+        return None
+    return _HOST_READS.get(method)
 
 
 def _to_host(args, kwargs) -> bool:
@@ -69,25 +70,44 @@ def _to_host(args, kwargs) -> bool:
     return isinstance(target, (str, torch.device)) and torch.device(target).type == "cpu"
 
 
-class _HostReads(TorchFunctionMode):
-    """The Python-level half of `OpCounter`: host reads of a tensor on the counted device."""
+class _HostReads:
+    """The Python-level half of `OpCounter`: the host-read methods of `torch.Tensor` wrapped while it is active, so
+    that each call on a tensor of the counted device is counted, in forward and backward alike."""
 
     def __init__(self, counter: "OpCounter"):
-        super().__init__()
         self.counter = counter
+        self._own: dict[str, object] = {}  # what torch.Tensor itself held before (not its C base), to put back
 
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
+    def __enter__(self):
+        for method in _HOST_READS:
+            self._own[method] = vars(torch.Tensor).get(method)
+            setattr(torch.Tensor, method, self._counted(method, getattr(torch.Tensor, method)))
+        return self
+
+    def __exit__(self, *exc):
+        for method, own in self._own.items():
+            if own is None:
+                delattr(torch.Tensor, method)  # the C base's method again
+            else:
+                setattr(torch.Tensor, method, own)
+        self._own.clear()
+
+    def _counted(self, method: str, original):
         counter = self.counter
-        reason = None if counter.paused or counter.reading else host_read_reason(func, args, kwargs)
-        if reason is None or args[0].device.type != counter.device.type:
-            return func(*args, **kwargs)
-        counter.syncs.append(reason)
-        counter.reading = True  # the read's own aten ops (a device-to-host copy, a scalar read) are this sync
-        try:
-            return func(*args, **kwargs)
-        finally:
-            counter.reading = False
+
+        @functools.wraps(original)
+        def read(*args, **kwargs):
+            reason = None if counter.paused or counter.reading else host_read_reason(method, args, kwargs)
+            if reason is None or args[0].device.type != counter.device.type:
+                return original(*args, **kwargs)
+            counter.syncs.append(reason)
+            counter.reading = True  # the read's own aten ops (a device-to-host copy, a scalar read) are this sync
+            try:
+                return original(*args, **kwargs)
+            finally:
+                counter.reading = False
+
+        return read
 
 
 class OpCounter(TorchDispatchMode):

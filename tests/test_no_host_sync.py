@@ -72,7 +72,8 @@ def test_the_counter_sees_each_host_read_of_a_cpu_tensor():
     """On the CPU the data is already on the host, so `.tolist()` and `.cpu()` reach no aten op; they still count,
     as the syncs they are on an accelerator. Arithmetic does not."""
     x = torch.arange(6)
-    reads = {".tolist()": x.tolist, ".item()": x[0].item, ".cpu()": x.cpu, ".to('cpu')": lambda: x.to("cpu"),
+    reads = {".tolist()": lambda: x.tolist(), ".item()": lambda: x[0].item(), ".cpu()": lambda: x.cpu(),
+             ".to('cpu')": lambda: x.to("cpu"),
              "boolean-mask indexing": lambda: x[x > 2], "aten::nonzero": x.nonzero,
              "bool(tensor)": lambda: bool(x[1] > 0), "aten::_local_scalar_dense": lambda: torch.arange(x[3])}
     for reason, read in reads.items():
@@ -82,6 +83,31 @@ def test_the_counter_sees_each_host_read_of_a_cpu_tensor():
     with OpCounter() as recorder:
         (x * 2).sum().to(torch.float32)
     assert recorder.syncs == []
+
+
+def test_the_counter_sees_host_reads_in_backward():
+    """The autograd engine runs a custom function's backward and a checkpoint's recomputation with no torch function
+    mode active: the reads made there count too (a checkpointed expert-parallel layer reads its split sizes again)."""
+    from torch.utils.checkpoint import checkpoint
+
+    class ReadsInBackward(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, x):
+            return x.clone()
+
+        @staticmethod
+        def backward(ctx, grad):
+            grad.sum().item()
+            return grad
+
+    def reads_its_sizes(x):
+        x.detach().abs().long().tolist()
+        return x * x  # saves x: backward recomputes the function
+
+    x = torch.randn(4, requires_grad=True)
+    with OpCounter() as recorder:
+        (ReadsInBackward.apply(x) + checkpoint(reads_its_sizes, x, use_reentrant=False)).sum().backward()
+    assert sorted(recorder.syncs) == [".item()", ".tolist()", ".tolist()"]
 
 
 def test_host_reads_of_tensors_off_the_counted_device_do_not_count():
