@@ -91,7 +91,7 @@ def compiled_steps(world_size: int, overrides: list[str]) -> dict[int, list[dict
 
 # (ranks, overrides, graphs a forward runs). A block runs as one graph. In the expert-parallel MoE block the exchange
 # (`run_on_expert_ranks`, run as it is) cuts the trace of each frame that encloses it: the block's, the MoE layer's
-# and `dispatch_expert_parallel`'s, each traced up to the call and resumed after it; measured, 5 graphs (torch 2.13).
+# and `ExpertParallel.__call__`'s, each traced up to the call and resumed after it; measured, 5 graphs (torch 2.13).
 SETTINGS = {"compile": (1, [], 2), "checkpointing": (1, [CHECKPOINTING], 2),
             "checkpointing-expert-parallel": (2, [CHECKPOINTING, EXPERT_PARALLEL], 1 + 5)}
 

@@ -13,7 +13,7 @@ import torch.distributed as dist
 from safetensors.torch import load_file
 
 from promoe.moe.dispatch import make_backend
-from promoe.moe.expert_parallel import ExpertGroup, dispatch_expert_parallel
+from promoe.moe.expert_parallel import ExpertGroup, ExpertParallel
 from promoe.moe.experts import ExpertBank
 from promoe.moe.plan import token_choice_plan
 from promoe.sampling import load_model
@@ -208,7 +208,7 @@ def _dispatch_in_two_ranks(rank: int, port: int, backend_name: str, case: str, r
             for name, param in local.named_parameters():
                 param.copy_(getattr(bank, name)[group.bank_rows()])
         x_again_ND = x_ND.detach().clone().requires_grad_()
-        got = dispatch_expert_parallel(backend, x_again_ND, plan, local, base_ND, group)
+        got = ExpertParallel(group)(backend, x_again_ND, plan, local, base_ND)
         got.square().sum().backward()
         # The two sides run their GEMMs over differently grouped rows, so each sum is taken in another order: the
         # forward's (dim, then hidden) and the backward's (dim, hidden, then the top-2 slots) reductions chained.
@@ -306,8 +306,8 @@ def _bank_sums_in_two_ranks(rank: int, port: int, results: dict) -> None:
         randomize_(model)  # alike on both ranks
         for layer in model:  # each rank keeps its 2 of the 4 routed experts, and the unconditional one
             routed = layer.router.num_routed
-            layer.expert_group = ExpertGroup(dist.group.WORLD, None, 2, rank, routed,
-                                             layer.experts.num_experts - routed)
+            layer.spread_experts(ExpertGroup(dist.group.WORLD, None, 2, rank, routed,
+                                             layer.experts.num_experts - routed))
             for name, param in list(layer.experts.named_parameters()):
                 setattr(layer.experts, name, torch.nn.Parameter(param.detach()[layer.expert_group.bank_rows()]))
         sums = bank_gradient_sums(model)

@@ -138,7 +138,7 @@ def _count_expert_parallel_syncs(rank: int, port: int, backend: str, results: di
                 group = ExpertGroup(dist.group.WORLD, None, 2, rank, routed, layer.experts.num_experts - routed)
                 for name, param in list(layer.experts.named_parameters()):
                     setattr(layer.experts, name, torch.nn.Parameter(param.detach()[group.bank_rows()]))
-                layer.expert_group = group
+                layer.spread_experts(group)
             with promoe.dispatch_backend(layer, backend):
                 with OpCounter() as forward:
                     out, aux = layer(x, labels)

@@ -15,7 +15,7 @@ import torch.nn as nn
 
 from promoe.config import check_backend
 from promoe.moe.dispatch import RouterSpec, TorchBackend, default_backend_name, make_backend
-from promoe.moe.expert_parallel import ExpertGroup, dispatch_expert_parallel
+from promoe.moe.expert_parallel import ExpertGroup, ExpertParallel
 from promoe.moe.experts import ExpertBank, SharedExpert
 from promoe.moe.plan import RoutingPlan
 from promoe.moe.routers import PrototypeScorer
@@ -41,12 +41,19 @@ class MoELayer(nn.Module):
         self.configured_backend = backend
         self.plan_hooks: list[Callable[[RoutingPlan], None]] = []  # called with each plan (`promoe.moe.record`)
         self.expert_group: ExpertGroup | None = None  # set by expert parallelism: the bank holds this rank's rows
+        self.dispatch_to_experts = dispatch_locally  # permute -> expert MLP -> combine; see `spread_experts`
         self.use_backend(backend or default_backend_name(torch.get_default_device()))
 
     def use_backend(self, name: str) -> None:
         """Run on backend `name` from now on: the backend decides here, once, which kernels run this layer's steps,
         the routing maths (`backend.routing`, which forward hands the router) among them."""
         self.backend: TorchBackend = make_backend(name, self.router_spec())
+
+    def spread_experts(self, group: ExpertGroup) -> None:
+        """From now on the routed experts run spread over `group`'s ranks (`ExpertParallel`), the bank cut by the
+        caller to this rank's rows (`group.bank_rows()`)."""
+        self.expert_group = group
+        self.dispatch_to_experts = ExpertParallel(group)
 
     def router_spec(self) -> RouterSpec:
         scorer = getattr(self.router, "scorer", None)
@@ -82,12 +89,14 @@ class MoELayer(nn.Module):
         aux = self.router.aux_losses(x_losses_ND, choice, plan, self.backend.routing) if self.training else {}
         shared_ND = None if self.shared is None else self.shared(x_shared_ND)
         # permute into expert order -> the expert MLP -> combine, gate-weighted, onto the shared experts' output
-        if self.expert_group is None:
-            y_ND = self.backend.dispatch(x_dispatch_ND, plan, self.experts, shared_ND)
-        else:  # the expert MLP of each routed slot runs on its expert's rank
-            y_ND = dispatch_expert_parallel(self.backend, x_dispatch_ND, plan, self.experts, shared_ND,
-                                            self.expert_group)
+        y_ND = self.dispatch_to_experts(self.backend, x_dispatch_ND, plan, self.experts, shared_ND)
         return y_ND.view_as(x_BLD), aux
+
+
+def dispatch_locally(backend: TorchBackend, x_ND: torch.Tensor, plan: RoutingPlan, experts: ExpertBank,
+                     base_ND: torch.Tensor | None) -> torch.Tensor:
+    """A layer's dispatch with its whole bank on this rank: the backend's."""
+    return backend.dispatch(x_ND, plan, experts, base_ND)
 
 
 def moe_layers(model: nn.Module) -> list[MoELayer]:

@@ -51,7 +51,7 @@ def apply_expert_parallel(model: nn.Module, config: RunConfig, device: torch.dev
         bank_size = layer.experts.num_experts
         group = ExpertGroup(mesh.get_group("expert"), replicas, degree, mesh.get_local_rank("expert"),
                             layer.router.num_routed, bank_size - layer.router.num_routed)
-        layer.expert_group = group
+        layer.spread_experts(group)
         rows = len(group.bank_rows())
         for name, param in list(layer.experts.named_parameters()):
             setattr(layer.experts, name, nn.Parameter(param.new_empty((rows, *param.shape[1:]))))
