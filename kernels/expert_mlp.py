@@ -40,10 +40,21 @@ DTYPES = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16:
 
 
 @triton.jit
+def _dot(a, b, acc, COMPUTE: tl.constexpr, NATIVE: tl.constexpr, PRECISION: tl.constexpr):
+    """acc + a @ b, the tiles cast to the compute dtype. Triton's interpreter computes half dots wrongly: there
+    (NATIVE off) the half tiles go back to fp32, where their products are exact, as in a GPU's accumulator."""
+    a, b = a.to(COMPUTE), b.to(COMPUTE)
+    if not NATIVE:
+        a, b = a.to(tl.float32), b.to(tl.float32)
+    return tl.dot(a, b, acc, input_precision=PRECISION)
+
+
+@triton.jit
 def _rows_gemm_kernel(a_ptr, index_ptr, w_ptr, offsets_ptr, bias_in_ptr, bias_out_ptr, h_ptr, out_ptr, num_slots,
                       num_experts, k_dim, n_dim, stride_a, stride_we, stride_wk, stride_wn, stride_bin, stride_bout,
                       stride_h, stride_out, GATHER: tl.constexpr, GELU_IN: tl.constexpr, BIAS_OUT: tl.constexpr,
-                      GELU_GRAD_OUT: tl.constexpr, COMPUTE: tl.constexpr, PRECISION: tl.constexpr,
+                      GELU_GRAD_OUT: tl.constexpr, COMPUTE: tl.constexpr, NATIVE: tl.constexpr,
+                      PRECISION: tl.constexpr,
                       E_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     segment, row0, end = _segment_tile(offsets_ptr, num_experts, num_slots, tl.program_id(0), E_PAD, BLOCK_M)
     rows = row0.to(tl.int64) + tl.arange(0, BLOCK_M)  # int64: rows * K passes 2^31
@@ -63,7 +74,7 @@ def _rows_gemm_kernel(a_ptr, index_ptr, w_ptr, offsets_ptr, bias_in_ptr, bias_ou
             a, _ = _gelu_tanh(a.to(tl.float32) + bias.to(tl.float32)[None, :])
         w = tl.load(w_ptr + expert * stride_we + ks[:, None] * stride_wk + cols[None, :] * stride_wn,
                     mask=k_ok[:, None] & col_ok[None, :], other=0.0)
-        acc = tl.dot(a.to(COMPUTE), w.to(COMPUTE), acc, input_precision=PRECISION)
+        acc = _dot(a, w, acc, COMPUTE, NATIVE, PRECISION)
     out = acc.to(COMPUTE).to(tl.float32)  # the GEMM's output in its dtype, as the definition's grouped_mm gives it
     if BIAS_OUT or GELU_GRAD_OUT:
         bias = tl.load(bias_out_ptr + expert * stride_bout + cols, mask=col_ok, other=0.0).to(tl.float32)
@@ -82,7 +93,8 @@ def _rows_gemm_kernel(a_ptr, index_ptr, w_ptr, offsets_ptr, bias_in_ptr, bias_ou
 @triton.jit
 def _weight_grad_kernel(a_ptr, index_ptr, bias_in_ptr, g_ptr, offsets_ptr, out_ptr, bias_grad_ptr, a_dim, b_dim,
                         stride_a, stride_bin, stride_g, stride_oe, stride_oa, stride_bg, GATHER: tl.constexpr,
-                        GELU_IN: tl.constexpr, COMPUTE: tl.constexpr, PRECISION: tl.constexpr, BLOCK_A: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_K: tl.constexpr):
+                        GELU_IN: tl.constexpr, COMPUTE: tl.constexpr, NATIVE: tl.constexpr, PRECISION: tl.constexpr,
+                        BLOCK_A: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_K: tl.constexpr):
     expert = tl.program_id(0).to(tl.int64)
     ca = tl.program_id(1) * BLOCK_A + tl.arange(0, BLOCK_A)
     cb = tl.program_id(2) * BLOCK_B + tl.arange(0, BLOCK_B)
@@ -101,7 +113,7 @@ def _weight_grad_kernel(a_ptr, index_ptr, bias_in_ptr, g_ptr, offsets_ptr, out_p
             a, _ = _gelu_tanh(a.to(tl.float32) + bias[:, None])
             a = tl.where(row_ok[None, :], a, 0.0)
         g = tl.load(g_ptr + rows[:, None] * stride_g + cb[None, :], mask=row_ok[:, None] & b_ok[None, :], other=0.0)
-        acc = tl.dot(a.to(COMPUTE), g.to(COMPUTE), acc, input_precision=PRECISION)
+        acc = _dot(a, g, acc, COMPUTE, NATIVE, PRECISION)
         col_sums += tl.sum(g.to(tl.float32), 0)
     tl.store(out_ptr + expert * stride_oe + ca[:, None] * stride_oa + cb[None, :],
              acc.to(COMPUTE).to(out_ptr.dtype.element_ty), mask=a_ok[:, None] & b_ok[None, :])
@@ -130,9 +142,11 @@ def weight_grad_blocks() -> tuple[int, int, int]:
     return 64, 64, 32
 
 
-def _precision(compute_dtype: torch.dtype) -> str:
-    """fp32 GEMMs as torch's fp32 matmul runs them: exact products unless torch allows tf32."""
-    return "ieee" if compute_dtype == torch.float32 and torch.get_float32_matmul_precision() == "highest" else "tf32"
+def _precision(compute_dtype: torch.dtype) -> dict:
+    """The dot's switches: fp32 GEMMs as torch's fp32 matmul runs them (exact products unless torch allows tf32; the
+    precision means nothing to half inputs), half GEMMs natively except under the interpreter (`_dot`)."""
+    exact = compute_dtype == torch.float32 and torch.get_float32_matmul_precision() == "highest"
+    return dict(COMPUTE=DTYPES[compute_dtype], NATIVE=not _interpreted(), PRECISION="ieee" if exact else "tf32")
 
 
 @torch.library.custom_op("promoe::expert_rows_gemm", mutates_args=())
@@ -156,8 +170,7 @@ def _rows_gemm_op(a_MK: torch.Tensor, index_S: torch.Tensor | None, w_EKN: torch
             a_MK.stride(0), *w_EKN.stride(), gelu_bias.stride(0), bias.stride(0), h.stride(0), out.stride(0),
             GATHER=index_S is not None, GELU_IN=gelu_bias_EK is not None,
             BIAS_OUT=bias_EN is not None and gelu_grad_h_SN is None, GELU_GRAD_OUT=gelu_grad_h_SN is not None,
-            COMPUTE=DTYPES[compute_dtype], PRECISION=_precision(compute_dtype), E_PAD=e_pad, BLOCK_M=block_m,
-            BLOCK_N=block_n, BLOCK_K=block_k)
+            **_precision(compute_dtype), E_PAD=e_pad, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k)
     return out
 
 
@@ -184,8 +197,8 @@ def _weight_grad_op(a_SA: torch.Tensor, index_S: torch.Tensor | None, gelu_bias_
         _weight_grad_kernel[(num_experts, max(1, triton.cdiv(a_dim, block_a)), triton.cdiv(b_dim, block_b))](
             a_SA, index, gelu_bias, grad_SB, offsets_E1, grad_w, grad_b, a_dim, b_dim, a_SA.stride(0),
             gelu_bias.stride(0), grad_SB.stride(0), grad_w.stride(0), grad_w.stride(1), grad_b.stride(0),
-            GATHER=index_S is not None, GELU_IN=gelu_bias_EA is not None, COMPUTE=DTYPES[compute_dtype],
-            PRECISION=_precision(compute_dtype), BLOCK_A=block_a, BLOCK_B=block_b, BLOCK_K=block_k)
+            GATHER=index_S is not None, GELU_IN=gelu_bias_EA is not None, **_precision(compute_dtype),
+            BLOCK_A=block_a, BLOCK_B=block_b, BLOCK_K=block_k)
     return grad_w, grad_b
 
 
