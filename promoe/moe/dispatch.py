@@ -16,7 +16,8 @@ what it computes:
   with the expert bias (+ GELU) kernels). Where a kernel does not apply to a layer (more than 64 experts or K > 4 for
   the routing kernel; an expert-choice plan, which has no fixed K per token, for permute, combine, token sums and
   the fused GEMMs), the layer runs the definition: one table per layer (`triton_steps`), made with the backend,
-  which the steps consult and `describe()` prints. The default on CUDA; on the CPU it needs Triton's interpreter (TRITON_INTERPRET=1 before triton is imported), which is for tests, not speed.
+  which the steps consult and `describe()` prints. The default on CUDA; on the CPU it needs Triton's interpreter
+  (TRITON_INTERPRET=1 before triton is imported), which is for tests, not speed.
 - `grouped_gemm`: the expert GEMMs of the `grouped_gemm` package (MegaBlocks' grouped GEMM, CUTLASS, CUDA, bf16
   only; `pip install ".[gpu]"`). It takes the per-expert batch sizes on the host, so it costs one host
   synchronisation per GEMM: worth it only where its GEMM beats `grouped_mm` (sm_80, where `grouped_mm` falls back to
@@ -29,12 +30,12 @@ from dataclasses import dataclass, fields
 import torch
 
 from promoe.config import check_backend
+from promoe.kernels.expert_mlp import DTYPES as KERNEL_MLP_DTYPES
+from promoe.kernels.expert_mlp import expert_mlp as kernel_expert_mlp
 from promoe.kernels.experts import expert_bias_act
 from promoe.kernels.experts import expert_bias_backward as kernel_bias_backward
 from promoe.kernels.experts import expert_bias_gelu_backward as kernel_bias_gelu_backward
 from promoe.kernels.experts import expert_token_sums as kernel_token_sums
-from promoe.kernels.expert_mlp import DTYPES as KERNEL_MLP_DTYPES
-from promoe.kernels.expert_mlp import expert_mlp as kernel_expert_mlp
 from promoe.kernels.fan_out import fan_out as kernel_fan_out
 from promoe.kernels.launch import accumulation_dtype
 from promoe.kernels.permute import combine as kernel_combine
