@@ -12,12 +12,13 @@ what it computes:
   baseline; it synchronises with the host once per expert (boolean-mask indexing).
 - `triton`: the kernels of `promoe.kernels` in place of the definitions: the fused routing kernel, the
   counting-sort plan, the permute and gather-form combine, the RCL's token sums, and the expert MLP as Triton grouped
-  GEMMs with the gather of x's rows, the biases and GELU fused into their loads and stores (float64 runs grouped_mm
-  with the expert bias (+ GELU) kernels). Where a kernel does not apply to a layer (more than 64 experts or K > 4 for
-  the routing kernel; an expert-choice plan, which has no fixed K per token, for permute, combine, token sums and
-  the fused GEMMs), the layer runs the definition: one table per layer (`triton_steps`), made with the backend,
-  which the steps consult and `describe()` prints. The default on CUDA; on the CPU it needs Triton's interpreter
-  (TRITON_INTERPRET=1 before triton is imported), which is for tests, not speed.
+  GEMMs with the gather of x's rows, the biases and GELU fused into their loads and stores (in fp32, bf16 and fp16;
+  other dtypes run grouped_mm with the expert bias (+ GELU) kernels). Where a kernel does not apply to a layer (more
+  than 64 experts or K > 4 for the routing kernel; an expert-choice plan, which has no fixed K per token, for
+  permute, combine, token sums and the fused GEMMs), the layer runs the definition: one table per layer
+  (`triton_steps`), made with the backend, which the steps consult and `describe()` prints. The default on CUDA; on
+  the CPU it needs Triton's interpreter (TRITON_INTERPRET=1 before triton is imported), which is for tests, not
+  speed.
 - `grouped_gemm`: the expert GEMMs of the `grouped_gemm` package (MegaBlocks' grouped GEMM, CUTLASS, CUDA, bf16
   only; `pip install ".[gpu]"`). It takes the per-expert batch sizes on the host, so it costs one host
   synchronisation per GEMM: worth it only where its GEMM beats `grouped_mm` (sm_80, where `grouped_mm` falls back to
@@ -268,8 +269,8 @@ def triton_steps(router: RouterSpec) -> dict[str, Step]:
         plan = Step(False, "expert choice: the router's choice is the plan")
         slots = Step(False, "expert-choice plan: no slot_NK to gather through")
     if router.token_choice:
-        gemm = Step(True, "Triton grouped GEMMs, gather, bias and GELU fused in (float64: grouped_mm)")
-        bias = Step(True, "per-expert segment tiles over the plan's offsets (with grouped_mm in float64)")
+        gemm = Step(True, "Triton grouped GEMMs, gather, bias and GELU fused in (fp32, bf16, fp16; else grouped_mm)")
+        bias = Step(True, "per-expert segment tiles over the plan's offsets (beside grouped_mm, where it runs)")
     else:
         gemm = Step(False, "grouped_mm: the fused GEMMs' backward sums the gathered rows through slot_NK")
         bias = Step(True, "per-expert segment tiles over the plan's offsets")
