@@ -125,24 +125,25 @@ def _interpreted() -> bool:
     return os.environ.get("TRITON_INTERPRET") == "1"
 
 
-def rows_gemm_blocks(num_experts: int) -> tuple[int, int, int, int]:
-    """(E_PAD, BLOCK_M, BLOCK_N, BLOCK_K) of the rows GEMM: 64 x 64 tiles over 32-wide steps compile without spills
-    on sm_80 and sm_90a with the GELU prologue and epilogue (see promoe.kernels.report); Triton's interpreter, which
-    pays per program and per step, gets larger ones."""
+def rows_gemm_blocks(num_experts: int, compute_dtype: torch.dtype) -> tuple[int, int, int, int]:
+    """(E_PAD, BLOCK_M, BLOCK_N, BLOCK_K) of the rows GEMM: 64 x 64 tiles over 32-wide steps in half precision,
+    32 x 64 in fp32 (whose exact products hold more registers on sm_80), compile without spills on sm_80 and sm_90a
+    with the GELU prologue and epilogue (see promoe.kernels.report); Triton's interpreter, which pays per program
+    and per step, gets larger ones."""
     if _interpreted():
         return expert_block(num_experts + 1), 64, 256, 128
-    return expert_block(num_experts + 1), 64, 64, 32
+    return expert_block(num_experts + 1), 32 if compute_dtype == torch.float32 else 64, 64, 32
 
 
-def weight_grad_blocks() -> tuple[int, int, int]:
-    """(BLOCK_A, BLOCK_B, BLOCK_K) of the weight gradient (as rows_gemm_blocks: GPU tiles without spills, larger
-    ones for the interpreter)."""
+def weight_grad_blocks(compute_dtype: torch.dtype) -> tuple[int, int, int]:
+    """(BLOCK_A, BLOCK_B, BLOCK_K) of the weight gradient: 64 x 64 tiles over 32 rows a step in half precision, 16 in
+    fp32 (as rows_gemm_blocks: no spills on sm_80 and sm_90a; larger tiles for the interpreter)."""
     if _interpreted():
         return 128, 256, 128
-    return 64, 64, 32
+    return 64, 64, 16 if compute_dtype == torch.float32 else 32
 
 
-def _precision(compute_dtype: torch.dtype) -> dict:
+def dot_switches(compute_dtype: torch.dtype) -> dict:
     """The dot's switches: fp32 GEMMs as torch's fp32 matmul runs them (exact products unless torch allows tf32; the
     precision means nothing to half inputs), half GEMMs natively except under the interpreter (`_dot`)."""
     exact = compute_dtype == torch.float32 and torch.get_float32_matmul_precision() == "highest"
@@ -162,7 +163,7 @@ def _rows_gemm_op(a_MK: torch.Tensor, index_S: torch.Tensor | None, w_EKN: torch
     # An absent optional tensor is never read (its switch is off): the offsets stand in, charged next to nothing.
     index, gelu_bias, bias, h = (offsets_E1 if t is None else t.contiguous()
                                  for t in (index_S, gelu_bias_EK, bias_EN, gelu_grad_h_SN))
-    e_pad, block_m, block_n, block_k = rows_gemm_blocks(num_experts)
+    e_pad, block_m, block_n, block_k = rows_gemm_blocks(num_experts, compute_dtype)
     if num_slots and n_dim:
         grid = (triton.cdiv(num_slots, block_m) + num_experts + 1, triton.cdiv(n_dim, block_n))
         _rows_gemm_kernel[grid](
@@ -170,7 +171,7 @@ def _rows_gemm_op(a_MK: torch.Tensor, index_S: torch.Tensor | None, w_EKN: torch
             a_MK.stride(0), *w_EKN.stride(), gelu_bias.stride(0), bias.stride(0), h.stride(0), out.stride(0),
             GATHER=index_S is not None, GELU_IN=gelu_bias_EK is not None,
             BIAS_OUT=bias_EN is not None and gelu_grad_h_SN is None, GELU_GRAD_OUT=gelu_grad_h_SN is not None,
-            **_precision(compute_dtype), E_PAD=e_pad, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k)
+            **dot_switches(compute_dtype), E_PAD=e_pad, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k)
     return out
 
 
@@ -192,12 +193,12 @@ def _weight_grad_op(a_SA: torch.Tensor, index_S: torch.Tensor | None, gelu_bias_
     grad_w = empty_output((num_experts, a_dim, b_dim), w_dtype, a_SA.device)
     grad_b = empty_output((num_experts, b_dim), bias_dtype, a_SA.device)
     index, gelu_bias = (offsets_E1 if t is None else t.contiguous() for t in (index_S, gelu_bias_EA))
-    block_a, block_b, block_k = weight_grad_blocks()
+    block_a, block_b, block_k = weight_grad_blocks(compute_dtype)
     if num_experts and b_dim:  # at least one program per column tile: it writes the bias gradient
         _weight_grad_kernel[(num_experts, max(1, triton.cdiv(a_dim, block_a)), triton.cdiv(b_dim, block_b))](
             a_SA, index, gelu_bias, grad_SB, offsets_E1, grad_w, grad_b, a_dim, b_dim, a_SA.stride(0),
             gelu_bias.stride(0), grad_SB.stride(0), grad_w.stride(0), grad_w.stride(1), grad_b.stride(0),
-            GATHER=index_S is not None, GELU_IN=gelu_bias_EA is not None, **_precision(compute_dtype),
+            GATHER=index_S is not None, GELU_IN=gelu_bias_EA is not None, **dot_switches(compute_dtype),
             BLOCK_A=block_a, BLOCK_B=block_b, BLOCK_K=block_k)
     return grad_w, grad_b
 
