@@ -9,7 +9,7 @@ import promoe.kernels.expert_mlp
 from promoe.moe.dispatch import LoopBackend, TorchBackend, TritonBackend
 from promoe.moe.experts import ExpertBank
 from promoe.moe.plan import token_choice_plan
-from tests.helpers import reordered_sums_tolerance
+from tests.helpers import KERNEL_ROUTINGS, reordered_sums_tolerance
 
 pytestmark = pytest.mark.order_sensitive  # two summation orders at derived tolerances (see pytest.ini)
 
@@ -17,16 +17,7 @@ DEFINITION, KERNELS = TorchBackend(), TritonBackend()
 NUM_EXPERTS, DIM, HIDDEN = 5, 24, 40  # 40 and 24 columns: partial column blocks
 
 
-def distinct_ids(n, e, k, g):
-    return torch.stack([torch.randperm(e, generator=g)[:k] for _ in range(n)]).reshape(n, k)
-
-
-ROUTINGS = {
-    "random": distinct_ids,
-    "empty_experts": lambda n, e, k, g: distinct_ids(n, k, k, g) + 2,
-    "one_expert_takes_all": lambda n, e, k, g: torch.full((n, k), e - 1),
-    "dropped_slots": lambda n, e, k, g: torch.where(torch.rand(n, k, generator=g) < 0.3, e, distinct_ids(n, e, k, g)),
-}
+ROUTINGS = KERNEL_ROUTINGS
 
 
 @pytest.fixture(autouse=True)

@@ -265,15 +265,11 @@ def triton_steps(router: RouterSpec) -> dict[str, Step]:
     if router.token_choice:
         plan = Step(True, "counting sort of the K slots per token")
         slots = Step(True, "gathers through the plan's slot_NK")
+        gemm = Step(True, "Triton grouped GEMMs, gather, bias and GELU fused in (fp32, bf16, fp16; else grouped_mm)")
     else:
         plan = Step(False, "expert choice: the router's choice is the plan")
         slots = Step(False, "expert-choice plan: no slot_NK to gather through")
-    if router.token_choice:
-        gemm = Step(True, "Triton grouped GEMMs, gather, bias and GELU fused in (fp32, bf16, fp16; else grouped_mm)")
-        bias = Step(True, "per-expert segment tiles over the plan's offsets (beside grouped_mm, where it runs)")
-    else:
         gemm = Step(False, "grouped_mm: the fused GEMMs' backward sums the gathered rows through slot_NK")
-        bias = Step(True, "per-expert segment tiles over the plan's offsets")
     return {
         "fan_out": Step(True, "sums the gradients of x's readers in one pass"),
         "route_prototypes": routing,
@@ -282,7 +278,7 @@ def triton_steps(router: RouterSpec) -> dict[str, Step]:
         "permute": slots,
         "combine": slots,
         "expert_token_sums": slots,
-        "expert_bias": bias,
+        "expert_bias": Step(True, "per-expert segment tiles over the plan's offsets (where grouped_mm runs)"),
         "gemm": gemm,
     }
 
