@@ -2,6 +2,8 @@
 against the `torch` backend's `ExpertMLP`, the definition, under Triton's interpreter on the CPU: the output and the
 gradients of x and of the four weights."""
 
+import os
+
 import pytest
 import torch
 
@@ -141,3 +143,17 @@ def test_expert_mlp_ops_pass_opcheck(rng):
                                               None, bank.b_up_EH.detach(), h, torch.float32, torch.float32))
     torch.library.opcheck(ops._weight_grad_op, (h, None, bank.b_up_EH.detach(), upstream, offsets, torch.float32,
                                                 torch.float32, torch.float32))
+
+
+def test_fp32_gemms_use_tf32_only_where_torch_allows_it_for_its_matmuls():
+    switches = promoe.kernels.expert_mlp.dot_switches
+    before = torch.get_float32_matmul_precision()
+    try:
+        torch.set_float32_matmul_precision("highest")
+        assert switches(torch.float32)["PRECISION"] == "ieee"
+        torch.set_float32_matmul_precision("high")
+        assert switches(torch.float32)["PRECISION"] == "tf32"
+    finally:
+        torch.set_float32_matmul_precision(before)
+    interpreted = os.environ.get("TRITON_INTERPRET") == "1"
+    assert switches(torch.bfloat16)["NATIVE"] is not interpreted  # the interpreter's half dots are wrong
