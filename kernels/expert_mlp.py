@@ -54,8 +54,8 @@ def _rows_gemm_kernel(a_ptr, index_ptr, w_ptr, offsets_ptr, bias_in_ptr, bias_ou
                       num_experts, k_dim, n_dim, stride_a, stride_we, stride_wk, stride_wn, stride_bin, stride_bout,
                       stride_h, stride_out, GATHER: tl.constexpr, GELU_IN: tl.constexpr, BIAS_OUT: tl.constexpr,
                       GELU_GRAD_OUT: tl.constexpr, COMPUTE: tl.constexpr, NATIVE: tl.constexpr,
-                      PRECISION: tl.constexpr,
-                      E_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+                      PRECISION: tl.constexpr, E_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                      BLOCK_K: tl.constexpr):
     segment, row0, end = _segment_tile(offsets_ptr, num_experts, num_slots, tl.program_id(0), E_PAD, BLOCK_M)
     rows = row0.to(tl.int64) + tl.arange(0, BLOCK_M)  # int64: rows * K passes 2^31
     cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
