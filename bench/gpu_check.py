@@ -41,7 +41,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 KERNEL_TESTS = ["tests/test_kernels_routing.py", "tests/test_kernels_permute.py", "tests/test_kernels_plan.py",
-                "tests/test_kernels_experts.py", "tests/test_kernels_large_offsets.py", "tests/test_dispatch.py"]
+                "tests/test_kernels_experts.py", "tests/test_kernels_expert_mlp.py",
+                "tests/test_kernels_large_offsets.py", "tests/test_dispatch.py"]
 SECTION_LIMITS_S = {"setup": 30, "kernel_tests": 190, "moe_layer": 80, "host_syncs": 40, "train_step": 75,
                     "sampling": 50}
 TOTAL_S = 465  # all sections together; with the parent's own seconds, under 8 minutes

@@ -58,6 +58,12 @@ def _gelu_tanh(z):
 
 
 @triton.jit
+def _gelu_tanh_slope(z, tanh):
+    """gelu_tanh'(z), given the tanh that `_gelu_tanh(z)` computed."""
+    return 0.5 * (1.0 + tanh) + 0.5 * z * (1.0 - tanh * tanh) * GELU_C * (1.0 + 3.0 * GELU_A * z * z)
+
+
+@triton.jit
 def _bias_tile(offsets_ptr, num_experts, num_slots, hidden, tile, E_PAD: tl.constexpr, BLOCK_S: tl.constexpr,
                BLOCK_H: tl.constexpr):
     """A bias kernel's tile: its segment, rows and columns, and the masks of the rows it writes (in_tile), of the
@@ -115,8 +121,7 @@ def _bias_act_backward_kernel(grad_ptr, h_ptr, bias_ptr, offsets_ptr, grad_h_ptr
         if WRITE_ACT:  # the forward's output made again (0 for a dropped row, as there), for the down GEMM's backward
             tl.store(act_ptr + rows[:, None] * stride_act + cols[None, :], act.to(act_ptr.dtype.element_ty),
                      mask=in_tile)
-        slope = 0.5 * (1.0 + tanh) + 0.5 * z * (1.0 - tanh * tanh) * GELU_C * (1.0 + 3.0 * GELU_A * z * z)
-        grad = grad * slope
+        grad = grad * _gelu_tanh_slope(z, tanh)
         tl.store(grad_h_ptr + rows[:, None] * stride_gh + cols[None, :], grad.to(grad_h_ptr.dtype.element_ty),
                  mask=in_tile)
     if segment <= num_experts:  # past the last tile: no partial (none is read)

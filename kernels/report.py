@@ -17,12 +17,20 @@ import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+import torch
 import triton
 from triton.backends.compiler import GPUTarget
 from triton.backends.nvidia.compiler import get_ptxas
 from triton.compiler import ASTSource
 from triton.runtime.jit import JITFunction
 
+from promoe.kernels.expert_mlp import (
+    _rows_gemm_kernel,
+    _weight_grad_kernel,
+    dot_switches,
+    rows_gemm_blocks,
+    weight_grad_blocks,
+)
 from promoe.kernels.experts import (
     TOKEN_SUMS_BLOCK_N,
     _bias_act_backward_kernel,
@@ -175,6 +183,54 @@ SPECS += [
                   "out_ptr": f"*{dtype}", "numel": "i32"}, dict(TERMS=4, FP64=False, BLOCK=SUM_BLOCK))
       for dtype in ("bf16", "fp32")),
 ]
+
+
+TORCH_DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
+
+
+def _rows_gemm_spec(mode: str, dtype: str, num_experts: int = 13) -> KernelSpec:
+    """The fused expert GEMM over segment tiles at ProMoE-XL widths, in one of its four uses (`promoe.kernels.
+    expert_mlp`): `up` gathers x, `down` runs bias + GELU on the load and the bias on the store, `grad_h` multiplies
+    by GELU's slope on the store, `grad_x` is the plain GEMM; the weight read transposed in the backward's two."""
+    compute = "bf16" if dtype == "autocast" else dtype  # autocast: fp32 tensors, bf16 GEMMs
+    tensors = "fp32" if dtype == "autocast" else dtype
+    k_dim, n_dim = {"up": (DIM, 2 * DIM), "down": (2 * DIM, DIM), "grad_h": (DIM, 2 * DIM),
+                    "grad_x": (2 * DIM, DIM)}[mode]
+    transposed = mode in ("grad_h", "grad_x")
+    signature = {"a_ptr": f"*{tensors}", "index_ptr": "*i64", "w_ptr": f"*{tensors}", "offsets_ptr": "*i64",
+                 "bias_in_ptr": f"*{tensors}", "bias_out_ptr": f"*{tensors}", "h_ptr": f"*{compute}",
+                 "out_ptr": f"*{tensors}", "num_slots": "i32", "num_experts": "i32", "k_dim": "i32", "n_dim": "i32",
+                 "stride_a": "i32", "stride_we": "i32", "stride_wk": "i32", "stride_wn": "i32", "stride_bin": "i32",
+                 "stride_bout": "i32", "stride_h": "i32", "stride_out": "i32"}
+    del signature["stride_wk" if transposed else "stride_wn"]
+    # (the unit stride: a constant, as Triton's launcher specialises an integer argument equal to 1)
+    e_pad, block_m, block_n, block_k = rows_gemm_blocks(num_experts, TORCH_DTYPES[compute])
+    constants = dict(GATHER=mode == "up", GELU_IN=mode == "down", BIAS_OUT=mode == "down",
+                     GELU_GRAD_OUT=mode == "grad_h", **dot_switches(TORCH_DTYPES[compute]), E_PAD=e_pad,
+                     BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k)
+    constants["stride_wk" if transposed else "stride_wn"] = 1
+    return KernelSpec(f"expert GEMM {mode} {dtype} E={num_experts} D={k_dim}->{n_dim}", _rows_gemm_kernel, signature,
+                      constants)
+
+
+def _weight_grad_spec(mode: str, dtype: str) -> KernelSpec:
+    """The expert weight gradient with its bias gradient: `w_down` runs GELU on the load of h, `w_up` gathers x."""
+    compute = "bf16" if dtype == "autocast" else dtype
+    tensors = "fp32" if dtype == "autocast" else dtype
+    signature = {"a_ptr": f"*{compute if mode == 'w_down' else tensors}", "index_ptr": "*i64",
+                 "bias_in_ptr": f"*{tensors}", "g_ptr": f"*{tensors if mode == 'w_down' else compute}",
+                 "offsets_ptr": "*i64", "out_ptr": f"*{tensors}", "bias_grad_ptr": f"*{tensors}", "a_dim": "i32",
+                 "b_dim": "i32", "stride_a": "i32", "stride_bin": "i32", "stride_g": "i32", "stride_oe": "i32",
+                 "stride_oa": "i32", "stride_bg": "i32"}
+    block_a, block_b, block_k = weight_grad_blocks(TORCH_DTYPES[compute])
+    constants = dict(GATHER=mode == "w_up", GELU_IN=mode == "w_down", **dot_switches(TORCH_DTYPES[compute]),
+                     BLOCK_A=block_a, BLOCK_B=block_b, BLOCK_K=block_k)
+    return KernelSpec(f"expert weight grad {mode} {dtype}", _weight_grad_kernel, signature, constants)
+
+
+SPECS += [_rows_gemm_spec(mode, dtype) for dtype in ("bf16", "autocast", "fp32")
+          for mode in ("up", "down", "grad_h", "grad_x")]
+SPECS += [_weight_grad_spec(mode, dtype) for dtype in ("bf16", "autocast", "fp32") for mode in ("w_down", "w_up")]
 
 
 def compile_ptx(spec: KernelSpec, capability: int) -> tuple[str, int]:

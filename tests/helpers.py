@@ -90,3 +90,17 @@ def reordered_steps_tolerance(steps: int, *step_reduction_lengths: int, dtype=to
     error into the parameters' change, and the next step's sums, on parameters already apart, add theirs: the
     errors add up over the steps."""
     return steps * sum(step_reduction_lengths) * torch.finfo(dtype).eps
+
+
+def distinct_ids(n, e, k, g):
+    """[n, k] expert ids, k distinct ones of e per token."""
+    return torch.stack([torch.randperm(e, generator=g)[:k] for _ in range(n)]).reshape(n, k)
+
+
+# Plans that the expert kernels' tests sweep: ids [n, k] of e experts (id e: a dropped slot).
+KERNEL_ROUTINGS = {
+    "random": distinct_ids,
+    "empty_experts": lambda n, e, k, g: distinct_ids(n, k, k, g) + 2,
+    "one_expert_takes_all": lambda n, e, k, g: torch.full((n, k), e - 1),
+    "dropped_slots": lambda n, e, k, g: torch.where(torch.rand(n, k, generator=g) < 0.3, e, distinct_ids(n, e, k, g)),
+}

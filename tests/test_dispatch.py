@@ -393,12 +393,12 @@ def test_row_gather_backward_is_bitwise_repeatable_on_a_multithreaded_cpu():
 
 
 TRITON_TABLES = {  # router -> (steps run by their kernel, steps run by the definition), of those named
-    "promoe-top2": (RouterSpec(True, 6, 2), {"route_prototypes", "prototype_scores", "permute", "expert_token_sums"},
-                    {"gemm"}),
+    "promoe-top2": (RouterSpec(True, 6, 2), {"route_prototypes", "prototype_scores", "permute", "expert_token_sums",
+                                             "gemm"}, set()),
     "128-prototypes": (RouterSpec(True, 128, 1), {"permute", "combine"}, {"route_prototypes", "prototype_scores"}),
     "top-8": (RouterSpec(True, 16, 8), {"prototype_scores"}, {"route_prototypes"}),
     "expert-choice": (RouterSpec(False, 6), {"prototype_scores", "expert_bias"},
-                      {"route_prototypes", "token_choice_plan", "permute", "combine", "expert_token_sums"}),
+                      {"route_prototypes", "token_choice_plan", "permute", "combine", "expert_token_sums", "gemm"}),
     "linear-gate": (RouterSpec(True), {"token_choice_plan", "permute"}, {"route_prototypes", "prototype_scores"}),
 }
 

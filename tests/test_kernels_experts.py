@@ -9,23 +9,15 @@ from promoe.moe.dispatch import RouterSpec, TorchBackend, TritonBackend
 from promoe.moe.losses import choice_counts, plan_centroids
 from promoe.moe.plan import expert_choice_plan, expert_token_sums, token_choice_plan
 from promoe.moe.routing import null_tokens_to_uncond_expert
-from tests.helpers import reordered_sums_tolerance
+from tests.helpers import KERNEL_ROUTINGS, distinct_ids, reordered_sums_tolerance
 
 pytestmark = pytest.mark.order_sensitive  # two summation orders at derived tolerances (see pytest.ini)
 
 DEFINITION, KERNELS = TorchBackend(), TritonBackend()
 NUM_EXPERTS, HIDDEN = 5, 40  # 40 columns: a partial column block
 
-def distinct_ids(n, e, k, g):
-    return torch.stack([torch.randperm(e, generator=g)[:k] for _ in range(n)]).reshape(n, k)
+ROUTINGS = KERNEL_ROUTINGS
 
-
-ROUTINGS = {
-    "random": distinct_ids,
-    "empty_experts": lambda n, e, k, g: distinct_ids(n, k, k, g) + 2,
-    "one_expert_takes_all": lambda n, e, k, g: torch.full((n, k), e - 1),
-    "dropped_slots": lambda n, e, k, g: torch.where(torch.rand(n, k, generator=g) < 0.3, e, distinct_ids(n, e, k, g)),
-}
 # Each kernel computes in fp32 (float64 for float64 inputs) and rounds its output once: the tolerances of its
 # elementwise results (bias, GELU); a sum over an expert's rows takes summed_tolerance in fp32.
 TOLERANCES = {torch.float32: dict(rtol=1e-5, atol=1e-5), torch.float64: dict(rtol=1e-12, atol=1e-12),

@@ -11,12 +11,14 @@ what it computes:
 - `loop`: the paper's Algorithm 1, the expert GEMMs as a loop over experts with a boolean mask each. The benchmark
   baseline; it synchronises with the host once per expert (boolean-mask indexing).
 - `triton`: the kernels of `promoe.kernels` in place of the definitions: the fused routing kernel, the
-  counting-sort plan, the permute and gather-form combine, the expert bias (+ GELU) and the RCL's token sums, around
-  the same expert GEMMs. Where a kernel does not apply to a layer (more than 64 experts or K > 4 for the routing
-  kernel; an expert-choice plan, which has no fixed K per token, for permute, combine and token sums), the layer
-  runs the definition: one table per layer (`triton_steps`), made with the backend, which the steps consult and
-  `describe()` prints. The default on CUDA; on the CPU
-  it needs Triton's interpreter (TRITON_INTERPRET=1 before triton is imported), which is for tests, not speed.
+  counting-sort plan, the permute and gather-form combine, the RCL's token sums, and the expert MLP as Triton grouped
+  GEMMs with the gather of x's rows, the biases and GELU fused into their loads and stores (in fp32, bf16 and fp16;
+  other dtypes run grouped_mm with the expert bias (+ GELU) kernels). Where a kernel does not apply to a layer (more
+  than 64 experts or K > 4 for the routing kernel; an expert-choice plan, which has no fixed K per token, for
+  permute, combine, token sums and the fused GEMMs), the layer runs the definition: one table per layer
+  (`triton_steps`), made with the backend, which the steps consult and `describe()` prints. The default on CUDA; on
+  the CPU it needs Triton's interpreter (TRITON_INTERPRET=1 before triton is imported), which is for tests, not
+  speed.
 - `grouped_gemm`: the expert GEMMs of the `grouped_gemm` package (MegaBlocks' grouped GEMM, CUTLASS, CUDA, bf16
   only; `pip install ".[gpu]"`). It takes the per-expert batch sizes on the host, so it costs one host
   synchronisation per GEMM: worth it only where its GEMM beats `grouped_mm` (sm_80, where `grouped_mm` falls back to
@@ -29,6 +31,8 @@ from dataclasses import dataclass, fields
 import torch
 
 from promoe.config import check_backend
+from promoe.kernels.expert_mlp import DTYPES as KERNEL_MLP_DTYPES
+from promoe.kernels.expert_mlp import expert_mlp as kernel_expert_mlp
 from promoe.kernels.experts import expert_bias_act
 from promoe.kernels.experts import expert_bias_backward as kernel_bias_backward
 from promoe.kernels.experts import expert_bias_gelu_backward as kernel_bias_gelu_backward
@@ -261,9 +265,11 @@ def triton_steps(router: RouterSpec) -> dict[str, Step]:
     if router.token_choice:
         plan = Step(True, "counting sort of the K slots per token")
         slots = Step(True, "gathers through the plan's slot_NK")
+        gemm = Step(True, "Triton grouped GEMMs, gather, bias and GELU fused in (fp32, bf16, fp16; else grouped_mm)")
     else:
         plan = Step(False, "expert choice: the router's choice is the plan")
         slots = Step(False, "expert-choice plan: no slot_NK to gather through")
+        gemm = Step(False, "grouped_mm: the fused GEMMs' backward sums the gathered rows through slot_NK")
     return {
         "fan_out": Step(True, "sums the gradients of x's readers in one pass"),
         "route_prototypes": routing,
@@ -272,8 +278,8 @@ def triton_steps(router: RouterSpec) -> dict[str, Step]:
         "permute": slots,
         "combine": slots,
         "expert_token_sums": slots,
-        "expert_bias": Step(True, "per-expert segment tiles over the plan's offsets"),
-        "gemm": Step(False, "grouped_mm: no Triton GEMM of ours"),
+        "expert_bias": Step(True, "per-expert segment tiles over the plan's offsets (where grouped_mm runs)"),
+        "gemm": gemm,
     }
 
 
@@ -318,6 +324,18 @@ class TritonBackend(TorchBackend):
         if not self.steps["permute"].kernel:
             return super().permute_backward(grad_SD, plan)
         return kernel_combine(grad_SD, None, plan.token_index_S, plan.slot_NK, plan.offsets_E1[-1:])
+
+    def expert_mlp(self, rows: torch.Tensor, plan: RoutingPlan, experts: ExpertWeights, permute: bool
+                   ) -> torch.Tensor:
+        """The fused kernels (`promoe.kernels.expert_mlp`: the gather in the up GEMM's loads, bias and GELU in the
+        GEMMs' loads and stores) where the table's "gemm" step says so and the GEMMs' dtype is one of theirs; else
+        the definition's steps (grouped_mm and the bias kernels)."""
+        compute_dtype = autocast_dtype(rows) or rows.dtype
+        if not self.steps["gemm"].kernel or compute_dtype not in KERNEL_MLP_DTYPES:
+            return super().expert_mlp(rows, plan, experts, permute)
+        token_S, slot_NK = (plan.token_index_S, plan.slot_NK) if permute else (None, None)
+        return kernel_expert_mlp(rows, token_S, slot_NK, plan.offsets_E1, experts.w_up_EDH, experts.b_up_EH,
+                                 experts.w_down_EHD, experts.b_down_ED, compute_dtype)
 
     def expert_bias_gelu(self, h_SH: torch.Tensor, b_EH: torch.Tensor, plan: RoutingPlan) -> torch.Tensor:
         return expert_bias_act(h_SH, b_EH, plan.offsets_E1, gelu=True)
