@@ -416,3 +416,111 @@ def test_a_checkpoint_of_bank_rows_holds_whole_banks_and_loads_into_any_rows(tmp
     """Each rank writes its own rows of a bank (no rank gathers it), the file holds the whole bank, and it reads back
     whole or into another rank's rows, bit for bit."""
     assert in_two_ranks(_bank_rows_in_two_ranks, str(tmp_path / "checkpoint")) == {0: (True, True), 1: (True, True)}
+
+
+def _sharded_bank_rows_in_two_ranks(rank: int, port: int, folder: str, results: dict) -> None:
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Shard, distribute_tensor
+
+    from promoe.training.expert_parallel import BankRows, whole_bank_on_rank_0
+    from promoe.weights import load_dcp, read_dcp_metadata
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=2)
+    try:
+        torch.manual_seed(0)  # the same whole bank on both ranks: 7 routed experts, 1 unconditional
+        whole = torch.randn(8, 4, 2)
+        # One expert group of one rank each (ep = 1), whose bank FSDP2 shards on dim 1 over the 2 replicas.
+        replicas = init_device_mesh("cpu", (2,))
+        alone = dist.new_subgroups_by_enumeration([[0], [1]])[0]
+        group = ExpertGroup(alone, replicas, 1, 0, 7, 1)
+        sharded = distribute_tensor(whole, replicas, [Shard(1)])
+        dcp.save({"bank": BankRows(sharded, group)}, checkpoint_id=folder)
+        stored = read_dcp_metadata(folder).state_dict_metadata["bank"]
+        # On disk: the whole bank, each rank's columns of its routed rows and of the unconditional row.
+        assert stored.size == whole.shape
+        assert sorted((*chunk.offsets[:2], *chunk.sizes[:2]) for chunk in stored.chunks) == [
+            (0, 0, 7, 2), (0, 2, 7, 2), (7, 0, 1, 2), (7, 2, 1, 2)]
+        read_whole = torch.zeros_like(whole)
+        load_dcp({"bank": read_whole}, folder)
+        # Into the rows of ep = 2 on the same 2 ranks (other blocks than were written), and back into the shard.
+        other = ExpertGroup(dist.group.WORLD, None, 2, rank, 7, 1)
+        read_rows = torch.zeros((len(other.bank_rows()), 4, 2))
+        load_dcp({"bank": BankRows(read_rows, other)}, folder)
+        read_shard = distribute_tensor(torch.zeros_like(whole), replicas, [Shard(1)])
+        load_dcp({"bank": BankRows(read_shard, group)}, folder)
+        # The EMA export's gather: the bank whole on rank 0 only.
+        gathered = whole_bank_on_rank_0(sharded, group)
+        exported = torch.equal(gathered, whole) if rank == 0 else gathered is None
+        results[rank] = (torch.equal(read_whole, whole), torch.equal(read_rows, whole[other.bank_rows()]),
+                         torch.equal(read_shard.to_local(), sharded.to_local()), exported)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_a_checkpoint_of_sharded_bank_rows_holds_whole_banks_and_loads_into_any_layout(tmp_path):
+    """A bank that FSDP2 shards on dim 1 over its replicas: each rank writes its columns of its rows, the file holds
+    the whole bank, which reads back whole, into expert-parallel rows and into the shard, bit for bit; the EMA
+    export's gather puts it whole on rank 0 alone."""
+    assert in_two_ranks(_sharded_bank_rows_in_two_ranks, str(tmp_path / "checkpoint")) == dict.fromkeys(
+        (0, 1), (True, True, True, True))
+
+
+def _bank_state_in_ranks(rank: int, port: int, ranks: int, degree: int, results: dict) -> None:
+    from promoe.diffusion import make_objective
+    from promoe.moe.layer import moe_layers, place_dispatch
+    from promoe.train_config import load_config
+    from promoe.training.ema import EMA
+    from promoe.training.expert_parallel import (
+        clip_gradients,
+        expert_banks,
+        local_part,
+        sum_bank_gradients_in_backward,
+        sync_expert_gradients,
+    )
+    from promoe.training.optimizer import make_optimizer
+    from promoe.training.parallel import build_on_meta, parallelise
+    from tests.test_train import TINY_RUN
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=ranks)
+    try:
+        config = load_config(ROOT / "configs" / "demo.yaml", [*TINY_RUN, *SMALL_PROMOE,
+                                                               f"train.expert_parallel={degree}"])
+        device = torch.device("cpu")
+        model = build_on_meta(config)
+        parallelise(model, config, device)
+        place_dispatch(model, device)
+        optimizer, ema = make_optimizer(model, config.optim), EMA(model, config.train.ema_decay)
+        torch.manual_seed(rank)
+        images = torch.randn(4, model.config.in_channels, model.config.input_size, model.config.input_size)
+        sum_bank_gradients_in_backward(model, last=True)
+        make_objective(config.train.objective).loss(model, images, torch.randint(0, 10, (4,)),
+                                                    drop_labels=False)[0].backward()
+        sync_expert_gradients(model)
+        clip_gradients(model, config.optim.grad_clip)
+        optimizer.step()
+        ema.update(model, 0)
+        held = whole = 0
+        for name, (param, group) in expert_banks(model).items():
+            state = [param, param.grad, ema.params[name], optimizer.state[param]["exp_avg"],
+                     optimizer.state[param]["exp_avg_sq"]]
+            held += sum(local_part(tensor).numel() * tensor.element_size() for tensor in state)
+            whole += len(state) * group.bank_size * param[0].numel() * param.element_size()
+        group = moe_layers(model)[0].expert_group
+        results[rank] = (held, whole, group.local_routed, group.num_uncond, group.bank_size)
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_at_ep_2_on_4_ranks_a_rank_holds_about_a_quarter_of_the_bank_state():
+    """Weights, gradients, both AdamW moments and the EMA of the banks, counted in bytes on each rank after a step
+    at ep = 2 on 4 ranks: each rank's rows (E / 2 routed + U unconditional) sharded over its 2 replicas, so its
+    share of the whole is (E / 2 + U) / (2 (E + U)) exactly: about 1 / 4 (the U unconditional rows repeat along
+    `expert`), where the banks cut by expert alone held twice that."""
+    results = in_ranks(4, _bank_state_in_ranks, 4, 2)
+    for held, whole, routed, uncond, bank_size in results.values():
+        assert held * 2 * bank_size == whole * (routed + uncond)
+        assert held < 1.25 * whole / 4
