@@ -48,10 +48,12 @@ def apply_expert_parallel(model: nn.Module, config: RunConfig, device: torch.dev
     if degree == 1:
         return
     layers = moe_layers(model)
-    world_size = dist.get_world_size()
-    refusal = expert_parallel_refusal(layers, degree, config.model.name, world_size // degree)
+    refusal = expert_parallel_refusal(layers, degree, config.model.name)
+    if refusal is None:
+        refusal = bank_width_refusal(layers, config.model.name, dist.get_world_size() // degree)
     if refusal:
         raise AllRanksStop(f"train.expert_parallel={degree}: {refusal}")
+    world_size = dist.get_world_size()
     mesh = init_device_mesh(device.type, (world_size // degree, degree), mesh_dim_names=("replica", "expert"))
     for layer in layers:
         bank_size = layer.experts.num_experts
@@ -63,8 +65,8 @@ def apply_expert_parallel(model: nn.Module, config: RunConfig, device: torch.dev
             setattr(layer.experts, name, nn.Parameter(param.new_empty((rows, *param.shape[1:]))))
 
 
-def expert_parallel_refusal(layers: list, degree: int, model_name: str, replicas: int = 1) -> str | None:
-    """Why a model cannot spread its experts over `degree` ranks, each share held by `replicas` ranks, or None."""
+def expert_parallel_refusal(layers: list, degree: int, model_name: str) -> str | None:
+    """Why a model cannot spread its experts over `degree` ranks, or None."""
     if not layers:
         return f"{model_name} has no MoE layer"
     if not all(layer.router.token_choice for layer in layers):
@@ -73,10 +75,16 @@ def expert_parallel_refusal(layers: list, degree: int, model_name: str, replicas
     routed = layers[0].router.num_routed
     if routed < degree:
         return f"{model_name} has {routed} routed experts per layer, fewer than the {degree} ranks to hold them"
-    widths = {width for layer in layers for width in layer.experts.w_up_EDH.shape[1:]}
-    if any(width % replicas for width in widths):  # FSDP2 shards dims other than 0 evenly only
-        return (f"the experts' widths {sorted(widths)} of {model_name} must divide by the {replicas} ranks that hold "
-                "each share (world size / expert_parallel), over which their banks are sharded on that dim")
+    return None
+
+
+def bank_width_refusal(layers: list, model_name: str, replicas: int) -> str | None:
+    """Why the banks cannot be sharded on dim 1 over `replicas` ranks (FSDP2 shards dims other than 0 evenly
+    only), or None."""
+    widths = sorted({width for layer in layers for width in layer.experts.w_up_EDH.shape[1:]})
+    if any(width % replicas for width in widths):
+        return (f"the experts' widths {widths} of {model_name} must divide by the {replicas} ranks that hold each "
+                "share (world size / expert_parallel), over which their banks are sharded on that dim")
     return None
 
 
