@@ -17,7 +17,6 @@ import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
-from torch.distributed.tensor import DTensor
 
 from promoe.checkpoint_format import (
     CONFIG,
@@ -37,7 +36,7 @@ from promoe.errors import DISK_FULL, Refusal, error_message, write_text_atomical
 from promoe.train_config import RunConfig
 from promoe.training.ema import EMA
 from promoe.training.expert_parallel import expert_banks, local_bank_rows, whole_bank_on_rank_0, with_bank_rows
-from promoe.training.ranks import any_rank, stop_if_any
+from promoe.training.ranks import any_rank, full, stop_if_any
 from promoe.weights import load_dcp, read_dcp_metadata, save_weights
 
 
@@ -230,7 +229,7 @@ def gather_ema(model: torch.nn.Module, ema: EMA) -> dict[str, torch.Tensor]:
         if name in banks:
             whole = whole_bank_on_rank_0(value.detach(), banks[name][1])
         else:
-            whole = value.detach().full_tensor() if isinstance(value, DTensor) else value.detach()
+            whole = full(value.detach())
         if dist.get_rank() == 0:
             # On one CPU rank the gathered tensors can be the parameters themselves: copied before the live
             # weights return.
