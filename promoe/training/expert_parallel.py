@@ -124,7 +124,7 @@ def local_part(tensor: torch.Tensor) -> torch.Tensor:
 
 def rows_on_first_replica(bank: torch.Tensor, group: ExpertGroup) -> torch.Tensor | None:
     """This rank's rows of a bank tensor (FSDP2's `Shard(1)` over the group's replicas) whole on the first of its
-    replicas, gathered there (a collective of the replicas); None on the others."""
+    replicas, gathered there (a collective of the replicas); None on the others. A plain tensor is its rows."""
     local = local_part(bank)
     if not isinstance(bank, DTensor):
         return local
