@@ -17,8 +17,12 @@ whose tokens run only the unconditional expert):
                   its expert sits on another rank of the group, (ep-1)/ep of them when the routing is even:
                   4 K (1 - p) (ep-1)/ep D b per token
         counts    ep x E/ep int64 per layer and direction, forward only (the split sizes)
-        gradients the routed share all-reduced over its w/ep replicas: 2 (r-1)/r P_r/ep 4 with r = w/ep; the
-                  unconditional rows over all ranks: 2 (w-1)/w P_u 4
+        bank      a rank's rows (P_r/ep + P_u) sharded by FSDP2 over their r = w/ep replicas: all-gathers forward +
+                  backward 2 (r-1)/r (P_r/ep + P_u) b, the gradient's reduce-scatter (r-1)/r (P_r/ep + P_u) 4;
+                  the unconditional rows of the gradient's shard all-reduced over the group: 2 (ep-1)/ep P_u/r 4
+                  (in sum the bytes of all-reducing the routed share over the replicas and the unconditional rows
+                  over all ranks, as the banks cut by expert alone did: an all-reduce is a reduce-scatter and an
+                  all-gather, where b = 2 and the weights are gathered twice)
 
 The paper's strings leave 12, 30 and 62 routed experts; where ep does not divide them, the first E % ep ranks hold
 one expert more (the bytes above are the group's average).
@@ -88,8 +92,8 @@ def expert_parallel_bytes(config, world: int, degree: int, dropout: float) -> tu
     per_token = 4 * spec.activated * (1 - dropout) * (degree - 1) / degree * config.hidden_size * ACTIVATION_BYTES
     replicas = world // degree
     per_step = (spec.routed * COUNT_BYTES
-                + 2 * (replicas - 1) / replicas * routed / degree * GRADIENT_BYTES
-                + 2 * (world - 1) / world * uncond * GRADIENT_BYTES)
+                + (replicas - 1) / replicas * (routed / degree + uncond) * (2 * WEIGHT_BYTES + GRADIENT_BYTES)
+                + 2 * (degree - 1) / degree * uncond / replicas * GRADIENT_BYTES)
     return per_token, per_step
 
 

@@ -68,24 +68,20 @@ def peak_growth(function) -> int:
 
 
 def bank_state_bytes(model, optimizer, ema) -> tuple[int, int]:
-    """(bytes of the bank state this rank holds, bytes of the same state for whole banks)."""
-    from promoe.training.expert_parallel import expert_banks
+    """(bytes of the bank state this rank holds, bytes of the same state for whole banks). The banks are DTensors:
+    FSDP2's shards of the whole bank, or with expert parallelism of this rank's rows (sharded over its replicas)."""
+    from promoe.training.expert_parallel import expert_banks, local_part
 
+    banks = expert_banks(model)
     held = whole = 0
     for name, param in model.named_parameters():
         if ".experts." not in name:
             continue
-        group = expert_banks(model).get(name, (None, None))[1]
         tensors = [param, ema.params[name], *(value for value in optimizer.state[param].values()
                                               if value.dim() > 0)]
-        mine = sum(tensor.numel() * tensor.element_size() for tensor in tensors)
-        rows = param.shape[0]
-        if group is None:  # FSDP2's shard of the whole bank
-            local = sum(tensor.to_local().numel() * tensor.element_size() if hasattr(tensor, "to_local")
-                        else tensor.numel() * tensor.element_size() for tensor in tensors)
-            held, whole = held + local, whole + mine
-        else:
-            held, whole = held + mine, whole + mine * group.bank_size // rows
+        held += sum(local_part(tensor).numel() * tensor.element_size() for tensor in tensors)
+        mine = sum(tensor.numel() * tensor.element_size() for tensor in tensors)  # DTensors: their global shape
+        whole += mine * banks[name][1].bank_size // param.shape[0] if name in banks else mine
     return held, whole
 
 

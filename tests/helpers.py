@@ -49,10 +49,15 @@ def torchrun(nproc: int = 2) -> tuple[str, ...]:
 def in_two_ranks(function, *args) -> dict:
     """`function(rank, port, *args, results)` in 2 processes, which set up their gloo group on `port`; the dict
     `results` they filled."""
+    return in_ranks(2, function, *args)
+
+
+def in_ranks(ranks: int, function, *args) -> dict:
+    """`function(rank, port, *args, results)` in `ranks` processes (as `in_two_ranks`)."""
     import torch.multiprocessing as mp
 
     results = mp.Manager().dict()
-    mp.spawn(function, args=(free_port(), *args, results), nprocs=2)
+    mp.spawn(function, args=(free_port(), *args, results), nprocs=ranks)
     return dict(results)
 
 

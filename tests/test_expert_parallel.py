@@ -17,7 +17,7 @@ from promoe.moe.expert_parallel import ExpertGroup, ExpertParallel
 from promoe.moe.experts import ExpertBank
 from promoe.moe.plan import token_choice_plan
 from promoe.sampling import load_model
-from tests.helpers import in_two_ranks, reordered_sums_tolerance, torchrun
+from tests.helpers import in_ranks, in_two_ranks, reordered_sums_tolerance, torchrun
 from tests.test_train import ROOT, TINY_RUN, losses, reordered_run_tolerance, run
 
 # 8 routed experts, top-2, 1 shared and 1 unconditional; the RCL off (a statistic of each rank's tokens); EMA decay
@@ -241,6 +241,7 @@ def test_expert_parallel_dispatch_equals_the_whole_banks(backend_name, case):
 
 
 def _fused_step_in_two_ranks(rank: int, port: int, results: dict) -> None:
+    from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
     from torch.distributed.tensor import DTensor
 
@@ -250,17 +251,24 @@ def _fused_step_in_two_ranks(rank: int, port: int, results: dict) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=2)
     try:
-        def sharded_and_plain() -> torch.nn.Module:  # FSDP2's DTensors beside a plain layer, as with expert banks
+        # FSDP2's DTensors over both ranks, DTensors over another mesh (as expert banks over their replicas, here
+        # of one rank each) and a plain layer.
+        replicas = init_device_mesh("cpu", (1, 2), mesh_dim_names=("replica", "expert"))["replica"]
+
+        def three_kinds() -> torch.nn.Module:
             torch.manual_seed(0)
-            model = torch.nn.Sequential(torch.nn.Linear(6, 8), torch.nn.GELU(), torch.nn.Linear(8, 3))
+            model = torch.nn.Sequential(torch.nn.Linear(6, 8), torch.nn.GELU(), torch.nn.Linear(8, 4), torch.nn.GELU(),
+                                        torch.nn.Linear(4, 3))
             fully_shard(model[0])
+            fully_shard(model[2], mesh=replicas)
             return model
 
         optim = OptimSection(lr=1e-2, weight_decay=0.1)
-        fused, reference = sharded_and_plain(), sharded_and_plain()
+        fused, reference = three_kinds(), three_kinds()
         optimizer = make_optimizer(fused, optim)
-        kinds = [{isinstance(param, DTensor) for param in group["params"]} for group in optimizer.param_groups]
-        assert kinds == [{True}, {False}] and all(group["fused"] for group in optimizer.param_groups)
+        kinds = [{param.device_mesh.size() if isinstance(param, DTensor) else None for param in group["params"]}
+                 for group in optimizer.param_groups]
+        assert kinds == [{2}, {1}, {None}] and all(group["fused"] for group in optimizer.param_groups)
         # The definition: AdamW one tensor at a time.
         slow = torch.optim.AdamW(reference.parameters(), lr=optim.lr, betas=optim.betas,
                                  weight_decay=optim.weight_decay, foreach=False, fused=False)
@@ -282,16 +290,20 @@ def _fused_step_in_two_ranks(rank: int, port: int, results: dict) -> None:
         dist.destroy_process_group()
 
 
-def test_the_optimizer_fuses_fsdp_shards_and_plain_tensors_in_groups_of_their_own():
-    """Expert parallelism's plain banks beside FSDP2's DTensors: one fused group per kind, which updates as the
-    per-tensor AdamW does."""
+def test_the_optimizer_fuses_the_tensors_of_each_mesh_and_plain_ones_in_groups_of_their_own():
+    """Expert parallelism's banks (DTensors over their replicas) beside FSDP2's DTensors over all ranks and plain
+    tensors: one fused group per mesh or kind, which updates as the per-tensor AdamW does."""
     assert in_two_ranks(_fused_step_in_two_ranks) == {0: True, 1: True}
 
 
-def _bank_sums_in_two_ranks(rank: int, port: int, results: dict) -> None:
+def _bank_sums_in_ranks(rank: int, port: int, ranks: int, results: dict) -> None:
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import MixedPrecisionPolicy
+
     import promoe
     from promoe.training.expert_parallel import (
         bank_gradient_sums,
+        shard_banks,
         sum_bank_gradients_in_backward,
         sync_expert_gradients,
     )
@@ -299,17 +311,27 @@ def _bank_sums_in_two_ranks(rank: int, port: int, results: dict) -> None:
     from tests.helpers import TINY, randomize_
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=2)
+    dist.init_process_group("gloo", rank=rank, world_size=ranks)
     try:
         config = promoe.model_config("ProMoE-S", **TINY, experts="E6A2S1U1")
-        model = torch.nn.ModuleList([build_mlp(config, block_index=1), build_mlp(config, block_index=1)]).train()
-        randomize_(model)  # alike on both ranks
-        for layer in model:  # each rank keeps its 2 of the 4 routed experts, and the unconditional one
-            routed = layer.router.num_routed
-            layer.spread_experts(ExpertGroup(dist.group.WORLD, None, 2, rank, routed,
-                                             layer.experts.num_experts - routed))
-            for name, param in list(layer.experts.named_parameters()):
-                setattr(layer.experts, name, torch.nn.Parameter(param.detach()[layer.expert_group.bank_rows()]))
+        mesh = init_device_mesh("cpu", (ranks // 2, 2), mesh_dim_names=("replica", "expert"))
+        index = mesh.get_local_rank("expert")
+
+        def two_layers(sharded: bool) -> torch.nn.ModuleList:
+            model = torch.nn.ModuleList([build_mlp(config, block_index=1), build_mlp(config, block_index=1)]).train()
+            randomize_(model)  # alike on both ranks
+            for layer in model:  # each rank keeps its 2 of the 4 routed experts, and the unconditional one
+                routed = layer.router.num_routed
+                layer.spread_experts(ExpertGroup(mesh.get_group("expert"), mesh["replica"], 2, index, routed,
+                                                 layer.experts.num_experts - routed))
+                for name, param in list(layer.experts.named_parameters()):
+                    setattr(layer.experts, name, torch.nn.Parameter(param.detach()[layer.expert_group.bank_rows()]))
+                if sharded:  # FSDP2 over the replicas, as `parallelise` shards them
+                    shard_banks(layer, MixedPrecisionPolicy(), reshard=True)
+            return model
+
+        # The banks as the run shards them, and the same banks as plain tensors whose gradients stay on this rank.
+        model, local = two_layers(sharded=True), two_layers(sharded=False)
         sums = bank_gradient_sums(model)
         started_when_the_backward_reached_layer_0 = []
         model[0].register_full_backward_pre_hook(
@@ -317,34 +339,45 @@ def _bank_sums_in_two_ranks(rank: int, port: int, results: dict) -> None:
         torch.manual_seed(1 + rank)
         labels = torch.tensor([1, 10, 3, 4])  # 10: the null label, whose tokens run the unconditional expert
         for last in (False, True):  # two micro-batches
-            x = torch.randn(4, 16, TINY["hidden_size"], requires_grad=True)
+            x = torch.randn(4, 16, TINY["hidden_size"])
+            for layer in model:
+                layer.experts.set_requires_gradient_sync(last)
             sum_bank_gradients_in_backward(model, last)
-            y = model[1](model[0](x, labels)[0], labels)[0]
-            y.square().sum().backward()
+            for layers in (model, local):
+                layers[1](layers[0](x, labels)[0], labels)[0].square().sum().backward()
         assert started_when_the_backward_reached_layer_0 == [0, 1]  # the last layer's sum under way, not before
-        local = {name: param.grad.clone() for name, param in model.named_parameters() if ".experts." in name}
         sync_expert_gradients(model)
         assert sums.started == 0 and not sums.armed
-        for name, param in model.named_parameters():
+        replicas = mesh.get_local_rank("replica")
+        for (name, param), expected in zip(model.named_parameters(), local.parameters()):
             if ".experts." not in name:
                 continue
             routed = model[0].expert_group.local_routed
-            expected = local[name].clone()
-            dist.all_reduce(expected[routed:])  # the unconditional rows over both ranks; the routed ones are theirs
-            # Two ranks' terms: a + b in either order is exact; the division by 2 too.
+            expected = expected.grad.clone()
             assert expected.isfinite().all() and expected.abs().max() > 0, name
-            torch.testing.assert_close(param.grad, expected / 2, rtol=0, atol=0,
+            # The routed rows over their replicas, the unconditional ones over all ranks; this rank's columns.
+            dist.all_reduce(expected[:routed], group=mesh.get_group("replica"))
+            dist.all_reduce(expected[routed:])
+            expected = (expected / ranks).chunk(ranks // 2, dim=1)[replicas]
+            # Sums of 2 terms (and their division by 2) are exact whatever the order; of 4, within their reordering.
+            tolerance = reordered_sums_tolerance(ranks, magnitude=expected.abs().max().item()) if ranks > 2 else {
+                "rtol": 0, "atol": 0}
+            torch.testing.assert_close(param.grad.to_local(), expected, **tolerance,
                                        msg=lambda text, name=name: f"{name}: {text}")
         results[rank] = True
     finally:
         dist.destroy_process_group()
 
 
-def test_bank_gradient_sums_start_in_the_last_backward_per_layer_and_average_over_ranks():
-    """Two MoE layers at ep = 2 on 2 ranks, two micro-batches: the later layer's bucket is started before the
-    backward reaches the earlier layer, only in the last micro-batch's backward, and after `finish` each bank
-    gradient is the ranks' average (the unconditional rows summed over ranks, divided by the world size)."""
-    assert in_two_ranks(_bank_sums_in_two_ranks) == {0: True, 1: True}
+# On 4 ranks (replicas of 2 that reduce-scatter the bank's columns): slow, as every test that spawns 4 ranks.
+@pytest.mark.parametrize("ranks", [2, pytest.param(4, marks=pytest.mark.slow)])
+def test_bank_gradient_sums_start_in_the_last_backward_per_layer_and_average_over_ranks(ranks):
+    """Two MoE layers at ep = 2 on 2 or 4 ranks, their banks sharded by FSDP2 over their replicas (1 or 2 ranks),
+    two micro-batches: the later layer's bucket is started before the backward reaches the earlier layer, only in
+    the last micro-batch's backward, and after `finish` each rank's shard of each bank gradient is the ranks'
+    average (the routed rows summed over their replicas, the unconditional ones over all ranks, divided by the
+    world size)."""
+    assert in_ranks(ranks, _bank_sums_in_ranks, ranks) == dict.fromkeys(range(ranks), True)
 
 
 def _bank_rows_in_two_ranks(rank: int, port: int, folder: str, results: dict) -> None:
@@ -383,3 +416,111 @@ def test_a_checkpoint_of_bank_rows_holds_whole_banks_and_loads_into_any_rows(tmp
     """Each rank writes its own rows of a bank (no rank gathers it), the file holds the whole bank, and it reads back
     whole or into another rank's rows, bit for bit."""
     assert in_two_ranks(_bank_rows_in_two_ranks, str(tmp_path / "checkpoint")) == {0: (True, True), 1: (True, True)}
+
+
+def _sharded_bank_rows_in_two_ranks(rank: int, port: int, folder: str, results: dict) -> None:
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Shard, distribute_tensor
+
+    from promoe.training.expert_parallel import BankRows, whole_bank_on_rank_0
+    from promoe.weights import load_dcp, read_dcp_metadata
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=2)
+    try:
+        torch.manual_seed(0)  # the same whole bank on both ranks: 7 routed experts, 1 unconditional
+        whole = torch.randn(8, 4, 2)
+        # One expert group of one rank each (ep = 1), whose bank FSDP2 shards on dim 1 over the 2 replicas.
+        replicas = init_device_mesh("cpu", (2,))
+        alone = dist.new_subgroups_by_enumeration([[0], [1]])[0]
+        group = ExpertGroup(alone, replicas, 1, 0, 7, 1)
+        sharded = distribute_tensor(whole, replicas, [Shard(1)])
+        dcp.save({"bank": BankRows(sharded, group)}, checkpoint_id=folder)
+        stored = read_dcp_metadata(folder).state_dict_metadata["bank"]
+        # On disk: the whole bank, each rank's columns of its routed rows and of the unconditional row.
+        assert stored.size == whole.shape
+        assert sorted((*chunk.offsets[:2], *chunk.sizes[:2]) for chunk in stored.chunks) == [
+            (0, 0, 7, 2), (0, 2, 7, 2), (7, 0, 1, 2), (7, 2, 1, 2)]
+        read_whole = torch.zeros_like(whole)
+        load_dcp({"bank": read_whole}, folder)
+        # Into the rows of ep = 2 on the same 2 ranks (other blocks than were written), and back into the shard.
+        other = ExpertGroup(dist.group.WORLD, None, 2, rank, 7, 1)
+        read_rows = torch.zeros((len(other.bank_rows()), 4, 2))
+        load_dcp({"bank": BankRows(read_rows, other)}, folder)
+        read_shard = distribute_tensor(torch.zeros_like(whole), replicas, [Shard(1)])
+        load_dcp({"bank": BankRows(read_shard, group)}, folder)
+        # The EMA export's gather: the bank whole on rank 0 only.
+        gathered = whole_bank_on_rank_0(sharded, group)
+        exported = torch.equal(gathered, whole) if rank == 0 else gathered is None
+        results[rank] = (torch.equal(read_whole, whole), torch.equal(read_rows, whole[other.bank_rows()]),
+                         torch.equal(read_shard.to_local(), sharded.to_local()), exported)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_a_checkpoint_of_sharded_bank_rows_holds_whole_banks_and_loads_into_any_layout(tmp_path):
+    """A bank that FSDP2 shards on dim 1 over its replicas: each rank writes its columns of its rows, the file holds
+    the whole bank, which reads back whole, into expert-parallel rows and into the shard, bit for bit; the EMA
+    export's gather puts it whole on rank 0 alone."""
+    assert in_two_ranks(_sharded_bank_rows_in_two_ranks, str(tmp_path / "checkpoint")) == dict.fromkeys(
+        (0, 1), (True, True, True, True))
+
+
+def _bank_state_in_ranks(rank: int, port: int, ranks: int, degree: int, results: dict) -> None:
+    from promoe.diffusion import make_objective
+    from promoe.moe.layer import moe_layers, place_dispatch
+    from promoe.train_config import load_config
+    from promoe.training.ema import EMA
+    from promoe.training.expert_parallel import (
+        clip_gradients,
+        expert_banks,
+        local_part,
+        sum_bank_gradients_in_backward,
+        sync_expert_gradients,
+    )
+    from promoe.training.optimizer import make_optimizer
+    from promoe.training.parallel import build_on_meta, parallelise
+    from tests.test_train import TINY_RUN
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=ranks)
+    try:
+        config = load_config(ROOT / "configs" / "demo.yaml", [*TINY_RUN, *SMALL_PROMOE,
+                                                               f"train.expert_parallel={degree}"])
+        device = torch.device("cpu")
+        model = build_on_meta(config)
+        parallelise(model, config, device)
+        place_dispatch(model, device)
+        optimizer, ema = make_optimizer(model, config.optim), EMA(model, config.train.ema_decay)
+        torch.manual_seed(rank)
+        images = torch.randn(4, model.config.in_channels, model.config.input_size, model.config.input_size)
+        sum_bank_gradients_in_backward(model, last=True)
+        make_objective(config.train.objective).loss(model, images, torch.randint(0, 10, (4,)),
+                                                    drop_labels=False)[0].backward()
+        sync_expert_gradients(model)
+        clip_gradients(model, config.optim.grad_clip)
+        optimizer.step()
+        ema.update(model, 0)
+        held = whole = 0
+        for name, (param, group) in expert_banks(model).items():
+            state = [param, param.grad, ema.params[name], optimizer.state[param]["exp_avg"],
+                     optimizer.state[param]["exp_avg_sq"]]
+            held += sum(local_part(tensor).numel() * tensor.element_size() for tensor in state)
+            whole += len(state) * group.bank_size * param[0].numel() * param.element_size()
+        group = moe_layers(model)[0].expert_group
+        results[rank] = (held, whole, group.local_routed, group.num_uncond, group.bank_size)
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_at_ep_2_on_4_ranks_a_rank_holds_about_a_quarter_of_the_bank_state():
+    """Weights, gradients, both AdamW moments and the EMA of the banks, counted in bytes on each rank after a step
+    at ep = 2 on 4 ranks: each rank's rows (E / 2 routed + U unconditional) sharded over its 2 replicas, so its
+    share of the whole is (E / 2 + U) / (2 (E + U)) exactly: about 1 / 4 (the U unconditional rows repeat along
+    `expert`), where the banks cut by expert alone held twice that."""
+    results = in_ranks(4, _bank_state_in_ranks, 4, 2)
+    for held, whole, routed, uncond, bank_size in results.values():
+        assert held * 2 * bank_size == whole * (routed + uncond)
+        assert held < 1.25 * whole / 4

@@ -98,6 +98,23 @@ def test_the_activation_checkpointing_and_expert_parallel_verdicts_are_said_by_r
         apply_expert_parallel(build_on_meta(config), config, "cpu")
 
 
+def test_expert_banks_whose_widths_the_replicas_do_not_divide_are_refused_with_the_widths():
+    """FSDP2 shards a bank's dim 1 evenly only: widths 36 and 144 over 8 replicas are refused, over 4 taken."""
+    from promoe.moe.layer import moe_layers
+    from promoe.train_config import load_config
+    from promoe.training.expert_parallel import bank_width_refusal
+    from promoe.training.parallel import build_on_meta
+
+    config = load_config(ROOT / "configs" / "demo.yaml", ["model.overrides.hidden_size=36",
+                                                          "model.overrides.num_heads=4", "model.overrides.depth=2"])
+    layers = moe_layers(build_on_meta(config))
+    hidden = layers[0].experts.w_up_EDH.shape[2]
+    assert bank_width_refusal(layers, "ProMoE-S", 8) == (
+        f"the experts' widths [36, {hidden}] of ProMoE-S must divide by the 8 ranks that hold each share (world "
+        "size / expert_parallel), over which their banks are sharded on that dim")
+    assert bank_width_refusal(layers, "ProMoE-S", 4) is None
+
+
 HUNG_PEER = textwrap.dedent("""
     import time
     import torch.distributed as dist

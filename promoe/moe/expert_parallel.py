@@ -21,6 +21,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
+from torch.distributed.device_mesh import DeviceMesh
 
 from promoe.moe.plan import RoutingPlan
 
@@ -32,7 +33,8 @@ class ExpertGroup:
     ranks without any)."""
 
     group: dist.ProcessGroup  # the expert-parallel group: ranks that exchange tokens
-    replicas: dist.ProcessGroup | None  # the ranks that hold the same experts (None: this rank alone)
+    # the 1-D device mesh of the ranks that hold the same experts, over which FSDP2 shards the bank (None: unsharded)
+    replicas: DeviceMesh | None
     size: int  # ranks in the group (ep)
     index: int  # this rank's index in the group
     num_routed: int  # E, the layer's routed experts

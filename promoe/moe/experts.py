@@ -128,8 +128,8 @@ class ExpertBank(nn.Module):
         The weights are read here, inside the bank's own module call, so that what hooks a module call sees them
         where they are used: diffusers' group offloading brings them in before and takes them out after, layerwise
         casting casts them, a forward hook sees them. Without autocast they compute in the rows' dtype, storage in
-        another is cast here (as the shared expert does; expert parallelism's ranks hold the bank in fp32 out of
-        FSDP's mixed precision); under autocast the GEMMs cast, as every matmul does there."""
+        another is cast here (as the shared expert does); under autocast the GEMMs cast, as every matmul does
+        there."""
         weights = (self.w_up_EDH, self.b_up_EH, self.w_down_EHD, self.b_down_ED)
         if autocast_dtype(rows) is None:
             weights = tuple(w.to(rows.dtype) for w in weights)  # no copy where the dtype is the rows' already

@@ -16,12 +16,7 @@ import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.api import CheckpointException
-from torch.distributed.checkpoint.state_dict import (
-    StateDictOptions,
-    get_model_state_dict,
-    get_state_dict,
-    set_state_dict,
-)
+from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
 from promoe.checkpoint_format import (
     CONFIG,
@@ -41,7 +36,7 @@ from promoe.errors import DISK_FULL, Refusal, error_message, write_text_atomical
 from promoe.train_config import RunConfig
 from promoe.training.ema import EMA
 from promoe.training.expert_parallel import expert_banks, local_bank_rows, whole_bank_on_rank_0, with_bank_rows
-from promoe.training.ranks import any_rank, stop_if_any
+from promoe.training.ranks import any_rank, full, stop_if_any
 from promoe.weights import load_dcp, read_dcp_metadata, save_weights
 
 
@@ -221,18 +216,24 @@ class Checkpoints:
 
 
 def gather_ema(model: torch.nn.Module, ema: EMA) -> dict[str, torch.Tensor]:
-    """The EMA weights as whole tensors on the CPU (a collective: every rank calls it), the live weights kept."""
+    """The EMA weights as whole tensors on the CPU on rank 0, empty on the others (a collective: every rank calls
+    it), the live weights kept. One tensor at a time is gathered: FSDP2's shards on every rank (as
+    `get_model_state_dict`'s full state dict does), each expert-parallel bank on rank 0 alone."""
     live = {name: p.detach().clone() for name, p in model.named_parameters()}
     with torch.no_grad():
         for name, p in model.named_parameters():
             p.copy_(ema.params[name].to(p.dtype))
-    state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-    for name, (param, group) in expert_banks(model).items():  # a collective of rank 0's expert group
-        whole = whole_bank_on_rank_0(param.detach(), group)
-        if whole is not None:
-            state[name] = whole.cpu()
-    # On one CPU rank the gathered tensors can be the parameters themselves: copy before the live weights return.
-    state = {name: value.clone() for name, value in state.items()}
+    banks = expert_banks(model)
+    state = {}
+    for name, value in model.state_dict().items():  # FSDP2's keys are the model's own
+        if name in banks:
+            whole = whole_bank_on_rank_0(value.detach(), banks[name][1])
+        else:
+            whole = full(value.detach())
+        if dist.get_rank() == 0:
+            # On one CPU rank the gathered tensors can be the parameters themselves: copied before the live
+            # weights return.
+            state[name] = whole.to("cpu", copy=True)
     with torch.no_grad():
         for name, p in model.named_parameters():
             p.copy_(live[name])

@@ -8,17 +8,19 @@ from promoe.train_config import OptimSection
 
 def make_optimizer(model: torch.nn.Module, optim: OptimSection) -> torch.optim.AdamW:
     """AdamW with one parameter group per kind of tensor, all fused. The fused AdamW (one pass over each tensor,
-    CPU and CUDA) is 6x faster than the default on stacked experts; one call of it takes DTensors (FSDP2's shards)
-    or plain tensors (expert parallelism's banks), not both, and it is called once per group."""
+    CPU and CUDA) is 6x faster than the default on stacked experts; one call of it takes the DTensors of one device
+    mesh (FSDP2's shards over all ranks, or expert parallelism's banks over their replicas) or plain tensors, not a
+    mix, and it is called once per group."""
     groups = [{"params": params} for params in by_kind(model.parameters())]
     return torch.optim.AdamW(groups, lr=optim.lr, betas=optim.betas, weight_decay=optim.weight_decay, fused=True)
 
 
 def by_kind(params) -> list[list[torch.nn.Parameter]]:
-    """The parameters split into DTensors and plain tensors, each kind in its order (one list where all are alike)."""
-    kinds: dict[bool, list] = {}
+    """The parameters split by kind: plain tensors, and the DTensors of each device mesh, each kind in its order
+    (one list where all are alike)."""
+    kinds: dict = {}
     for param in params:
-        kinds.setdefault(isinstance(param, DTensor), []).append(param)
+        kinds.setdefault(param.device_mesh if isinstance(param, DTensor) else None, []).append(param)
     return list(kinds.values())
 
 

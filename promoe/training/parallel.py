@@ -15,7 +15,7 @@ from torch.distributed.tensor import DTensor, distribute_tensor
 from torch.utils.checkpoint import checkpoint
 
 from promoe.train_config import RunConfig
-from promoe.training.expert_parallel import apply_expert_parallel, expert_banks, local_rows
+from promoe.training.expert_parallel import apply_expert_parallel, local_rows, shard_banks
 from promoe.training.ranks import AllRanksStop
 from promoe.zoo import build_from_config
 
@@ -107,12 +107,12 @@ def shard(model: torch.nn.Module, dtype: torch.dtype, reshard: bool = True) -> N
     once, so the last block is never resharded. The root keeps its inputs as they are: a bf16 timestep s * 1000
     would move in steps of 4 above 512, unlike the sampler's."""
     policy = MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float32)
-    banks = {param for param, _ in expert_banks(model).values()}  # expert parallelism's, already cut
     for index, block in enumerate(model.blocks):
-        fully_shard(block, mp_policy=policy, reshard_after_forward=reshard and index < len(model.blocks) - 1,
-                    ignored_params=banks & set(block.parameters()))
+        reshard_block = reshard and index < len(model.blocks) - 1
+        shard_banks(block, policy, reshard_block)  # expert parallelism's banks, already cut: over their replicas
+        fully_shard(block, mp_policy=policy, reshard_after_forward=reshard_block)
     fully_shard(model, mp_policy=MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float32,
-                                                      cast_forward_inputs=False), ignored_params=banks)
+                                                      cast_forward_inputs=False))
 
 
 @torch.no_grad()
