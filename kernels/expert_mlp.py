@@ -26,14 +26,12 @@ a `torch.library` custom op (namespace `promoe`) with a fake registration, so th
 them.
 """
 
-import os
-
 import torch
 import triton
 import triton.language as tl
 
 from promoe.kernels.experts import _gelu_tanh, _gelu_tanh_slope, _segment_tile
-from promoe.kernels.launch import empty_output, expert_block
+from promoe.kernels.launch import empty_output, expert_block, interpreted
 from promoe.kernels.permute import combine
 
 DTYPES = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}  # compute dtypes
@@ -121,16 +119,12 @@ def _weight_grad_kernel(a_ptr, index_ptr, bias_in_ptr, g_ptr, offsets_ptr, out_p
         tl.store(bias_grad_ptr + expert * stride_bg + cb, col_sums.to(bias_grad_ptr.dtype.element_ty), mask=b_ok)
 
 
-def _interpreted() -> bool:
-    return os.environ.get("TRITON_INTERPRET") == "1"
-
-
 def rows_gemm_blocks(num_experts: int, compute_dtype: torch.dtype) -> tuple[int, int, int, int]:
     """(E_PAD, BLOCK_M, BLOCK_N, BLOCK_K) of the rows GEMM: 64 x 64 tiles over 32-wide steps in half precision,
     32 x 64 in fp32 (whose exact products hold more registers on sm_80), compile without spills on sm_80 and sm_90a
     with the GELU prologue and epilogue (see promoe.kernels.report); Triton's interpreter, which pays per program
     and per step, gets larger ones."""
-    if _interpreted():
+    if interpreted():
         return expert_block(num_experts + 1), 64, 256, 128
     return expert_block(num_experts + 1), 32 if compute_dtype == torch.float32 else 64, 64, 32
 
@@ -138,7 +132,7 @@ def rows_gemm_blocks(num_experts: int, compute_dtype: torch.dtype) -> tuple[int,
 def weight_grad_blocks(compute_dtype: torch.dtype) -> tuple[int, int, int]:
     """(BLOCK_A, BLOCK_B, BLOCK_K) of the weight gradient: 64 x 64 tiles over 32 rows a step in half precision, 16 in
     fp32 (as rows_gemm_blocks: no spills on sm_80 and sm_90a; larger tiles for the interpreter)."""
-    if _interpreted():
+    if interpreted():
         return 128, 256, 128
     return 64, 64, 16 if compute_dtype == torch.float32 else 32
 
@@ -147,7 +141,7 @@ def dot_switches(compute_dtype: torch.dtype) -> dict:
     """The dot's switches: fp32 GEMMs as torch's fp32 matmul runs them (exact products unless torch allows tf32; the
     precision means nothing to half inputs), half GEMMs natively except under the interpreter (`_dot`)."""
     exact = compute_dtype == torch.float32 and torch.get_float32_matmul_precision() == "highest"
-    return dict(COMPUTE=DTYPES[compute_dtype], NATIVE=not _interpreted(), PRECISION="ieee" if exact else "tf32")
+    return dict(COMPUTE=DTYPES[compute_dtype], NATIVE=not interpreted(), PRECISION="ieee" if exact else "tf32")
 
 
 @torch.library.custom_op("promoe::expert_rows_gemm", mutates_args=())

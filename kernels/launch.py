@@ -1,9 +1,16 @@
 """Launch parameters shared by the kernels: block sizes and grids in one place, not at every call site."""
 
 import functools
+import os
 
 import torch
 import triton
+
+
+def interpreted() -> bool:
+    """Whether Triton's interpreter runs the kernels (TRITON_INTERPRET=1: the CPU's tests), which pays per program
+    and per step and computes half-precision dots and sums wrongly."""
+    return os.environ.get("TRITON_INTERPRET") == "1"
 
 
 def accumulation_dtype(*tensors: torch.Tensor) -> torch.dtype:

@@ -10,7 +10,6 @@ same compile and fails on any spill or on shared memory over the architecture's 
 
 import argparse
 import json
-import os
 import re
 import subprocess
 import tempfile
@@ -44,6 +43,7 @@ from promoe.kernels.fan_out import SUM_BLOCK, _sum_kernel
 from promoe.kernels.launch import (
     dim_block,
     expert_block,
+    interpreted,
     plan_block,
     routing_backward_blocks,
     routing_blocks,
@@ -188,12 +188,16 @@ SPECS += [
 TORCH_DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 
 
+def _gemm_dtypes(dtype: str) -> tuple[str, str]:
+    """(the GEMMs' compute dtype, the tensors' dtype) of an expert-GEMM spec; `autocast`: fp32 tensors, bf16 GEMMs."""
+    return ("bf16", "fp32") if dtype == "autocast" else (dtype, dtype)
+
+
 def _rows_gemm_spec(mode: str, dtype: str, num_experts: int = 13) -> KernelSpec:
     """The fused expert GEMM over segment tiles at ProMoE-XL widths, in one of its four uses (`promoe.kernels.
     expert_mlp`): `up` gathers x, `down` runs bias + GELU on the load and the bias on the store, `grad_h` multiplies
     by GELU's slope on the store, `grad_x` is the plain GEMM; the weight read transposed in the backward's two."""
-    compute = "bf16" if dtype == "autocast" else dtype  # autocast: fp32 tensors, bf16 GEMMs
-    tensors = "fp32" if dtype == "autocast" else dtype
+    compute, tensors = _gemm_dtypes(dtype)
     k_dim, n_dim = {"up": (DIM, 2 * DIM), "down": (2 * DIM, DIM), "grad_h": (DIM, 2 * DIM),
                     "grad_x": (2 * DIM, DIM)}[mode]
     transposed = mode in ("grad_h", "grad_x")
@@ -215,8 +219,7 @@ def _rows_gemm_spec(mode: str, dtype: str, num_experts: int = 13) -> KernelSpec:
 
 def _weight_grad_spec(mode: str, dtype: str) -> KernelSpec:
     """The expert weight gradient with its bias gradient: `w_down` runs GELU on the load of h, `w_up` gathers x."""
-    compute = "bf16" if dtype == "autocast" else dtype
-    tensors = "fp32" if dtype == "autocast" else dtype
+    compute, tensors = _gemm_dtypes(dtype)
     signature = {"a_ptr": f"*{compute if mode == 'w_down' else tensors}", "index_ptr": "*i64",
                  "bias_in_ptr": f"*{tensors}", "g_ptr": f"*{tensors if mode == 'w_down' else compute}",
                  "offsets_ptr": "*i64", "out_ptr": f"*{tensors}", "bias_grad_ptr": f"*{tensors}", "a_dim": "i32",
@@ -275,7 +278,7 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description="Compile every kernel for sm_80 and sm_90a; print ptxas's report.")
     parser.add_argument("--json", action="store_true", help="print one JSON list instead of the table")
     args = parser.parse_args(argv)
-    if os.environ.get("TRITON_INTERPRET") == "1":
+    if interpreted():
         # The interpreter swaps Triton's @jit library functions (tl.sum, tl.cumsum, ...) for Python ones.
         raise SystemExit("run without TRITON_INTERPRET=1: the ahead-of-time compile needs Triton's real compiler")
     rows = [dict(kernel=spec.label, blocks=_blocks(spec), arch=arch, capability=capability,

@@ -13,13 +13,12 @@ reach the tokens and the prototypes for every activation. Every entry point is a
 autograd registrations, so that `torch.compile` traces through them.
 """
 
-import os
 
 import torch
 import triton
 import triton.language as tl
 
-from promoe.kernels.launch import empty_output, expert_block, routing_backward_blocks, routing_blocks
+from promoe.kernels.launch import empty_output, expert_block, interpreted, routing_backward_blocks, routing_blocks
 
 ACTIVATION_CODES = {"identity": 0, "sigmoid": 1, "softmax": 2}
 MAX_EXPERTS = 64  # the [BLOCK_N, E] score tile must fit the registers
@@ -186,7 +185,7 @@ def native_dot(x: torch.Tensor, protos: torch.Tensor) -> bool:
     """Run the similarity product in the inputs' half precision (fp32 accumulation) on a GPU; in fp32 in the
     interpreter, whose bf16 arithmetic is wrong, and for fp32 or mixed-dtype inputs."""
     half = x.dtype in (torch.bfloat16, torch.float16) and protos.dtype == x.dtype
-    return half and os.environ.get("TRITON_INTERPRET") != "1"
+    return half and not interpreted()
 
 
 @torch.library.custom_op("promoe::route_prototypes", mutates_args=())
