@@ -70,7 +70,8 @@ def peak_growth(function) -> int:
 def bank_state_bytes(model, optimizer, ema) -> tuple[int, int]:
     """(bytes of the bank state this rank holds, bytes of the same state for whole banks). The banks are DTensors:
     FSDP2's shards of the whole bank, or with expert parallelism of this rank's rows (sharded over its replicas)."""
-    from promoe.training.expert_parallel import expert_banks, local_part
+    from promoe.training.expert_parallel import expert_banks
+    from promoe.training.ranks import local_part
 
     banks = expert_banks(model)
     held = whole = 0

@@ -475,12 +475,12 @@ def _bank_state_in_ranks(rank: int, port: int, ranks: int, degree: int, results:
     from promoe.training.expert_parallel import (
         clip_gradients,
         expert_banks,
-        local_part,
         sum_bank_gradients_in_backward,
         sync_expert_gradients,
     )
     from promoe.training.optimizer import make_optimizer
     from promoe.training.parallel import build_on_meta, parallelise
+    from promoe.training.ranks import local_part
     from tests.test_train import TINY_RUN
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))

@@ -54,9 +54,14 @@ class ExpertGroup:
     def local_routed(self) -> int:
         return self.shares[self.index]
 
+    @property
+    def first_routed(self) -> int:
+        """The row of the whole bank where this rank's routed experts start."""
+        return sum(self.shares[:self.index])
+
     def bank_rows(self) -> torch.Tensor:
         """The rows of the whole bank [E + U] that this rank holds: its routed experts, then the unconditional."""
-        first = sum(self.shares[:self.index])
+        first = self.first_routed
         return torch.cat([torch.arange(first, first + self.local_routed),
                           torch.arange(self.num_routed, self.bank_size)])
 

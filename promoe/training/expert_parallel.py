@@ -38,7 +38,7 @@ from torch.distributed.tensor import DTensor, Shard
 from promoe.moe.expert_parallel import ExpertGroup
 from promoe.moe.layer import moe_layers
 from promoe.train_config import RunConfig
-from promoe.training.ranks import AllRanksStop, full
+from promoe.training.ranks import AllRanksStop, full, local_part
 
 
 def apply_expert_parallel(model: nn.Module, config: RunConfig, device: torch.device) -> None:
@@ -115,11 +115,6 @@ def expert_banks(model: nn.Module) -> dict[str, tuple[nn.Parameter, ExpertGroup]
 def local_rows(model: nn.Module) -> dict[str, torch.Tensor]:
     """Which rows of each whole bank parameter this rank holds, by name."""
     return {name: group.bank_rows() for name, (_, group) in expert_banks(model).items()}
-
-
-def local_part(tensor: torch.Tensor) -> torch.Tensor:
-    """This rank's part of a tensor: a DTensor's local shard (a view of its storage), a plain tensor itself."""
-    return tensor.to_local() if isinstance(tensor, DTensor) else tensor
 
 
 def rows_on_first_replica(bank: torch.Tensor, group: ExpertGroup) -> torch.Tensor | None:
@@ -320,11 +315,10 @@ class BankRows(torch.Tensor):
             if value.placements != (Shard(1),):
                 raise ValueError(f"BankRows takes FSDP2's Shard(1) of a bank, not {value.placements}")
             column = local.shape[1] * value.device_mesh.get_local_rank()  # FSDP2 shards dims > 0 evenly
-        first = sum(group.shares[:group.index])
         # {(first row, first column) in the whole bank: this rank's block there}; an empty block (no unconditional
         # expert) is left out
         rows.blocks = {(start, column): sharing_storage_exactly(block)
-                       for start, block in ((first, local[:group.local_routed]),
+                       for start, block in ((group.first_routed, local[:group.local_routed]),
                                             (group.num_routed, local[group.local_routed:]))
                        if block.numel() > 0}
         return rows

@@ -22,6 +22,11 @@ def full(tensor: torch.Tensor) -> torch.Tensor:
     return tensor.full_tensor() if hasattr(tensor, "full_tensor") else tensor
 
 
+def local_part(tensor: torch.Tensor) -> torch.Tensor:
+    """This rank's part of a DTensor, its local shard (a view of its storage); a plain tensor as it is."""
+    return tensor.to_local() if hasattr(tensor, "to_local") else tensor
+
+
 def average_over_ranks(buffers: list[torch.Tensor], world_size: int) -> None:
     for buffer in buffers:
         if world_size > 1:
